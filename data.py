@@ -1,0 +1,290 @@
+"""
+Datasets: what "the real data" is for each benchmark, and how images become classifier inputs.
+
+One section per dataset (METHOD.md section 6):
+  digits      embedded default: scikit-learn's 8x8 handwritten digits (ship inside the wheel, no
+              download). Fixed split: train = first 1437 images in sklearn's order, test = last 360.
+  imagenette  10 easy ImageNet classes; imagewoof: 10 dog breeds. 256 px generated images,
+              students at 224 px. `--data-dir` = an ImageFolder tree `train/<wnid>/*.JPEG`,
+              `val/<wnid>/*.JPEG` (the ILSVRC-2012 train/val itself works: we cut the subset by
+              wnid, which is the field's comparable protocol); without it we download the fast.ai
+              archives (a convenience: their val split is not ImageNet val, numbers differ).
+  imagenet    ImageNet-1K, `--data-dir` to the standard ImageFolder (1000 wnid folders).
+
+Classifier inputs (used identically by training, testing and guidance):
+  images live in [0, 1] (stored) or [-1, 1] (diffusion); `classifier_input` maps a [-1, 1] batch to
+  the normalised, centre-cropped tensor the students were tested with, differentiably, so the
+  learnability gradient (guidance.py) sees exactly what evaluation sees.
+"""
+import glob
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+
+from common import UserError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+
+# ImageNet-1K class index of every wnid we use (index = position in the sorted list of 1000 wnids).
+IMAGENETTE = {"n01440764": 0, "n02102040": 217, "n02979186": 482, "n03000684": 491, "n03028079": 497,
+              "n03394916": 566, "n03417042": 569, "n03425413": 571, "n03445777": 574, "n03888257": 701}
+IMAGEWOOF = {"n02086240": 155, "n02087394": 159, "n02088364": 162, "n02089973": 167, "n02093754": 182,
+             "n02096294": 193, "n02099601": 207, "n02105641": 229, "n02111889": 258, "n02115641": 273}
+DOWNLOADS = {  # public archives for users with internet; `--data-dir` skips them
+    "imagenette": "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2.tgz",  # via torchvision.datasets.Imagenette
+    "imagewoof": "https://s3.amazonaws.com/fast-ai-imageclas/imagewoof2.tgz",
+}
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int        # stored / generated resolution (the prior's output)
+    res: int               # classifier input resolution (students train on crops of this size)
+    crop_ratio: float      # test transform: resize to res / crop_ratio, centre-crop res (ImageNet: 0.875)
+    mean: tuple
+    std: tuple
+    wnids: list = field(default_factory=list)   # folder names, in class-index order
+    prior_labels: list = field(default_factory=list)  # class c -> label id of the diffusion prior
+
+    def class_names(self):
+        return self.wnids or [str(c) for c in range(self.num_classes)]
+
+
+def get_spec(name, res=None, num_classes=None):
+    """The spec of a dataset by name; `res` overrides the classifier resolution (tests use tiny ones)."""
+    if name == "digits":
+        spec = DatasetSpec("digits", 10, 1, 8, 8, 1.0, (0.3054,), (0.3755,), prior_labels=list(range(10)))
+    elif name in ("imagenette", "imagewoof"):
+        table = IMAGENETTE if name == "imagenette" else IMAGEWOOF
+        spec = DatasetSpec(name, 10, 3, 256, 224, 0.875, IMAGENET_MEAN, IMAGENET_STD,
+                           wnids=sorted(table), prior_labels=[table[w] for w in sorted(table)])
+    elif name == "imagenet":
+        # wnids are read from --data-dir (sorted = the standard ImageNet-1K class index)
+        spec = DatasetSpec("imagenet", num_classes or 1000, 3, 256, 224, 0.875, IMAGENET_MEAN, IMAGENET_STD,
+                           prior_labels=list(range(num_classes or 1000)))
+    else:
+        raise UserError(f"unknown dataset '{name}' (choose from digits, imagenette, imagewoof, imagenet)")
+    if res is not None:
+        spec.res = res
+    return spec
+
+
+# ----------------------------------------------------------------------------- image sets
+
+class ImageSet(torch.utils.data.Dataset):
+    """Images as in-memory tensors (digits, generated sets) or file paths (real data), plus labels.
+
+    __getitem__ returns (transform(image in [0,1]), label). A file that PIL cannot read raises a
+    UserError naming its path, which the CLI prints as one line instead of a worker traceback.
+    """
+
+    def __init__(self, items, labels, transform=None):
+        self.items, self.labels, self.transform = items, list(labels), transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, i):
+        item = self.items[i]
+        if torch.is_tensor(item):
+            return item
+        return load_image(item)
+
+    def __getitem__(self, i):
+        x = self.load(i)
+        return (self.transform(x) if self.transform else x), self.labels[i]
+
+    def subset(self, indices):
+        return ImageSet([self.items[i] for i in indices], [self.labels[i] for i in indices], self.transform)
+
+
+def load_image(path, channels=None):
+    """A file -> (C, H, W) float tensor in [0, 1]; a corrupt file is reported by its path."""
+    try:
+        with Image.open(path) as im:
+            mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if im.mode in ("L", "1") else "RGB")
+            im = im.convert(mode)
+            x = torch.from_numpy(np.asarray(im).copy())
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {e.__class__.__name__}") from None
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+    return x.float() / 255.0
+
+
+def list_image_folder(root, class_names, what="image folder"):
+    """(paths, labels) of `root/<class>/*.{png,jpg,jpeg}` for the given classes, in a fixed order."""
+    paths, labels = [], []
+    for c, name in enumerate(class_names):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            raise UserError(f"{what} {root} has no folder '{name}' (expected {root}/<class>/*.png|*.JPEG)")
+        files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTENSIONS))
+        paths += files
+        labels += [c] * len(files)
+    return paths, labels
+
+
+# ----------------------------------------------------------------------------- digits (embedded)
+
+def load_digits_split(split):
+    """scikit-learn digits as (N, 1, 8, 8) in [0, 1]; train = first 1437, test = last 360."""
+    from sklearn.datasets import load_digits  # only the embedded dataset needs scikit-learn
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # pixel values are 0..16
+    y = torch.tensor(digits.target).tolist()
+    sl = slice(0, 1437) if split == "train" else slice(1437, None)
+    return ImageSet(list(x[sl]), y[sl])
+
+
+# ----------------------------------------------------------------------------- ImageNet subsets
+
+def _check_tree(root, spec):
+    """Fail with one line naming the expected layout if `root` is not a usable ImageFolder tree."""
+    layout = f"{root}/{{train,val}}/<wnid>/*.JPEG"
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise UserError(f"data directory {root} has no '{split}' folder (expected {layout})")
+    if spec.name == "imagenet":
+        spec.wnids = sorted(d for d in os.listdir(os.path.join(root, "train")) if d.startswith("n"))
+        if not spec.wnids:
+            raise UserError(f"no wnid folders in {root}/train (expected {layout})")
+        spec.num_classes, spec.prior_labels = len(spec.wnids), list(range(len(spec.wnids)))
+    missing = [w for w in spec.wnids if not os.path.isdir(os.path.join(root, "train", w))]
+    if missing:
+        raise UserError(f"{root}/train lacks {len(missing)} class folders, e.g. {missing[0]} (expected {layout})")
+
+
+def download(spec, root):
+    """Download + extract the public archive of ImageNette/ImageWoof into root; return the tree path."""
+    tree = os.path.join(root, os.path.basename(DOWNLOADS[spec.name])[:-len(".tgz")])
+    if os.path.isdir(os.path.join(tree, "val")):
+        return tree  # already there
+    try:
+        if spec.name == "imagenette":
+            from torchvision.datasets import Imagenette
+            for split in ("train", "val"):
+                Imagenette(root, split=split, size="full", download=not os.path.isdir(tree))
+        else:
+            from torchvision.datasets.utils import download_and_extract_archive
+            download_and_extract_archive(DOWNLOADS[spec.name], download_root=root)
+    except Exception as e:  # offline, proxy, disk full: one line, and how to do without the download
+        raise UserError(f"could not download {spec.name} ({e.__class__.__name__}); pass --data-dir "
+                        f"pointing at a tree train/<wnid>/*.JPEG, val/<wnid>/*.JPEG") from None
+    return tree
+
+
+def resolve_data_dir(spec, data_dir, download_root="out/data"):
+    """The ImageFolder root to read: --data-dir if given (validated), else the downloaded archive."""
+    if spec.name == "digits":
+        return None
+    if data_dir is None:
+        if spec.name == "imagenet":
+            raise UserError("imagenet needs --data-dir pointing at ILSVRC-2012 as train/<wnid>/*.JPEG, val/<wnid>/*.JPEG")
+        data_dir = download(spec, download_root)
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data directory {data_dir} does not exist (expected {data_dir}/{{train,val}}/<wnid>/*.JPEG)")
+    _check_tree(data_dir, spec)
+    return data_dir
+
+
+def load_real(spec, data_dir, split):
+    """The real train ('train') or test ('test' = the val folder) split as an ImageSet without transform."""
+    if spec.name == "digits":
+        return load_digits_split(split)
+    folder = os.path.join(data_dir, "train" if split == "train" else "val")
+    paths, labels = list_image_folder(folder, spec.class_names(), what="data split")
+    if not paths:
+        raise UserError(f"no images in {folder}/<wnid>/ (expected *.JPEG files)")
+    return ImageSet(paths, labels)
+
+
+def load_distilled(folder, spec):
+    """A distilled ImageFolder (`<class>/*.png`) as an ImageSet; every class must be present."""
+    if not os.path.isdir(folder):
+        raise UserError(f"distilled set {folder} does not exist (expected {folder}/<class>/*.png)")
+    paths, labels = list_image_folder(folder, spec.class_names(), what="distilled set")
+    if not paths:
+        raise UserError(f"distilled set {folder} holds no images")
+    return ImageSet(paths, labels)
+
+
+def sample_real_ipc(real, ipc, seed):
+    """K random real images per class (the `--real-ipc` baseline), reproducible with a seed."""
+    g = torch.Generator().manual_seed(seed)
+    by_class = {}
+    for i, y in enumerate(real.labels):
+        by_class.setdefault(y, []).append(i)
+    picked = []
+    for y in sorted(by_class):
+        idx = by_class[y]
+        if len(idx) < ipc:
+            raise UserError(f"class {y} has only {len(idx)} real images, fewer than --real-ipc {ipc}")
+        picked += [idx[j] for j in torch.randperm(len(idx), generator=g)[:ipc].tolist()]
+    return real.subset(picked)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+class Lighting(torch.nn.Module):
+    """AlexNet-style PCA lighting noise (std 0.1), on a [0,1] RGB tensor: the Minimax/IDC recipe."""
+    eigval = torch.tensor([0.2175, 0.0188, 0.0045])
+    eigvec = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+    def __init__(self, std=0.1):
+        super().__init__()
+        self.std = std
+
+    def forward(self, x):
+        alpha = torch.randn(3) * self.std
+        rgb = self.eigvec @ (alpha * self.eigval)
+        return x + rgb[:, None, None]
+
+
+def train_transform(spec):
+    """Augmentation of METHOD.md section 6 (Minimax): RandomResizedCrop(0.5-1), flip, jitter, lighting."""
+    if spec.name == "digits":
+        # NOTE(deviation): digits are 8x8 and flips change their meaning: a 1-pixel random shift only.
+        return v2.Compose([v2.RandomCrop(spec.res, padding=1), v2.Normalize(spec.mean, spec.std)])
+    return v2.Compose([
+        v2.RandomResizedCrop(spec.res, scale=(0.5, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(0.4, 0.4, 0.4),
+        Lighting(0.1),
+        v2.Normalize(spec.mean, spec.std),
+    ])
+
+
+def test_transform(spec):
+    """Resize to res/crop_ratio, centre-crop res, normalise (the standard ImageNet test transform)."""
+    return lambda x: classifier_input(x * 2 - 1, spec)
+
+
+def classifier_input(x, spec):
+    """(N|-, C, H, W) images in [-1, 1] -> normalised classifier input at spec.res, differentiable.
+
+    The same function is the test transform and the view of x0_hat that the learnability score
+    (guidance.py) differentiates through, so guidance optimises what evaluation measures.
+    """
+    single = x.ndim == 3
+    x = (x[None] if single else x) * 0.5 + 0.5  # [-1,1] -> [0,1]
+    resize = round(spec.res / spec.crop_ratio)
+    if min(x.shape[-2:]) != resize:
+        h, w = x.shape[-2:]
+        scale = resize / min(h, w)
+        x = F.interpolate(x, size=(max(resize, round(h * scale)), max(resize, round(w * scale))),
+                          mode="bilinear", align_corners=False, antialias=True)
+    top, left = (x.shape[-2] - spec.res) // 2, (x.shape[-1] - spec.res) // 2
+    x = x[..., top:top + spec.res, left:left + spec.res]
+    mean = torch.tensor(spec.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    return x[0] if single else x
