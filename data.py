@@ -96,8 +96,15 @@ class ImageSet(torch.utils.data.Dataset):
     def load(self, i):
         item = self.items[i]
         if torch.is_tensor(item):
-            return item
+            return item.float() / 255.0 if item.dtype == torch.uint8 else item
         return load_image(item)
+
+    def preloaded(self, max_items=20000):
+        """The same set held in memory as uint8 (a distilled set is read once, not once per epoch)."""
+        if len(self) > max_items or all(torch.is_tensor(item) for item in self.items):
+            return self
+        items = [(self.load(i) * 255).round().to(torch.uint8) for i in range(len(self))]
+        return ImageSet(items, self.labels, self.transform)
 
     def __getitem__(self, i):
         x = self.load(i)

@@ -253,14 +253,13 @@ def main():
     import argparse
     from common import get_device, run_cli  # noqa: F401
     from data import get_spec
-    from model import load_prior
-    from distill import digits_prior_path
+    from model import digits_prior, load_prior
     parser = argparse.ArgumentParser(description="Sample an unguided grid from the digits prior.")
     parser.add_argument("--out", default="out/samples", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="run seed")
     args = parser.parse_args()
     spec = get_spec("digits")
-    prior = load_prior(digits_prior_path(), device=get_device())
+    prior = load_prior(digits_prior(), device=get_device())
     generate_increment(prior, spec, args.out, 10, 0, args.seed)
     save_sample_grid(args.out, spec, range(10), os.path.join(args.out, "grid.png"))
     print(f"wrote {args.out}/grid.png")

@@ -107,11 +107,12 @@ def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float3
     if not local and (prior.startswith((".", "/", "out")) or prior.count("/") != 1):
         raise UserError(f"prior {prior} is neither a local directory nor a hub id like {DEFAULT_PRIOR}")
     try:
-        transformer = DiTTransformer2DModel.from_pretrained(prior, subfolder="transformer", torch_dtype=dtype)
+        transformer = DiTTransformer2DModel.from_pretrained(prior, subfolder="transformer", torch_dtype=dtype,
+                                                            low_cpu_mem_usage=False)  # no accelerate needed
         sched_config = DDPMScheduler.load_config(prior, subfolder="scheduler")
         if vae == "auto":
             vae = DEFAULT_VAE if prior == DEFAULT_PRIOR else (os.path.join(prior, "vae") if local and os.path.isdir(os.path.join(prior, "vae")) else "none")
-        vae_model = None if vae == "none" else AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+        vae_model = None if vae == "none" else AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, low_cpu_mem_usage=False)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load prior {prior}: {str(e).splitlines()[0]} (offline? pass --prior DIR)") from None
     scheduler = make_scheduler(sched_config, sampler, pixel_space=vae_model is None,
@@ -172,6 +173,18 @@ def train_digits_prior(out_dir, images, labels, steps=4000, batch_size=128, lr=1
     ema.save_pretrained(os.path.join(out_dir, "transformer"))  # written last: its config marks "done"
     if os.path.exists(state_path):
         os.remove(state_path)
+
+
+def digits_prior(cache_dir="out/cache", steps=4000):
+    """Path of the cached digits prior, training it on the digits train split on first use (~7 min on 2 CPU cores)."""
+    from common import barrier, is_main
+    from data import load_digits_split
+    path = os.path.join(cache_dir, "digits_prior")
+    if is_main():  # under torchrun rank 0 trains, the others wait at the barrier
+        train = load_digits_split("train")
+        train_digits_prior(path, torch.stack(train.items), train.labels, steps=steps)
+    barrier()
+    return path
 
 
 # ----------------------------------------------------------------------------- students

@@ -44,10 +44,14 @@ RECIPES = {
 }
 
 
-def epochs_for_ipc(ipc, recipe="minimax"):
+def epochs_for_ipc(ipc, recipe="minimax", dataset=None):
     """Training length by images per class (Minimax protocol); rded trains a fixed 300 epochs."""
     if "epochs" in RECIPES[recipe]:
         return RECIPES[recipe]["epochs"]
+    if dataset == "digits":
+        # NOTE(deviation): 8x8 digits converge ~7x sooner; 300 epochs keeps a student under 20 s on a CPU
+        # (real IPC 10: 0.93 after 300 epochs, measured) so the embedded run stays a few minutes.
+        return 300
     return 2000 if ipc <= 10 else 1500 if ipc <= 50 else 1000
 
 
@@ -65,15 +69,18 @@ def make_optimizer(model, recipe, steps):
 
 
 def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, device="cpu", teacher=None,
-                  num_workers=0, desc="student", cutmix=None, rank=0, world=1):
+                  num_workers=0, desc="student", cutmix=None, rank=0, world=1, on_eval=None, eval_points=10):
     """Train `model` on `train_set` (an ImageSet of [0,1] images) and return it in eval mode.
 
     Hard labels with CutMix (soft mixed targets); with `teacher` (recipe rded) the targets are the
     teacher's softened predictions on the same crops (KD, temperature T, loss scaled by T^2).
+    on_eval(model): called at `eval_points` evenly spaced epochs (the last included), e.g. to record
+    the best test accuracy that peers report (METHOD.md section 6).
     """
     r = RECIPES[recipe]
     seed_everything(seed + rank)  # ranks see different augmentations, as in any DDP training
     model = model.to(device).train()
+    train_set = train_set.preloaded()  # small sets: decode the PNGs once, not every epoch
     data = ImageSet(train_set.items, train_set.labels, train_transform(spec))
     sampler = None
     if world > 1:  # DDP: every rank trains on its slice of each epoch
@@ -113,6 +120,10 @@ def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, 
             sched.step()
             bar.update(1)
         bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        last = epoch + 1 == epochs
+        if on_eval is not None and (last or (epoch + 1) % max(1, epochs // eval_points) == 0):
+            on_eval(model.eval())
+            model.train()
     bar.close()
     return model.eval()
 
@@ -174,7 +185,7 @@ def main():
     data_dir = resolve_data_dir(spec, args.data_dir)
     train = sample_real_ipc(load_real(spec, data_dir, "train"), args.real_ipc, args.seed)
     model = train_student(make_student(args.arch, spec), train, spec, args.recipe,
-                          args.epochs or epochs_for_ipc(args.real_ipc), args.seed, device)
+                          args.epochs or epochs_for_ipc(args.real_ipc, args.recipe, args.dataset), args.seed, device)
     print0(f"test accuracy: {accuracy(model, load_real(spec, data_dir, 'test'), spec, device):.4f}")
 
 
