@@ -92,9 +92,9 @@ def model_output_cfg(prior, z, t, labels, cfg_scale, cfg_three_channels=False):
     n, c = z.shape[0], prior.channels
     timestep = t.expand(n if cfg_scale == 1 else 2 * n).to(z.device)
     if cfg_scale == 1:
-        return prior.transformer(z, timestep=timestep, class_labels=labels).sample
+        return prior.dit(z, timestep, labels)
     null = torch.full_like(labels, prior.null_label)
-    out = prior.transformer(torch.cat([z, z]), timestep=timestep, class_labels=torch.cat([labels, null])).sample
+    out = prior.dit(torch.cat([z, z]), timestep, torch.cat([labels, null]))  # one pass for both branches
     cond, uncond = out.chunk(2)
     k = 3 if cfg_three_channels else c
     eps = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
@@ -188,7 +188,8 @@ def image_path(folder, spec, c, index):
 
 
 def generate_increment(prior, spec, folder, num_slots, first_index, seed, cfg_scale=4.0, steps=50,
-                       batch_size=32, score=None, cfg=None, memory=None, rank=0, world=1, desc="sampling"):
+                       batch_size=32, score=None, cfg=None, memory=None, rank=0, world=1, desc="sampling",
+                       cfg_three_channels=False):
     """Fill `folder/<class>/<index>.png` for indices first_index .. first_index + num_slots - 1.
 
     Slots are filled in order (round r = slot r of every class), so M_c grows within a stage (5c).
@@ -213,7 +214,7 @@ def generate_increment(prior, spec, folder, num_slots, first_index, seed, cfg_sc
                 labels = torch.tensor([spec.prior_labels[c] for c, _ in items])
                 generators = [torch.Generator().manual_seed(derive_seed(seed, c, index, k)) for c, k in items]
                 memories = [memory.get(c) for c, _ in items] if memory is not None else None
-                z0 = sample(prior, labels, generators, cfg_scale, steps, score, classes, memories, cfg)
+                z0 = sample(prior, labels, generators, cfg_scale, steps, score, classes, memories, cfg, cfg_three_channels)
                 images = decode_images(prior, z0)
                 if kappa > 1:  # 5c: keep the candidate with the highest S on its final decoded image
                     with torch.no_grad():

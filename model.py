@@ -54,6 +54,15 @@ class Prior:
         for module in (transformer, vae):
             if module is not None:
                 module.requires_grad_(False)  # important! guidance differentiates w.r.t. inputs only
+        self.autocast = False  # bf16 autocast of DiT and VAE (CUDA only, `--precision bf16`)
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
+
+    def dit(self, z, timestep, labels):
+        """The DiT's raw output (N, C or 2C, h, w) in float32: eps (and the learned variance)."""
+        with self._autocast():
+            return self.transformer(z, timestep=timestep, class_labels=labels).sample.float()
 
     @property
     def device(self):
@@ -63,7 +72,8 @@ class Prior:
         """Latent z (N, 4, h, w) -> image in ~[-1, 1] (N, 3, H, W); identity in pixel space."""
         if self.vae is None:
             return z
-        return self.vae.decode(z / self.scaling_factor).sample
+        with self._autocast():
+            return self.vae.decode((z / self.scaling_factor).to(self.vae.dtype)).sample.float()
 
     @torch.no_grad()
     def encode(self, x):

@@ -1,0 +1,184 @@
+"""
+The stage loop of LGD: METHOD.md section 3 (the paper's incremental curriculum).
+
+The distilled set is built from K disjoint increments T_1 .. T_K of `stage_ipc` images per class:
+
+  T_1 (stage 0)  = the seed: unguided DiT samples (`--seed-set dit`) or a folder the user gives
+  for stage k = 1 .. K-1:
+      theta_{k}   = a fresh student trained on D_k = T_1 u .. u T_k          ("to convergence")
+      T_{k+1}     = learnability-guided samples, S = CE(theta_k) - omega CE(theta*)   (guidance.py)
+      D_{k+1}     = D_k u T_{k+1}
+  distilled      = D_K, written to DIR/distilled/<class>/<index>.png like the unguided baseline
+
+Why stages: a set sampled in one go is redundant (a model trained on one 10-IPC slice already
+classifies the others); guiding each increment towards what the current student has not learned
+(but the reference model still recognises) makes the increments complementary.
+
+On disk, one folder per stage (everything a rerun needs to resume, everything a reader needs to
+inspect the curriculum):
+
+  DIR/stage_<k>/images/<class>/<index>.png   T_{k+1}: indices k*stage_ipc .. (k+1)*stage_ipc - 1
+  DIR/stage_<k>/student.pt, student.json     theta_k and the exact list of files it was trained on
+  DIR/stage_<k>/grid.png                     this increment, one row per class
+  DIR/stage_<k>/done.json                    written last: the stage is complete
+
+Image indices are global (stage * stage_ipc + slot) and seed the noise, so stage 0 of an LGD run
+is, image for image, the first stage_ipc images of `--method dit` with the same seed, and every
+later LGD image starts from the same noise as the DiT image with that index: the comparison is
+paired. A rerun skips finished stages, reloads a saved student, and skips PNGs already written.
+
+Run: `python distill.py` (digits, LGD, IPC 10 in 5 stages of 2); the loop itself is `run_stages`.
+"""
+import os
+import shutil
+
+import torch
+
+from common import UserError, barrier, derive_seed, is_main, print0, save_json, save_png, save_torch
+from data import ImageSet, list_image_folder, load_image
+from guidance import Learnability, add_to_memory, generate_increment, image_path, save_sample_grid
+from model import make_student
+from train_student import epochs_for_ipc, train_student
+
+
+def stage_dir(out_dir, k):
+    return os.path.join(out_dir, f"stage_{k}")
+
+
+def stage_files(out_dir, spec, k, stage_ipc):
+    """(paths, labels) of stage k's increment, class by class, in index order."""
+    paths, labels = [], []
+    for c in range(spec.num_classes):
+        for index in range(k * stage_ipc, (k + 1) * stage_ipc):
+            paths.append(image_path(os.path.join(stage_dir(out_dir, k), "images"), spec, c, index))
+            labels.append(c)
+    return paths, labels
+
+
+def union_files(out_dir, spec, k, stage_ipc):
+    """D_k: the files of stages 0 .. k-1 (the union the stage-k student is trained on)."""
+    paths, labels = [], []
+    for j in range(k):
+        p, y = stage_files(out_dir, spec, j, stage_ipc)
+        paths, labels = paths + p, labels + y
+    return paths, labels
+
+
+def copy_seed_set(seed_dir, spec, folder, stage_ipc):
+    """[choice] `--seed-set PATH`: the first stage_ipc images per class (sorted names) of a user's set."""
+    paths, labels = list_image_folder(seed_dir, spec.class_names(), what="seed set")
+    for c in range(spec.num_classes):
+        mine = [p for p, y in zip(paths, labels) if y == c][:stage_ipc]
+        if len(mine) < stage_ipc:
+            raise UserError(f"seed set {seed_dir} has {len(mine)} images of class {spec.class_names()[c]}, "
+                            f"needs --stage-ipc {stage_ipc}")
+        for index, path in enumerate(mine):
+            x = load_image(path, spec.channels)
+            if x.shape[-1] != spec.image_size or x.shape[-2] != spec.image_size:  # store at generation size
+                x = torch.nn.functional.interpolate(x[None], size=(spec.image_size,) * 2, mode="bilinear",
+                                                    antialias=True, align_corners=False)[0].clamp(0, 1)
+            if is_main() and not os.path.exists(image_path(folder, spec, c, index)):
+                save_png(x, image_path(folder, spec, c, index))
+    barrier()
+
+
+def train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, epochs, seed, device, rank, world, ddp):
+    """theta_k: a fresh student on D_k, saved with the list of its training files (or reloaded)."""
+    folder = stage_dir(out_dir, k)
+    path = os.path.join(folder, "student.pt")
+    model = make_student(arch, spec)
+    if os.path.exists(path):  # resume: the stage's student was trained before the run died
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        return model.to(device).eval()
+    paths, labels = union_files(out_dir, spec, k, stage_ipc)
+    union = ImageSet(paths, labels)
+    epochs = epochs or epochs_for_ipc(k * stage_ipc, recipe, spec.name)
+    # [choice] the evaluation recipe, the reference model's architecture, re-initialised each stage;
+    # a per-stage seed keeps every student reproducible on its own.
+    torch.manual_seed(derive_seed(seed, k, 7))
+    model = make_student(arch, spec)
+    model = train_student(model, union, spec, recipe, epochs, seed=derive_seed(seed, k, 8) % 2**31, device=device,
+                          desc=f"stage {k} student", rank=rank if ddp else 0, world=world if ddp else 1)
+    if is_main():
+        save_json(dict(stage=k, arch=arch, recipe=recipe, epochs=epochs, train_files=paths),
+                  os.path.join(folder, "student.json"))
+        save_torch(model.state_dict(), path)
+    barrier()
+    return model
+
+
+def initial_memory(out_dir, spec, k, stage_ipc, prior, cfg):
+    """[choice, METHOD 5b] M_c starts as the encoded images of D_k's class c, so T_{k+1} moves away from them."""
+    memory = {}
+    paths, labels = union_files(out_dir, spec, k, stage_ipc)
+    for path, c in zip(paths, labels):
+        add_to_memory(memory, c, load_image(path, spec.channels), prior, cfg)
+    return memory
+
+
+def run_stages(prior, spec, out_dir, ipc, stage_ipc, seed, reference, cfg, arch="convnet", recipe="minimax",
+               student_epochs=None, cfg_scale=4.0, steps=50, batch_size=32, seed_set="dit", device="cpu",
+               rank=0, world=1, student_ddp=True, on_stage_start=None, cfg_three_channels=False):
+    """Build ipc // stage_ipc increments under out_dir (resuming), then write their union to out_dir/distilled.
+
+    reference: theta*, the frozen reference model. cfg: a guidance.GuidanceConfig (lambda, omega, gamma,
+    kappa, window). on_stage_start(k): a hook called before stage k's work (tests use it to kill a run).
+    """
+    if ipc % stage_ipc:
+        raise UserError(f"--ipc {ipc} is not a multiple of --stage-ipc {stage_ipc}")
+    num_stages = ipc // stage_ipc
+    for k in range(num_stages):
+        folder = stage_dir(out_dir, k)
+        images = os.path.join(folder, "images")
+        if os.path.exists(os.path.join(folder, "done.json")):
+            print0(f"stage {k}: done, skipping")
+            continue
+        if on_stage_start is not None:
+            on_stage_start(k)
+        cfg.nan_fallbacks = 0  # counted per stage, logged in done.json
+        first = k * stage_ipc
+        if k == 0 and seed_set != "dit":  # T_1 from a user's folder (e.g. IGD's 10-IPC set)
+            copy_seed_set(seed_set, spec, images, stage_ipc)
+        elif k == 0:  # T_1: the unguided DiT increment
+            generate_increment(prior, spec, images, stage_ipc, first, seed, cfg_scale, steps, batch_size,
+                               rank=rank, world=world, desc="stage 0 (unguided)",
+                               cfg_three_channels=cfg_three_channels)
+        else:
+            student = train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, student_epochs, seed, device,
+                                          rank, world, student_ddp)
+            score = Learnability(student, reference, spec, cfg.lambda_ref)  # S(x, y), section 4
+            memory = initial_memory(out_dir, spec, k, stage_ipc, prior, cfg) if cfg.deviation_scale else None
+            generate_increment(prior, spec, images, stage_ipc, first, seed, cfg_scale, steps, batch_size,
+                               score=score, cfg=cfg, memory=memory, rank=rank, world=world,
+                               desc=f"stage {k} (guided)", cfg_three_channels=cfg_three_channels)
+        if is_main():
+            save_sample_grid(images, spec, range(first, first + stage_ipc), os.path.join(folder, "grid.png"))
+            save_json(dict(stage=k, indices=[first, first + stage_ipc], nan_fallbacks=cfg.nan_fallbacks),
+                      os.path.join(folder, "done.json"))
+        if cfg.nan_fallbacks:
+            print0(f"stage {k}: {cfg.nan_fallbacks} samples fell back to the unguided step (non-finite gradient)")
+        barrier()
+    write_union(out_dir, spec, num_stages, stage_ipc)
+
+
+def write_union(out_dir, spec, num_stages, stage_ipc):
+    """D_K -> out_dir/distilled/<class>/<index>.png (copy, write-then-rename), the evaluator's input."""
+    if is_main():
+        for k in range(num_stages):
+            for path, c in zip(*stage_files(out_dir, spec, k, stage_ipc)):
+                target = os.path.join(out_dir, "distilled", spec.class_names()[c], os.path.basename(path))
+                if not os.path.exists(target):
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    shutil.copyfile(path, target + ".tmp")
+                    os.replace(target + ".tmp", target)
+    barrier()
+
+
+def stage_summary(out_dir):
+    """[(k, done)] for the stage folders of a run, for --dry-run and the README."""
+    stages = sorted(int(d.split("_")[1]) for d in os.listdir(out_dir) if d.startswith("stage_"))
+    return [(k, os.path.exists(os.path.join(stage_dir(out_dir, k), "done.json"))) for k in stages]
+
+
+if __name__ == "__main__":
+    print("curriculum.py holds the stage loop; run it with `python distill.py` (see its --help).")

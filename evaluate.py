@@ -1,0 +1,258 @@
+"""
+Evaluation: how well a distilled set trains a fresh model (METHOD.md section 6), how redundant its
+increments are (section 7), and a side-by-side report of several runs.
+
+Accuracy. Train `--runs` seeded students of `--arch` on the set with the recipe of train_student.py
+and test each on the real test split: acc = mean +- std (numpy std, ddof 0) over runs, as a fraction.
+We report the final-epoch accuracy; `best` (the highest test accuracy seen at 10 evenly spaced
+checkpoints) is the selection-on-test number peers report, kept as a second, labelled column.
+
+Redundancy (section 7). Cut the set into K increments T_1..T_K of stage_ipc images per class (by
+image index = generation order, so LGD stages and an unguided set are cut the same way), train a
+model on T_a and test it on T_b's images with their labels:
+    R[a, b] = acc(model_a, T_b),     redundancy = mean_{a != b} R[a, b]
+High off-diagonal accuracy = the increments teach the same thing. (LGD maximises the current
+student's loss on new increments, so a low R is partly optimised by construction: always read it
+beside test accuracy.)
+
+Run:
+  python evaluate.py --distilled out/digits_lgd_ipc10_seed0 --runs 3      # eval.json in that folder
+  python evaluate.py --dataset digits --real-ipc 10 --runs 3 --out out/digits_real_ipc10
+  python evaluate.py --redundancy out/digits_lgd_ipc10_seed0              # redundancy.json + heatmap
+  python evaluate.py --compare out/digits_lgd_ipc10_seed0 out/digits_dit_ipc10_seed0 out/digits_real_ipc10
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from common import UserError, derive_seed, get_device, load_json, print0, run_cli, save_json
+from data import ImageSet, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir, sample_real_ipc
+from model import ARCHS, make_student
+from train_student import RECIPES, accuracy, epochs_for_ipc, train_student
+
+
+# ----------------------------------------------------------------------------- accuracy (section 6)
+
+def evaluate_set(train_set, test_set, spec, arch="convnet", runs=3, recipe="minimax", epochs=None, seed=0,
+                 device="cpu", ipc=None):
+    """Train `runs` seeded students on train_set, test on test_set -> dict of final and best accuracies."""
+    ipc = ipc or len(train_set) // spec.num_classes
+    epochs = epochs or epochs_for_ipc(ipc, recipe, spec.name)
+    accs, bests = [], []
+    for run in range(runs):
+        torch.manual_seed(derive_seed(seed, run, 11))  # the student's initialisation
+        seen = []
+        model = train_student(make_student(arch, spec), train_set, spec, recipe, epochs, seed=seed * 1000 + run,
+                              device=device, desc=f"eval {arch} run {run + 1}/{runs}",
+                              on_eval=lambda m: seen.append(accuracy(m, test_set, spec, device)))
+        accs.append(seen[-1])  # the final epoch's accuracy (the last checkpoint is the last epoch)
+        bests.append(max(seen))
+        print0(f"  run {run + 1}/{runs}: final {accs[-1]:.4f}, best {bests[-1]:.4f}")
+    return dict(arch=arch, runs=runs, recipe=recipe, epochs=epochs, ipc=ipc, accs=accs,
+                acc_mean=float(np.mean(accs)), acc_std=float(np.std(accs)),
+                best_accs=bests, best_mean=float(np.mean(bests)), best_std=float(np.std(bests)))
+
+
+def run_info(run_dir):
+    """args.json of a distill.py run folder, or {} for a bare ImageFolder."""
+    path = os.path.join(run_dir, "args.json")
+    return load_json(path) if os.path.exists(path) else {}
+
+
+def distilled_folder(run_dir):
+    """A run folder holds its set in distilled/; a bare ImageFolder is the set itself."""
+    inner = os.path.join(run_dir, "distilled")
+    return inner if os.path.isdir(inner) else run_dir
+
+
+def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epochs=None, seed=0, device="cpu",
+                    out=None):
+    """Evaluate the set of a run folder and write eval.json beside it."""
+    train_set = load_distilled(distilled_folder(run_dir), spec)
+    test_set = load_real(spec, data_dir, "test")
+    info = run_info(run_dir)
+    print0(f"evaluating {run_dir}: {len(train_set)} images, {runs} x {arch}")
+    result = evaluate_set(train_set, test_set, spec, arch, runs, recipe, epochs, seed, device)
+    result = dict(dataset=spec.name, method=info.get("method", "unknown"), **result, distilled=run_dir)
+    write_eval(result, out or os.path.join(run_dir, "eval.json"))
+    return result
+
+
+def write_eval(result, path):
+    save_json(result, path)
+    print0(f"acc {result['acc_mean']:.4f} +- {result['acc_std']:.4f} (final epoch; best-seen "
+           f"{result['best_mean']:.4f} +- {result['best_std']:.4f}) over {result['runs']} x {result['arch']} -> {path}")
+
+
+# ----------------------------------------------------------------------------- redundancy (section 7)
+
+def increments_of(folder, spec, stage_ipc):
+    """Cut a distilled ImageFolder into increments of stage_ipc images per class, in index order."""
+    paths, labels = list_image_folder(folder, spec.class_names(), what="distilled set")
+    by_class = [[p for p, y in zip(paths, labels) if y == c] for c in range(spec.num_classes)]
+    ipc = min(len(files) for files in by_class)
+    if ipc < stage_ipc or ipc % stage_ipc:
+        raise UserError(f"{folder} has {ipc} images per class, not a multiple of --stage-ipc {stage_ipc}")
+    return [ImageSet([files[i] for files in by_class for i in range(k * stage_ipc, (k + 1) * stage_ipc)],
+                     [c for c in range(spec.num_classes) for _ in range(stage_ipc)])
+            for k in range(ipc // stage_ipc)]
+
+
+def redundancy_matrix(increments, spec, arch="convnet", recipe="minimax", epochs=None, seed=0, device="cpu",
+                      train=None):
+    """R[a, b] = accuracy on T_b of a model trained on T_a; returns (K x K list, off-diagonal mean).
+
+    train(increment, a) -> model can replace the student training (tests use a constructed one).
+    """
+    k = len(increments)
+    matrix = np.zeros((k, k))
+    for a in range(k):
+        if train is not None:
+            model = train(increments[a], a)
+        else:
+            ipc = len(increments[a]) // spec.num_classes
+            torch.manual_seed(derive_seed(seed, a, 13))
+            model = train_student(make_student(arch, spec), increments[a], spec, recipe,
+                                  epochs or epochs_for_ipc(ipc, recipe, spec.name), seed=seed * 1000 + a,
+                                  device=device, desc=f"redundancy: train on T_{a + 1}")
+        for b in range(k):
+            matrix[a, b] = accuracy(model, increments[b], spec, device)
+    off_diagonal = matrix[~np.eye(k, dtype=bool)].mean() if k > 1 else float("nan")
+    return matrix.tolist(), float(off_diagonal)
+
+
+def save_heatmap(matrix, path, title):
+    """The K x K matrix as a PNG with the numbers printed in the cells (PIL only, no plotting library)."""
+    from PIL import Image, ImageDraw
+    k, cell, margin = len(matrix), 56, 70
+    image = Image.new("RGB", (margin + k * cell + 10, margin + k * cell + 10), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 8), title, fill="black")
+    draw.text((10, 26), "rows: trained on T_a   cols: tested on T_b", fill="black")
+    for a in range(k):
+        draw.text((margin - 40, margin + a * cell + cell // 2 - 5), f"T_{a + 1}", fill="black")
+        draw.text((margin + a * cell + cell // 2 - 10, margin - 16), f"T_{a + 1}", fill="black")
+        for b in range(k):
+            v = matrix[a][b]
+            shade = int(255 * (1 - v))  # white = 0, dark blue = 1
+            box = [margin + b * cell, margin + a * cell, margin + (b + 1) * cell - 1, margin + (a + 1) * cell - 1]
+            draw.rectangle(box, fill=(shade, shade, 255), outline="gray")
+            draw.text((box[0] + 12, box[1] + cell // 2 - 5), f"{100 * v:.1f}", fill="white" if v > 0.5 else "black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def redundancy_report(increments, spec, out_dir, label, **kwargs):
+    """Compute the matrix, write redundancy.json and redundancy.png in out_dir, print a summary."""
+    matrix, off = redundancy_matrix(increments, spec, **kwargs)
+    result = dict(label=label, increments=len(increments), stage_ipc=len(increments[0]) // spec.num_classes,
+                  arch=kwargs.get("arch", "convnet"), matrix=matrix, off_diagonal_mean=off,
+                  diagonal_mean=float(np.mean(np.diag(matrix))))
+    save_json(result, os.path.join(out_dir, "redundancy.json"))
+    save_heatmap(matrix, os.path.join(out_dir, "redundancy.png"), f"{label}: off-diagonal mean {100 * off:.1f}%")
+    print0("\n".join(" ".join(f"{100 * v:5.1f}" for v in row) for row in matrix))
+    print0(f"redundancy (off-diagonal mean) {off:.4f} -> {out_dir}/redundancy.json, redundancy.png")
+    return result
+
+
+# ----------------------------------------------------------------------------- comparison report
+
+def compare(run_dirs, markdown_path):
+    """One table over run folders holding eval.json (and redundancy.json, if computed)."""
+    rows = []
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, "eval.json")
+        if not os.path.exists(path):
+            raise UserError(f"{run_dir} has no eval.json (run evaluate.py on it first)")
+        ev = load_json(path)
+        red_path = os.path.join(run_dir, "redundancy.json")
+        red = load_json(red_path)["off_diagonal_mean"] if os.path.exists(red_path) else None
+        rows.append([ev.get("method", "?"), str(ev["ipc"]), ev["arch"],
+                     f"{100 * ev['acc_mean']:.1f} +- {100 * ev['acc_std']:.1f} (n={ev['runs']})",
+                     f"{100 * ev['best_mean']:.1f} +- {100 * ev['best_std']:.1f}",
+                     "-" if red is None else f"{100 * red:.1f}", run_dir])
+    header = ["method", "IPC", "arch", "acc % (final)", "acc % (best seen)", "redundancy %", "run"]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in [header] + rows)
+    print(text)
+    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+    md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
+    os.makedirs(os.path.dirname(os.path.abspath(markdown_path)), exist_ok=True)
+    with open(markdown_path, "w") as f:
+        f.write(md)
+    print(f"wrote {markdown_path}")
+    return md
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate distilled sets: accuracy, redundancy, comparison.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default=None, help="digits | imagenette | imagewoof | imagenet (default: from args.json)")
+    p.add_argument("--data-dir", default=None, help="ImageFolder root with train/ and val/ (default: from args.json)")
+    p.add_argument("--distilled", default=None, help="a distill.py run folder or a bare <class>/*.png folder")
+    p.add_argument("--real-ipc", type=int, default=None, help="baseline: K random real images per class")
+    p.add_argument("--redundancy", default=None, help="run folder to cut into increments ('real' with --real-ipc)")
+    p.add_argument("--stage-ipc", type=int, default=None, help="increment size for --redundancy (default: the run's)")
+    p.add_argument("--compare", nargs="+", default=None, help="run folders with eval.json -> one table")
+    p.add_argument("--markdown", default="out/compare.md", help="where --compare writes its Markdown table")
+    p.add_argument("--arch", default="convnet", choices=ARCHS, help="student architecture")
+    p.add_argument("--runs", type=int, default=3, help="seeded students")
+    p.add_argument("--recipe", default="minimax", choices=list(RECIPES), help="training recipe")
+    p.add_argument("--epochs", type=int, default=None, help="default: by IPC (Minimax protocol)")
+    p.add_argument("--res", type=int, default=None, help="classifier resolution (default: the dataset's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the students (and of the real-image draw)")
+    p.add_argument("--out", default=None, help="output folder (default: the run folder; real: out/<ds>_real_ipcK)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    args = p.parse_args(argv)
+    if args.compare:
+        compare(args.compare, args.markdown)
+        return
+    if args.runs < 1:
+        raise UserError("--runs must be at least 1")
+    if args.real_ipc is not None and args.real_ipc <= 0:
+        raise UserError(f"--real-ipc must be positive, got {args.real_ipc}")
+    run_dir = args.distilled or (args.redundancy if args.redundancy not in (None, "real") else None)
+    if run_dir is None and args.real_ipc is None:
+        raise UserError("give --distilled DIR, --real-ipc K, --redundancy DIR or --compare DIR ...")
+    if run_dir is not None and not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir} does not exist")
+    info = run_info(run_dir) if run_dir else {}
+    spec = get_spec(args.dataset or info.get("dataset", "digits"), res=args.res or info.get("res"))
+    data_dir = resolve_data_dir(spec, args.data_dir or info.get("data_dir"))
+    device = get_device(args.device)
+    kwargs = dict(arch=args.arch, recipe=args.recipe, epochs=args.epochs, seed=args.seed, device=device)
+
+    if args.real_ipc is not None:  # the random-real baseline
+        out = args.out or os.path.join("out", f"{spec.name}_real_ipc{args.real_ipc}")
+        real = sample_real_ipc(load_real(spec, data_dir, "train"), args.real_ipc, args.seed)
+        if args.redundancy == "real":
+            stage_ipc = args.stage_ipc or min(args.real_ipc, 10)
+            order = [i for k in range(args.real_ipc // stage_ipc) for c in range(spec.num_classes)
+                     for i in range(c * args.real_ipc + k * stage_ipc, c * args.real_ipc + (k + 1) * stage_ipc)]
+            picked = real.subset(order)
+            size = spec.num_classes * stage_ipc
+            increments = [picked.subset(range(j, j + size)) for j in range(0, len(picked), size)]
+            redundancy_report(increments, spec, out, f"real IPC {args.real_ipc}", **kwargs)
+            return
+        result = evaluate_set(real, load_real(spec, data_dir, "test"), spec, args.arch, args.runs, args.recipe,
+                              args.epochs, args.seed, device, ipc=args.real_ipc)
+        write_eval(dict(dataset=spec.name, method="real", **result), os.path.join(out, "eval.json"))
+    elif args.redundancy is not None:
+        stage_ipc = args.stage_ipc or info.get("stage_ipc")
+        if not stage_ipc:
+            raise UserError("--redundancy needs --stage-ipc (the run has no args.json)")
+        increments = increments_of(distilled_folder(run_dir), spec, stage_ipc)
+        redundancy_report(increments, spec, args.out or run_dir, f"{info.get('method', run_dir)}", **kwargs)
+    else:
+        evaluate_folder(run_dir, spec, data_dir, args.arch, args.runs, args.recipe, args.epochs, args.seed, device,
+                        out=os.path.join(args.out, "eval.json") if args.out else None)
+
+
+if __name__ == "__main__":
+    run_cli(main)
