@@ -206,7 +206,7 @@ def norm(channels):
 
 def convnet_depth(res):
     """ConvNet depth by resolution: 3 at 32 px (CIFAR), 4 at 64, ..., 6 at 224-256 px; at least 2."""
-    return max(2, int(math.log2(res)) - 2)
+    return max(2, round(math.log2(res)) - 2)  # 224 px rounds up to 256: ConvNet-6
 
 
 class ConvNet(nn.Module):

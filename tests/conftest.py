@@ -1,0 +1,78 @@
+"""Offline stand-ins built by the tests themselves: tiny random priors in diffusers format, a fake
+ImageWoof tree with the real layout, and helpers to run the CLIs as a user would."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from data import IMAGEWOOF  # noqa: E402
+
+
+def make_tiny_latent_prior(path):
+    """A random DiT (ImageNet's 1000 labels + null, learned variance) + a random 2-level VAE (16 px images)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
+    torch.manual_seed(0)
+    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                          sample_size=8, patch_size=2, num_embeds_ada_norm=1000).save_pretrained(f"{path}/transformer")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  sample_size=16).save_pretrained(f"{path}/vae")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range",
+                  clip_sample=False).save_pretrained(f"{path}/scheduler")
+    return path
+
+
+def make_tiny_pixel_prior(path, num_classes=10):
+    """A random pixel-space DiT shaped like the digits prior (1 channel, 8 px, fixed-small variance)."""
+    from diffusers import DDPMScheduler, DiTTransformer2DModel
+    torch.manual_seed(1)
+    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1, num_layers=1,
+                          sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes).save_pretrained(f"{path}/transformer")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True).save_pretrained(f"{path}/scheduler")
+    return path
+
+
+def make_fake_imagewoof(root, train_per_class=4, val_per_class=2, size=20, corrupt=False):
+    """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG with class-dependent colours (so classes are learnable)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c, wnid in enumerate(sorted(IMAGEWOOF)):
+            os.makedirs(f"{root}/{split}/{wnid}", exist_ok=True)
+            for i in range(n):
+                base = np.array([25 * c, 255 - 25 * c, 128], dtype=np.float64)
+                pixels = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(f"{root}/{split}/{wnid}/{wnid}_{i}.JPEG")
+    if corrupt:
+        wnid = sorted(IMAGEWOOF)[0]
+        with open(f"{root}/train/{wnid}/broken.JPEG", "wb") as f:
+            f.write(b"this is not a jpeg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def latent_prior(tmp_path_factory):
+    return make_tiny_latent_prior(str(tmp_path_factory.mktemp("latent_prior")))
+
+
+@pytest.fixture(scope="session")
+def pixel_prior(tmp_path_factory):
+    return make_tiny_pixel_prior(str(tmp_path_factory.mktemp("pixel_prior")))
+
+
+@pytest.fixture(scope="session")
+def fake_woof(tmp_path_factory):
+    return make_fake_imagewoof(str(tmp_path_factory.mktemp("woof")))
+
+
+def run_cli(script, *args, cwd, env=None, timeout=600):
+    """Run a repo script as a user would (python script.py ...) from `cwd`; returns CompletedProcess."""
+    full_env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -1,0 +1,191 @@
+"""Foundation: prior loading, the unguided sampler vs diffusers, students, data, the dit CLI, bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from data import IMAGEWOOF, get_spec, load_real
+from guidance import decode_images, model_output_cfg, sample
+from model import ARCHS, load_prior, make_student
+
+
+def generators(n, seed=0):
+    return [torch.Generator().manual_seed(seed * 100 + i) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- prior
+
+def test_prior_loads_through_from_pretrained(latent_prior):
+    from diffusers import DiTTransformer2DModel
+    prior = load_prior(latent_prior)
+    reference = DiTTransformer2DModel.from_pretrained(latent_prior, subfolder="transformer")
+    for (name, a), b in zip(prior.transformer.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert prior.vae is not None and prior.learned_variance
+    assert prior.image_size == 16 and prior.null_label == 1000
+    assert prior.scaling_factor == prior.vae.config.scaling_factor  # taken from the config, not 0.18215
+
+
+def test_ddpm_sampler_matches_manual_scheduler_loop(latent_prior):
+    """Our sampler (guidance off) == stepping the diffusers DDPM scheduler by hand, learned variance and all."""
+    prior = load_prior(latent_prior)
+    labels = torch.tensor([3, 155, 999])
+    ours = sample(prior, labels, generators(3), cfg_scale=4.0, steps=5)
+
+    from diffusers.utils.torch_utils import randn_tensor
+    scheduler, gens = prior.scheduler, generators(3)
+    scheduler.set_timesteps(5)
+    z = randn_tensor((3, 4, 8, 8), generator=gens)
+    null = torch.full_like(labels, 1000)
+    for t in scheduler.timesteps:
+        with torch.no_grad():
+            out = prior.transformer(torch.cat([z, z]), timestep=t.expand(6), class_labels=torch.cat([labels, null])).sample
+        cond, uncond = out.chunk(2)
+        eps = uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4])
+        z = scheduler.step(torch.cat([eps, cond[:, 4:]], 1), t, z, generator=gens).prev_sample
+    assert torch.allclose(ours, z, atol=1e-5)
+
+
+def test_ddim_sampler_matches_diffusers_dit_pipeline(latent_prior):
+    """With DDIM (deterministic), the images equal diffusers' DiTPipeline from the same initial noise."""
+    from diffusers import DiTPipeline
+    prior = load_prior(latent_prior, sampler="ddim")
+    labels = [7, 500]
+    ours = decode_images(prior, sample(prior, torch.tensor(labels), generators(2), cfg_scale=3.0, steps=6))
+    pipe = DiTPipeline(transformer=prior.transformer, vae=prior.vae, scheduler=prior.scheduler)
+    theirs = pipe(labels, guidance_scale=3.0, generator=generators(2), num_inference_steps=6, output_type="np").images
+    assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() < 1e-4
+
+
+class FakeDiT(torch.nn.Module):
+    """Returns 1 for every conditional output channel and 0 for the unconditional branch."""
+    def __init__(self, null_label):
+        super().__init__()
+        self.null_label = null_label
+
+    def forward(self, z, timestep, class_labels):
+        cond = (class_labels != self.null_label).float().view(-1, 1, 1, 1)
+        return type("Out", (), {"sample": cond.expand(-1, 8, *z.shape[2:]).clone()})
+
+
+def test_cfg_is_applied_to_every_latent_channel(latent_prior):
+    prior = load_prior(latent_prior)
+    prior.transformer = FakeDiT(prior.null_label)
+    z, t, labels = torch.zeros(2, 4, 8, 8), torch.tensor(500), torch.tensor([1, 2])
+    out = model_output_cfg(prior, z, t, labels, cfg_scale=4.0)  # eps = 0 + 4 * (1 - 0) on each channel
+    assert out.shape == (2, 8, 8, 8)
+    assert torch.all(out[:, :4] == 4.0) and torch.all(out[:, 4:] == 1.0)  # variance from the cond branch
+    quirk = model_output_cfg(prior, z, t, labels, cfg_scale=4.0, cfg_three_channels=True)
+    assert torch.all(quirk[:, :3] == 4.0) and torch.all(quirk[:, 3] == 1.0)  # DiT's 3-of-4 channel variant
+
+
+def test_same_seed_same_images_and_batch_size_independent(latent_prior):
+    prior = load_prior(latent_prior)
+    labels = torch.tensor([1, 2, 3, 4])
+    a = sample(prior, labels, generators(4), steps=4)
+    b = sample(prior, labels, generators(4), steps=4)
+    assert torch.equal(a, b)
+    # image 2 alone, with its own generator, is the same image as in the batch of 4
+    alone = sample(prior, labels[2:3], generators(4)[2:3], steps=4)
+    assert torch.allclose(alone[0], a[2], atol=1e-5)
+    other_seed = sample(prior, labels, generators(4, seed=1), steps=4)
+    assert (other_seed - a).abs().mean() > 0.1
+
+
+# ----------------------------------------------------------------------------- students & data
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dataset,res", [("digits", 8), ("imagewoof", 224), ("imagenette", 224), ("imagenet", 224)])
+def test_student_output_shapes(arch, dataset, res):
+    spec = get_spec(dataset)
+    model = make_student(arch, spec).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, spec.channels, res, res))
+    assert spec.res == res and out.shape == (2, spec.num_classes)
+
+
+def test_convnet_depth_follows_resolution():
+    from model import convnet_depth
+    assert convnet_depth(224) == 6 and convnet_depth(256) == 6 and convnet_depth(8) == 2
+
+
+def test_digits_split_and_reference_classifier(tmp_path):
+    """Data path sanity: the fixed sklearn split, and a ConvNet trained on it reaches >= 95% on test."""
+    from train_student import accuracy, reference_model
+    spec = get_spec("digits")
+    train, test = load_real(spec, None, "train"), load_real(spec, None, "test")
+    assert len(train) == 1437 and len(test) == 360
+    assert train.items[0].shape == (1, 8, 8) and 0 <= float(train.items[0].min()) and float(train.items[0].max()) <= 1
+    torch.manual_seed(0)
+    model = reference_model(spec, "convnet", None, "cpu", cache_dir=str(tmp_path), epochs=15)
+    acc = accuracy(model, test, spec)
+    assert acc >= 0.95, acc
+    assert os.path.exists(tmp_path / "reference_digits_convnet_res8.pt")  # cached for the next run
+
+
+# ----------------------------------------------------------------------------- the dit CLI
+
+def test_distill_dit_on_fake_imagewoof_with_tiny_prior(tmp_path, latent_prior, fake_woof):
+    out = tmp_path / "run"
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--method", "dit", "--ipc", 2, "--data-dir", fake_woof,
+                "--prior", latent_prior, "--steps", 3, "--batch-size", 8, "--out-dir", out, "--res", 16, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    classes = sorted(os.listdir(out / "distilled"))
+    assert classes == sorted(IMAGEWOOF)
+    for wnid in classes:
+        files = sorted(os.listdir(out / "distilled" / wnid))
+        assert files == ["00000.png", "00001.png"]
+        with Image.open(out / "distilled" / wnid / files[0]) as im:
+            assert im.size == (16, 16) and im.mode == "RGB"
+    args = json.loads((out / "args.json").read_text())
+    assert args["method"] == "dit" and args["ipc"] == 2 and "git_commit" in args
+    assert (out / "grid.png").exists()
+    # a rerun skips the images already written (their bytes and times are unchanged)
+    before = {p: os.stat(out / "distilled" / p).st_mtime_ns for p in ["n02086240/00000.png"]}
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--method", "dit", "--ipc", 2, "--data-dir", fake_woof,
+                "--prior", latent_prior, "--steps", 3, "--batch-size", 8, "--out-dir", out, "--res", 16, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert before == {p: os.stat(out / "distilled" / p).st_mtime_ns for p in before}
+
+
+def test_evaluate_cli_writes_eval_json(tmp_path, fake_woof):
+    """--real-ipc baseline on the fake tree: eval.json with the issue's keys, accuracies as fractions."""
+    r = run_cli("evaluate.py", "--dataset", "imagewoof", "--data-dir", fake_woof, "--real-ipc", 2, "--runs", 2,
+                "--epochs", 3, "--res", 16, "--out", tmp_path / "real", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "real" / "eval.json").read_text())
+    for key in ("dataset", "method", "ipc", "arch", "runs", "accs", "acc_mean", "acc_std"):
+        assert key in result
+    assert result["ipc"] == 2 and result["runs"] == 2 and len(result["accs"]) == 2
+    assert all(0 <= a <= 1 for a in result["accs"])
+    assert abs(result["acc_mean"] - np.mean(result["accs"])) < 1e-9
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "cifar"], "unknown dataset"),
+    (["--dataset", "imagewoof", "--data-dir", "/does/not/exist"], "does not exist"),
+    (["--dataset", "imagenet"], "needs --data-dir"),
+    (["--ipc", "0"], "--ipc must be positive"),
+    (["--ipc", "-3", "--method", "dit"], "--ipc must be positive"),
+    (["--ipc", "10", "--stage-ipc", "3"], "not a multiple"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    out = tmp_path / "never"
+    r = run_cli("distill.py", *args, "--out-dir", out, cwd=tmp_path)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists() and not (tmp_path / "out").exists()  # nothing written
+
+
+def test_malformed_tree_names_the_expected_layout(tmp_path):
+    (tmp_path / "tree" / "train").mkdir(parents=True)
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--data-dir", tmp_path / "tree", "--method", "dit", cwd=tmp_path)
+    assert r.returncode == 1 and "val" in r.stderr and "<wnid>" in r.stderr and "Traceback" not in r.stderr
