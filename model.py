@@ -60,9 +60,9 @@ class Prior:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
 
     def dit(self, z, timestep, labels):
-        """The DiT's raw output (N, C or 2C, h, w) in float32: eps (and the learned variance)."""
+        """The DiT's raw output (N, C or 2C, h, w), at least float32: eps (and the learned variance)."""
         with self._autocast():
-            return self.transformer(z, timestep=timestep, class_labels=labels).sample.float()
+            return _at_least_fp32(self.transformer(z, timestep=timestep, class_labels=labels).sample)
 
     @property
     def device(self):
@@ -73,7 +73,7 @@ class Prior:
         if self.vae is None:
             return z
         with self._autocast():
-            return self.vae.decode((z / self.scaling_factor).to(self.vae.dtype)).sample.float()
+            return _at_least_fp32(self.vae.decode((z / self.scaling_factor).to(self.vae.dtype)).sample)
 
     @torch.no_grad()
     def encode(self, x):
@@ -87,6 +87,11 @@ class Prior:
         self.transformer.enable_gradient_checkpointing()
         if self.vae is not None:
             self.vae.enable_gradient_checkpointing()
+
+
+def _at_least_fp32(x):
+    """bf16/fp16 outputs -> float32 (the scheduler maths and the guidance gradient want full precision)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def make_scheduler(config, sampler="ddpm", pixel_space=False, learned_variance=True):
