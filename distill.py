@@ -208,7 +208,8 @@ def main(argv=None, on_stage_start=None):
     else:
         from curriculum import run_stages
         from train_student import reference_model
-        reference = reference_model(spec, args.arch, data_dir, device)  # theta*, cached per dataset/arch
+        ddp = dict(rank=rank, world=world) if args.student_ddp else {}
+        reference = reference_model(spec, args.arch, data_dir, device, **ddp)  # theta*, cached per dataset/arch
         run_stages(prior, spec, args.out_dir, args.ipc, args.stage_ipc, args.seed, reference, guidance_config(args),
                    arch=args.arch, recipe=args.recipe, student_epochs=args.student_epochs, cfg_scale=args.cfg_scale,
                    steps=args.steps, batch_size=args.batch_size, seed_set=args.seed_set, device=device, rank=rank,

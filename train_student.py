@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from common import UserError, get_device, is_main, print0, run_cli, save_torch, seed_everything
+from common import UserError, barrier, get_device, is_main, print0, run_cli, save_torch, seed_everything
 from data import ImageSet, get_spec, load_real, resolve_data_dir, sample_real_ipc, test_transform, train_transform
 from model import ARCHS, make_student
 
@@ -142,7 +142,8 @@ def accuracy(model, test_set, spec, device="cpu", batch_size=256, num_workers=0)
     return correct / max(1, total)
 
 
-def reference_model(spec, arch, data_dir, device, cache_dir="out/cache", epochs=None, num_workers=0):
+def reference_model(spec, arch, data_dir, device, cache_dir="out/cache", epochs=None, num_workers=0, rank=0,
+                    world=1):
     """theta*: `arch` trained on the full real train split once per dataset/arch/resolution, cached.
 
     [paper] a ConvNet-6 trained on the full real set (IGD's surrogate: 50 epochs). For ImageNet-1K with
@@ -152,6 +153,7 @@ def reference_model(spec, arch, data_dir, device, cache_dir="out/cache", epochs=
     if data_dir is not None:  # different trees (e.g. test stand-ins) must not share a cache entry
         key += "_" + hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:8]
     path = os.path.join(cache_dir, f"reference_{key}.pt")
+    torch.manual_seed(0)  # important! the initialisation must not depend on what ran before in this process
     model = make_student(arch, spec)
     if spec.name == "imagenet" and arch == "resnet18" and spec.num_classes == 1000:
         import torchvision
@@ -161,10 +163,12 @@ def reference_model(spec, arch, data_dir, device, cache_dir="out/cache", epochs=
         return model.to(device).eval()
     epochs = epochs or (30 if spec.name == "digits" else 50)
     real = load_real(spec, data_dir, "train")
+    # under torchrun the ranks train it together with DDP (rank/world), or each alone if world=1 is passed
     model = train_student(model, real, spec, "minimax", epochs, seed=0, device=device, desc=f"reference {arch}",
-                          num_workers=num_workers, cutmix=0.0)
+                          num_workers=num_workers, cutmix=0.0, rank=rank, world=world)
     if is_main():
         save_torch(model.state_dict(), path)
+    barrier()
     return model
 
 
