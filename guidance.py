@@ -246,13 +246,15 @@ def save_sample_grid(folder, spec, indices, path, max_per_class=10):
         return
     classes = range(min(spec.num_classes, 20))
     indices = list(indices)[:max_per_class]
-    images = [load_image(image_path(folder, spec, c, i), spec.channels) for c in classes for i in indices]
-    save_grid(torch.stack(images), path, nrow=len(indices))
+    images = torch.stack([load_image(image_path(folder, spec, c, i), spec.channels) for c in classes for i in indices])
+    if images.shape[-1] < 32:  # 8 px digits: blow up (nearest) so people can see them
+        images = F.interpolate(images, scale_factor=32 // images.shape[-1], mode="nearest")
+    save_grid(images, path, nrow=len(indices))
 
 
 def main():
     import argparse
-    from common import get_device, run_cli  # noqa: F401
+    from common import get_device
     from data import get_spec
     from model import digits_prior, load_prior
     parser = argparse.ArgumentParser(description="Sample an unguided grid from the digits prior.")
