@@ -7,6 +7,7 @@ None of this is the method; it is what makes a many-hour run safe to interrupt:
   - `torchrun` is detected from its environment variables, single process is the default;
   - `UserError` is the one exception type the CLIs turn into a single line and exit code 1.
 """
+import argparse
 import hashlib
 import json
 import os
@@ -34,6 +35,13 @@ def run_cli(main):
     except torch.OutOfMemoryError:
         print("error: out of GPU memory; lower --batch-size (and/or pass --grad-checkpoint)", file=sys.stderr)
         sys.exit(1)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except 'None' (= taken from the dataset preset or the data)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 # ----------------------------------------------------------------------------- device & torchrun

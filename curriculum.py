@@ -33,6 +33,7 @@ import os
 import shutil
 
 import torch
+from tqdm import tqdm
 
 from common import UserError, barrier, derive_seed, is_main, print0, save_json, save_png, save_torch
 from data import ImageSet, list_image_folder, load_image
@@ -127,11 +128,13 @@ def run_stages(prior, spec, out_dir, ipc, stage_ipc, seed, reference, cfg, arch=
     if ipc % stage_ipc:
         raise UserError(f"--ipc {ipc} is not a multiple of --stage-ipc {stage_ipc}")
     num_stages = ipc // stage_ipc
+    overall = tqdm(total=num_stages, desc="LGD stages", unit="stage", disable=not is_main(), position=0)
     for k in range(num_stages):
         folder = stage_dir(out_dir, k)
         images = os.path.join(folder, "images")
         if os.path.exists(os.path.join(folder, "done.json")):
             print0(f"stage {k}: done, skipping")
+            overall.update(1)
             continue
         if on_stage_start is not None:
             on_stage_start(k)
@@ -157,7 +160,9 @@ def run_stages(prior, spec, out_dir, ipc, stage_ipc, seed, reference, cfg, arch=
                       os.path.join(folder, "done.json"))
         if cfg.nan_fallbacks:
             print0(f"stage {k}: {cfg.nan_fallbacks} samples fell back to the unguided step (non-finite gradient)")
+        overall.update(1)
         barrier()
+    overall.close()
     write_union(out_dir, spec, num_stages, stage_ipc)
 
 

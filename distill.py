@@ -25,9 +25,10 @@ import time
 
 import torch
 
-from common import UserError, get_device, git_commit, is_main, load_json, print0, run_cli, save_json, \
+from common import HelpFormatter, UserError, get_device, git_commit, is_main, load_json, print0, run_cli, save_json, \
     setup_distributed
 from data import get_spec, resolve_data_dir
+from curriculum import run_stages, stage_summary
 from guidance import GuidanceConfig, generate_increment, save_sample_grid
 from model import ARCHS, DEFAULT_PRIOR, digits_prior, load_prior
 from train_student import RECIPES
@@ -58,7 +59,7 @@ RESULT_ARGS = ("dataset", "method", "ipc", "stage_ipc", "seed", "prior", "vae", 
 
 def get_parser():
     p = argparse.ArgumentParser(description="Distil a dataset with learnability-guided diffusion (LGD).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--dataset", default="digits", help="digits | imagenette | imagewoof | imagenet")
     p.add_argument("--method", default="lgd", choices=["lgd", "dit"], help="LGD stage loop or unguided DiT")
     p.add_argument("--ipc", type=int, default=None, help="images per class in total (preset: 10 digits, 100, 50 IN-1K)")
@@ -146,18 +147,21 @@ def print_plan(args, spec):
     """--dry-run: what the run will do, in images and DiT forward passes."""
     c, stages = spec.num_classes, (args.ipc // args.stage_ipc if args.method == "lgd" else 1)
     window = max(0, min(args.guide_until, args.steps - 1) - args.guide_from + 1)
+    through = ("DiT + " if args.grad_through_dit else "") + ("" if args.dataset == "digits" else "VAE decoder + ")
+    done = dict(stage_summary(args.out_dir)) if os.path.isdir(args.out_dir) else {}
     print(f"{args.method} on {args.dataset}: {c} classes x {args.ipc} IPC = {c * args.ipc} images -> {args.out_dir}")
     if args.method == "dit":
         print(f"  one unguided pass: {c * args.ipc} images x {args.steps} steps (CFG: 2 DiT passes per step)")
         return
     for k in range(stages):
         n = c * args.stage_ipc
+        status = " [done, will be skipped]" if done.get(k) else ""
         if k == 0:
-            print(f"  stage 0: seed set ({args.seed_set}), {n} images x {args.steps} unguided steps")
+            print(f"  stage 0: seed set ({args.seed_set}), {n} images x {args.steps} unguided steps{status}")
         else:
             print(f"  stage {k}: train a {args.arch} student on {k * args.stage_ipc} IPC, then {n} images x "
                   f"{args.candidates} candidates x {args.steps} steps ({window} guided: backward through "
-                  f"{'DiT + ' if args.grad_through_dit else ''}decoder + 2 classifiers)")
+                  f"{through}2 classifiers){status}")
     total = c * args.stage_ipc * args.steps * (1 + (stages - 1) * args.candidates)
     print(f"  total: {total} sampler image-steps, {(stages - 1) * c * args.stage_ipc * args.candidates * window} "
           f"of them guided; {stages - 1} student trainings")
@@ -176,10 +180,12 @@ def check_out_dir(args):
 def main(argv=None, on_stage_start=None):
     args = resolve_args(get_parser().parse_args(argv))
     spec = get_spec(args.dataset, res=args.res)
-    data_dir = resolve_data_dir(spec, args.data_dir)  # validates the tree (or downloads) before any write
-    if args.dry_run:
+    if args.dry_run:  # validate a given --data-dir, but never download for a plan
+        if args.data_dir is not None or args.dataset == "digits":
+            resolve_data_dir(spec, args.data_dir)
         print_plan(args, spec)
         return
+    data_dir = resolve_data_dir(spec, args.data_dir)  # validates the tree (or downloads) before any write
     check_out_dir(args)
     device = get_device(args.device)
     rank, world = setup_distributed(device)
@@ -206,7 +212,6 @@ def main(argv=None, on_stage_start=None):
                            args.batch_size, rank=rank, world=world, desc="dit sampling",
                            cfg_three_channels=args.cfg_three_channels)
     else:
-        from curriculum import run_stages
         from train_student import reference_model
         ddp = dict(rank=rank, world=world) if args.student_ddp else {}
         reference = reference_model(spec, args.arch, data_dir, device, **ddp)  # theta*, cached per dataset/arch

@@ -27,7 +27,7 @@ import os
 import numpy as np
 import torch
 
-from common import UserError, derive_seed, get_device, load_json, print0, run_cli, save_json
+from common import HelpFormatter, UserError, derive_seed, get_device, load_json, print0, run_cli, save_json
 from data import ImageSet, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir, sample_real_ipc
 from model import ARCHS, make_student
 from train_student import RECIPES, accuracy, epochs_for_ipc, train_student
@@ -192,7 +192,7 @@ def compare(run_dirs, markdown_path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate distilled sets: accuracy, redundancy, comparison.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--dataset", default=None, help="digits | imagenette | imagewoof | imagenet (default: from args.json)")
     p.add_argument("--data-dir", default=None, help="ImageFolder root with train/ and val/ (default: from args.json)")
     p.add_argument("--distilled", default=None, help="a distill.py run folder or a bare <class>/*.png folder")
