@@ -30,7 +30,8 @@ def run_cli(main):
         main()
     except UserError as e:
         # DataLoader workers re-raise with the worker's traceback in the message: keep the last line.
-        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        last = str(e).strip().splitlines()[-1]
+        print(f"error: {last.split('UserError: ')[-1]}", file=sys.stderr)
         sys.exit(1)
     except torch.OutOfMemoryError:
         print("error: out of GPU memory; lower --batch-size (and/or pass --grad-checkpoint)", file=sys.stderr)

@@ -83,7 +83,8 @@ def copy_seed_set(seed_dir, spec, folder, stage_ipc):
     barrier()
 
 
-def train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, epochs, seed, device, rank, world, ddp):
+def train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, epochs, seed, device, rank, world, ddp,
+                        num_workers=0):
     """theta_k: a fresh student on D_k, saved with the list of its training files (or reloaded)."""
     folder = stage_dir(out_dir, k)
     path = os.path.join(folder, "student.pt")
@@ -99,7 +100,8 @@ def train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, epochs, seed,
     torch.manual_seed(derive_seed(seed, k, 7))
     model = make_student(arch, spec)
     model = train_student(model, union, spec, recipe, epochs, seed=derive_seed(seed, k, 8) % 2**31, device=device,
-                          desc=f"stage {k} student", rank=rank if ddp else 0, world=world if ddp else 1)
+                          desc=f"stage {k} student", rank=rank if ddp else 0, world=world if ddp else 1,
+                          num_workers=num_workers)
     if is_main():
         save_json(dict(stage=k, arch=arch, recipe=recipe, epochs=epochs, train_files=paths),
                   os.path.join(folder, "student.json"))
@@ -119,7 +121,7 @@ def initial_memory(out_dir, spec, k, stage_ipc, prior, cfg):
 
 def run_stages(prior, spec, out_dir, ipc, stage_ipc, seed, reference, cfg, arch="convnet", recipe="minimax",
                student_epochs=None, cfg_scale=4.0, steps=50, batch_size=32, seed_set="dit", device="cpu",
-               rank=0, world=1, student_ddp=True, on_stage_start=None, cfg_three_channels=False):
+               rank=0, world=1, student_ddp=True, on_stage_start=None, cfg_three_channels=False, num_workers=0):
     """Build ipc // stage_ipc increments under out_dir (resuming), then write their union to out_dir/distilled.
 
     reference: theta*, the frozen reference model. cfg: a guidance.GuidanceConfig (lambda, omega, gamma,
@@ -148,7 +150,7 @@ def run_stages(prior, spec, out_dir, ipc, stage_ipc, seed, reference, cfg, arch=
                                cfg_three_channels=cfg_three_channels)
         else:
             student = train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, student_epochs, seed, device,
-                                          rank, world, student_ddp)
+                                          rank, world, student_ddp, num_workers)
             score = Learnability(student, reference, spec, cfg.lambda_ref)  # S(x, y), section 4
             memory = initial_memory(out_dir, spec, k, stage_ipc, prior, cfg) if cfg.deviation_scale else None
             generate_increment(prior, spec, images, stage_ipc, first, seed, cfg_scale, steps, batch_size,

@@ -99,8 +99,11 @@ class ImageSet(torch.utils.data.Dataset):
             return item.float() / 255.0 if item.dtype == torch.uint8 else item
         return load_image(item)
 
-    def preloaded(self, max_items=20000):
-        """The same set held in memory as uint8 (a distilled set is read once, not once per epoch)."""
+    def preloaded(self, max_items=5000):
+        """The same set held in memory as uint8 (a distilled set is read once, not once per epoch).
+
+        Large real training sets (ImageNette's 9.5k full-size JPEGs) stay on disk and stream through workers.
+        """
         if len(self) > max_items or all(torch.is_tensor(item) for item in self.items):
             return self
         items = [(self.load(i) * 255).round().to(torch.uint8) for i in range(len(self))]

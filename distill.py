@@ -102,6 +102,7 @@ def get_parser():
     p.add_argument("--eval-arch", default=None, choices=ARCHS, help="evaluation architecture (default --arch)")
     p.add_argument("--eval-runs", type=int, default=3, help="seeded students in the evaluation")
     p.add_argument("--eval-epochs", type=int, default=None, help="evaluation epochs (default: by IPC)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for student training")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dry-run", action="store_true", help="print the plan (stages, images, sampler steps) and exit")
     return p
@@ -210,23 +211,23 @@ def main(argv=None, on_stage_start=None):
     if args.method == "dit":
         generate_increment(prior, spec, distilled, args.ipc, 0, args.seed, args.cfg_scale, args.steps,
                            args.batch_size, rank=rank, world=world, desc="dit sampling",
-                           cfg_three_channels=args.cfg_three_channels)
+                           cfg_three_channels=args.cfg_three_channels, num_workers=args.num_workers)
     else:
         from train_student import reference_model
         ddp = dict(rank=rank, world=world) if args.student_ddp else {}
-        reference = reference_model(spec, args.arch, data_dir, device, **ddp)  # theta*, cached per dataset/arch
+        reference = reference_model(spec, args.arch, data_dir, device, num_workers=args.num_workers, **ddp)  # theta*, cached per dataset/arch
         run_stages(prior, spec, args.out_dir, args.ipc, args.stage_ipc, args.seed, reference, guidance_config(args),
                    arch=args.arch, recipe=args.recipe, student_epochs=args.student_epochs, cfg_scale=args.cfg_scale,
                    steps=args.steps, batch_size=args.batch_size, seed_set=args.seed_set, device=device, rank=rank,
                    world=world, student_ddp=args.student_ddp, on_stage_start=on_stage_start,
-                   cfg_three_channels=args.cfg_three_channels)
+                   cfg_three_channels=args.cfg_three_channels, num_workers=args.num_workers)
     save_sample_grid(distilled, spec, range(args.ipc), os.path.join(args.out_dir, "grid.png"))
     print0(f"wrote {spec.num_classes * args.ipc} images to {distilled} in {time.time() - start:.0f} s")
 
     if args.eval and is_main():
         from evaluate import evaluate_folder
         evaluate_folder(args.out_dir, spec, data_dir, args.eval_arch, args.eval_runs, args.recipe, args.eval_epochs,
-                        args.seed, device)
+                        args.seed, device, num_workers=args.num_workers)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import os
 import numpy as np
 import torch
 
-from common import HelpFormatter, UserError, derive_seed, get_device, load_json, print0, run_cli, save_json
+from common import HelpFormatter, UserError, derive_seed, get_device, git_commit, load_json, print0, run_cli, save_json
 from data import ImageSet, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir, sample_real_ipc
 from model import ARCHS, make_student
 from train_student import RECIPES, accuracy, epochs_for_ipc, train_student
@@ -36,7 +36,7 @@ from train_student import RECIPES, accuracy, epochs_for_ipc, train_student
 # ----------------------------------------------------------------------------- accuracy (section 6)
 
 def evaluate_set(train_set, test_set, spec, arch="convnet", runs=3, recipe="minimax", epochs=None, seed=0,
-                 device="cpu", ipc=None):
+                 device="cpu", ipc=None, num_workers=0):
     """Train `runs` seeded students on train_set, test on test_set -> dict of final and best accuracies."""
     ipc = ipc or len(train_set) // spec.num_classes
     epochs = epochs or epochs_for_ipc(ipc, recipe, spec.name)
@@ -45,8 +45,8 @@ def evaluate_set(train_set, test_set, spec, arch="convnet", runs=3, recipe="mini
         torch.manual_seed(derive_seed(seed, run, 11))  # the student's initialisation
         seen = []
         model = train_student(make_student(arch, spec), train_set, spec, recipe, epochs, seed=seed * 1000 + run,
-                              device=device, desc=f"eval {arch} run {run + 1}/{runs}",
-                              on_eval=lambda m: seen.append(accuracy(m, test_set, spec, device)))
+                              device=device, desc=f"eval {arch} run {run + 1}/{runs}", num_workers=num_workers,
+                              on_eval=lambda m: seen.append(accuracy(m, test_set, spec, device, num_workers=num_workers)))
         accs.append(seen[-1])  # the final epoch's accuracy (the last checkpoint is the last epoch)
         bests.append(max(seen))
         print0(f"  run {run + 1}/{runs}: final {accs[-1]:.4f}, best {bests[-1]:.4f}")
@@ -68,20 +68,20 @@ def distilled_folder(run_dir):
 
 
 def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epochs=None, seed=0, device="cpu",
-                    out=None):
+                    out=None, num_workers=0):
     """Evaluate the set of a run folder and write eval.json beside it."""
     train_set = load_distilled(distilled_folder(run_dir), spec)
     test_set = load_real(spec, data_dir, "test")
     info = run_info(run_dir)
     print0(f"evaluating {run_dir}: {len(train_set)} images, {runs} x {arch}")
-    result = evaluate_set(train_set, test_set, spec, arch, runs, recipe, epochs, seed, device)
+    result = evaluate_set(train_set, test_set, spec, arch, runs, recipe, epochs, seed, device, num_workers=num_workers)
     result = dict(dataset=spec.name, method=info.get("method", "unknown"), **result, distilled=run_dir)
     write_eval(result, out or os.path.join(run_dir, "eval.json"))
     return result
 
 
 def write_eval(result, path):
-    save_json(result, path)
+    save_json(dict(result, git_commit=git_commit()), path)  # every output says which code made it
     print0(f"acc {result['acc_mean']:.4f} +- {result['acc_std']:.4f} (final epoch; best-seen "
            f"{result['best_mean']:.4f} +- {result['best_std']:.4f}) over {result['runs']} x {result['arch']} -> {path}")
 
@@ -152,7 +152,7 @@ def redundancy_report(increments, spec, out_dir, label, **kwargs):
     result = dict(label=label, increments=len(increments), stage_ipc=len(increments[0]) // spec.num_classes,
                   arch=kwargs.get("arch", "convnet"), matrix=matrix, off_diagonal_mean=off,
                   diagonal_mean=float(np.mean(np.diag(matrix))))
-    save_json(result, os.path.join(out_dir, "redundancy.json"))
+    save_json(dict(result, git_commit=git_commit()), os.path.join(out_dir, "redundancy.json"))
     save_heatmap(matrix, os.path.join(out_dir, "redundancy.png"), f"{label}: off-diagonal mean {100 * off:.1f}%")
     print0("\n".join(" ".join(f"{100 * v:5.1f}" for v in row) for row in matrix))
     print0(f"redundancy (off-diagonal mean) {off:.4f} -> {out_dir}/redundancy.json, redundancy.png")
@@ -208,6 +208,7 @@ def main(argv=None):
     p.add_argument("--res", type=int, default=None, help="classifier resolution (default: the dataset's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the students (and of the real-image draw)")
     p.add_argument("--out", default=None, help="output folder (default: the run folder; real: out/<ds>_real_ipcK)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     args = p.parse_args(argv)
     if args.compare:
@@ -241,7 +242,7 @@ def main(argv=None):
             redundancy_report(increments, spec, out, f"real IPC {args.real_ipc}", **kwargs)
             return
         result = evaluate_set(real, load_real(spec, data_dir, "test"), spec, args.arch, args.runs, args.recipe,
-                              args.epochs, args.seed, device, ipc=args.real_ipc)
+                              args.epochs, args.seed, device, ipc=args.real_ipc, num_workers=args.num_workers)
         write_eval(dict(dataset=spec.name, method="real", **result), os.path.join(out, "eval.json"))
     elif args.redundancy is not None:
         stage_ipc = args.stage_ipc or info.get("stage_ipc")
@@ -251,7 +252,7 @@ def main(argv=None):
         redundancy_report(increments, spec, args.out or run_dir, f"{info.get('method', run_dir)}", **kwargs)
     else:
         evaluate_folder(run_dir, spec, data_dir, args.arch, args.runs, args.recipe, args.epochs, args.seed, device,
-                        out=os.path.join(args.out, "eval.json") if args.out else None)
+                        out=os.path.join(args.out, "eval.json") if args.out else None, num_workers=args.num_workers)
 
 
 if __name__ == "__main__":

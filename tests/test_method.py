@@ -158,7 +158,7 @@ def test_redundancy_report_and_compare(tmp_path):
     saved = json.loads((tmp_path / "a" / "redundancy.json").read_text())
     assert np.array(saved["matrix"]).shape == (2, 2)
     assert saved["off_diagonal_mean"] == pytest.approx((saved["matrix"][0][1] + saved["matrix"][1][0]) / 2)
-    assert saved == json.loads(json.dumps(result))
+    assert saved == json.loads(json.dumps(dict(result, git_commit=saved["git_commit"])))
     from PIL import Image
     with Image.open(tmp_path / "a" / "redundancy.png") as im:
         assert im.size[0] > 100
