@@ -43,7 +43,7 @@ PRESETS = {
     # constants are re-tuned by the sweep in the README (rho_t normalises g, but 64 pixel dims vs
     # 4096 latent dims change how far a step of a given size moves the sample).
     "digits": dict(PAPER, ipc=10, stage_ipc=2, arch="convnet", recipe="minimax", cfg_scale=2.0, batch_size=128,
-                   guidance_scale=15.0, deviation_scale=1.0),
+                   guidance_scale=500.0, deviation_scale=5.0),
     "imagenette": dict(PAPER, ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24),
     "imagewoof": dict(PAPER, ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24),
     # ImageNet-1K: ResNet-18 student/reference (torchvision's pretrained one is theta*), soft labels.

@@ -120,7 +120,8 @@ def guided_model_output(prior, z, t, labels, classes, cfg_scale, score, cfg, cfg
     eps = eps.detach().float()
     eps_norm, grad_norm = eps.flatten(1).norm(dim=1), grad.flatten(1).norm(dim=1)
     rho_t = cfg.c0 * (1 - alpha_bar_t).sqrt() * eps_norm / grad_norm.clamp_min(1e-12)  # per sample (N,)
-    eps_tilde = eps - cfg.guidance_scale * rho_t.view(-1, 1, 1, 1) * grad  # raises S (see module docstring)
+    # NOTE(deviation): the paper prints eps + lambda rho g; with eps-prediction that lowers S, so minus (docstring)
+    eps_tilde = eps - cfg.guidance_scale * rho_t.view(-1, 1, 1, 1) * grad  # learnability guidance, Eq. eps~ (5a)
     finite = torch.isfinite(eps_tilde).flatten(1).all(dim=1)
     if not finite.all():  # NaN/inf gradient -> that sample takes the unguided step; counted and logged
         cfg.nan_fallbacks += int((~finite).sum())
