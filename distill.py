@@ -211,11 +211,12 @@ def main(argv=None, on_stage_start=None):
     if args.method == "dit":
         generate_increment(prior, spec, distilled, args.ipc, 0, args.seed, args.cfg_scale, args.steps,
                            args.batch_size, rank=rank, world=world, desc="dit sampling",
-                           cfg_three_channels=args.cfg_three_channels, num_workers=args.num_workers)
+                           cfg_three_channels=args.cfg_three_channels)
     else:
         from train_student import reference_model
         ddp = dict(rank=rank, world=world) if args.student_ddp else {}
-        reference = reference_model(spec, args.arch, data_dir, device, num_workers=args.num_workers, **ddp)  # theta*, cached per dataset/arch
+        # theta*, trained once per dataset/arch/resolution and cached under out/cache
+        reference = reference_model(spec, args.arch, data_dir, device, num_workers=args.num_workers, **ddp)
         run_stages(prior, spec, args.out_dir, args.ipc, args.stage_ipc, args.seed, reference, guidance_config(args),
                    arch=args.arch, recipe=args.recipe, student_epochs=args.student_epochs, cfg_scale=args.cfg_scale,
                    steps=args.steps, batch_size=args.batch_size, seed_set=args.seed_set, device=device, rank=rank,
