@@ -141,7 +141,8 @@ DIGITS_PRIOR = dict(num_attention_heads=3, attention_head_dim=32, in_channels=1,
                     sample_size=8, patch_size=2, num_embeds_ada_norm=10)
 
 
-def train_digits_prior(out_dir, images, labels, steps=4000, batch_size=128, lr=1e-3, ema_decay=0.999, seed=0):
+def train_digits_prior(out_dir, images, labels, steps=4000, batch_size=128, lr=1e-3, ema_decay=0.999, seed=0,
+                       save_every=500):
     """Train the small pixel-space DiT on digits (once; cached; resumable) and save it in diffusers format.
 
     images: (N, 1, 8, 8) in [0, 1]. Standard DDPM eps-MSE training (Ho et al. Eq. 14) with 10% label
@@ -181,7 +182,7 @@ def train_digits_prior(out_dir, images, labels, steps=4000, batch_size=128, lr=1
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - ema_decay)
-        if (step + 1) % 1000 == 0 and step + 1 < steps:
+        if (step + 1) % save_every == 0 and step + 1 < steps:  # a killed run loses at most save_every steps
             save_torch(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                             step=step + 1, rng=torch.get_rng_state()), state_path)
     scheduler.save_pretrained(os.path.join(out_dir, "scheduler"))

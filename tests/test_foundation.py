@@ -189,3 +189,33 @@ def test_malformed_tree_names_the_expected_layout(tmp_path):
     (tmp_path / "tree" / "train").mkdir(parents=True)
     r = run_cli("distill.py", "--dataset", "imagewoof", "--data-dir", tmp_path / "tree", "--method", "dit", cwd=tmp_path)
     assert r.returncode == 1 and "val" in r.stderr and "<wnid>" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_digits_prior_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """The prior's training is resumable: interrupted after a checkpoint, the rerun ends with the same EMA weights."""
+    from data import load_digits_split
+    from model import train_digits_prior
+    train = load_digits_split("train")
+    images, labels = torch.stack(train.items[:64]), train.labels[:64]
+    small = dict(steps=6, batch_size=8, save_every=3)
+    train_digits_prior(str(tmp_path / "straight"), images, labels, **small)
+
+    calls, step = {"n": 0}, torch.optim.AdamW.step
+
+    def dying_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the checkpoint at step 3
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_digits_prior(str(tmp_path / "resumed"), images, labels, **small)
+    assert (tmp_path / "resumed" / "train_state.pt").exists()
+    assert not (tmp_path / "resumed" / "transformer").exists()  # not marked done
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train_digits_prior(str(tmp_path / "resumed"), images, labels, **small)
+    a, b = load_prior(str(tmp_path / "straight")), load_prior(str(tmp_path / "resumed"))
+    for (name, x), y in zip(a.transformer.state_dict().items(), b.transformer.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert not (tmp_path / "resumed" / "train_state.pt").exists()
+    assert a.vae is None and a.image_size == 8 and not a.learned_variance  # pixel space, fixed variance
