@@ -53,12 +53,12 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def naive_guided(prior, z, t, labels, cfg_scale, score, cfg):
+def naive_guided(prior, z, t, labels, classes, cfg_scale, score, cfg):
     """(d): the 'before' version: a separate no-grad CFG pass for the step, another with grad for g."""
     with torch.no_grad():
         out = model_output_cfg(prior, z, t, labels, cfg_scale)
     cfg_copy = GuidanceConfig(**{**cfg.__dict__, "grad_through_dit": True})
-    guided = guided_model_output(prior, z, t, labels, labels, cfg_scale, score, cfg_copy)
+    guided = guided_model_output(prior, z, t, labels, classes, cfg_scale, score, cfg_copy)
     return torch.cat([guided[:, :prior.channels], out[:, prior.channels:]], dim=1)
 
 
@@ -95,7 +95,7 @@ def main(argv=None):
         "unguided": lambda: model_output_cfg(prior, z, t, labels, 4.0),
         "guided": lambda: guided_model_output(prior, z, t, labels, classes, 4.0, score, cfg),
         "guided-z0": lambda: guided_model_output(prior, z, t, labels, classes, 4.0, score, cfg_z0),
-        "naive": lambda: naive_guided(prior, z, t, labels, 4.0, score, cfg),
+        "naive": lambda: naive_guided(prior, z, t, labels, classes, 4.0, score, cfg),
     }
     rows = []
     for name, fn in variants.items():
