@@ -39,7 +39,7 @@ from common import UserError, barrier, derive_seed, is_main, print0, save_json, 
 from data import ImageSet, list_image_folder, load_image
 from guidance import Learnability, add_to_memory, generate_increment, image_path, save_sample_grid
 from model import make_student
-from train_student import epochs_for_ipc, train_student
+from train_student import RECIPES, epochs_for_ipc, train_student
 
 
 def stage_dir(out_dir, k):
@@ -84,7 +84,7 @@ def copy_seed_set(seed_dir, spec, folder, stage_ipc):
 
 
 def train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, epochs, seed, device, rank, world, ddp,
-                        num_workers=0):
+                        num_workers=0, teacher=None):
     """theta_k: a fresh student on D_k, saved with the list of its training files (or reloaded)."""
     folder = stage_dir(out_dir, k)
     path = os.path.join(folder, "student.pt")
@@ -96,12 +96,13 @@ def train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, epochs, seed,
     union = ImageSet(paths, labels)
     epochs = epochs or epochs_for_ipc(k * stage_ipc, recipe, spec.name)
     # [choice] the evaluation recipe, the reference model's architecture, re-initialised each stage;
-    # a per-stage seed keeps every student reproducible on its own.
+    # a per-stage seed keeps every student reproducible on its own. With a soft-label recipe (rded,
+    # ImageNet-1K) theta* is also the teacher that labels the crops.
     torch.manual_seed(derive_seed(seed, k, 7))
     model = make_student(arch, spec)
     model = train_student(model, union, spec, recipe, epochs, seed=derive_seed(seed, k, 8) % 2**31, device=device,
                           desc=f"stage {k} student", rank=rank if ddp else 0, world=world if ddp else 1,
-                          num_workers=num_workers)
+                          num_workers=num_workers, teacher=teacher)
     if is_main():
         save_json(dict(stage=k, arch=arch, recipe=recipe, epochs=epochs, train_files=paths),
                   os.path.join(folder, "student.json"))
@@ -150,7 +151,8 @@ def run_stages(prior, spec, out_dir, ipc, stage_ipc, seed, reference, cfg, arch=
                                cfg_three_channels=cfg_three_channels)
         else:
             student = train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, student_epochs, seed, device,
-                                          rank, world, student_ddp, num_workers)
+                                          rank, world, student_ddp, num_workers,
+                                          teacher=reference if RECIPES[recipe]["temperature"] else None)
             score = Learnability(student, reference, spec, cfg.lambda_ref)  # S(x, y), section 4
             memory = initial_memory(out_dir, spec, k, stage_ipc, prior, cfg) if cfg.deviation_scale else None
             generate_increment(prior, spec, images, stage_ipc, first, seed, cfg_scale, steps, batch_size,

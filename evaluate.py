@@ -30,13 +30,13 @@ import torch
 from common import HelpFormatter, UserError, derive_seed, get_device, git_commit, load_json, print0, run_cli, save_json
 from data import ImageSet, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir, sample_real_ipc
 from model import ARCHS, make_student
-from train_student import RECIPES, accuracy, epochs_for_ipc, train_student
+from train_student import RECIPES, accuracy, epochs_for_ipc, soft_label_teacher, train_student
 
 
 # ----------------------------------------------------------------------------- accuracy (section 6)
 
 def evaluate_set(train_set, test_set, spec, arch="convnet", runs=3, recipe="minimax", epochs=None, seed=0,
-                 device="cpu", ipc=None, num_workers=0):
+                 device="cpu", ipc=None, num_workers=0, teacher=None):
     """Train `runs` seeded students on train_set, test on test_set -> dict of final and best accuracies."""
     ipc = ipc or len(train_set) // spec.num_classes
     epochs = epochs or epochs_for_ipc(ipc, recipe, spec.name)
@@ -46,6 +46,7 @@ def evaluate_set(train_set, test_set, spec, arch="convnet", runs=3, recipe="mini
         seen = []
         model = train_student(make_student(arch, spec), train_set, spec, recipe, epochs, seed=seed * 1000 + run,
                               device=device, desc=f"eval {arch} run {run + 1}/{runs}", num_workers=num_workers,
+                              teacher=teacher,
                               on_eval=lambda m: seen.append(accuracy(m, test_set, spec, device, num_workers=num_workers)))
         accs.append(seen[-1])  # the final epoch's accuracy (the last checkpoint is the last epoch)
         bests.append(max(seen))
@@ -74,7 +75,9 @@ def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epo
     test_set = load_real(spec, data_dir, "test")
     info = run_info(run_dir)
     print0(f"evaluating {run_dir}: {len(train_set)} images, {runs} x {arch}")
-    result = evaluate_set(train_set, test_set, spec, arch, runs, recipe, epochs, seed, device, num_workers=num_workers)
+    teacher = soft_label_teacher(spec, recipe, data_dir, device, num_workers=num_workers)
+    result = evaluate_set(train_set, test_set, spec, arch, runs, recipe, epochs, seed, device, num_workers=num_workers,
+                          teacher=teacher)
     result = dict(dataset=spec.name, method=info.get("method", "unknown"), **result, distilled=run_dir)
     write_eval(result, out or os.path.join(run_dir, "eval.json"))
     return result
@@ -101,7 +104,7 @@ def increments_of(folder, spec, stage_ipc):
 
 
 def redundancy_matrix(increments, spec, arch="convnet", recipe="minimax", epochs=None, seed=0, device="cpu",
-                      train=None):
+                      train=None, teacher=None):
     """R[a, b] = accuracy on T_b of a model trained on T_a; returns (K x K list, off-diagonal mean).
 
     train(increment, a) -> model can replace the student training (tests use a constructed one).
@@ -116,7 +119,7 @@ def redundancy_matrix(increments, spec, arch="convnet", recipe="minimax", epochs
             torch.manual_seed(derive_seed(seed, a, 13))
             model = train_student(make_student(arch, spec), increments[a], spec, recipe,
                                   epochs or epochs_for_ipc(ipc, recipe, spec.name), seed=seed * 1000 + a,
-                                  device=device, desc=f"redundancy: train on T_{a + 1}")
+                                  device=device, desc=f"redundancy: train on T_{a + 1}", teacher=teacher)
         for b in range(k):
             matrix[a, b] = accuracy(model, increments[b], spec, device)
     off_diagonal = matrix[~np.eye(k, dtype=bool)].mean() if k > 1 else float("nan")
@@ -227,7 +230,8 @@ def main(argv=None):
     spec = get_spec(args.dataset or info.get("dataset", "digits"), res=args.res or info.get("res"))
     data_dir = resolve_data_dir(spec, args.data_dir or info.get("data_dir"))
     device = get_device(args.device)
-    kwargs = dict(arch=args.arch, recipe=args.recipe, epochs=args.epochs, seed=args.seed, device=device)
+    teacher = soft_label_teacher(spec, args.recipe, data_dir, device, num_workers=args.num_workers)
+    kwargs = dict(arch=args.arch, recipe=args.recipe, epochs=args.epochs, seed=args.seed, device=device, teacher=teacher)
 
     if args.real_ipc is not None:  # the random-real baseline
         out = args.out or os.path.join("out", f"{spec.name}_real_ipc{args.real_ipc}")
@@ -242,7 +246,8 @@ def main(argv=None):
             redundancy_report(increments, spec, out, f"real IPC {args.real_ipc}", **kwargs)
             return
         result = evaluate_set(real, load_real(spec, data_dir, "test"), spec, args.arch, args.runs, args.recipe,
-                              args.epochs, args.seed, device, ipc=args.real_ipc, num_workers=args.num_workers)
+                              args.epochs, args.seed, device, ipc=args.real_ipc, num_workers=args.num_workers,
+                              teacher=teacher)
         write_eval(dict(dataset=spec.name, method="real", **result), os.path.join(out, "eval.json"))
     elif args.redundancy is not None:
         stage_ipc = args.stage_ipc or info.get("stage_ipc")

@@ -78,6 +78,10 @@ def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, 
     the best test accuracy that peers report (METHOD.md section 6).
     """
     r = RECIPES[recipe]
+    if r["temperature"] is not None and teacher is None:
+        raise UserError(f"recipe {recipe} trains on soft labels and needs a teacher model")
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)  # important! a fixed labeller
     seed_everything(seed + rank)  # ranks see different augmentations, as in any DDP training
     model = model.to(device).train()
     train_set = train_set.preloaded()  # small sets: decode the PNGs once, not every epoch
@@ -142,6 +146,14 @@ def accuracy(model, test_set, spec, device="cpu", batch_size=256, num_workers=0)
     return correct / max(1, total)
 
 
+def soft_label_teacher(spec, recipe, data_dir, device, **kwargs):
+    """The RDED teacher for soft-label recipes (None for hard-label ones): theta* as a ResNet-18, which for
+    ImageNet-1K is torchvision's pretrained model [RDED/IGD/LGD protocol]."""
+    if RECIPES[recipe]["temperature"] is None:
+        return None
+    return reference_model(spec, "resnet18", data_dir, device, **kwargs)
+
+
 def reference_model(spec, arch, data_dir, device, cache_dir="out/cache", epochs=None, num_workers=0, rank=0,
                     world=1):
     """theta*: `arch` trained on the full real train split once per dataset/arch/resolution, cached.
@@ -189,8 +201,10 @@ def main():
     spec, device = get_spec(args.dataset), get_device()
     data_dir = resolve_data_dir(spec, args.data_dir)
     train = sample_real_ipc(load_real(spec, data_dir, "train"), args.real_ipc, args.seed)
+    teacher = soft_label_teacher(spec, args.recipe, data_dir, device)
     model = train_student(make_student(args.arch, spec), train, spec, args.recipe,
-                          args.epochs or epochs_for_ipc(args.real_ipc, args.recipe, args.dataset), args.seed, device)
+                          args.epochs or epochs_for_ipc(args.real_ipc, args.recipe, args.dataset), args.seed, device,
+                          teacher=teacher)
     print0(f"test accuracy: {accuracy(model, load_real(spec, data_dir, 'test'), spec, device):.4f}")
 
 

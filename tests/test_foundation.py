@@ -219,3 +219,25 @@ def test_digits_prior_training_resumes_to_the_same_weights(tmp_path, monkeypatch
         assert torch.equal(x, y), name
     assert not (tmp_path / "resumed" / "train_state.pt").exists()
     assert a.vae is None and a.image_size == 8 and not a.learned_variance  # pixel space, fixed variance
+
+
+def test_soft_label_recipe_learns_the_teachers_labels():
+    """RDED recipe: targets are the teacher's softened predictions, not the hard labels."""
+    from common import UserError
+    from data import sample_real_ipc
+    from train_student import train_student
+
+    class Always3(torch.nn.Module):  # a constructed teacher that calls every image a 3
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.full((len(x),), 3), 10).float() * 20.0
+    spec = get_spec("digits")
+    train = sample_real_ipc(load_real(spec, None, "train"), 5, seed=0)
+    with pytest.raises(UserError, match="needs a teacher"):
+        train_student(make_student("convnet", spec), train, spec, "rded", epochs=1)
+    torch.manual_seed(0)
+    model = train_student(make_student("convnet", spec), train, spec, "rded", epochs=15, teacher=Always3())
+    from data import test_transform
+    with torch.no_grad():
+        x = torch.stack([test_transform(spec)(train.load(i)) for i in range(len(train))])
+        predicted = model(x).argmax(dim=1)
+    assert (predicted == 3).float().mean() >= 0.9  # the teacher's label, not the 10 true classes
