@@ -23,10 +23,11 @@ checks that guided samples score higher S than unguided ones from the same noise
 c0 = 0.0015 is the factor IGD's code hides inside rho_t; the paper's lambda = 15 was tuned with it.
 
 Reproducibility. Every image owns a CPU torch.Generator seeded from (run seed, class, image index,
-candidate); it draws the initial noise and every ancestral step's noise, so image i of class c is
-the same whatever the batch size, the device or the number of torchrun ranks.
+candidate); it draws the initial noise and every ancestral step's noise, so image i of class c does
+not depend on the batch it is in (up to float rounding) and is bit-identical whatever the number of
+torchrun ranks (batches are fixed class blocks, see generate_increment).
 
-Run: `python guidance.py` samples a grid from the digits prior (unguided) into out/samples.png.
+Run: `python guidance.py` samples 10 unguided digits per class from the digits prior into out/samples/ (+ grid.png).
 """
 import os
 from dataclasses import dataclass, field
@@ -264,7 +265,7 @@ def main():
     args = parser.parse_args()
     spec = get_spec("digits")
     prior = load_prior(digits_prior(), device=get_device())
-    generate_increment(prior, spec, args.out, 10, 0, args.seed)
+    generate_increment(prior, spec, args.out, 10, 0, args.seed, cfg_scale=2.0)  # the digits preset's CFG
     save_sample_grid(args.out, spec, range(10), os.path.join(args.out, "grid.png"))
     print(f"wrote {args.out}/grid.png")
 

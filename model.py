@@ -8,7 +8,7 @@ through diffusers' `from_pretrained`, from a hub id (default facebook/DiT-XL-2-2
 directory with the same layout (`transformer/`, `scheduler/`, optional `vae/`), so the offline
 test priors and the digits prior go through the very code path of the full run.
 For digits the prior is a small DiT in pixel space (no VAE: decode = identity), trained here once
-on the digits train split and cached under out/prior/digits (EMA weights, resumable).
+on the digits train split and cached under out/cache/digits_prior (EMA weights, resumable).
 
 Students / classifiers (METHOD.md section 6), chosen with `--arch`:
   convnet      the DD field's ConvNet: depth x [conv3x3(128) -> instance norm -> ReLU -> avgpool2],
@@ -54,10 +54,10 @@ class Prior:
         for module in (transformer, vae):
             if module is not None:
                 module.requires_grad_(False)  # important! guidance differentiates w.r.t. inputs only
-        self.autocast = False  # bf16 autocast of DiT and VAE (CUDA only, `--precision bf16`)
+        self.autocast = False  # bf16 autocast of DiT and VAE (`--precision bf16` turns it on for CUDA)
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
     def dit(self, z, timestep, labels):
         """The DiT's raw output (N, C or 2C, h, w), at least float32: eps (and the learned variance)."""

@@ -131,3 +131,24 @@ def test_bench_tiny_smoke(tmp_path):
     assert [r["variant"] for r in rows] == ["unguided", "guided", "guided-z0", "naive"]
     assert rows[0]["ratio"] == 1.0 and all(r["step_s"] > 0 and r["peak_mb"] > 0 for r in rows)
     assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["variant"] == "guided"
+
+
+def test_bf16_autocast_path_returns_float32_close_to_fp32(latent_prior):
+    """--precision bf16 runs DiT and VAE under autocast; the sampler and the guidance maths stay in float32.
+    (Exercised on CPU autocast here; on CUDA distill.py turns it on.)"""
+    from data import get_spec
+    from guidance import GuidanceConfig, Learnability, guided_model_output
+    from model import load_prior, make_student
+    spec = get_spec("imagewoof", res=16)
+    prior = load_prior(latent_prior)
+    prior.scheduler.set_timesteps(10)
+    torch.manual_seed(0)
+    score = Learnability(make_student("convnet", spec), make_student("convnet", spec), spec, 0.5)
+    z, labels, classes = torch.randn(2, 4, 8, 8), torch.tensor([155, 159]), torch.tensor([0, 1])
+    t = prior.scheduler.timesteps[4]
+    full = guided_model_output(prior, z, t, labels, classes, 4.0, score, GuidanceConfig())
+    prior.autocast = True
+    half = guided_model_output(prior, z, t, labels, classes, 4.0, score, GuidanceConfig())
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert not torch.equal(half, full)  # bf16 really ran
+    assert (half - full).norm() / full.norm() < 0.05
