@@ -76,6 +76,16 @@ def barrier():
         dist.barrier()
 
 
+def all_reduce_sum(value):
+    """Sum an int over ranks (e.g. per-rank counters); the value itself in a single process."""
+    if not dist.is_initialized():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([value], dtype=torch.long, device=device)  # NCCL reduces GPU tensors only
+    dist.all_reduce(tensor)
+    return int(tensor.item())
+
+
 def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 

@@ -35,7 +35,7 @@ import shutil
 import torch
 from tqdm import tqdm
 
-from common import UserError, barrier, derive_seed, is_main, print0, save_json, save_png, save_torch
+from common import UserError, all_reduce_sum, barrier, derive_seed, is_main, print0, save_json, save_png, save_torch
 from data import ImageSet, list_image_folder, load_image
 from guidance import Learnability, add_to_memory, generate_increment, image_path, save_sample_grid
 from model import make_student
@@ -158,12 +158,13 @@ def run_stages(prior, spec, out_dir, ipc, stage_ipc, seed, reference, cfg, arch=
             generate_increment(prior, spec, images, stage_ipc, first, seed, cfg_scale, steps, batch_size,
                                score=score, cfg=cfg, memory=memory, rank=rank, world=world,
                                desc=f"stage {k} (guided)", cfg_three_channels=cfg_three_channels)
+        fallbacks = all_reduce_sum(cfg.nan_fallbacks)  # every rank counted its own samples
         if is_main():
             save_sample_grid(images, spec, range(first, first + stage_ipc), os.path.join(folder, "grid.png"))
-            save_json(dict(stage=k, indices=[first, first + stage_ipc], nan_fallbacks=cfg.nan_fallbacks),
+            save_json(dict(stage=k, indices=[first, first + stage_ipc], nan_fallbacks=fallbacks),
                       os.path.join(folder, "done.json"))
-        if cfg.nan_fallbacks:
-            print0(f"stage {k}: {cfg.nan_fallbacks} samples fell back to the unguided step (non-finite gradient)")
+        if fallbacks:
+            print0(f"stage {k}: {fallbacks} samples fell back to the unguided step (non-finite gradient)")
         overall.update(1)
         barrier()
     overall.close()
