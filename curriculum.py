@@ -59,7 +59,7 @@ def stage_files(out_dir, spec, k, stage_ipc):
 def union_files(out_dir, spec, k, stage_ipc):
     """D_k: the files of stages 0 .. k-1 (the union the stage-k student is trained on)."""
     paths, labels = [], []
-    for j in range(k):
+    for j in range(k):  # stage, then class, then index: a fixed order, so the student's data order is too
         p, y = stage_files(out_dir, spec, j, stage_ipc)
         paths, labels = paths + p, labels + y
     return paths, labels
@@ -69,6 +69,7 @@ def copy_seed_set(seed_dir, spec, folder, stage_ipc):
     """[choice] `--seed-set PATH`: the first stage_ipc images per class (sorted names) of a user's set."""
     paths, labels = list_image_folder(seed_dir, spec.class_names(), what="seed set")
     for c in range(spec.num_classes):
+        # sorted names, first stage_ipc: a fixed choice, so a resumed run copies the same images
         mine = [p for p, y in zip(paths, labels) if y == c][:stage_ipc]
         if len(mine) < stage_ipc:
             raise UserError(f"seed set {seed_dir} has {len(mine)} images of class {spec.class_names()[c]}, "
@@ -89,7 +90,8 @@ def train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, epochs, seed,
     folder = stage_dir(out_dir, k)
     path = os.path.join(folder, "student.pt")
     model = make_student(arch, spec)
-    if os.path.exists(path):  # resume: the stage's student was trained before the run died
+    # resume: the student is a deterministic function of (seed, k, D_k), so reloading equals retraining
+    if os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location="cpu"))
         return model.to(device).eval()
     paths, labels = union_files(out_dir, spec, k, stage_ipc)
@@ -103,7 +105,7 @@ def train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, epochs, seed,
     model = train_student(model, union, spec, recipe, epochs, seed=derive_seed(seed, k, 8) % 2**31, device=device,
                           desc=f"stage {k} student", rank=rank if ddp else 0, world=world if ddp else 1,
                           num_workers=num_workers, teacher=teacher)
-    if is_main():
+    if is_main():  # the file list makes "trained on exactly D_k" checkable after the fact (and is tested)
         save_json(dict(stage=k, arch=arch, recipe=recipe, epochs=epochs, train_files=paths),
                   os.path.join(folder, "student.json"))
         save_torch(model.state_dict(), path)
@@ -115,6 +117,7 @@ def initial_memory(out_dir, spec, k, stage_ipc, prior, cfg):
     """[choice, METHOD 5b] M_c starts as the encoded images of D_k's class c, so T_{k+1} moves away from them."""
     memory = {}
     paths, labels = union_files(out_dir, spec, k, stage_ipc)
+    # read back from the PNGs (not kept from the sampler): a resumed stage sees the very same memory
     for path, c in zip(paths, labels):
         add_to_memory(memory, c, load_image(path, spec.channels), prior, cfg)
     return memory
@@ -135,14 +138,14 @@ def run_stages(prior, spec, out_dir, ipc, stage_ipc, seed, reference, cfg, arch=
     for k in range(num_stages):
         folder = stage_dir(out_dir, k)
         images = os.path.join(folder, "images")
-        if os.path.exists(os.path.join(folder, "done.json")):
+        if os.path.exists(os.path.join(folder, "done.json")):  # written last, so its presence = complete
             print0(f"stage {k}: done, skipping")
             overall.update(1)
             continue
         if on_stage_start is not None:
             on_stage_start(k)
         cfg.nan_fallbacks = 0  # counted per stage, logged in done.json
-        first = k * stage_ipc
+        first = k * stage_ipc  # global image index of this increment's first slot (seeds its noise)
         if k == 0 and seed_set != "dit":  # T_1 from a user's folder (e.g. IGD's 10-IPC set)
             copy_seed_set(seed_set, spec, images, stage_ipc)
         elif k == 0:  # T_1: the unguided DiT increment
@@ -153,8 +156,10 @@ def run_stages(prior, spec, out_dir, ipc, stage_ipc, seed, reference, cfg, arch=
             student = train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, student_epochs, seed, device,
                                           rank, world, student_ddp, num_workers,
                                           teacher=reference if RECIPES[recipe]["temperature"] else None)
-            score = Learnability(student, reference, spec, cfg.lambda_ref)  # S(x, y), section 4
+            # S(x, y) = CE(theta_k(x), y) - omega CE(theta*(x), y): high = not learned yet, still valid (section 4)
+            score = Learnability(student, reference, spec, cfg.lambda_ref)
             memory = initial_memory(out_dir, spec, k, stage_ipc, prior, cfg) if cfg.deviation_scale else None
+            # T_{k+1}: kappa guided candidates per slot, the highest-S one kept and added to M_c (5a-5c)
             generate_increment(prior, spec, images, stage_ipc, first, seed, cfg_scale, steps, batch_size,
                                score=score, cfg=cfg, memory=memory, rank=rank, world=world,
                                desc=f"stage {k} (guided)", cfg_three_channels=cfg_three_channels)
@@ -168,7 +173,7 @@ def run_stages(prior, spec, out_dir, ipc, stage_ipc, seed, reference, cfg, arch=
         overall.update(1)
         barrier()
     overall.close()
-    write_union(out_dir, spec, num_stages, stage_ipc)
+    write_union(out_dir, spec, num_stages, stage_ipc)  # D_K, laid out exactly like a --method dit set
 
 
 def write_union(out_dir, spec, num_stages, stage_ipc):

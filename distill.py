@@ -115,7 +115,7 @@ def resolve_args(args):
     for key, value in PRESETS[args.dataset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.method == "dit":
+    if args.method == "dit":  # no stages; stage_ipc only says how evaluate.py --redundancy cuts the set
         args.stage_ipc = min(args.stage_ipc, args.ipc) if args.ipc > 0 else args.stage_ipc
     checks = [(args.ipc > 0, f"--ipc must be positive, got {args.ipc}"),
               (args.stage_ipc > 0, f"--stage-ipc must be positive, got {args.stage_ipc}"),
@@ -200,6 +200,7 @@ def main(argv=None, on_stage_start=None):
     if args.grad_checkpoint:
         prior.enable_gradient_checkpointing()
     spec.image_size = prior.image_size  # stand-in priors in the tests generate smaller images
+    # a class index past the prior's label table would silently become the CFG null label
     if max(spec.prior_labels) >= prior.null_label:
         raise UserError(f"prior {prior_path} knows {prior.null_label} classes; {args.dataset} needs label "
                         f"{max(spec.prior_labels)}")

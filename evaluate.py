@@ -41,7 +41,7 @@ def evaluate_set(train_set, test_set, spec, arch="convnet", runs=3, recipe="mini
     ipc = ipc or len(train_set) // spec.num_classes
     epochs = epochs or epochs_for_ipc(ipc, recipe, spec.name)
     accs, bests = [], []
-    for run in range(runs):
+    for run in range(runs):  # airbench-style: mean +- std over seeded students, not one lucky run
         torch.manual_seed(derive_seed(seed, run, 11))  # the student's initialisation
         seen = []
         model = train_student(make_student(arch, spec), train_set, spec, recipe, epochs, seed=seed * 1000 + run,
@@ -94,6 +94,7 @@ def write_eval(result, path):
 def increments_of(folder, spec, stage_ipc):
     """Cut a distilled ImageFolder into increments of stage_ipc images per class, in index order."""
     paths, labels = list_image_folder(folder, spec.class_names(), what="distilled set")
+    # names are zero-padded global indices, so sorted order = generation order = stage order
     by_class = [[p for p, y in zip(paths, labels) if y == c] for c in range(spec.num_classes)]
     ipc = min(len(files) for files in by_class)
     if ipc < stage_ipc or ipc % stage_ipc:
@@ -120,8 +121,9 @@ def redundancy_matrix(increments, spec, arch="convnet", recipe="minimax", epochs
             model = train_student(make_student(arch, spec), increments[a], spec, recipe,
                                   epochs or epochs_for_ipc(ipc, recipe, spec.name), seed=seed * 1000 + a,
                                   device=device, desc=f"redundancy: train on T_{a + 1}", teacher=teacher)
-        for b in range(k):
+        for b in range(k):  # T_b's images with their labels, seen through the test transform
             matrix[a, b] = accuracy(model, increments[b], spec, device)
+    # the diagonal is training accuracy (a model on its own images): only a != b measures overlap
     off_diagonal = matrix[~np.eye(k, dtype=bool)].mean() if k > 1 else float("nan")
     return matrix.tolist(), float(off_diagonal)
 
