@@ -57,8 +57,7 @@ def naive_guided(prior, z, t, labels, classes, cfg_scale, score, cfg):
     """(d): the 'before' version: a separate no-grad CFG pass for the step, another with grad for g."""
     with torch.no_grad():
         out = model_output_cfg(prior, z, t, labels, cfg_scale)
-    cfg_copy = GuidanceConfig(**{**cfg.__dict__, "grad_through_dit": True})
-    guided = guided_model_output(prior, z, t, labels, classes, cfg_scale, score, cfg_copy)
+    guided = guided_model_output(prior, z, t, labels, classes, cfg_scale, score, cfg)  # cfg: through the DiT
     return torch.cat([guided[:, :prior.channels], out[:, prior.channels:]], dim=1)
 
 

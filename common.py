@@ -11,6 +11,8 @@ import argparse
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -114,7 +116,7 @@ def derive_seed(*parts):
 
 # ----------------------------------------------------------------------------- atomic writes
 
-def _atomic(path, write):
+def atomic_write(path, write):
     """Write via `write(tmp_path)` then rename: readers see the old file or the whole new one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -122,11 +124,24 @@ def _atomic(path, write):
     os.replace(tmp, path)
 
 
+def remove_stale_temporaries(folder):
+    """Delete `*.tmp<pid>` files a killed run left behind (readers never look at them; this only tidies)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if re.search(r"\.tmp\d+$", name):
+                os.remove(os.path.join(root, name))
+
+
+def copy_file(source, path):
+    """Copy a finished file (e.g. a stage's PNG into distilled/), atomically."""
+    atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
 def save_json(obj, path):
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def load_json(path):
@@ -135,14 +150,14 @@ def load_json(path):
 
 
 def save_torch(obj, path):
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_png(image, path):
     """image: (C, H, W) float tensor in [0, 1] (C = 1 or 3) -> 8-bit PNG, atomically."""
     array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     pil = Image.fromarray(array[0], "L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0), "RGB")
-    _atomic(path, lambda tmp: pil.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 def save_grid(images, path, nrow):

@@ -30,12 +30,12 @@ paired. A rerun skips finished stages, reloads a saved student, and skips PNGs a
 Run: `python distill.py` (digits, LGD, IPC 10 in 5 stages of 2); the loop itself is `run_stages`.
 """
 import os
-import shutil
 
 import torch
 from tqdm import tqdm
 
-from common import UserError, all_reduce_sum, barrier, derive_seed, is_main, print0, save_json, save_png, save_torch
+from common import (UserError, all_reduce_sum, barrier, copy_file, derive_seed, is_main, print0, save_json, save_png,
+                    save_torch)
 from data import ImageSet, list_image_folder, load_image
 from guidance import Learnability, add_to_memory, generate_increment, image_path, save_sample_grid
 from model import make_student
@@ -89,9 +89,9 @@ def train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, epochs, seed,
     """theta_k: a fresh student on D_k, saved with the list of its training files (or reloaded)."""
     folder = stage_dir(out_dir, k)
     path = os.path.join(folder, "student.pt")
-    model = make_student(arch, spec)
     # resume: the student is a deterministic function of (seed, k, D_k), so reloading equals retraining
     if os.path.exists(path):
+        model = make_student(arch, spec)
         model.load_state_dict(torch.load(path, map_location="cpu"))
         return model.to(device).eval()
     paths, labels = union_files(out_dir, spec, k, stage_ipc)
@@ -177,15 +177,13 @@ def run_stages(prior, spec, out_dir, ipc, stage_ipc, seed, reference, cfg, arch=
 
 
 def write_union(out_dir, spec, num_stages, stage_ipc):
-    """D_K -> out_dir/distilled/<class>/<index>.png (copy, write-then-rename), the evaluator's input."""
+    """D_K -> out_dir/distilled/<class>/<index>.png (atomic copies), the evaluator's input."""
     if is_main():
         for k in range(num_stages):
             for path, c in zip(*stage_files(out_dir, spec, k, stage_ipc)):
                 target = os.path.join(out_dir, "distilled", spec.class_names()[c], os.path.basename(path))
                 if not os.path.exists(target):
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    shutil.copyfile(path, target + ".tmp")
-                    os.replace(target + ".tmp", target)
+                    copy_file(path, target)
     barrier()
 
 

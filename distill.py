@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from common import HelpFormatter, UserError, get_device, git_commit, is_main, load_json, print0, run_cli, save_json, \
-    setup_distributed
+from common import HelpFormatter, UserError, barrier, get_device, git_commit, is_main, load_json, print0, \
+    remove_stale_temporaries, run_cli, save_json, setup_distributed
 from data import get_spec, resolve_data_dir
 from curriculum import run_stages, stage_summary
 from guidance import GuidanceConfig, generate_increment, save_sample_grid
@@ -205,8 +205,10 @@ def main(argv=None, on_stage_start=None):
         raise UserError(f"prior {prior_path} knows {prior.null_label} classes; {args.dataset} needs label "
                         f"{max(spec.prior_labels)}")
     if is_main():
+        remove_stale_temporaries(args.out_dir)  # a resumed run starts from a tidy folder
         save_json(dict(vars(args), git_commit=git_commit(), world_size=world, data_dir_resolved=data_dir),
                   os.path.join(args.out_dir, "args.json"))
+    barrier()  # important! no rank writes before rank 0 has tidied the folder
 
     distilled = os.path.join(args.out_dir, "distilled")
     if args.method == "dit":

@@ -27,7 +27,7 @@ import os
 import numpy as np
 import torch
 
-from common import HelpFormatter, UserError, derive_seed, get_device, git_commit, load_json, print0, run_cli, save_json
+from common import HelpFormatter, UserError, atomic_write, derive_seed, get_device, git_commit, load_json, print0, run_cli, save_json
 from data import ImageSet, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir, sample_real_ipc
 from model import ARCHS, make_student
 from train_student import RECIPES, accuracy, epochs_for_ipc, soft_label_teacher, train_student
@@ -145,10 +145,7 @@ def save_heatmap(matrix, path, title):
             box = [margin + b * cell, margin + a * cell, margin + (b + 1) * cell - 1, margin + (a + 1) * cell - 1]
             draw.rectangle(box, fill=(shade, shade, 255), outline="gray")
             draw.text((box[0] + 12, box[1] + cell // 2 - 5), f"{100 * v:.1f}", fill="white" if v > 0.5 else "black")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    image.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def redundancy_report(increments, spec, out_dir, label, **kwargs):

@@ -63,6 +63,8 @@ def test_ddim_sampler_matches_diffusers_dit_pipeline(latent_prior):
 
 class FakeDiT(torch.nn.Module):
     """Returns 1 for every conditional output channel and 0 for the unconditional branch."""
+    device = torch.device("cpu")  # as a diffusers model exposes it
+
     def __init__(self, null_label):
         super().__init__()
         self.null_label = null_label
