@@ -83,7 +83,7 @@ def main(argv=None):
     student, reference = make_student("convnet", spec).to(device), make_student("convnet", spec).to(device)
     score = Learnability(student, reference, spec, 0.5)
     prior.scheduler.set_timesteps(50)
-    t = prior.scheduler.timesteps[25]
+    t = prior.scheduler.timesteps[25]  # mid-window: cost per step does not depend on t
     z = torch.randn(batch, prior.channels, prior.latent_size, prior.latent_size, device=device)
     labels = torch.tensor([spec.prior_labels[i % spec.num_classes] for i in range(batch)], device=device)
     classes = torch.arange(batch, device=device) % spec.num_classes
@@ -98,10 +98,10 @@ def main(argv=None):
     }
     rows = []
     for name, fn in variants.items():
-        if device.type == "cuda":
+        if device.type == "cuda":  # per-variant peak on GPU; on CPU the RSS peak only grows (see docstring)
             torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad():  # important! the sampler runs under no_grad; guidance re-enables it locally
-            fn()  # warm-up
+            fn()  # warm-up: first-call allocations and kernel selection are not the step's cost
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()

@@ -163,6 +163,7 @@ def print_plan(args, spec):
             print(f"  stage {k}: train a {args.arch} student on {k * args.stage_ipc} IPC, then {n} images x "
                   f"{args.candidates} candidates x {args.steps} steps ({window} guided: backward through "
                   f"{through}2 classifiers){status}")
+    # image-steps: stage 0 samples each slot once, guided stages kappa times (the best candidate is kept)
     total = c * args.stage_ipc * args.steps * (1 + (stages - 1) * args.candidates)
     print(f"  total: {total} sampler image-steps, {(stages - 1) * c * args.stage_ipc * args.candidates * window} "
           f"of them guided; {stages - 1} student trainings")
@@ -173,6 +174,7 @@ def check_out_dir(args):
     path = os.path.join(args.out_dir, "args.json")
     if os.path.exists(path):
         old = load_json(path)
+        # only flags that change images count: --eval, --device or --num-workers may differ on a rerun
         changed = [k for k in RESULT_ARGS if k in old and old[k] != getattr(args, k)]
         if changed:
             raise UserError(f"{args.out_dir} holds a run with different {', '.join(changed)}; use another --out-dir")
@@ -187,15 +189,16 @@ def main(argv=None, on_stage_start=None):
         print_plan(args, spec)
         return
     data_dir = resolve_data_dir(spec, args.data_dir)  # validates the tree (or downloads) before any write
-    check_out_dir(args)
+    check_out_dir(args)  # every user error is raised above this line: a failed start writes nothing
     device = get_device(args.device)
     rank, world = setup_distributed(device)
     start = time.time()
 
     # the prior: DiT-XL/2 (+VAE) from the hub / a local dir, or the cached digits DiT (trained on first use)
     prior_path = args.prior or digits_prior()
-    dtype = torch.float32
-    prior = load_prior(prior_path, vae=args.vae, device=device, dtype=dtype, sampler=args.sampler)
+    # weights stay float32; bf16 is autocast only, so the scheduler maths and the guidance gradient's
+    # normalisation (rho_t) keep full precision
+    prior = load_prior(prior_path, vae=args.vae, device=device, dtype=torch.float32, sampler=args.sampler)
     prior.autocast = args.precision == "bf16" and device.type == "cuda"
     if args.grad_checkpoint:
         prior.enable_gradient_checkpointing()
@@ -228,7 +231,7 @@ def main(argv=None, on_stage_start=None):
     save_sample_grid(distilled, spec, range(args.ipc), os.path.join(args.out_dir, "grid.png"))
     print0(f"wrote {spec.num_classes * args.ipc} images to {distilled} in {time.time() - start:.0f} s")
 
-    if args.eval and is_main():
+    if args.eval and is_main():  # evaluation is single-process: N small students, not worth sharding
         from evaluate import evaluate_folder
         evaluate_folder(args.out_dir, spec, data_dir, args.eval_arch, args.eval_runs, args.recipe, args.eval_epochs,
                         args.seed, device, num_workers=args.num_workers)

@@ -49,6 +49,7 @@ def evaluate_set(train_set, test_set, spec, arch="convnet", runs=3, recipe="mini
                               teacher=teacher,
                               on_eval=lambda m: seen.append(accuracy(m, test_set, spec, device, num_workers=num_workers)))
         accs.append(seen[-1])  # the final epoch's accuracy (the last checkpoint is the last epoch)
+        # best-seen = model selection on the test set; reported only as a labelled second column
         bests.append(max(seen))
         print0(f"  run {run + 1}/{runs}: final {accs[-1]:.4f}, best {bests[-1]:.4f}")
     return dict(arch=arch, runs=runs, recipe=recipe, epochs=epochs, ipc=ipc, accs=accs,
@@ -177,6 +178,7 @@ def compare(run_dirs, markdown_path):
                      f"{100 * ev['acc_mean']:.1f} +- {100 * ev['acc_std']:.1f} (n={ev['runs']})",
                      f"{100 * ev['best_mean']:.1f} +- {100 * ev['best_std']:.1f}",
                      "-" if red is None else f"{100 * red:.1f}", run_dir])
+    # final and best-seen side by side: the honest number next to the one peers report
     header = ["method", "IPC", "arch", "acc % (final)", "acc % (best seen)", "redundancy %", "run"]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in [header] + rows)
@@ -213,7 +215,7 @@ def main(argv=None):
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     args = p.parse_args(argv)
-    if args.compare:
+    if args.compare:  # reads finished JSONs only: no dataset, no training
         compare(args.compare, args.markdown)
         return
     if args.runs < 1:
@@ -226,6 +228,7 @@ def main(argv=None):
     if run_dir is not None and not os.path.isdir(run_dir):
         raise UserError(f"{run_dir} does not exist")
     info = run_info(run_dir) if run_dir else {}
+    # a run folder remembers its dataset, resolution and data dir: flags only override them
     spec = get_spec(args.dataset or info.get("dataset", "digits"), res=args.res or info.get("res"))
     data_dir = resolve_data_dir(spec, args.data_dir or info.get("data_dir"))
     device = get_device(args.device)
@@ -235,7 +238,7 @@ def main(argv=None):
     if args.real_ipc is not None:  # the random-real baseline
         out = args.out or os.path.join("out", f"{spec.name}_real_ipc{args.real_ipc}")
         real = sample_real_ipc(load_real(spec, data_dir, "train"), args.real_ipc, args.seed)
-        if args.redundancy == "real":
+        if args.redundancy == "real":  # the same matrix for random real images, cut in draw order
             stage_ipc = args.stage_ipc or min(args.real_ipc, 10)
             order = [i for k in range(args.real_ipc // stage_ipc) for c in range(spec.num_classes)
                      for i in range(c * args.real_ipc + k * stage_ipc, c * args.real_ipc + (k + 1) * stage_ipc)]
