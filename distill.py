@@ -119,7 +119,7 @@ def resolve_args(args):
         args.stage_ipc = min(args.stage_ipc, args.ipc) if args.ipc > 0 else args.stage_ipc
     checks = [(args.ipc > 0, f"--ipc must be positive, got {args.ipc}"),
               (args.stage_ipc > 0, f"--stage-ipc must be positive, got {args.stage_ipc}"),
-              (args.method == "dit" or args.ipc % args.stage_ipc == 0,
+              (args.method == "dit" or args.stage_ipc <= 0 or args.ipc % args.stage_ipc == 0,
                f"--ipc {args.ipc} is not a multiple of --stage-ipc {args.stage_ipc}"),
               (args.steps > 0, "--steps must be positive"),
               (args.batch_size > 0, "--batch-size must be positive"),

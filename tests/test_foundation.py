@@ -176,6 +176,7 @@ def test_evaluate_cli_writes_eval_json(tmp_path, fake_woof):
     (["--ipc", "0"], "--ipc must be positive"),
     (["--ipc", "-3", "--method", "dit"], "--ipc must be positive"),
     (["--ipc", "10", "--stage-ipc", "3"], "not a multiple"),
+    (["--stage-ipc", "0"], "--stage-ipc must be positive"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     out = tmp_path / "never"
