@@ -165,8 +165,11 @@ def _check_tree(root, spec):
             raise UserError(f"data directory {root} has no '{split}' folder (expected {layout})")
     if spec.name == "imagenet":
         spec.wnids = sorted(d for d in os.listdir(os.path.join(root, "train")) if d.startswith("n"))
-        if not spec.wnids:
-            raise UserError(f"no wnid folders in {root}/train (expected {layout})")
+        if len(spec.wnids) != 1000:
+            # the DiT's label ids are the positions of the 1000 sorted ILSVRC-2012 wnids: a partial tree
+            # would silently give every class the wrong label
+            raise UserError(f"imagenet needs the 1000 ILSVRC-2012 class folders in {root}/train, found "
+                            f"{len(spec.wnids)} (expected {layout})")
         spec.num_classes, spec.prior_labels = len(spec.wnids), list(range(len(spec.wnids)))
     missing = [w for w in spec.wnids if not os.path.isdir(os.path.join(root, "train", w))]
     if missing:

@@ -196,6 +196,7 @@ def digits_prior(cache_dir="out/cache", steps=4000):
     from common import barrier, is_main
     from data import load_digits_split
     path = os.path.join(cache_dir, "digits_prior")
+    # the prior is a cache, not a result: trained once per checkout and shared by every digits run
     if is_main():  # under torchrun rank 0 trains, the others wait at the barrier
         train = load_digits_split("train")
         train_digits_prior(path, torch.stack(train.items), train.labels, steps=steps)
@@ -222,10 +223,11 @@ class ConvNet(nn.Module):
         super().__init__()
         depth = depth or convnet_depth(res)
         layers, c = [], channels
-        for _ in range(depth):
+        for _ in range(depth):  # each block halves the resolution: 224 -> 3 after six blocks
             layers += [nn.Conv2d(c, width, 3, padding=1), norm(width), nn.ReLU(inplace=True), nn.AvgPool2d(2)]
             c, res = width, res // 2
         self.features = nn.Sequential(*layers)
+        # a linear head on the flattened map (no global pooling), as in the DD field's ConvNet
         self.classifier = nn.Linear(width * res * res, num_classes)
 
     def forward(self, x):
@@ -246,6 +248,7 @@ class BasicBlockAP(nn.Module):
                                           nn.Conv2d(c_in, c_out, 1, bias=False), norm(c_out))
 
     def forward(self, x):
+        # pooling after the first conv: the stride-2 conv it replaces would skip 3 of 4 positions
         out = self.pool(F.relu(self.bn1(self.conv1(x))))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
@@ -269,6 +272,7 @@ class ResNetAP10(nn.Module):
         self.fc = nn.Linear(512, num_classes)
 
     def forward(self, x):
+        # global average pool: the head does not depend on the input resolution
         return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
 
 

@@ -244,3 +244,11 @@ def test_soft_label_recipe_learns_the_teachers_labels():
         x = torch.stack([test_transform(spec)(train.load(i)) for i in range(len(train))])
         predicted = model(x).argmax(dim=1)
     assert (predicted == 3).float().mean() >= 0.9  # the teacher's label, not the 10 true classes
+
+
+def test_partial_imagenet_tree_is_refused(tmp_path):
+    """ImageNet-1K labels are positions among the 1000 sorted wnids: a partial tree would mislabel every class."""
+    for split in ("train", "val"):
+        (tmp_path / "inet" / split / "n01440764").mkdir(parents=True)
+    r = run_cli("distill.py", "--dataset", "imagenet", "--data-dir", tmp_path / "inet", "--method", "dit", cwd=tmp_path)
+    assert r.returncode == 1 and "1000 ILSVRC-2012 class folders" in r.stderr and "found 1" in r.stderr
