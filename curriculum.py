@@ -100,8 +100,7 @@ def train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, epochs, seed,
     # [choice] the evaluation recipe, the reference model's architecture, re-initialised each stage;
     # a per-stage seed keeps every student reproducible on its own. With a soft-label recipe (rded,
     # ImageNet-1K) theta* is also the teacher that labels the crops.
-    torch.manual_seed(derive_seed(seed, k, 7))
-    model = make_student(arch, spec)
+    model = make_student(arch, spec, seed=derive_seed(seed, k, 7))
     model = train_student(model, union, spec, recipe, epochs, seed=derive_seed(seed, k, 8) % 2**31, device=device,
                           desc=f"stage {k} student", rank=rank if ddp else 0, world=world if ddp else 1,
                           num_workers=num_workers, teacher=teacher)

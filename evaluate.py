@@ -25,7 +25,6 @@ import argparse
 import os
 
 import numpy as np
-import torch
 
 from common import HelpFormatter, UserError, atomic_write, derive_seed, get_device, git_commit, load_json, print0, run_cli, save_json
 from data import ImageSet, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir, sample_real_ipc
@@ -42,11 +41,10 @@ def evaluate_set(train_set, test_set, spec, arch="convnet", runs=3, recipe="mini
     epochs = epochs or epochs_for_ipc(ipc, recipe, spec.name)
     accs, bests = [], []
     for run in range(runs):  # airbench-style: mean +- std over seeded students, not one lucky run
-        torch.manual_seed(derive_seed(seed, run, 11))  # the student's initialisation
         seen = []
-        model = train_student(make_student(arch, spec), train_set, spec, recipe, epochs, seed=seed * 1000 + run,
-                              device=device, desc=f"eval {arch} run {run + 1}/{runs}", num_workers=num_workers,
-                              teacher=teacher,
+        student = make_student(arch, spec, seed=derive_seed(seed, run, 11))
+        model = train_student(student, train_set, spec, recipe, epochs, seed=seed * 1000 + run, device=device,
+                              desc=f"eval {arch} run {run + 1}/{runs}", num_workers=num_workers, teacher=teacher,
                               on_eval=lambda m: seen.append(accuracy(m, test_set, spec, device, num_workers=num_workers)))
         accs.append(seen[-1])  # the final epoch's accuracy (the last checkpoint is the last epoch)
         # best-seen = model selection on the test set; reported only as a labelled second column
@@ -70,13 +68,14 @@ def distilled_folder(run_dir):
 
 
 def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epochs=None, seed=0, device="cpu",
-                    out=None, num_workers=0):
+                    out=None, num_workers=0, teacher=None):
     """Evaluate the set of a run folder and write eval.json beside it."""
     train_set = load_distilled(distilled_folder(run_dir), spec)
     test_set = load_real(spec, data_dir, "test")
     info = run_info(run_dir)
     print0(f"evaluating {run_dir}: {len(train_set)} images, {runs} x {arch}")
-    teacher = soft_label_teacher(spec, recipe, data_dir, device, num_workers=num_workers)
+    if teacher is None:  # soft-label recipes need one; the CLI passes the one it already built
+        teacher = soft_label_teacher(spec, recipe, data_dir, device, num_workers=num_workers)
     result = evaluate_set(train_set, test_set, spec, arch, runs, recipe, epochs, seed, device, num_workers=num_workers,
                           teacher=teacher)
     result = dict(dataset=spec.name, method=info.get("method", "unknown"), **result, distilled=run_dir)
@@ -118,8 +117,8 @@ def redundancy_matrix(increments, spec, arch="convnet", recipe="minimax", epochs
             model = train(increments[a], a)
         else:
             ipc = len(increments[a]) // spec.num_classes
-            torch.manual_seed(derive_seed(seed, a, 13))
-            model = train_student(make_student(arch, spec), increments[a], spec, recipe,
+            student = make_student(arch, spec, seed=derive_seed(seed, a, 13))
+            model = train_student(student, increments[a], spec, recipe,
                                   epochs or epochs_for_ipc(ipc, recipe, spec.name), seed=seed * 1000 + a,
                                   device=device, desc=f"redundancy: train on T_{a + 1}", teacher=teacher)
         for b in range(k):  # T_b's images with their labels, seen through the test transform
@@ -259,7 +258,8 @@ def main(argv=None):
         redundancy_report(increments, spec, args.out or run_dir, f"{info.get('method', run_dir)}", **kwargs)
     else:
         evaluate_folder(run_dir, spec, data_dir, args.arch, args.runs, args.recipe, args.epochs, args.seed, device,
-                        out=os.path.join(args.out, "eval.json") if args.out else None, num_workers=args.num_workers)
+                        out=os.path.join(args.out, "eval.json") if args.out else None, num_workers=args.num_workers,
+                        teacher=teacher)
 
 
 if __name__ == "__main__":

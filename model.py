@@ -288,8 +288,13 @@ def resnet18(channels, num_classes, res):
     return model
 
 
-def make_student(arch, spec):
-    """A freshly initialised classifier for a dataset spec (channels, classes, resolution)."""
+def make_student(arch, spec, seed=None):
+    """A freshly initialised classifier for a dataset spec (channels, classes, resolution).
+
+    seed: seeds the initialisation, so a student does not depend on what ran before in the process.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
     if arch == "convnet":
         return ConvNet(spec.channels, spec.num_classes, spec.res)
     if arch == "resnetap10":

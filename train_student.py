@@ -165,8 +165,7 @@ def reference_model(spec, arch, data_dir, device, cache_dir="out/cache", epochs=
     if data_dir is not None:  # different trees (e.g. test stand-ins) must not share a cache entry
         key += "_" + hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:8]
     path = os.path.join(cache_dir, f"reference_{key}.pt")
-    torch.manual_seed(0)  # important! the initialisation must not depend on what ran before in this process
-    model = make_student(arch, spec)
+    model = make_student(arch, spec, seed=0)  # important! an init independent of what ran before
     if spec.name == "imagenet" and arch == "resnet18" and spec.num_classes == 1000:
         import torchvision
         return torchvision.models.resnet18(weights="IMAGENET1K_V1").to(device).eval()
