@@ -8,6 +8,7 @@ None of this is the method; it is what makes a many-hour run safe to interrupt:
   - `UserError` is the one exception type the CLIs turn into a single line and exit code 1.
 """
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -26,18 +27,54 @@ class UserError(Exception):
     """Bad input from the user (unknown dataset, missing folder, impossible IPC, corrupt file)."""
 
 
+def os_error_line(e):
+    """An OSError as `<reason>: <path>`; a full disk says so in words (ENOSPC's text is easy to miss)."""
+    reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or e.__class__.__name__)
+    path = e.filename or ""
+    return f"{reason}: {path}" if path else reason
+
+
 def run_cli(main):
-    """Run a CLI `main()`, turning UserError into one line on stderr and exit code 1 (no traceback)."""
+    """Run a CLI `main()`: a user's mistake, a disk problem or Ctrl-C is one line on stderr, never a traceback.
+
+    exit 1: UserError (bad input), OSError (unwritable/full disk), GPU out of memory; exit 130: Ctrl-C.
+    Set LGD_TRACEBACK=1 to see the full traceback of any of them.
+    """
     try:
         main()
-    except UserError as e:
-        # DataLoader workers re-raise with the worker's traceback in the message: keep the last line.
-        last = str(e).strip().splitlines()[-1]
-        print(f"error: {last.split('UserError: ')[-1]}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 -- sorted below; anything else is a bug and keeps its traceback
+        if os.environ.get("LGD_TRACEBACK"):
+            raise
+        if isinstance(e, UserError):
+            # DataLoader workers re-raise with the worker's traceback in the message: keep the last line.
+            line = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
+        elif isinstance(e, OSError):
+            line = os_error_line(e)
+        elif isinstance(e, torch.OutOfMemoryError):
+            line = "out of GPU memory; lower --batch-size (and/or pass --grad-checkpoint)"
+        else:
+            raise
+        _end_progress_line()
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(1)
-    except torch.OutOfMemoryError:
-        print("error: out of GPU memory; lower --batch-size (and/or pass --grad-checkpoint)", file=sys.stderr)
-        sys.exit(1)
+    except KeyboardInterrupt:
+        if os.environ.get("LGD_TRACEBACK"):
+            raise
+        # everything finished is on disk (atomic writes); a rerun of the same command resumes
+        _end_progress_line()
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def _end_progress_line():
+    """Close open progress bars first, so the message is the last line and starts on a line of its own."""
+    from tqdm import tqdm
+    bars = list(getattr(tqdm, "_instances", []))
+    for bar in bars:
+        bar.leave = False  # cleared, not redrawn after the message when the process exits
+        bar.close()
+    if bars:
+        print(file=sys.stderr)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -52,7 +89,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def get_device(name="auto"):
     """cuda > mps > cpu, or the device the user named. Nothing touches CUDA unless it exists."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"unknown --device '{name}' (auto, cpu, cuda, cuda:N, mps)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine (use --device auto or cpu)")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"--device {name}: MPS is not available on this machine (use --device auto or cpu)")
+        return device
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         return torch.device(f"cuda:{local_rank}")
@@ -116,20 +161,61 @@ def derive_seed(*parts):
 
 # ----------------------------------------------------------------------------- atomic writes
 
+# A temporary has one reserved, unmistakable name: `.<name>.lgd-tmp-<pid>` beside its target. Only
+# names of this form are ever removed as stale, and only inside folders the run owns.
+TEMPORARY = re.compile(r"^\..+\.lgd-tmp-\d+$")
+
+
+def temporary_path(path):
+    """The reserved temporary name of `path` for this process."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.lgd-tmp-{os.getpid()}")
+
+
 def atomic_write(path, write):
-    """Write via `write(tmp_path)` then rename: readers see the old file or the whole new one."""
+    """Write via `write(tmp_path)` then rename: readers see the old file or the whole new one.
+
+    On any failure (disk full, Ctrl-C) the temporary is removed before the error goes on.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = temporary_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_path(tmp)
+        raise
 
 
-def remove_stale_temporaries(folder):
-    """Delete `*.tmp<pid>` files a killed run left behind (readers never look at them; this only tidies)."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            if re.search(r"\.tmp\d+$", name):
-                os.remove(os.path.join(root, name))
+def remove_path(path):
+    """Remove a file or a folder tree if it exists (a temporary left by a failed write)."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def remove_stale_temporaries(folders):
+    """Delete the reserved temporaries (`.<name>.lgd-tmp-<pid>`) a killed run left in `folders`.
+
+    Only names of that form are touched (a user's `notes.tmp1` is not ours), and only under the
+    folders given, which the caller owns. Readers never look at temporaries: this only tidies.
+    """
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            for name in files + dirs:
+                if TEMPORARY.match(name):
+                    remove_path(os.path.join(root, name))
+
+
+def check_writable(folder):
+    """Create `folder` and write (then remove) a reserved temporary in it: an unwritable output (read-only,
+    a file in the way, a full disk) fails here, before hours of work, as one line naming the path."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{folder} is a file, not a folder")
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(os.path.join(folder, ".write-check"), lambda tmp: open(tmp, "w").close())
+    remove_path(os.path.join(folder, ".write-check"))
 
 
 def copy_file(source, path):
@@ -138,15 +224,23 @@ def copy_file(source, path):
 
 
 def save_json(obj, path):
+    """Strict JSON (a NaN or inf is an error here, not a bare `NaN` no JSON reader accepts), atomically."""
+    text = json.dumps(obj, indent=2, allow_nan=False)
+
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+            f.write(text)
     atomic_write(path, write)
 
 
-def load_json(path):
-    with open(path) as f:
-        return json.load(f)
+def load_json(path, what="file"):
+    """A JSON file, or one clear line naming it if it is damaged."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path} is not valid JSON ({e.__class__.__name__}); it was damaged or not "
+                        f"written by lgd") from None
 
 
 def save_torch(obj, path):
@@ -154,7 +248,13 @@ def save_torch(obj, path):
 
 
 def save_png(image, path):
-    """image: (C, H, W) float tensor in [0, 1] (C = 1 or 3) -> 8-bit PNG, atomically."""
+    """image: (C, H, W) float tensor in [0, 1] (C = 1 or 3) -> 8-bit PNG, atomically.
+
+    A non-finite image (NaN from a bad scale) is refused: clamping would silently write solid black.
+    """
+    if not torch.isfinite(image).all():
+        raise UserError(f"refusing to write {path}: the image is not finite (NaN/inf); check the guidance and CFG "
+                        f"scales")
     array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     pil = Image.fromarray(array[0], "L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0), "RGB")
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))

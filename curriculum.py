@@ -29,21 +29,132 @@ paired. A rerun skips finished stages, reloads a saved student, and skips PNGs a
 
 Run: `python distill.py` (digits, LGD, IPC 10 in 5 stages of 2); the loop itself is `run_stages`.
 """
+import json
 import os
+import socket
+import time
 
 import torch
 from tqdm import tqdm
 
-from common import (UserError, all_reduce_sum, barrier, copy_file, derive_seed, is_main, print0, save_json, save_png,
-                    save_torch)
+from common import (TEMPORARY, UserError, all_reduce_sum, barrier, copy_file, derive_seed, git_commit, is_main,
+                    load_json, print0, remove_path, remove_stale_temporaries, save_json, save_png, save_torch,
+                    temporary_path)
 from data import ImageSet, list_image_folder, load_image
 from guidance import Learnability, add_to_memory, generate_increment, image_path, save_sample_grid
 from model import make_student
 from train_student import RECIPES, epochs_for_ipc, train_student
 
 
+# ----------------------------------------------------------------------------- the run folder
+
+LOCK = ".lgd-lock"      # held while a run works in the folder (O_EXCL: two runs cannot both hold it)
+ARGS = "args.json"      # the settings of the run; its presence marks an lgd run folder
+
+
 def stage_dir(out_dir, k):
     return os.path.join(out_dir, f"stage_{k}")
+
+
+def owned_folders(out_dir):
+    """The folders a run writes into: the only places its stale temporaries may be removed from."""
+    if not os.path.isdir(out_dir):
+        return []
+    inner = [os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith("stage_") or d == "distilled"]
+    return [out_dir] + [d for d in inner if os.path.isdir(d)]
+
+
+def _lock_owner(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_run_folder(out_dir):
+    """Make `out_dir` this run's, before any work: returns a function that releases it.
+
+    Refuses a file, and a non-empty folder that is not an lgd run (no args.json): a run never writes
+    into, or tidies, a folder of someone else's. Then takes the lock file with O_EXCL, so of two runs
+    started at once into one folder exactly one proceeds; a lock left by a killed run (same host,
+    dead pid) is taken over. Creating the lock is also the check that the folder is writable.
+    """
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir} is a file, not a folder")
+    if os.path.isdir(out_dir):
+        foreign = [n for n in os.listdir(out_dir) if n != LOCK and not TEMPORARY.match(n)]
+        if foreign and not os.path.exists(os.path.join(out_dir, ARGS)):
+            raise UserError(f"--out-dir {out_dir} is not empty and holds no {ARGS}: not an lgd run folder "
+                            f"(choose a new or empty folder)")
+    os.makedirs(out_dir, exist_ok=True)
+    lock = os.path.join(out_dir, LOCK)
+    me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            stale = owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and not _alive(owner["pid"])
+            if attempt == 0 and stale:  # a killed run's lock: move it aside atomically (only one taker wins)
+                try:
+                    os.replace(lock, temporary_path(lock))
+                    os.remove(temporary_path(lock))
+                except FileNotFoundError:
+                    pass
+                continue
+            raise UserError(f"{out_dir} is in use by another run (pid {owner.get('pid', '?')} on "
+                            f"{owner.get('host', '?')}, since {owner.get('started', '?')}); wait for it or use "
+                            f"another --out-dir (if no run is using it, remove {lock})") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+
+    def release():
+        if _lock_owner(lock).get("pid") == me["pid"]:
+            remove_path(lock)
+    remove_stale_temporaries(owned_folders(out_dir))  # ours now: a killed run's half-written files go
+    return release
+
+
+def record_args(out_dir, args, must_match):
+    """Write `args` (a dict) to args.json, or check a resumed run's against it.
+
+    must_match: the keys that change the images; a rerun with another value would mix two runs' stages.
+    Each start is appended to `starts` (time, git commit), so a resumed folder says which code made it.
+    """
+    path = os.path.join(out_dir, ARGS)
+    starts = []
+    if os.path.exists(path):
+        old = load_json(path, what="run settings")
+        if not isinstance(old, dict):
+            raise UserError(f"{path} is not an lgd args.json; move it away or use another --out-dir")
+        changed = [k for k in must_match if k in old and old[k] != args.get(k)]
+        if changed:
+            details = ", ".join(f"{k} {old[k]!r} -> {args.get(k)!r}" for k in changed[:4])
+            raise UserError(f"{out_dir} holds a run with different {', '.join(changed)} ({details}); use another "
+                            f"--out-dir or the same settings to resume")
+        starts = old.get("starts", [])
+    start = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), git_commit=git_commit())
+    save_json(dict(args, git_commit=start["git_commit"], starts=starts + [start]), path)
+
+
+def check_stage_files(out_dir, spec, k, stage_ipc):
+    """A stage marked done must still hold every image (a deleted file would break the union and students)."""
+    for path in stage_files(out_dir, spec, k, stage_ipc)[0]:
+        if not os.path.exists(path):
+            raise UserError(f"stage {k} is marked done but {path} is missing; restore it, or delete "
+                            f"{stage_dir(out_dir, k)} and the later stages to regenerate them")
 
 
 def stage_files(out_dir, spec, k, stage_ipc):
@@ -95,8 +206,8 @@ def train_stage_student(out_dir, spec, k, stage_ipc, arch, recipe, epochs, seed,
         model.load_state_dict(torch.load(path, map_location="cpu"))
         return model.to(device).eval()
     paths, labels = union_files(out_dir, spec, k, stage_ipc)
-    union = ImageSet(paths, labels)
-    epochs = epochs or epochs_for_ipc(k * stage_ipc, recipe, spec.name)
+    union = ImageSet(paths, labels, channels=spec.channels)
+    epochs = epochs_for_ipc(k * stage_ipc, recipe, spec.name) if epochs is None else epochs
     # [choice] the evaluation recipe, the reference model's architecture, re-initialised each stage;
     # a per-stage seed keeps every student reproducible on its own. With a soft-label recipe (rded,
     # ImageNet-1K) theta* is also the teacher that labels the crops.
@@ -133,6 +244,9 @@ def run_stages(prior, spec, out_dir, ipc, stage_ipc, seed, reference, cfg, arch=
     if ipc % stage_ipc:
         raise UserError(f"--ipc {ipc} is not a multiple of --stage-ipc {stage_ipc}")
     num_stages = ipc // stage_ipc
+    for k in range(num_stages):  # a finished stage must still be whole before anything builds on it
+        if os.path.exists(os.path.join(stage_dir(out_dir, k), "done.json")):
+            check_stage_files(out_dir, spec, k, stage_ipc)
     overall = tqdm(total=num_stages, desc="LGD stages", unit="stage", disable=not is_main(), position=0)
     for k in range(num_stages):
         folder = stage_dir(out_dir, k)
@@ -179,6 +293,7 @@ def write_union(out_dir, spec, num_stages, stage_ipc):
     """D_K -> out_dir/distilled/<class>/<index>.png (atomic copies), the evaluator's input."""
     if is_main():
         for k in range(num_stages):
+            check_stage_files(out_dir, spec, k, stage_ipc)
             for path, c in zip(*stage_files(out_dir, spec, k, stage_ipc)):
                 target = os.path.join(out_dir, "distilled", spec.class_names()[c], os.path.basename(path))
                 if not os.path.exists(target):

@@ -87,8 +87,9 @@ class ImageSet(torch.utils.data.Dataset):
     UserError naming its path, which the CLI prints as one line instead of a worker traceback.
     """
 
-    def __init__(self, items, labels, transform=None):
+    def __init__(self, items, labels, transform=None, channels=None):
         self.items, self.labels, self.transform = items, list(labels), transform
+        self.channels = channels  # files are converted to it (an RGB PNG in a grey digits set is read as grey)
 
     def __len__(self):
         return len(self.labels)
@@ -97,7 +98,11 @@ class ImageSet(torch.utils.data.Dataset):
         item = self.items[i]
         if torch.is_tensor(item):
             return item.float() / 255.0 if item.dtype == torch.uint8 else item
-        return load_image(item)
+        return load_image(item, self.channels)
+
+    def counts(self, num_classes):
+        """Images per class (a list of num_classes ints)."""
+        return [self.labels.count(c) for c in range(num_classes)]
 
     def preloaded(self, max_items=5000):
         """The same set held in memory as uint8 (a distilled set is read once, not once per epoch).
@@ -107,14 +112,15 @@ class ImageSet(torch.utils.data.Dataset):
         if len(self) > max_items or all(torch.is_tensor(item) for item in self.items):
             return self
         items = [(self.load(i) * 255).round().to(torch.uint8) for i in range(len(self))]
-        return ImageSet(items, self.labels, self.transform)
+        return ImageSet(items, self.labels, self.transform, self.channels)
 
     def __getitem__(self, i):
         x = self.load(i)
         return (self.transform(x) if self.transform else x), self.labels[i]
 
     def subset(self, indices):
-        return ImageSet([self.items[i] for i in indices], [self.labels[i] for i in indices], self.transform)
+        return ImageSet([self.items[i] for i in indices], [self.labels[i] for i in indices], self.transform,
+                        self.channels)
 
 
 def load_image(path, channels=None):
@@ -130,14 +136,25 @@ def load_image(path, channels=None):
     return x.float() / 255.0
 
 
+def class_files(folder):
+    """The image files of one class folder, sorted by name (names are global indices: generation order)."""
+    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
 def list_image_folder(root, class_names, what="image folder"):
-    """(paths, labels) of `root/<class>/*.{png,jpg,jpeg}` for the given classes, in a fixed order."""
+    """(paths, labels) of `root/<class>/*.{png,jpg,jpeg}` for the given classes, in a fixed order.
+
+    Every class must have a folder with at least one image: a missing or empty class would silently
+    train (or test) a 9-class problem and report it as 10.
+    """
     paths, labels = [], []
     for c, name in enumerate(class_names):
         folder = os.path.join(root, name)
         if not os.path.isdir(folder):
             raise UserError(f"{what} {root} has no folder '{name}' (expected {root}/<class>/*.png|*.JPEG)")
-        files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = class_files(folder)
+        if not files:
+            raise UserError(f"{what} {root}: class '{name}' has no images in {folder}")
         paths += files
         labels += [c] * len(files)
     return paths, labels
@@ -171,14 +188,24 @@ def _check_tree(root, spec):
             raise UserError(f"imagenet needs the 1000 ILSVRC-2012 class folders in {root}/train, found "
                             f"{len(spec.wnids)} (expected {layout})")
         spec.num_classes, spec.prior_labels = len(spec.wnids), list(range(len(spec.wnids)))
-    missing = [w for w in spec.wnids if not os.path.isdir(os.path.join(root, "train", w))]
-    if missing:
-        raise UserError(f"{root}/train lacks {len(missing)} class folders, e.g. {missing[0]} (expected {layout})")
+    for split in ("train", "val"):  # val too: --eval must not find a missing class after hours of sampling
+        missing = [w for w in spec.wnids if not os.path.isdir(os.path.join(root, split, w))]
+        if missing:
+            raise UserError(f"{root}/{split} lacks {len(missing)} class folders, e.g. {missing[0]} (expected {layout})")
+        for w in spec.wnids:
+            folder = os.path.join(root, split, w)
+            if not any(name.lower().endswith(IMAGE_EXTENSIONS) for name in os.listdir(folder)):
+                raise UserError(f"class {w} has no images in {folder} (expected {layout})")
+
+
+def download_target(spec, root):
+    """Where the public archive of ImageNette/ImageWoof lands (known before downloading)."""
+    return os.path.abspath(os.path.join(root, os.path.basename(DOWNLOADS[spec.name])[:-len(".tgz")]))
 
 
 def download(spec, root):
     """Download + extract the public archive of ImageNette/ImageWoof into root; return the tree path."""
-    tree = os.path.join(root, os.path.basename(DOWNLOADS[spec.name])[:-len(".tgz")])
+    tree = download_target(spec, root)
     if os.path.isdir(os.path.join(tree, "val")):
         return tree  # already there
     try:
@@ -195,18 +222,23 @@ def download(spec, root):
     return tree
 
 
-def resolve_data_dir(spec, data_dir, download_root="out/data"):
-    """The ImageFolder root to read: --data-dir if given (validated), else the downloaded archive."""
+def resolve_data_dir(spec, data_dir, download_root="out/data", fetch=True):
+    """The ImageFolder root to read (absolute): --data-dir if given (validated), else the downloaded archive.
+
+    fetch=False: only say where the download will land (cheap checks come before any download).
+    """
     if spec.name == "digits":
         return None
     if data_dir is None:
         if spec.name == "imagenet":
             raise UserError("imagenet needs --data-dir pointing at ILSVRC-2012 as train/<wnid>/*.JPEG, val/<wnid>/*.JPEG")
+        if not fetch:
+            return download_target(spec, download_root)
         data_dir = download(spec, download_root)
     if not os.path.isdir(data_dir):
         raise UserError(f"data directory {data_dir} does not exist (expected {data_dir}/{{train,val}}/<wnid>/*.JPEG)")
     _check_tree(data_dir, spec)
-    return data_dir
+    return os.path.abspath(data_dir)  # absolute: run folders are read back from other working directories
 
 
 def load_real(spec, data_dir, split):
@@ -215,9 +247,7 @@ def load_real(spec, data_dir, split):
         return load_digits_split(split)
     folder = os.path.join(data_dir, "train" if split == "train" else "val")
     paths, labels = list_image_folder(folder, spec.class_names(), what="data split")
-    if not paths:
-        raise UserError(f"no images in {folder}/<wnid>/ (expected *.JPEG files)")
-    return ImageSet(paths, labels)
+    return ImageSet(paths, labels, channels=spec.channels)
 
 
 def load_distilled(folder, spec):
@@ -225,9 +255,7 @@ def load_distilled(folder, spec):
     if not os.path.isdir(folder):
         raise UserError(f"distilled set {folder} does not exist (expected {folder}/<class>/*.png)")
     paths, labels = list_image_folder(folder, spec.class_names(), what="distilled set")
-    if not paths:
-        raise UserError(f"distilled set {folder} holds no images")
-    return ImageSet(paths, labels)
+    return ImageSet(paths, labels, channels=spec.channels)
 
 
 def sample_real_ipc(real, ipc, seed):

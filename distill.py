@@ -20,18 +20,20 @@ Run:
   torchrun --nproc_per_node=8 distill.py --dataset imagenet --data-dir /data/imagenet --ipc 50
 """
 import argparse
+import math
 import os
 import time
 
 import torch
 
-from common import HelpFormatter, UserError, barrier, get_device, git_commit, is_main, load_json, print0, \
-    remove_stale_temporaries, run_cli, save_json, setup_distributed
+from common import HelpFormatter, UserError, all_reduce_sum, barrier, get_device, is_main, print0, run_cli, \
+    setup_distributed
 from data import get_spec, resolve_data_dir
-from curriculum import run_stages, stage_summary
+from curriculum import claim_run_folder, record_args, run_stages, stage_summary
+from evaluate import evaluate_folder
 from guidance import GuidanceConfig, generate_increment, save_sample_grid
-from model import ARCHS, DEFAULT_PRIOR, digits_prior, load_prior
-from train_student import RECIPES
+from model import ARCHS, DEFAULT_PRIOR, DIGITS_SCHEDULE, digits_prior, load_prior
+from train_student import RECIPES, reference_model
 
 # The paper's LGD constants (METHOD.md section 5): lambda, omega, c0, gamma, kappa and the window.
 PAPER = dict(guidance_scale=15.0, lambda_ref=0.5, c0=0.0015, deviation_scale=50.0, candidates=3,
@@ -50,11 +52,12 @@ PRESETS = {
     "imagenet": dict(PAPER, ipc=50, stage_ipc=10, arch="resnet18", recipe="rded", cfg_scale=4.0, batch_size=24),
 }
 
-# args that change the images: a rerun into the same folder must use the same ones
+# args that change the images: a rerun into the same folder must use the same ones (the data tree, the
+# precision, the sampler batch (float rounding) and the number of ranks a DDP student trains on included)
 RESULT_ARGS = ("dataset", "method", "ipc", "stage_ipc", "seed", "prior", "vae", "sampler", "steps", "cfg_scale",
                "cfg_three_channels", "arch", "recipe", "student_epochs", "guidance_scale", "lambda_ref", "c0",
                "deviation_scale", "candidates", "guide_from", "guide_until", "grad_through_dit", "memory_cap",
-               "seed_set", "res")
+               "seed_set", "res", "data_dir", "precision", "batch_size", "student_ddp", "student_world")
 
 
 def get_parser():
@@ -108,6 +111,17 @@ def get_parser():
     return p
 
 
+def _check(ok, message):
+    if not ok:
+        raise UserError(message)
+
+
+def _finite(name, value, low, inclusive=True):
+    """A float flag must be a finite number in range (NaN passes every comparison but this one)."""
+    ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+    _check(ok, f"--{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, got {value}")
+
+
 def resolve_args(args):
     """Fill unset flags from the dataset preset and check everything before anything is written."""
     if args.dataset not in PRESETS:
@@ -117,21 +131,38 @@ def resolve_args(args):
             setattr(args, key, value)
     if args.method == "dit":  # no stages; stage_ipc only says how evaluate.py --redundancy cuts the set
         args.stage_ipc = min(args.stage_ipc, args.ipc) if args.ipc > 0 else args.stage_ipc
-    checks = [(args.ipc > 0, f"--ipc must be positive, got {args.ipc}"),
-              (args.stage_ipc > 0, f"--stage-ipc must be positive, got {args.stage_ipc}"),
-              (args.method == "dit" or args.stage_ipc <= 0 or args.ipc % args.stage_ipc == 0,
-               f"--ipc {args.ipc} is not a multiple of --stage-ipc {args.stage_ipc}"),
-              (args.steps > 0, "--steps must be positive"),
-              (args.batch_size > 0, "--batch-size must be positive"),
-              (args.candidates >= 1, "--candidates must be at least 1"),
-              (args.guide_from <= args.guide_until, "--guide-from must not exceed --guide-until"),
-              (args.eval_runs >= 1, "--eval-runs must be at least 1"),
-              (args.seed_set == "dit" or os.path.isdir(args.seed_set), f"--seed-set {args.seed_set} is not a folder")]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    _check(args.ipc > 0, f"--ipc must be positive, got {args.ipc}")
+    _check(args.stage_ipc > 0, f"--stage-ipc must be positive, got {args.stage_ipc}")
+    _check(args.method == "dit" or args.ipc % args.stage_ipc == 0,
+           f"--ipc {args.ipc} is not a multiple of --stage-ipc {args.stage_ipc}")
+    _check(args.steps > 0, f"--steps must be positive, got {args.steps}")
+    _check(args.prior is not None or args.steps <= DIGITS_SCHEDULE["num_train_timesteps"],
+           f"--steps {args.steps} is outside 1..{DIGITS_SCHEDULE['num_train_timesteps']} (the prior's schedule)")
+    _check(args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
+    _check(args.candidates >= 1, f"--candidates must be at least 1, got {args.candidates}")
+    _check(args.guide_from >= 0, f"--guide-from must be >= 0, got {args.guide_from}")
+    _check(args.guide_from <= args.guide_until, "--guide-from must not exceed --guide-until")
+    _check(args.memory_cap >= 1, f"--memory-cap must be at least 1, got {args.memory_cap}")
+    _check(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
+    _check(args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}")
+    _check(args.student_epochs is None or args.student_epochs >= 1,
+           f"--student-epochs must be at least 1, got {args.student_epochs}")
+    _check(args.eval_epochs is None or args.eval_epochs >= 1, f"--eval-epochs must be at least 1, got {args.eval_epochs}")
+    _check(args.eval_runs >= 1, f"--eval-runs must be at least 1, got {args.eval_runs}")
+    _check(args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
+    _finite("cfg-scale", args.cfg_scale, 1.0)  # 1 = the conditional model alone; below 1 leans unconditional
+    _finite("guidance-scale", args.guidance_scale, 0.0)
+    _finite("lambda-ref", args.lambda_ref, 0.0)
+    _finite("deviation-scale", args.deviation_scale, 0.0)
+    _finite("c0", args.c0, 0.0, inclusive=False)
+    _check(args.seed_set == "dit" or os.path.isdir(args.seed_set), f"--seed-set {args.seed_set} is not a folder")
     if args.prior is None and args.dataset != "digits":
         args.prior = DEFAULT_PRIOR
+    # paths are stored resolved, so evaluate.py finds them from any working directory
+    for key in ("data_dir", "prior", "seed_set"):
+        value = getattr(args, key)
+        if value is not None and os.path.isdir(value):
+            setattr(args, key, os.path.abspath(value))
     args.eval_arch = args.eval_arch or args.arch
     args.out_dir = args.out_dir or os.path.join("out", f"{args.dataset}_{args.method}_ipc{args.ipc}_seed{args.seed}")
     return args
@@ -169,37 +200,60 @@ def print_plan(args, spec):
           f"of them guided; {stages - 1} student trainings")
 
 
-def check_out_dir(args):
-    """A rerun resumes only a run with the same settings (else its images would be mixed)."""
-    path = os.path.join(args.out_dir, "args.json")
-    if os.path.exists(path):
-        old = load_json(path)
-        # only flags that change images count: --eval, --device or --num-workers may differ on a rerun
-        changed = [k for k in RESULT_ARGS if k in old and old[k] != getattr(args, k)]
-        if changed:
-            raise UserError(f"{args.out_dir} holds a run with different {', '.join(changed)}; use another --out-dir")
+def claim(out_dir):
+    """Rank 0 claims the run folder (curriculum.claim_run_folder); every rank learns whether it may go on."""
+    release, error = (lambda: None), None
+    if is_main():
+        try:
+            release = claim_run_folder(out_dir)
+        except (UserError, OSError) as e:
+            error = e
+    if all_reduce_sum(int(error is not None)):  # all ranks stop together instead of waiting at a barrier
+        raise error if error is not None else UserError(f"rank 0 could not claim {out_dir}")
+    return release
 
 
 def main(argv=None, on_stage_start=None):
     args = resolve_args(get_parser().parse_args(argv))
     spec = get_spec(args.dataset, res=args.res)
-    if args.dry_run:  # validate a given --data-dir, but never download for a plan
-        if args.data_dir is not None or args.dataset == "digits":
-            resolve_data_dir(spec, args.data_dir)
+    # a given --data-dir is validated now; a download only says where it will land until the folder is ours
+    data_dir = resolve_data_dir(spec, args.data_dir, fetch=False)
+    if args.dry_run:
         print_plan(args, spec)
         return
-    data_dir = resolve_data_dir(spec, args.data_dir)  # validates the tree (or downloads) before any write
-    check_out_dir(args)  # every user error is raised above this line: a failed start writes nothing
     device = get_device(args.device)
+    if args.precision == "bf16" and device.type != "cuda":
+        raise UserError(f"--precision bf16 is CUDA autocast; this run is on {device.type} (use --precision fp32)")
     rank, world = setup_distributed(device)
-    start = time.time()
+    release = claim(args.out_dir)  # every cheap check is above this line: a refused start writes nothing
+    try:
+        record = dict(vars(args), data_dir=data_dir, out_dir=os.path.abspath(args.out_dir), world_size=world,
+                      student_world=world if (args.method == "lgd" and args.student_ddp) else 1)
+        if is_main():
+            record_args(args.out_dir, record, RESULT_ARGS)
+        barrier()  # important! no rank writes before rank 0 has tidied the folder and checked the settings
+        distill(args, spec, device, rank, world, on_stage_start)
+    finally:
+        release()
 
+
+def distill(args, spec, device, rank, world, on_stage_start=None):
+    """The run itself, once the folder is ours and the settings are recorded."""
+    start = time.time()
+    data_dir = resolve_data_dir(spec, args.data_dir)  # downloads ImageNette/ImageWoof if no --data-dir
     # the prior: DiT-XL/2 (+VAE) from the hub / a local dir, or the cached digits DiT (trained on first use)
     prior_path = args.prior or digits_prior()
     # weights stay float32; bf16 is autocast only, so the scheduler maths and the guidance gradient's
     # normalisation (rho_t) keep full precision
-    prior = load_prior(prior_path, vae=args.vae, device=device, dtype=torch.float32, sampler=args.sampler)
-    prior.autocast = args.precision == "bf16" and device.type == "cuda"
+    try:
+        prior = load_prior(prior_path, vae=args.vae, device=device, dtype=torch.float32, sampler=args.sampler,
+                           steps=args.steps)
+    except UserError as e:
+        if args.prior is None:  # the cache is ours: say how to rebuild it
+            raise UserError(f"{e}; the cached digits prior is broken: remove it (rm -r {prior_path}) and rerun "
+                            f"to retrain it") from None
+        raise
+    prior.autocast = args.precision == "bf16"
     if args.grad_checkpoint:
         prior.enable_gradient_checkpointing()
     spec.image_size = prior.image_size  # stand-in priors in the tests generate smaller images
@@ -207,11 +261,6 @@ def main(argv=None, on_stage_start=None):
     if max(spec.prior_labels) >= prior.null_label:
         raise UserError(f"prior {prior_path} knows {prior.null_label} classes; {args.dataset} needs label "
                         f"{max(spec.prior_labels)}")
-    if is_main():
-        remove_stale_temporaries(args.out_dir)  # a resumed run starts from a tidy folder
-        save_json(dict(vars(args), git_commit=git_commit(), world_size=world, data_dir_resolved=data_dir),
-                  os.path.join(args.out_dir, "args.json"))
-    barrier()  # important! no rank writes before rank 0 has tidied the folder
 
     distilled = os.path.join(args.out_dir, "distilled")
     if args.method == "dit":
@@ -219,10 +268,8 @@ def main(argv=None, on_stage_start=None):
                            args.batch_size, rank=rank, world=world, desc="dit sampling",
                            cfg_three_channels=args.cfg_three_channels)
     else:
-        from train_student import reference_model
-        ddp = dict(rank=rank, world=world) if args.student_ddp else {}
         # theta*, trained once per dataset/arch/resolution and cached under out/cache
-        reference = reference_model(spec, args.arch, data_dir, device, num_workers=args.num_workers, **ddp)
+        reference = reference_model(spec, args.arch, data_dir, device, num_workers=args.num_workers)
         run_stages(prior, spec, args.out_dir, args.ipc, args.stage_ipc, args.seed, reference, guidance_config(args),
                    arch=args.arch, recipe=args.recipe, student_epochs=args.student_epochs, cfg_scale=args.cfg_scale,
                    steps=args.steps, batch_size=args.batch_size, seed_set=args.seed_set, device=device, rank=rank,
@@ -232,7 +279,6 @@ def main(argv=None, on_stage_start=None):
     print0(f"wrote {spec.num_classes * args.ipc} images to {distilled} in {time.time() - start:.0f} s")
 
     if args.eval and is_main():  # evaluation is single-process: N small students, not worth sharding
-        from evaluate import evaluate_folder
         evaluate_folder(args.out_dir, spec, data_dir, args.eval_arch, args.eval_runs, args.recipe, args.eval_epochs,
                         args.seed, device, num_workers=args.num_workers)
 

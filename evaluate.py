@@ -22,11 +22,13 @@ Run:
   python evaluate.py --compare out/digits_lgd_ipc10_seed0 out/digits_dit_ipc10_seed0 out/digits_real_ipc10
 """
 import argparse
+import json
 import os
 
 import numpy as np
 
-from common import HelpFormatter, UserError, atomic_write, derive_seed, get_device, git_commit, load_json, print0, run_cli, save_json
+from common import (HelpFormatter, UserError, atomic_write, check_writable, derive_seed, get_device, git_commit, load_json,
+                    print0, run_cli, save_json)
 from data import ImageSet, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir, sample_real_ipc
 from model import ARCHS, make_student
 from train_student import RECIPES, accuracy, epochs_for_ipc, soft_label_teacher, train_student
@@ -37,8 +39,8 @@ from train_student import RECIPES, accuracy, epochs_for_ipc, soft_label_teacher,
 def evaluate_set(train_set, test_set, spec, arch="convnet", runs=3, recipe="minimax", epochs=None, seed=0,
                  device="cpu", ipc=None, num_workers=0, teacher=None):
     """Train `runs` seeded students on train_set, test on test_set -> dict of final and best accuracies."""
-    ipc = ipc or len(train_set) // spec.num_classes
-    epochs = epochs or epochs_for_ipc(ipc, recipe, spec.name)
+    ipc = len(train_set) // spec.num_classes if ipc is None else ipc
+    epochs = epochs_for_ipc(ipc, recipe, spec.name) if epochs is None else epochs
     accs, bests = [], []
     for run in range(runs):  # airbench-style: mean +- std over seeded students, not one lucky run
         seen = []
@@ -58,7 +60,7 @@ def evaluate_set(train_set, test_set, spec, arch="convnet", runs=3, recipe="mini
 def run_info(run_dir):
     """args.json of a distill.py run folder, or {} for a bare ImageFolder."""
     path = os.path.join(run_dir, "args.json")
-    return load_json(path) if os.path.exists(path) else {}
+    return load_json(path, what="run settings") if os.path.exists(path) else {}
 
 
 def distilled_folder(run_dir):
@@ -70,23 +72,32 @@ def distilled_folder(run_dir):
 def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epochs=None, seed=0, device="cpu",
                     out=None, num_workers=0, teacher=None):
     """Evaluate the set of a run folder and write eval.json beside it."""
+    out = out or os.path.join(run_dir, "eval.json")
+    check_writable(os.path.dirname(os.path.abspath(out)))  # before the training, not after it
     train_set = load_distilled(distilled_folder(run_dir), spec)
     test_set = load_real(spec, data_dir, "test")
     info = run_info(run_dir)
+    counts = train_set.counts(spec.num_classes)  # every class has >= 1 image (load_distilled refuses empty ones)
+    if len(set(counts)) > 1:
+        print0(f"note: {run_dir} holds different numbers of images per class: {counts}")
     print0(f"evaluating {run_dir}: {len(train_set)} images, {runs} x {arch}")
     if teacher is None:  # soft-label recipes need one; the CLI passes the one it already built
         teacher = soft_label_teacher(spec, recipe, data_dir, device, num_workers=num_workers)
     result = evaluate_set(train_set, test_set, spec, arch, runs, recipe, epochs, seed, device, num_workers=num_workers,
-                          teacher=teacher)
-    result = dict(dataset=spec.name, method=info.get("method", "unknown"), **result, distilled=run_dir)
-    write_eval(result, out or os.path.join(run_dir, "eval.json"))
+                          teacher=teacher, ipc=min(counts))
+    result = dict(dataset=spec.name, method=info.get("method", "unknown"), **result, images_per_class=counts,
+                  distilled=os.path.abspath(run_dir))
+    write_eval(result, out)
     return result
 
 
 def write_eval(result, path):
-    save_json(dict(result, git_commit=git_commit()), path)  # every output says which code made it
+    """Print the numbers, then write them: a failed write (disk full, read-only) loses no result."""
     print0(f"acc {result['acc_mean']:.4f} +- {result['acc_std']:.4f} (final epoch; best-seen "
-           f"{result['best_mean']:.4f} +- {result['best_std']:.4f}) over {result['runs']} x {result['arch']} -> {path}")
+           f"{result['best_mean']:.4f} +- {result['best_std']:.4f}) over {result['runs']} x {result['arch']}: "
+           f"{json.dumps(result['accs'])}")
+    save_json(dict(result, git_commit=git_commit()), path)  # every output says which code made it
+    print0(f"-> {path}")
 
 
 # ----------------------------------------------------------------------------- redundancy (section 7)
@@ -100,7 +111,7 @@ def increments_of(folder, spec, stage_ipc):
     if ipc < stage_ipc or ipc % stage_ipc:
         raise UserError(f"{folder} has {ipc} images per class, not a multiple of --stage-ipc {stage_ipc}")
     return [ImageSet([files[i] for files in by_class for i in range(k * stage_ipc, (k + 1) * stage_ipc)],
-                     [c for c in range(spec.num_classes) for _ in range(stage_ipc)])
+                     [c for c in range(spec.num_classes) for _ in range(stage_ipc)], channels=spec.channels)
             for k in range(ipc // stage_ipc)]
 
 
@@ -119,13 +130,12 @@ def redundancy_matrix(increments, spec, arch="convnet", recipe="minimax", epochs
             ipc = len(increments[a]) // spec.num_classes
             student = make_student(arch, spec, seed=derive_seed(seed, a, 13))
             model = train_student(student, increments[a], spec, recipe,
-                                  epochs or epochs_for_ipc(ipc, recipe, spec.name), seed=seed * 1000 + a,
+                                  epochs_for_ipc(ipc, recipe, spec.name) if epochs is None else epochs, seed=seed * 1000 + a,
                                   device=device, desc=f"redundancy: train on T_{a + 1}", teacher=teacher)
         for b in range(k):  # T_b's images with their labels, seen through the test transform
             matrix[a, b] = accuracy(model, increments[b], spec, device)
     # the diagonal is training accuracy (a model on its own images): only a != b measures overlap
-    off_diagonal = matrix[~np.eye(k, dtype=bool)].mean() if k > 1 else float("nan")
-    return matrix.tolist(), float(off_diagonal)
+    return matrix.tolist(), float(matrix[~np.eye(k, dtype=bool)].mean())
 
 
 def save_heatmap(matrix, path, title):
@@ -149,15 +159,20 @@ def save_heatmap(matrix, path, title):
 
 
 def redundancy_report(increments, spec, out_dir, label, **kwargs):
-    """Compute the matrix, write redundancy.json and redundancy.png in out_dir, print a summary."""
+    """Compute the matrix, print it, then write redundancy.json and redundancy.png in out_dir."""
+    if len(increments) < 2:
+        raise UserError(f"redundancy needs at least 2 increments to compare, {label} has {len(increments)} "
+                        f"(pass a smaller --stage-ipc)")
+    check_writable(out_dir)  # before the K trainings, not after them
     matrix, off = redundancy_matrix(increments, spec, **kwargs)
     result = dict(label=label, increments=len(increments), stage_ipc=len(increments[0]) // spec.num_classes,
                   arch=kwargs.get("arch", "convnet"), matrix=matrix, off_diagonal_mean=off,
                   diagonal_mean=float(np.mean(np.diag(matrix))))
+    print0("\n".join(" ".join(f"{100 * v:5.1f}" for v in row) for row in matrix))
+    print0(f"redundancy (off-diagonal mean) {off:.4f}")
     save_json(dict(result, git_commit=git_commit()), os.path.join(out_dir, "redundancy.json"))
     save_heatmap(matrix, os.path.join(out_dir, "redundancy.png"), f"{label}: off-diagonal mean {100 * off:.1f}%")
-    print0("\n".join(" ".join(f"{100 * v:5.1f}" for v in row) for row in matrix))
-    print0(f"redundancy (off-diagonal mean) {off:.4f} -> {out_dir}/redundancy.json, redundancy.png")
+    print0(f"-> {out_dir}/redundancy.json, redundancy.png")
     return result
 
 
@@ -184,9 +199,7 @@ def compare(run_dirs, markdown_path):
     print(text)
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
-    os.makedirs(os.path.dirname(os.path.abspath(markdown_path)), exist_ok=True)
-    with open(markdown_path, "w") as f:
-        f.write(md)
+    atomic_write(markdown_path, lambda tmp: open(tmp, "w").write(md))
     print(f"wrote {markdown_path}")
     return md
 
@@ -215,12 +228,19 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     args = p.parse_args(argv)
     if args.compare:  # reads finished JSONs only: no dataset, no training
+        if os.path.isdir(args.markdown):
+            raise UserError(f"--markdown {args.markdown} is a folder; give a file path like out/compare.md")
         compare(args.compare, args.markdown)
         return
-    if args.runs < 1:
-        raise UserError("--runs must be at least 1")
-    if args.real_ipc is not None and args.real_ipc <= 0:
-        raise UserError(f"--real-ipc must be positive, got {args.real_ipc}")
+    for ok, message in [(args.runs >= 1, f"--runs must be at least 1, got {args.runs}"),
+                        (args.real_ipc is None or args.real_ipc > 0, f"--real-ipc must be positive, got {args.real_ipc}"),
+                        (args.stage_ipc is None or args.stage_ipc > 0, f"--stage-ipc must be positive, got {args.stage_ipc}"),
+                        (args.epochs is None or args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}"),
+                        (args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}"),
+                        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
+                        (args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")]:
+        if not ok:
+            raise UserError(message)
     run_dir = args.distilled or (args.redundancy if args.redundancy not in (None, "real") else None)
     if run_dir is None and args.real_ipc is None:
         raise UserError("give --distilled DIR, --real-ipc K, --redundancy DIR or --compare DIR ...")
@@ -246,6 +266,7 @@ def main(argv=None):
             increments = [picked.subset(range(j, j + size)) for j in range(0, len(picked), size)]
             redundancy_report(increments, spec, out, f"real IPC {args.real_ipc}", **kwargs)
             return
+        check_writable(out)  # before the training, not after it
         result = evaluate_set(real, load_real(spec, data_dir, "test"), spec, args.arch, args.runs, args.recipe,
                               args.epochs, args.seed, device, ipc=args.real_ipc, num_workers=args.num_workers,
                               teacher=teacher)

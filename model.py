@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, save_torch
+from common import UserError, remove_path, remove_stale_temporaries, save_torch, temporary_path
 
 DEFAULT_PRIOR = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # IGD/MGD3 decode DiT latents with ft-mse (the hub repo ships ft-ema)
@@ -111,25 +111,30 @@ def make_scheduler(config, sampler="ddpm", pixel_space=False, learned_variance=T
     return DDPMScheduler.from_config(config, variance_type="learned_range" if learned_variance else "fixed_small", **common)
 
 
-def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float32, sampler="ddpm"):
+def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float32, sampler="ddpm", steps=None):
     """Load DiT (+VAE) + scheduler from a hub id or local diffusers directory.
 
     vae: "auto" = sd-vae-ft-mse for the hub DiT, else the directory's own `vae/` (none = pixel space);
     "none" = pixel space; anything else = a hub id or directory of an AutoencoderKL.
+    steps: the sampling steps the caller will ask for, checked against the schedule before the weights load.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
     local = os.path.isdir(prior)
     if not local and (prior.startswith((".", "/", "out")) or prior.count("/") != 1):
         raise UserError(f"prior {prior} is neither a local directory nor a hub id like {DEFAULT_PRIOR}")
     try:
+        sched_config = DDPMScheduler.load_config(prior, subfolder="scheduler")  # small: checked first
+        train_steps = int(sched_config.get("num_train_timesteps", 1000))
+        if steps is not None and not 1 <= steps <= train_steps:
+            raise UserError(f"--steps {steps} is outside 1..{train_steps} (the prior's training schedule)")
         transformer = DiTTransformer2DModel.from_pretrained(prior, subfolder="transformer", torch_dtype=dtype,
                                                             low_cpu_mem_usage=False)  # no accelerate needed
-        sched_config = DDPMScheduler.load_config(prior, subfolder="scheduler")
         if vae == "auto":
             vae = DEFAULT_VAE if prior == DEFAULT_PRIOR else (os.path.join(prior, "vae") if local and os.path.isdir(os.path.join(prior, "vae")) else "none")
         vae_model = None if vae == "none" else AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, low_cpu_mem_usage=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load prior {prior}: {str(e).splitlines()[0]} (offline? pass --prior DIR)") from None
+    except (OSError, ValueError, TypeError, KeyError) as e:  # missing files, offline hub, a damaged config
+        raise UserError(f"could not load prior {prior}: {e.__class__.__name__}: {(str(e).splitlines() or [''])[0]} "
+                        f"(offline? pass --prior DIR)") from None
     scheduler = make_scheduler(sched_config, sampler, pixel_space=vae_model is None,
                                learned_variance=transformer.config.out_channels == 2 * transformer.config.in_channels)
     return Prior(transformer.to(device), scheduler, vae_model.to(device) if vae_model is not None else None)
@@ -139,6 +144,7 @@ def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float3
 
 DIGITS_PRIOR = dict(num_attention_heads=3, attention_head_dim=32, in_channels=1, out_channels=1, num_layers=4,
                     sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+DIGITS_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)  # DDPM's linear betas
 
 
 def train_digits_prior(out_dir, images, labels, steps=4000, batch_size=128, lr=1e-3, ema_decay=0.999, seed=0,
@@ -149,16 +155,20 @@ def train_digits_prior(out_dir, images, labels, steps=4000, batch_size=128, lr=1
     dropout, which diffusers' DiT label embedding applies in train mode: that is what makes CFG work.
     """
     from diffusers import DDPMScheduler, DiTTransformer2DModel
-    if os.path.exists(os.path.join(out_dir, "transformer", "config.json")):
+    if os.path.isdir(out_dir):  # only ever renamed into place whole: its existence means "trained"
         return
-    os.makedirs(out_dir, exist_ok=True)
+    # the resumable training state lives in a side folder; the finished prior is written to a temporary
+    # folder and renamed into place, so a kill at any moment never leaves a half-written cache behind
+    partial = out_dir + ".partial"
+    os.makedirs(partial, exist_ok=True)
+    remove_stale_temporaries([os.path.dirname(os.path.abspath(out_dir))])
     torch.manual_seed(seed)
     model = DiTTransformer2DModel(**DIGITS_PRIOR)
     ema = DiTTransformer2DModel(**DIGITS_PRIOR).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+    scheduler = DDPMScheduler(**DIGITS_SCHEDULE)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    state_path, start = os.path.join(out_dir, "train_state.pt"), 0
+    state_path, start = os.path.join(partial, "train_state.pt"), 0
     if os.path.exists(state_path):  # resume an interrupted training
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
@@ -185,10 +195,15 @@ def train_digits_prior(out_dir, images, labels, steps=4000, batch_size=128, lr=1
         if (step + 1) % save_every == 0 and step + 1 < steps:  # a killed run loses at most save_every steps
             save_torch(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                             step=step + 1, rng=torch.get_rng_state()), state_path)
-    scheduler.save_pretrained(os.path.join(out_dir, "scheduler"))
-    ema.save_pretrained(os.path.join(out_dir, "transformer"))  # written last: its config marks "done"
-    if os.path.exists(state_path):
-        os.remove(state_path)
+    tmp = temporary_path(out_dir)
+    try:
+        scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+        ema.save_pretrained(os.path.join(tmp, "transformer"))
+        os.rename(tmp, out_dir)  # atomic: the cache appears complete or not at all
+    except BaseException:
+        remove_path(tmp)
+        raise
+    remove_path(partial)
 
 
 def digits_prior(cache_dir="out/cache", steps=4000):

@@ -85,7 +85,7 @@ def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, 
     seed_everything(seed + rank)  # ranks see different augmentations, as in any DDP training
     model = model.to(device).train()
     train_set = train_set.preloaded()  # small sets: decode the PNGs once, not every epoch
-    data = ImageSet(train_set.items, train_set.labels, train_transform(spec))
+    data = ImageSet(train_set.items, train_set.labels, train_transform(spec), train_set.channels)
     sampler = None
     if world > 1:  # DDP: every rank trains on its slice of each epoch
         sampler = torch.utils.data.distributed.DistributedSampler(data, world, rank, shuffle=True, seed=seed)
@@ -136,7 +136,7 @@ def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, 
 def accuracy(model, test_set, spec, device="cpu", batch_size=256, num_workers=0):
     """Top-1 accuracy (a fraction in [0, 1]) with the test transform (resize, centre crop, normalise)."""
     model.eval()
-    data = ImageSet(test_set.items, test_set.labels, test_transform(spec))
+    data = ImageSet(test_set.items, test_set.labels, test_transform(spec), test_set.channels)
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
     correct = total = 0
     for x, y in loader:
@@ -154,34 +154,36 @@ def soft_label_teacher(spec, recipe, data_dir, device, **kwargs):
     return reference_model(spec, "resnet18", data_dir, device, **kwargs)
 
 
-def reference_model(spec, arch, data_dir, device, cache_dir="out/cache", epochs=None, num_workers=0, rank=0,
-                    world=1):
+def reference_model(spec, arch, data_dir, device, cache_dir="out/cache", epochs=None, num_workers=0):
     """theta*: `arch` trained on the full real train split once per dataset/arch/resolution, cached.
 
     [paper] a ConvNet-6 trained on the full real set (IGD's surrogate: 50 epochs). For ImageNet-1K with
     ResNet-18 we use torchvision's pretrained ResNet-18 (trained on the full real set already) [choice].
+    Trained by rank 0 alone (the others wait), so the cached model does not depend on the number of ranks.
     """
+    if epochs is None:
+        # [paper] IGD's surrogate trains 50 epochs; NOTE(deviation): 30 suffice for digits (98% test accuracy)
+        epochs = 30 if spec.name == "digits" else 50
     key = f"{spec.name}_{arch}_res{spec.res}"
     if data_dir is not None:  # different trees (e.g. test stand-ins) must not share a cache entry
         key += "_" + hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:8]
     path = os.path.join(cache_dir, f"reference_{key}.pt")
-    model = make_student(arch, spec, seed=0)  # important! an init independent of what ran before
     if spec.name == "imagenet" and arch == "resnet18" and spec.num_classes == 1000:
-        import torchvision
+        import torchvision  # only this preset needs the pretrained weights (a hub download)
         return torchvision.models.resnet18(weights="IMAGENET1K_V1").to(device).eval()
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path, map_location="cpu"))
-        return model.to(device).eval()
-    # [paper] IGD's surrogate trains 50 epochs; NOTE(deviation): 30 suffice for digits (98% test accuracy)
-    epochs = epochs or (30 if spec.name == "digits" else 50)
-    real = load_real(spec, data_dir, "train")
-    # under torchrun the ranks train it together with DDP (rank/world), or each alone if world=1 is passed
-    model = train_student(model, real, spec, "minimax", epochs, seed=0, device=device, desc=f"reference {arch}",
-                          num_workers=num_workers, cutmix=0.0, rank=rank, world=world)
-    if is_main():
+    model = make_student(arch, spec, seed=0)  # important! an init independent of what ran before
+    if is_main() and not os.path.exists(path):
+        real = load_real(spec, data_dir, "train")
+        model = train_student(model, real, spec, "minimax", epochs, seed=0, device=device, desc=f"reference {arch}",
+                              num_workers=num_workers, cutmix=0.0)
         save_torch(model.state_dict(), path)
     barrier()
-    return model
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+    except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: one line and the way out
+        raise UserError(f"cached reference model {path} is damaged ({e.__class__.__name__}); remove it and "
+                        f"rerun to retrain it") from None
+    return model.to(device).eval()
 
 
 def main():
@@ -202,7 +204,7 @@ def main():
     train = sample_real_ipc(load_real(spec, data_dir, "train"), args.real_ipc, args.seed)
     teacher = soft_label_teacher(spec, args.recipe, data_dir, device)
     model = train_student(make_student(args.arch, spec), train, spec, args.recipe,
-                          args.epochs or epochs_for_ipc(args.real_ipc, args.recipe, args.dataset), args.seed, device,
+                          epochs_for_ipc(args.real_ipc, args.recipe, args.dataset) if args.epochs is None else args.epochs, args.seed, device,
                           teacher=teacher)
     print0(f"test accuracy: {accuracy(model, load_real(spec, data_dir, 'test'), spec, device):.4f}")
 

@@ -93,7 +93,9 @@ def test_same_seed_same_images_and_batch_size_independent(latent_prior):
     assert torch.equal(a, b)
     # image 2 alone, with its own generator, is the same image as in the batch of 4
     alone = sample(prior, labels[2:3], generators(4)[2:3], steps=4)
-    assert torch.allclose(alone[0], a[2], atol=1e-5)
+    # equal up to float rounding, which depends on the batch and the CPU: compare relative to the magnitude
+    # (these random-weight latents reach ~900, so an absolute tolerance would test one machine's rounding)
+    assert (alone[0] - a[2]).norm() <= 1e-5 * a[2].norm()
     other_seed = sample(prior, labels, generators(4, seed=1), steps=4)
     assert (other_seed - a).abs().mean() > 0.1
 
@@ -213,14 +215,14 @@ def test_digits_prior_training_resumes_to_the_same_weights(tmp_path, monkeypatch
     monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train_digits_prior(str(tmp_path / "resumed"), images, labels, **small)
-    assert (tmp_path / "resumed" / "train_state.pt").exists()
-    assert not (tmp_path / "resumed" / "transformer").exists()  # not marked done
+    assert (tmp_path / "resumed.partial" / "train_state.pt").exists()
+    assert not (tmp_path / "resumed").exists()  # the prior appears only whole (renamed into place)
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     train_digits_prior(str(tmp_path / "resumed"), images, labels, **small)
     a, b = load_prior(str(tmp_path / "straight")), load_prior(str(tmp_path / "resumed"))
     for (name, x), y in zip(a.transformer.state_dict().items(), b.transformer.state_dict().values()):
         assert torch.equal(x, y), name
-    assert not (tmp_path / "resumed" / "train_state.pt").exists()
+    assert not (tmp_path / "resumed.partial").exists()  # the training state is gone once the prior is in place
     assert a.vae is None and a.image_size == 8 and not a.learned_variance  # pixel space, fixed variance
 
 
