@@ -198,7 +198,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seed of the image draw and the training")
     args = parser.parse_args()
     if args.real_ipc <= 0:
-        raise UserError("--real-ipc must be positive")
+        raise UserError(f"--real-ipc must be positive, got {args.real_ipc}")
+    if args.epochs is not None and args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     spec, device = get_spec(args.dataset), get_device()
     data_dir = resolve_data_dir(spec, args.data_dir)
     train = sample_real_ipc(load_real(spec, data_dir, "train"), args.real_ipc, args.seed)

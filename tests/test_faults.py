@@ -74,6 +74,12 @@ def test_out_of_range_flags_are_refused_before_any_write(tmp_path, monkeypatch, 
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()  # nothing written, nothing trained
 
 
+def test_steps_beyond_a_loaded_priors_schedule_is_one_line(tmp_path, latent_prior, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_error_line(*cli(distill.main, ["--dataset", "digits", "--method", "dit", "--prior", latent_prior, "--steps",
+                                       100000, "--out-dir", tmp_path / "r"], capsys), "--steps 100000 is outside 1..1000")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
