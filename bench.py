@@ -25,7 +25,7 @@ import torch
 
 from common import get_device
 from data import get_spec
-from guidance import GuidanceConfig, Learnability, guided_model_output, model_output_cfg
+from guidance import GuidanceConfig, Learnability, SamplerConfig, cfg_output, guided_output
 from model import DIGITS_PRIOR, Prior, make_scheduler, make_student
 
 
@@ -53,12 +53,12 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def naive_guided(prior, z, t, labels, classes, cfg_scale, score, cfg):
+def naive_guided(prior, z, t, labels, classes, sampler, score, guide):
     """(d): the 'before' version: a separate no-grad CFG pass for the step, another with grad for g."""
     with torch.no_grad():
-        out = model_output_cfg(prior, z, t, labels, cfg_scale)
-    guided = guided_model_output(prior, z, t, labels, classes, cfg_scale, score, cfg)  # cfg: through the DiT
-    return torch.cat([guided[:, :prior.channels], out[:, prior.channels:]], dim=1)
+        out = cfg_output(prior, z, t, labels, sampler)
+    guided_output(prior, z, t, labels, classes, sampler, score, guide)  # through the DiT
+    return out
 
 
 def main(argv=None):
@@ -81,20 +81,21 @@ def main(argv=None):
     if args.grad_checkpoint:
         prior.enable_gradient_checkpointing()
     student, reference = make_student("convnet", spec).to(device), make_student("convnet", spec).to(device)
-    score = Learnability(student, reference, spec, 0.5)
+    score = Learnability(student, spec, reference, spec, 0.5)
+    sampler = SamplerConfig(cfg_scale=4.0)
     prior.scheduler.set_timesteps(50)
     t = prior.scheduler.timesteps[25]  # mid-window: cost per step does not depend on t
     z = torch.randn(batch, prior.channels, prior.latent_size, prior.latent_size, device=device)
     labels = torch.tensor([spec.prior_labels[i % spec.num_classes] for i in range(batch)], device=device)
     classes = torch.arange(batch, device=device) % spec.num_classes
-    cfg = GuidanceConfig()
-    cfg_z0 = GuidanceConfig(grad_through_dit=False)
+    guide = GuidanceConfig()
+    guide_z0 = GuidanceConfig(through_dit=False)
 
     variants = {
-        "unguided": lambda: model_output_cfg(prior, z, t, labels, 4.0),
-        "guided": lambda: guided_model_output(prior, z, t, labels, classes, 4.0, score, cfg),
-        "guided-z0": lambda: guided_model_output(prior, z, t, labels, classes, 4.0, score, cfg_z0),
-        "naive": lambda: naive_guided(prior, z, t, labels, classes, 4.0, score, cfg),
+        "unguided": lambda: cfg_output(prior, z, t, labels, sampler),
+        "guided": lambda: guided_output(prior, z, t, labels, classes, sampler, score, guide)[0],
+        "guided-z0": lambda: guided_output(prior, z, t, labels, classes, sampler, score, guide_z0)[0],
+        "naive": lambda: naive_guided(prior, z, t, labels, classes, sampler, score, guide),
     }
     rows = []
     for name, fn in variants.items():

@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -133,6 +134,15 @@ def all_reduce_sum(value):
     return int(tensor.item())
 
 
+def all_gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] (pickled over the process group); [obj] in a single process."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -150,13 +160,29 @@ def seed_everything(seed):
 
 
 def derive_seed(*parts):
-    """A 63-bit seed from a tuple like (run_seed, stage, class, slot, candidate).
+    """A 63-bit seed from a tuple like (run seed, class, image index, candidate) or (run seed, what, n).
 
     Hashing (instead of arithmetic) keeps the seeds of different images unrelated and makes image i
     of class c independent of batch size, world size and of how many images came before it.
     """
     digest = hashlib.sha256(repr(tuple(int(p) for p in parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# What each random stream of a run is for: derive_seed(run seed, SALT, n). An image's noise is
+# derive_seed(run seed, class, index, candidate) (four parts), so no salted stream can collide with it.
+SALT_STAGE_INIT = 7        # the init of the stage-k student (n = k)
+SALT_STAGE_TRAIN = 8       # its batches and augmentations
+SALT_EVAL_INIT = 11        # evaluation run n: init
+SALT_EVAL_TRAIN = 12       # evaluation run n: batches and augmentations
+SALT_REDUNDANCY_INIT = 13  # the redundancy model trained on increment n: init
+SALT_REDUNDANCY_TRAIN = 14
+SALT_REAL_DRAW = 15        # which real images the --real-ipc baseline draws
+
+
+def stream_seed(seed, salt, n=0):
+    """A seed for torch.Generator / manual_seed (< 2**31 so every API accepts it)."""
+    return derive_seed(seed, salt, n) % 2**31
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -260,11 +286,34 @@ def save_png(image, path):
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
-def save_grid(images, path, nrow):
-    """A sample grid (rows = classes) people can look at instead of reading numbers."""
-    from torchvision.utils import make_grid
-    grid = make_grid(images.float().cpu(), nrow=nrow, padding=1, pad_value=1.0)
-    save_png(grid, path)
+def save_grid(images, path, row_names, col_names, title="", cell=None):
+    """A labelled sample grid people can look at instead of reading numbers.
+
+    images: (rows * cols, C, H, W) in [0, 1], row-major; row_names / col_names label them (e.g. class
+    names and image indices marked "guided"). Small images (8 px digits) are enlarged (nearest) to `cell`.
+    """
+    from PIL import Image, ImageDraw
+    rows, cols = len(row_names), len(col_names)
+    h, w = images.shape[-2:]
+    cell = cell or max(h, 64 if h < 32 else h)
+    scale = max(1, cell // h)
+    big = F.interpolate(images.float().cpu(), scale_factor=scale, mode="nearest") if scale > 1 else images.float().cpu()
+    ch, cw = big.shape[-2:]
+    left = max(40, 7 * max(len(str(n)) for n in row_names) + 8)
+    top = 34 if title else 18
+    canvas = Image.new("RGB", (max(left + cols * (cw + 2), 6 * len(title) + 8), top + rows * (ch + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill="black")
+    for j, name in enumerate(col_names):
+        draw.text((left + j * (cw + 2) + 2, top - 14), str(name), fill="black")
+    for r, name in enumerate(row_names):
+        draw.text((4, top + r * (ch + 2) + ch // 2 - 5), str(name), fill="black")
+        for j in range(cols):
+            x = big[r * cols + j].clamp(0, 1)
+            array = (x.expand(3, -1, -1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            canvas.paste(Image.fromarray(array, "RGB"), (left + j * (cw + 2), top + r * (ch + 2)))
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def git_commit():

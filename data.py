@@ -18,13 +18,12 @@ Classifier inputs (used identically by training, testing and guidance):
 """
 import glob
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import v2
 
 from common import UserError
 
@@ -103,16 +102,6 @@ class ImageSet(torch.utils.data.Dataset):
     def counts(self, num_classes):
         """Images per class (a list of num_classes ints)."""
         return [self.labels.count(c) for c in range(num_classes)]
-
-    def preloaded(self, max_items=5000):
-        """The same set held in memory as uint8 (a distilled set is read once, not once per epoch).
-
-        Large real training sets (ImageNette's 9.5k full-size JPEGs) stay on disk and stream through workers.
-        """
-        if len(self) > max_items or all(torch.is_tensor(item) for item in self.items):
-            return self
-        items = [(self.load(i) * 255).round().to(torch.uint8) for i in range(len(self))]
-        return ImageSet(items, self.labels, self.transform, self.channels)
 
     def __getitem__(self, i):
         x = self.load(i)
@@ -273,59 +262,170 @@ def sample_real_ipc(real, ipc, seed):
     return real.subset(picked)
 
 
-# ----------------------------------------------------------------------------- transforms
+# ----------------------------------------------------------------------------- what a classifier sees
 
-class Lighting(torch.nn.Module):
-    """AlexNet-style PCA lighting noise (std 0.1), on a [0,1] RGB tensor: the Minimax/IDC recipe."""
-    eigval = torch.tensor([0.2175, 0.0188, 0.0045])
-    eigvec = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+def with_view(spec, res=None, crop_ratio=None, mean=None, std=None):
+    """A copy of `spec` seen through another classifier view (resolution, test crop, normalisation).
 
-    def __init__(self, std=0.1):
-        super().__init__()
-        self.std = std
-
-    def forward(self, x):
-        alpha = torch.randn(3) * self.std
-        rgb = self.eigvec @ (alpha * self.eigval)
-        return x + rgb[:, None, None]
+    The student of a recipe and the reference model theta* look at the same images differently (e.g.
+    Minimax students: 224 px, ImageNet statistics; IGD's surrogate: 256 px, mean = std = 0.5), and the
+    learnability score must feed each the view it was trained with.
+    """
+    return replace(spec, res=res or spec.res, crop_ratio=crop_ratio or spec.crop_ratio,
+                   mean=tuple(mean or spec.mean), std=tuple(std or spec.std))
 
 
-def train_transform(spec):
-    """Augmentation of METHOD.md section 6 (Minimax): RandomResizedCrop(0.5-1), flip, jitter, lighting."""
-    if spec.name == "digits":
-        # NOTE(deviation): digits are 8x8 and flips change their meaning: a 1-pixel random shift only.
-        return v2.Compose([v2.RandomCrop(spec.res, padding=1), v2.Normalize(spec.mean, spec.std)])
-    return v2.Compose([
-        v2.RandomResizedCrop(spec.res, scale=(0.5, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ColorJitter(0.4, 0.4, 0.4),
-        Lighting(0.1),
-        v2.Normalize(spec.mean, spec.std),
-    ])
+def resize_crop(x, size, crop_ratio=1.0):
+    """(N|-, C, H, W) -> shorter side to size / crop_ratio (bilinear, antialiased), centre crop `size`.
+
+    crop_ratio 1.0 is Minimax's `Resize(224) + CenterCrop(224)`; 0.875 the ImageNet `Resize(256) +
+    CenterCrop(224)` of RDED / torchvision.
+    """
+    single = x.ndim == 3
+    x = x[None] if single else x
+    short = round(size / crop_ratio)
+    if min(x.shape[-2:]) != short:
+        h, w = x.shape[-2:]
+        scale = short / min(h, w)
+        x = F.interpolate(x, size=(max(short, round(h * scale)), max(short, round(w * scale))),
+                          mode="bilinear", align_corners=False, antialias=True)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[..., top:top + size, left:left + size]
+    return x[0] if single else x
 
 
-def test_transform(spec):
-    """Resize to res/crop_ratio, centre-crop res, normalise (the standard ImageNet test transform)."""
-    return lambda x: classifier_input(x * 2 - 1, spec)
+def normalise(x, spec):
+    mean = torch.tensor(spec.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean) / std
 
 
 def classifier_input(x, spec):
     """(N|-, C, H, W) images in [-1, 1] -> normalised classifier input at spec.res, differentiable.
 
-    The same function is the test transform and the view of x0_hat that the learnability score
-    (guidance.py) differentiates through, so guidance optimises what evaluation measures.
+    The test transform (resize, centre crop, normalise) written as one differentiable function: it is
+    both what evaluation measures and the view of x0_hat that guidance (guidance.py) differentiates
+    through, so guidance optimises what evaluation measures.
     """
     single = x.ndim == 3
-    x = (x[None] if single else x) * 0.5 + 0.5  # [-1,1] -> [0,1]
-    resize = round(spec.res / spec.crop_ratio)
-    if min(x.shape[-2:]) != resize:
-        h, w = x.shape[-2:]
-        scale = resize / min(h, w)
-        x = F.interpolate(x, size=(max(resize, round(h * scale)), max(resize, round(w * scale))),
-                          mode="bilinear", align_corners=False, antialias=True)
-    top, left = (x.shape[-2] - spec.res) // 2, (x.shape[-1] - spec.res) // 2
-    x = x[..., top:top + spec.res, left:left + spec.res]
-    mean = torch.tensor(spec.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    x = (x - mean) / std
+    x = resize_crop((x[None] if single else x) * 0.5 + 0.5, spec.res, spec.crop_ratio)  # [-1,1] -> [0,1]
+    x = normalise(x, spec)
     return x[0] if single else x
+
+
+def test_transform(spec):
+    """One [0, 1] image -> the classifier's test input (see classifier_input)."""
+    return lambda x: classifier_input(x * 2 - 1, spec)
+
+
+# ----------------------------------------------------------------------------- training augmentation
+
+# PCA lighting noise (AlexNet; Minimax `misc/utils.py:Lighting`, std 0.1) on [0, 1] RGB
+EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+
+def storage_size(spec, pre_crop):
+    """Side of the uint8 images a student trains from: the recipe's deterministic first step, done once.
+
+    pre_crop (Minimax `transform_imagenet(size)`: Resize(res) + CenterCrop(res) before the random crop)
+    -> res; otherwise (RDED: the random crop sees the whole image) -> res / crop_ratio (256 at 224).
+    """
+    return spec.res if pre_crop else round(spec.res / spec.crop_ratio)
+
+
+class Augment:
+    """Batched training augmentation, run on the device the batch lives on (a GPU is not starved by
+    per-image CPU work); every random choice comes from one CPU generator, so a seed gives the same
+    augmentations on any device.
+
+    kind: "minimax"  RandomResizedCrop(res, scale 0.5-1) -> flip -> ColorJitter 0.4 -> Lighting 0.1
+                     (Minimax `data.py:transform_imagenet` with `misc/utils.py` jitter: brightness,
+                     contrast, saturation in random order, each `img.lerp(target, U(-0.4, 0.4))`, no clamp)
+          "rded"     RandomResizedCrop(res, scale 0.5-1) -> flip (RDED `validation/`, factor 2)
+          "shift"    NOTE(deviation): digits are 8x8 and a flipped digit is another digit: pad 1, random crop
+    then normalise with the view's statistics. Input: uint8 (N, C, S, S); output float (N, C, res, res).
+    """
+
+    def __init__(self, spec, kind, generator):
+        self.spec, self.kind, self.g = spec, kind, generator
+
+    def uniform(self, n, low, high):
+        return torch.rand(n, generator=self.g) * (high - low) + low
+
+    def __call__(self, x):
+        x = x.float() / 255
+        if self.kind == "shift":
+            x = self.random_shift(x)
+        else:
+            x = self.random_resized_crop(x, (0.5, 1.0))
+            flip = torch.rand(len(x), generator=self.g) < 0.5
+            x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+            if self.kind == "minimax" and x.shape[1] == 3:
+                x = self.lighting(self.color_jitter(x, 0.4))
+        return normalise(x, self.spec)
+
+    def random_shift(self, x, pad=1):
+        n, _, h, w = x.shape
+        padded = F.pad(x, (pad,) * 4)
+        dy, dx = (torch.randint(0, 2 * pad + 1, (2, n), generator=self.g)).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (N, h, 1)
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (N, 1, w)
+        return padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+
+    def random_resized_crop(self, x, scale, ratio=(3 / 4, 4 / 3)):
+        """torchvision's RandomResizedCrop.get_params per image (10 tries, then the centre crop), antialiased."""
+        from torchvision.transforms.v2 import functional as TF
+        n, _, h, w = x.shape
+        out = []
+        log_ratio = torch.log(torch.tensor(ratio))
+        for i in range(n):
+            for _ in range(10):
+                area = h * w * self.uniform(1, *scale).item()
+                aspect = torch.exp(self.uniform(1, *log_ratio.tolist())).item()
+                cw, ch = round((area * aspect) ** 0.5), round((area / aspect) ** 0.5)
+                if 0 < cw <= w and 0 < ch <= h:
+                    top = int(torch.randint(0, h - ch + 1, (1,), generator=self.g))
+                    left = int(torch.randint(0, w - cw + 1, (1,), generator=self.g))
+                    break
+            else:  # fallback: whole image at the nearest allowed aspect (as torchvision)
+                ch, cw = h, w
+                top = left = 0
+            out.append(TF.resized_crop(x[i], top, left, ch, cw, [self.spec.res] * 2, antialias=True))
+        return torch.stack(out)
+
+    def color_jitter(self, x, strength):
+        for i in range(len(x)):  # three ops in a random order per image, as Minimax's ColorJitter
+            for op in torch.randperm(3, generator=self.g).tolist():
+                alpha = self.uniform(1, -strength, strength).item()
+                if op == 0:    # brightness: towards black
+                    target = torch.zeros_like(x[i])
+                elif op == 1:  # contrast: towards the mean grey level
+                    target = (0.299 * x[i, 0] + 0.587 * x[i, 1] + 0.114 * x[i, 2]).mean().expand_as(x[i])
+                else:          # saturation: towards the grey image
+                    target = (0.299 * x[i, 0] + 0.587 * x[i, 1] + 0.114 * x[i, 2]).expand_as(x[i])
+                x[i] = x[i].lerp(target, alpha)
+        return x
+
+    def lighting(self, x, std=0.1):
+        alpha = torch.randn(len(x), 3, generator=self.g) * std               # (N, 3)
+        rgb = (EIGVEC[None] * (alpha * EIGVAL)[:, None, :]).sum(-1)         # (N, 3) = eigvec @ (alpha * eigval)
+        return x + rgb.to(x.device, x.dtype)[:, :, None, None]
+
+
+def cutmix(x, y, num_classes, generator):
+    """CutMix as Minimax `train.py` (beta 1, every batch): a box of side sqrt(1 - lam) from a shuffled
+    partner, pasted in place; the target mixes the two one-hot labels by the box's clipped area.
+    Returns (mixed x, soft targets (N, num_classes)); CE on them = Minimax's weighted pair of CEs."""
+    n, _, h, w = x.shape
+    lam = float(torch.rand(1, generator=generator))  # Beta(1, 1) is the uniform distribution on [0, 1]
+    perm = torch.randperm(n, generator=generator).to(x.device)
+    cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+    cy, cx = (int(torch.randint(0, s, (1,), generator=generator)) for s in (h, w))
+    y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+    x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+    x = x.clone()
+    x[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]
+    keep = 1 - (y2 - y1) * (x2 - x1) / (h * w)  # the share of the image that is still its own
+    one_hot = F.one_hot(y, num_classes).float()
+    return x, keep * one_hot + (1 - keep) * one_hot[perm]

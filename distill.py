@@ -1,63 +1,74 @@
 """
-Distil a dataset with a class-conditional diffusion prior: LGD (the stage loop of curriculum.py
-with the learnability-guided sampler of guidance.py) or the unguided DiT baseline.
+Distil a dataset with a class-conditional diffusion prior: LGD (the stage loop of curriculum.py with
+the learnability-guided sampler of guidance.py), or a baseline sampler of the paper's tables.
 
-  --method lgd   METHOD.md sections 3-5: seed increment, then per stage a fresh student and a
-                 learnability-guided increment (Eq. for S, eps~ and rho_t); the union is the set.
-  --method dit   plain class-conditional DiT sampling with CFG, IPC images per class: the "DiT"
-                 row of every table in the field.
+  --method lgd   the paper's method (Sec. 3): a seed increment, then per stage a fresh student and a
+                 learnability-guided increment; the union of the increments is the set.
+  --method dit   plain class-conditional DiT sampling with CFG: the "DiT" row of every table.
 
-Both write DIR/distilled/<class>/<index>.png (an ImageFolder any evaluator reads), DIR/args.json
-(with the git commit), DIR/grid.png, and with --eval DIR/eval.json (evaluate.py).
+Every method writes DIR/distilled/<class>/<index>.png (an ImageFolder any evaluator reads),
+DIR/args.json (with the git commit), DIR/grid.png, and with --eval DIR/eval.json (evaluate.py).
 
-Defaults reproduce the paper per dataset (PRESETS below); `python distill.py` with no arguments is
-the embedded CPU run: digits, LGD, IPC 10 in 5 stages of 2, a small pixel-space DiT prior trained
-once and cached under out/cache.
+Defaults reproduce the paper per dataset (PRESETS below, built on the paper's constants in
+guidance.GuidanceConfig); `python distill.py` with no arguments is the embedded CPU run: digits, LGD,
+IPC 10 in 5 stages of 2, a small pixel-space DiT prior trained once and cached under out/cache, then
+evaluated.
 
 Run:
   python distill.py                                          # digits, LGD, a few minutes on a CPU
   python distill.py --dataset imagewoof --ipc 100 --eval     # downloads DiT-XL/2 and ImageWoof
+  python distill.py --dataset imagewoof --dry-run --json     # the resolved configuration, as JSON
   torchrun --nproc_per_node=8 distill.py --dataset imagenet --data-dir /data/imagenet --ipc 50
 """
 import argparse
+import json
 import math
 import os
 import time
+from dataclasses import asdict, fields
 
 import torch
 
 from common import HelpFormatter, UserError, all_reduce_sum, barrier, get_device, is_main, print0, run_cli, \
     setup_distributed
+from curriculum import (Plan, Ranks, Students, claim_run_folder, distilled_dir, eval_path, generate_increment,
+                        record_args, run_stages, save_set_grid, stage_summary, update_args)
 from data import get_spec, resolve_data_dir
-from curriculum import claim_run_folder, record_args, run_stages, stage_summary
 from evaluate import evaluate_folder
-from guidance import GuidanceConfig, generate_increment, save_sample_grid
-from model import ARCHS, DEFAULT_PRIOR, DIGITS_SCHEDULE, digits_prior, load_prior
-from train_student import RECIPES, reference_model
+from guidance import GuidanceConfig, SamplerConfig
+from model import ARCHS, DEFAULT_PRIOR, DIGITS_SCHEDULE, load_prior
+from train_prior import digits_prior
+from train_student import RECIPES, recipe_spec, reference_model, reference_spec, soft_label_teacher
 
-# The paper's LGD constants (METHOD.md section 5): lambda, omega, c0, gamma, kappa and the window.
-PAPER = dict(guidance_scale=15.0, lambda_ref=0.5, c0=0.0015, deviation_scale=50.0, candidates=3,
-             guide_from=10, guide_until=45)
+PAPER = asdict(GuidanceConfig())  # the paper's constants: one home (guidance.GuidanceConfig)
 
-# Per-dataset defaults; a flag given on the command line always wins.
+# Per-dataset defaults; a flag given on the command line always wins, and anything not set here is
+# the paper's constant above.
 PRESETS = {
     # the embedded CPU preset. NOTE(deviation): 8x8 pixel space, not 32x32x4 latents: the guidance
-    # constants are re-tuned by the sweep in the README (rho_t normalises g, but 64 pixel dims vs
-    # 4096 latent dims change how far a step of a given size moves the sample).
-    "digits": dict(PAPER, ipc=10, stage_ipc=2, arch="convnet", recipe="minimax", cfg_scale=2.0, batch_size=128,
-                   guidance_scale=500.0, deviation_scale=5.0),
-    "imagenette": dict(PAPER, ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24),
-    "imagewoof": dict(PAPER, ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24),
-    # ImageNet-1K: ResNet-18 student/reference (torchvision's pretrained one is theta*), soft labels.
-    "imagenet": dict(PAPER, ipc=50, stage_ipc=10, arch="resnet18", recipe="rded", cfg_scale=4.0, batch_size=24),
+    # constants are re-tuned by the sweep in the README (rho_t normalises g, but 64 pixel values vs
+    # 4096 latent values change how far a step of a given size moves the sample).
+    "digits": dict(ipc=10, stage_ipc=2, arch="convnet", recipe="minimax", cfg_scale=2.0, batch_size=128, eval=True,
+                   scale=125.0, deviation=5.0),
+    "imagenette": dict(ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24),
+    "imagewoof": dict(ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24),
+    # ImageNet-1K: ResNet-18 students on soft labels (RDED protocol); theta* = torchvision's pretrained one
+    "imagenet": dict(ipc=50, stage_ipc=10, arch="resnet18_bn", recipe="rded", cfg_scale=4.0, batch_size=24),
 }
 
-# args that change the images: a rerun into the same folder must use the same ones (the data tree, the
-# precision, the sampler batch (float rounding) and the number of ranks a DDP student trains on included)
-RESULT_ARGS = ("dataset", "method", "ipc", "stage_ipc", "seed", "prior", "vae", "sampler", "steps", "cfg_scale",
-               "cfg_three_channels", "arch", "recipe", "student_epochs", "guidance_scale", "lambda_ref", "c0",
-               "deviation_scale", "candidates", "guide_from", "guide_until", "grad_through_dit", "memory_cap",
-               "seed_set", "res", "data_dir", "precision", "batch_size", "student_ddp", "student_world")
+# settings that change the images: a rerun into the same folder must use the same ones (the data tree,
+# the precision, the sampler batch (float rounding) and the number of ranks a DDP student trains on
+# included). {argparse dest: the flag a user recognises}
+RESULT_ARGS = {"dataset": "--dataset", "method": "--method", "ipc": "--ipc", "stage_ipc": "--stage-ipc",
+               "seed": "--seed", "prior": "--prior", "vae": "--vae", "sampler": "--sampler", "steps": "--steps",
+               "cfg_scale": "--cfg-scale", "three_channels": "--cfg-three-channels", "arch": "--arch",
+               "recipe": "--recipe", "student_epochs": "--student-epochs", "scale": "--guidance-scale",
+               "omega": "--omega", "c0": "--c0", "deviation": "--deviation-scale", "candidates": "--candidates",
+               "guide_from": "--guide-from", "guide_until": "--guide-until", "form": "--guidance-form",
+               "through_dit": "--grad-through-dit", "memory_cap": "--memory-cap", "seed_set": "--seed-set",
+               "res": "--res", "data_dir": "--data-dir", "precision": "--precision", "batch_size": "--batch-size",
+               "student_ddp": "--student-ddp", "student_world": "ranks of a DDP student", "reference": "--reference",
+               "reference_epochs": "--reference-epochs"}
 
 
 def get_parser():
@@ -77,37 +88,53 @@ def get_parser():
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ancestral DDPM (field default) or DDIM")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (respaced)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (4.0 field default)")
-    p.add_argument("--cfg-three-channels", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--cfg-three-channels", dest="three_channels", action=argparse.BooleanOptionalAction, default=False,
                    help="reproduce DiT/IGD's CFG on 3 of 4 latent channels (a known quirk; off = all channels)")
-    p.add_argument("--batch-size", type=int, default=None, help="samples per sampler batch (candidates included)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast for DiT/VAE on CUDA")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per sampler batch (candidates included); "
+                   "halved automatically on out-of-memory")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast for DiT/VAE (CUDA)")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="gradient checkpointing in DiT/VAE for the guided step (less memory, more compute)")
-    # learnability guidance (sections 4-5)
-    p.add_argument("--guidance-scale", type=float, default=None, help="lambda: learnability guidance scale (paper 15)")
-    p.add_argument("--lambda-ref", type=float, default=None, help="omega: weight of the reference CE in S (paper 0.5)")
-    p.add_argument("--c0", type=float, default=None, help="constant inside rho_t (IGD's 0.0015)")
-    p.add_argument("--deviation-scale", type=float, default=None, help="gamma: push away from memory M_c (paper 50)")
-    p.add_argument("--candidates", type=int, default=None, help="kappa: guided candidates per slot, best S kept (paper 3)")
-    p.add_argument("--guide-from", type=int, default=None, help="window start, respaced index counting down (paper 10)")
-    p.add_argument("--guide-until", type=int, default=None, help="window end (paper 45 of 50)")
-    p.add_argument("--grad-through-dit", action=argparse.BooleanOptionalAction, default=True,
+    # learnability guidance (the paper's Sec. 3.3-3.4); defaults: guidance.GuidanceConfig, then the preset
+    p.add_argument("--guidance-scale", dest="scale", type=float, default=None,
+                   help=f"lambda: learnability guidance scale (paper {PAPER['scale']:g})")
+    p.add_argument("--omega", "--lambda-ref", dest="omega", type=float, default=None,
+                   help=f"omega: weight of the reference CE in S (paper {PAPER['omega']:g})")
+    p.add_argument("--c0", type=float, default=None, help=f"constant inside rho_t (IGD's {PAPER['c0']:g})")
+    p.add_argument("--deviation-scale", dest="deviation", type=float, default=None,
+                   help=f"gamma: deviation guidance away from memory M_c (paper {PAPER['deviation']:g})")
+    p.add_argument("--candidates", type=int, default=None,
+                   help=f"kappa: guided candidates per image, best S kept (paper {PAPER['candidates']})")
+    p.add_argument("--guide-from", type=int, default=None,
+                   help=f"window start, respaced index counting down (paper {PAPER['guide_from']})")
+    p.add_argument("--guide-until", type=int, default=None, help=f"window end (paper {PAPER['guide_until']} of 50)")
+    p.add_argument("--guidance-form", dest="form", default=None, choices=["z", "eps"],
+                   help="z: lambda rho_t g added to z_{t-1} after the step (IGD's code, where the constants come "
+                        "from; default); eps: the paper's printed eps~")
+    p.add_argument("--grad-through-dit", dest="through_dit", action=argparse.BooleanOptionalAction, default=None,
                    help="g through the DiT (IGD) or from z0_hat with eps held fixed (cheaper)")
-    p.add_argument("--memory-cap", type=int, default=64, help="|M_c|: latents kept per class for deviation guidance")
+    p.add_argument("--memory-cap", type=int, default=None, help=f"|M_c|: latents kept per class ({PAPER['memory_cap']})")
     p.add_argument("--seed-set", default="dit", help="stage 0: 'dit' (unguided samples) or a folder <class>/*.png")
+    p.add_argument("--log-twins", dest="twins", action=argparse.BooleanOptionalAction, default=True,
+                   help="log S of each kept image's unguided twin (same noise) in stage_<k>/log.json")
     # students (per-stage theta_k, reference theta*, evaluation)
     p.add_argument("--arch", default=None, choices=ARCHS, help="per-stage student and reference model architecture")
     p.add_argument("--recipe", default=None, choices=list(RECIPES), help="student training recipe")
     p.add_argument("--student-epochs", type=int, default=None, help="per-stage student epochs (default: by IPC)")
     p.add_argument("--student-ddp", action=argparse.BooleanOptionalAction, default=True,
                    help="under torchrun, train the per-stage student with DDP (off: every rank trains it alone)")
-    p.add_argument("--eval", action="store_true", help="evaluate the distilled set afterwards (evaluate.py)")
+    p.add_argument("--reference", default=None, help="a state dict of theta* for --arch (e.g. IGD's surrogate) "
+                   "instead of training it")
+    p.add_argument("--reference-epochs", type=int, default=None, help="theta* training epochs (IGD: 50; digits 30)")
+    p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluate the distilled set afterwards (evaluate.py; default on for digits)")
     p.add_argument("--eval-arch", default=None, choices=ARCHS, help="evaluation architecture (default --arch)")
     p.add_argument("--eval-runs", type=int, default=3, help="seeded students in the evaluation")
     p.add_argument("--eval-epochs", type=int, default=None, help="evaluation epochs (default: by IPC)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for student training")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for real-data decoding")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dry-run", action="store_true", help="print the plan (stages, images, sampler steps) and exit")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the fully resolved configuration as JSON")
     return p
 
 
@@ -123,10 +150,10 @@ def _finite(name, value, low, inclusive=True):
 
 
 def resolve_args(args):
-    """Fill unset flags from the dataset preset and check everything before anything is written."""
+    """Fill unset flags from the dataset preset and the paper's constants; check everything before any write."""
     if args.dataset not in PRESETS:
         raise UserError(f"unknown dataset '{args.dataset}' (choose from {', '.join(PRESETS)})")
-    for key, value in PRESETS[args.dataset].items():
+    for key, value in {**PAPER, "eval": False, **PRESETS[args.dataset]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.method == "dit":  # no stages; stage_ipc only says how evaluate.py --redundancy cuts the set
@@ -147,21 +174,24 @@ def resolve_args(args):
     _check(args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}")
     _check(args.student_epochs is None or args.student_epochs >= 1,
            f"--student-epochs must be at least 1, got {args.student_epochs}")
+    _check(args.reference_epochs is None or args.reference_epochs >= 1,
+           f"--reference-epochs must be at least 1, got {args.reference_epochs}")
     _check(args.eval_epochs is None or args.eval_epochs >= 1, f"--eval-epochs must be at least 1, got {args.eval_epochs}")
     _check(args.eval_runs >= 1, f"--eval-runs must be at least 1, got {args.eval_runs}")
     _check(args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
     _finite("cfg-scale", args.cfg_scale, 1.0)  # 1 = the conditional model alone; below 1 leans unconditional
-    _finite("guidance-scale", args.guidance_scale, 0.0)
-    _finite("lambda-ref", args.lambda_ref, 0.0)
-    _finite("deviation-scale", args.deviation_scale, 0.0)
+    _finite("guidance-scale", args.scale, 0.0)
+    _finite("omega", args.omega, 0.0)
+    _finite("deviation-scale", args.deviation, 0.0)
     _finite("c0", args.c0, 0.0, inclusive=False)
     _check(args.seed_set == "dit" or os.path.isdir(args.seed_set), f"--seed-set {args.seed_set} is not a folder")
+    _check(args.reference is None or os.path.isfile(args.reference), f"--reference {args.reference} is not a file")
     if args.prior is None and args.dataset != "digits":
         args.prior = DEFAULT_PRIOR
     # paths are stored resolved, so evaluate.py finds them from any working directory
-    for key in ("data_dir", "prior", "seed_set"):
+    for key in ("data_dir", "prior", "seed_set", "reference"):
         value = getattr(args, key)
-        if value is not None and os.path.isdir(value):
+        if value is not None and os.path.exists(value):
             setattr(args, key, os.path.abspath(value))
     args.eval_arch = args.eval_arch or args.arch
     args.out_dir = args.out_dir or os.path.join("out", f"{args.dataset}_{args.method}_ipc{args.ipc}_seed{args.seed}")
@@ -169,17 +199,41 @@ def resolve_args(args):
 
 
 def guidance_config(args):
-    return GuidanceConfig(guidance_scale=args.guidance_scale, lambda_ref=args.lambda_ref, c0=args.c0,
-                          deviation_scale=args.deviation_scale, candidates=args.candidates,
-                          guide_from=args.guide_from, guide_until=args.guide_until,
-                          grad_through_dit=args.grad_through_dit, memory_cap=args.memory_cap)
+    return GuidanceConfig(**{f.name: getattr(args, f.name) for f in fields(GuidanceConfig)})
+
+
+def sampler_config(args):
+    return SamplerConfig(**{f.name: getattr(args, f.name) for f in fields(SamplerConfig)})
+
+
+def resolved_config(args, spec):
+    """--dry-run --json: every setting after presets, plus what they imply (views, transforms, schedule)."""
+    student = recipe_spec(spec, args.recipe)
+    reference = reference_spec(spec)
+    r = RECIPES[args.recipe]
+    view = lambda s: dict(res=s.res, test=f"Resize({round(s.res / s.crop_ratio)}) + CenterCrop({s.res})",  # noqa: E731
+                          mean=list(s.mean), std=list(s.std))
+    window = [i for i in range(args.steps) if args.guide_from <= i <= args.guide_until]
+    return dict(
+        {k: v for k, v in vars(args).items() if k not in ("dry_run", "json")},
+        student_view=view(student), reference_view=view(reference),
+        student_train_transform=("pad 1 + random 8x8 crop" if spec.name == "digits" else
+                                 ("Resize + CenterCrop, " if r["pre_crop"] else "") +
+                                 f"RandomResizedCrop({student.res}, 0.5-1), flip" +
+                                 (", ColorJitter 0.4, Lighting 0.1" if r["augment"] == "minimax" else "")),
+        student_norm="batch norm (torchvision)" if args.arch == "resnet18_bn" else "instance norm",
+        recipe_settings={k: v for k, v in r.items()}, guidance=asdict(guidance_config(args)),
+        guided_steps=len(window), sampler=asdict(sampler_config(args)))
 
 
 def print_plan(args, spec):
     """--dry-run: what the run will do, in images and DiT forward passes."""
+    if args.json:
+        print(json.dumps(resolved_config(args, spec), indent=2))
+        return
     c, stages = spec.num_classes, (args.ipc // args.stage_ipc if args.method == "lgd" else 1)
     window = max(0, min(args.guide_until, args.steps - 1) - args.guide_from + 1)
-    through = ("DiT + " if args.grad_through_dit else "") + ("" if args.dataset == "digits" else "VAE decoder + ")
+    through = ("DiT + " if args.through_dit else "") + ("" if args.dataset == "digits" else "VAE decoder + ")
     done = dict(stage_summary(args.out_dir)) if os.path.isdir(args.out_dir) else {}
     print(f"{args.method} on {args.dataset}: {c} classes x {args.ipc} IPC = {c * args.ipc} images -> {args.out_dir}")
     if args.method == "dit":
@@ -232,12 +286,12 @@ def main(argv=None, on_stage_start=None):
         if is_main():
             record_args(args.out_dir, record, RESULT_ARGS)
         barrier()  # important! no rank writes before rank 0 has tidied the folder and checked the settings
-        distill(args, spec, device, rank, world, on_stage_start)
+        distill(args, spec, device, Ranks(rank, world), on_stage_start)
     finally:
         release()
 
 
-def distill(args, spec, device, rank, world, on_stage_start=None):
+def distill(args, spec, device, ranks, on_stage_start=None):
     """The run itself, once the folder is ours and the settings are recorded."""
     start = time.time()
     data_dir = resolve_data_dir(spec, args.data_dir)  # downloads ImageNette/ImageWoof if no --data-dir
@@ -261,26 +315,37 @@ def distill(args, spec, device, rank, world, on_stage_start=None):
     if max(spec.prior_labels) >= prior.null_label:
         raise UserError(f"prior {prior_path} knows {prior.null_label} classes; {args.dataset} needs label "
                         f"{max(spec.prior_labels)}")
-
-    distilled = os.path.join(args.out_dir, "distilled")
+    sampler, out = sampler_config(args), args.out_dir
+    plan = Plan(args.ipc, args.stage_ipc, args.seed, args.batch_size, args.seed_set, args.twins)
+    student_view = recipe_spec(spec, args.recipe)
     if args.method == "dit":
-        generate_increment(prior, spec, distilled, args.ipc, 0, args.seed, args.cfg_scale, args.steps,
-                           args.batch_size, rank=rank, world=world, desc="dit sampling",
-                           cfg_three_channels=args.cfg_three_channels)
+        log = generate_increment(prior, spec, distilled_dir(out), None, args.ipc, 0, args.seed, sampler,
+                                 args.batch_size, ranks, desc="dit sampling")
+        batch = log.batch
     else:
-        # theta*, trained once per dataset/arch/resolution and cached under out/cache
-        reference = reference_model(spec, args.arch, data_dir, device, num_workers=args.num_workers)
-        run_stages(prior, spec, args.out_dir, args.ipc, args.stage_ipc, args.seed, reference, guidance_config(args),
-                   arch=args.arch, recipe=args.recipe, student_epochs=args.student_epochs, cfg_scale=args.cfg_scale,
-                   steps=args.steps, batch_size=args.batch_size, seed_set=args.seed_set, device=device, rank=rank,
-                   world=world, student_ddp=args.student_ddp, on_stage_start=on_stage_start,
-                   cfg_three_channels=args.cfg_three_channels, num_workers=args.num_workers)
-    save_sample_grid(distilled, spec, range(args.ipc), os.path.join(args.out_dir, "grid.png"))
-    print0(f"wrote {spec.num_classes * args.ipc} images to {distilled} in {time.time() - start:.0f} s")
+        # theta*, trained once per dataset/arch/view and cached under out/cache (or the user's file)
+        reference = reference_model(spec, args.arch, data_dir, device, epochs=args.reference_epochs,
+                                    num_workers=args.num_workers, path=args.reference)
+        teacher = soft_label_teacher(student_view, args.recipe, data_dir, device, num_workers=args.num_workers)
+        students = Students(args.arch, args.recipe, student_view, args.student_epochs, args.student_ddp,
+                            args.num_workers)
+        batch = run_stages(prior, spec, out, plan, sampler, guidance_config(args), students, reference, ranks,
+                           device, teacher, on_stage_start=on_stage_start)
+    update_args(out, sampler_batch_used=batch)
+    stages = args.ipc // args.stage_ipc if args.method == "lgd" else 1
+    save_set_grid(distilled_dir(out), spec, range(args.ipc), os.path.join(out, "grid.png"),
+                  f"{args.method}: {args.ipc} images per class (* = guided); rows = classes",
+                  guided=range(args.stage_ipc, args.ipc) if stages > 1 else ())
+    print0(f"wrote {spec.num_classes * args.ipc} images to {distilled_dir(out)} in {time.time() - start:.0f} s "
+           f"(grid: {os.path.join(out, 'grid.png')})")
 
     if args.eval and is_main():  # evaluation is single-process: N small students, not worth sharding
-        evaluate_folder(args.out_dir, spec, data_dir, args.eval_arch, args.eval_runs, args.recipe, args.eval_epochs,
+        evaluate_folder(out, spec, data_dir, args.eval_arch, args.eval_runs, args.recipe, args.eval_epochs,
                         args.seed, device, num_workers=args.num_workers)
+        print0(f"next: python evaluate.py --redundancy {out}   (cross-increment redundancy), or "
+               f"python evaluate.py --compare {out} <other runs>")
+    elif is_main():
+        print0(f"next: python evaluate.py --distilled {out}   (-> {eval_path(out)})")
 
 
 if __name__ == "__main__":

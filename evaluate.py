@@ -1,13 +1,16 @@
 """
-Evaluation: how well a distilled set trains a fresh model (METHOD.md section 6), how redundant its
-increments are (section 7), and a side-by-side report of several runs.
+Evaluation: how well a distilled set trains a fresh model (the field's protocol, train_student.py),
+how redundant its increments are (the paper's Sec. 3.1 / Fig. 2 "redundancy"), and a side-by-side
+report of several runs.
 
-Accuracy. Train `--runs` seeded students of `--arch` on the set with the recipe of train_student.py
-and test each on the real test split: acc = mean +- std (numpy std, ddof 0) over runs, as a fraction.
-We report the final-epoch accuracy; `best` (the highest test accuracy seen at 10 evenly spaced
-checkpoints) is the selection-on-test number peers report, kept as a second, labelled column.
+Accuracy. Train `--runs` seeded students of `--arch` on the set with a recipe of train_student.py and
+test each on the real test split: acc = mean +- std (numpy std, ddof 0) over runs, as a fraction. We
+report the final-epoch accuracy; `best` (the highest test accuracy seen at the recipe's 100 evenly
+spaced checkpoints, as Minimax evaluates) is the selection-on-test number peers report, kept as a
+second, labelled column. An evaluation with another architecture than the run's own (which guided
+the sampling) is written to eval_<arch>.json: the cross-architecture column, where a gain must survive.
 
-Redundancy (section 7). Cut the set into K increments T_1..T_K of stage_ipc images per class (by
+Redundancy (paper Fig. 2). Cut the set into K increments T_1..T_K of stage_ipc images per class (by
 image index = generation order, so LGD stages and an unguided set are cut the same way), train a
 model on T_a and test it on T_b's images with their labels:
     R[a, b] = acc(model_a, T_b),     redundancy = mean_{a != b} R[a, b]
@@ -17,76 +20,83 @@ beside test accuracy.)
 
 Run:
   python evaluate.py --distilled out/digits_lgd_ipc10_seed0 --runs 3      # eval.json in that folder
+  python evaluate.py --distilled out/digits_lgd_ipc10_seed0 --arch resnetap10   # eval_resnetap10.json
   python evaluate.py --dataset digits --real-ipc 10 --runs 3 --out out/digits_real_ipc10
   python evaluate.py --redundancy out/digits_lgd_ipc10_seed0              # redundancy.json + heatmap
+  python evaluate.py --redundancy real --dataset digits --real-ipc 10     # the same for random real images
   python evaluate.py --compare out/digits_lgd_ipc10_seed0 out/digits_dit_ipc10_seed0 out/digits_real_ipc10
 """
 import argparse
+import glob
 import json
 import os
 
 import numpy as np
 
-from common import (HelpFormatter, UserError, atomic_write, check_writable, derive_seed, get_device, git_commit, load_json,
-                    print0, run_cli, save_json)
-from data import ImageSet, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir, sample_real_ipc
+from common import (SALT_EVAL_INIT, SALT_EVAL_TRAIN, SALT_REDUNDANCY_INIT, SALT_REDUNDANCY_TRAIN, HelpFormatter,
+                    UserError, atomic_write, check_writable, get_device, git_commit, load_json, print0, run_cli,
+                    save_json, stream_seed)
+from curriculum import distilled_folder, eval_path, redundancy_path, run_info
+from data import ImageSet, class_files, get_spec, list_image_folder, load_distilled, load_image, load_real, \
+    resolve_data_dir, sample_real_ipc
 from model import ARCHS, make_student
-from train_student import RECIPES, accuracy, epochs_for_ipc, soft_label_teacher, train_student
+from train_student import RECIPES, accuracy, epochs_for_ipc, recipe_spec, soft_label_teacher, train_student
 
 
-# ----------------------------------------------------------------------------- accuracy (section 6)
+# ----------------------------------------------------------------------------- accuracy
 
-def evaluate_set(train_set, test_set, spec, arch="convnet", runs=3, recipe="minimax", epochs=None, seed=0,
+def evaluate_set(train_set, test_set, view, arch="convnet", runs=3, recipe="minimax", epochs=None, seed=0,
                  device="cpu", ipc=None, num_workers=0, teacher=None):
-    """Train `runs` seeded students on train_set, test on test_set -> dict of final and best accuracies."""
-    ipc = len(train_set) // spec.num_classes if ipc is None else ipc
-    epochs = epochs_for_ipc(ipc, recipe, spec.name) if epochs is None else epochs
+    """Train `runs` seeded students on train_set, test on test_set -> dict of final and best accuracies.
+
+    view: the recipe's view of the dataset (train_student.recipe_spec).
+    """
+    ipc = len(train_set) // view.num_classes if ipc is None else ipc
+    epochs = epochs_for_ipc(ipc, recipe, view.name) if epochs is None else epochs
     accs, bests = [], []
     for run in range(runs):  # airbench-style: mean +- std over seeded students, not one lucky run
         seen = []
-        student = make_student(arch, spec, seed=derive_seed(seed, run, 11))
-        model = train_student(student, train_set, spec, recipe, epochs, seed=seed * 1000 + run, device=device,
-                              desc=f"eval {arch} run {run + 1}/{runs}", num_workers=num_workers, teacher=teacher,
-                              on_eval=lambda m: seen.append(accuracy(m, test_set, spec, device, num_workers=num_workers)))
+        student = make_student(arch, view, seed=stream_seed(seed, SALT_EVAL_INIT, run))
+        train_student(student, train_set, view, recipe, epochs, seed=stream_seed(seed, SALT_EVAL_TRAIN, run),
+                      device=device, desc=f"eval {arch} run {run + 1}/{runs}", num_workers=num_workers,
+                      teacher=teacher,
+                      on_eval=lambda m: seen.append(accuracy(m, test_set, view, device, num_workers=num_workers)))
         accs.append(seen[-1])  # the final epoch's accuracy (the last checkpoint is the last epoch)
         # best-seen = model selection on the test set; reported only as a labelled second column
         bests.append(max(seen))
         print0(f"  run {run + 1}/{runs}: final {accs[-1]:.4f}, best {bests[-1]:.4f}")
-    return dict(arch=arch, runs=runs, recipe=recipe, epochs=epochs, ipc=ipc, accs=accs,
+    return dict(arch=arch, runs=runs, recipe=recipe, epochs=epochs, ipc=ipc, checkpoints=len(seen), accs=accs,
                 acc_mean=float(np.mean(accs)), acc_std=float(np.std(accs)),
                 best_accs=bests, best_mean=float(np.mean(bests)), best_std=float(np.std(bests)))
 
 
-def run_info(run_dir):
-    """args.json of a distill.py run folder, or {} for a bare ImageFolder."""
-    path = os.path.join(run_dir, "args.json")
-    return load_json(path, what="run settings") if os.path.exists(path) else {}
-
-
-def distilled_folder(run_dir):
-    """A run folder holds its set in distilled/; a bare ImageFolder is the set itself."""
-    inner = os.path.join(run_dir, "distilled")
-    return inner if os.path.isdir(inner) else run_dir
+def generated_size(folder, spec):
+    """The side of the images in a set folder (the igd recipe evaluates at the generated size)."""
+    return load_image(class_files(os.path.join(folder, spec.class_names()[0]))[0]).shape[-1]
 
 
 def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epochs=None, seed=0, device="cpu",
                     out=None, num_workers=0, teacher=None):
-    """Evaluate the set of a run folder and write eval.json beside it."""
-    out = out or os.path.join(run_dir, "eval.json")
-    check_writable(os.path.dirname(os.path.abspath(out)))  # before the training, not after it
-    train_set = load_distilled(distilled_folder(run_dir), spec)
-    test_set = load_real(spec, data_dir, "test")
+    """Evaluate the set of a run folder; write eval.json (the run's own arch) or eval_<arch>.json beside it."""
     info = run_info(run_dir)
+    own = arch == info.get("arch", "convnet")
+    out = out or (eval_path(run_dir) if own else os.path.join(run_dir, f"eval_{arch}.json"))
+    check_writable(os.path.dirname(os.path.abspath(out)))  # before the training, not after it
+    folder = distilled_folder(run_dir)
+    train_set = load_distilled(folder, spec)
+    spec.image_size = generated_size(folder, spec)
+    view = recipe_spec(spec, recipe)
+    test_set = load_real(spec, data_dir, "test")
     counts = train_set.counts(spec.num_classes)  # every class has >= 1 image (load_distilled refuses empty ones)
     if len(set(counts)) > 1:
         print0(f"note: {run_dir} holds different numbers of images per class: {counts}")
-    print0(f"evaluating {run_dir}: {len(train_set)} images, {runs} x {arch}")
+    print0(f"evaluating {run_dir}: {len(train_set)} images, {runs} x {arch} ({recipe} recipe)")
     if teacher is None:  # soft-label recipes need one; the CLI passes the one it already built
-        teacher = soft_label_teacher(spec, recipe, data_dir, device, num_workers=num_workers)
-    result = evaluate_set(train_set, test_set, spec, arch, runs, recipe, epochs, seed, device, num_workers=num_workers,
+        teacher = soft_label_teacher(view, recipe, data_dir, device, num_workers=num_workers)
+    result = evaluate_set(train_set, test_set, view, arch, runs, recipe, epochs, seed, device, num_workers=num_workers,
                           teacher=teacher, ipc=min(counts))
-    result = dict(dataset=spec.name, method=info.get("method", "unknown"), **result, images_per_class=counts,
-                  distilled=os.path.abspath(run_dir))
+    result = dict(dataset=spec.name, method=info.get("method", "unknown"), guiding_arch=info.get("arch"),
+                  **result, images_per_class=counts, distilled=os.path.abspath(run_dir))
     write_eval(result, out)
     return result
 
@@ -100,7 +110,7 @@ def write_eval(result, path):
     print0(f"-> {path}")
 
 
-# ----------------------------------------------------------------------------- redundancy (section 7)
+# ----------------------------------------------------------------------------- redundancy (paper Fig. 2)
 
 def increments_of(folder, spec, stage_ipc):
     """Cut a distilled ImageFolder into increments of stage_ipc images per class, in index order."""
@@ -119,7 +129,7 @@ def redundancy_matrix(increments, spec, arch="convnet", recipe="minimax", epochs
                       train=None, teacher=None):
     """R[a, b] = accuracy on T_b of a model trained on T_a; returns (K x K list, off-diagonal mean).
 
-    train(increment, a) -> model can replace the student training (tests use a constructed one).
+    spec: the recipe's view. train(increment, a) -> model can replace the student training (tests use it).
     """
     k = len(increments)
     matrix = np.zeros((k, k))
@@ -128,11 +138,12 @@ def redundancy_matrix(increments, spec, arch="convnet", recipe="minimax", epochs
             model = train(increments[a], a)
         else:
             ipc = len(increments[a]) // spec.num_classes
-            student = make_student(arch, spec, seed=derive_seed(seed, a, 13))
+            student = make_student(arch, spec, seed=stream_seed(seed, SALT_REDUNDANCY_INIT, a))
             model = train_student(student, increments[a], spec, recipe,
-                                  epochs_for_ipc(ipc, recipe, spec.name) if epochs is None else epochs, seed=seed * 1000 + a,
-                                  device=device, desc=f"redundancy: train on T_{a + 1}", teacher=teacher)
-        for b in range(k):  # T_b's images with their labels, seen through the test transform
+                                  epochs_for_ipc(ipc, recipe, spec.name) if epochs is None else epochs,
+                                  seed=stream_seed(seed, SALT_REDUNDANCY_TRAIN, a), device=device,
+                                  desc=f"redundancy: train on T_{a + 1}", teacher=teacher)
+        for b in range(k):  # T_b's images with their labels, seen through the test view
             matrix[a, b] = accuracy(model, increments[b], spec, device)
     # the diagonal is training accuracy (a model on its own images): only a != b measures overlap
     return matrix.tolist(), float(matrix[~np.eye(k, dtype=bool)].mean())
@@ -142,7 +153,7 @@ def save_heatmap(matrix, path, title):
     """The K x K matrix as a PNG with the numbers printed in the cells (PIL only, no plotting library)."""
     from PIL import Image, ImageDraw
     k, cell, margin = len(matrix), 56, 70
-    image = Image.new("RGB", (margin + k * cell + 10, margin + k * cell + 10), "white")
+    image = Image.new("RGB", (max(margin + k * cell + 10, 8 * len(title) + 20), margin + k * cell + 10), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 8), title, fill="black")
     draw.text((10, 26), "rows: trained on T_a   cols: tested on T_b", fill="black")
@@ -164,43 +175,55 @@ def redundancy_report(increments, spec, out_dir, label, **kwargs):
         raise UserError(f"redundancy needs at least 2 increments to compare, {label} has {len(increments)} "
                         f"(pass a smaller --stage-ipc)")
     check_writable(out_dir)  # before the K trainings, not after them
+    stage_ipc = len(increments[0]) // spec.num_classes
+    cut = f"{len(increments)} increments of {stage_ipc} images per class, in generation (index) order"
+    print0(f"redundancy of {label}: {cut}")
     matrix, off = redundancy_matrix(increments, spec, **kwargs)
-    result = dict(label=label, increments=len(increments), stage_ipc=len(increments[0]) // spec.num_classes,
+    result = dict(label=label, increments=len(increments), stage_ipc=stage_ipc, cut=cut,
                   arch=kwargs.get("arch", "convnet"), matrix=matrix, off_diagonal_mean=off,
                   diagonal_mean=float(np.mean(np.diag(matrix))))
     print0("\n".join(" ".join(f"{100 * v:5.1f}" for v in row) for row in matrix))
     print0(f"redundancy (off-diagonal mean) {off:.4f}")
-    save_json(dict(result, git_commit=git_commit()), os.path.join(out_dir, "redundancy.json"))
-    save_heatmap(matrix, os.path.join(out_dir, "redundancy.png"), f"{label}: off-diagonal mean {100 * off:.1f}%")
-    print0(f"-> {out_dir}/redundancy.json, redundancy.png")
+    save_json(dict(result, git_commit=git_commit()), redundancy_path(out_dir))
+    save_heatmap(matrix, os.path.join(out_dir, "redundancy.png"),
+                 f"{label}: off-diagonal mean {100 * off:.1f}% ({len(increments)} x {stage_ipc} IPC)")
+    print0(f"-> {redundancy_path(out_dir)}, {os.path.join(out_dir, 'redundancy.png')}")
     return result
 
 
 # ----------------------------------------------------------------------------- comparison report
 
 def compare(run_dirs, markdown_path):
-    """One table over run folders holding eval.json (and redundancy.json, if computed)."""
-    rows = []
+    """One table over run folders holding eval.json (and eval_<arch>.json, redundancy.json, if computed)."""
+    rows, other_archs = [], sorted({os.path.basename(p)[5:-5] for d in run_dirs
+                                    for p in glob.glob(os.path.join(d, "eval_*.json"))})
     for run_dir in run_dirs:
-        path = os.path.join(run_dir, "eval.json")
-        if not os.path.exists(path):
+        if not os.path.exists(eval_path(run_dir)):
             raise UserError(f"{run_dir} has no eval.json (run evaluate.py on it first)")
-        ev = load_json(path)
-        red_path = os.path.join(run_dir, "redundancy.json")
-        red = load_json(red_path)["off_diagonal_mean"] if os.path.exists(red_path) else None
-        rows.append([ev.get("method", "?"), str(ev["ipc"]), ev["arch"],
-                     f"{100 * ev['acc_mean']:.1f} +- {100 * ev['acc_std']:.1f} (n={ev['runs']})",
-                     f"{100 * ev['best_mean']:.1f} +- {100 * ev['best_std']:.1f}",
-                     "-" if red is None else f"{100 * red:.1f}", run_dir])
+        ev = load_json(eval_path(run_dir))
+        red = load_json(redundancy_path(run_dir)) if os.path.exists(redundancy_path(run_dir)) else None
+        row = [ev.get("method", "?"), str(ev["ipc"]), ev["arch"],
+               f"{100 * ev['acc_mean']:.1f} +- {100 * ev['acc_std']:.1f} (n={ev['runs']})",
+               f"{100 * ev['best_mean']:.1f} +- {100 * ev['best_std']:.1f}"]
+        for arch in other_archs:  # the same set, students the sampling never saw
+            path = os.path.join(run_dir, f"eval_{arch}.json")
+            cross = load_json(path) if os.path.exists(path) else None
+            row.append("-" if cross is None else
+                       f"{100 * cross['acc_mean']:.1f} +- {100 * cross['acc_std']:.1f} (n={cross['runs']})")
+        row += ["-" if red is None else f"{100 * red['off_diagonal_mean']:.1f} ({red['increments']}x{red['stage_ipc']})",
+                run_dir]
+        rows.append(row)
     # final and best-seen side by side: the honest number next to the one peers report
-    header = ["method", "IPC", "arch", "acc % (final)", "acc % (best seen)", "redundancy %", "run"]
+    header = (["method", "IPC", "arch", "acc % (final)", "acc % (best seen)"] +
+              [f"{arch} acc % (final)" for arch in other_archs] + ["redundancy % (cut)", "run"])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in [header] + rows)
     print(text)
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
+    existed = os.path.exists(markdown_path)
     atomic_write(markdown_path, lambda tmp: open(tmp, "w").write(md))
-    print(f"wrote {markdown_path}")
+    print(f"wrote {markdown_path}" + (" (replaced the previous table)" if existed else ""))
     return md
 
 
@@ -217,9 +240,9 @@ def main(argv=None):
     p.add_argument("--stage-ipc", type=int, default=None, help="increment size for --redundancy (default: the run's)")
     p.add_argument("--compare", nargs="+", default=None, help="run folders with eval.json -> one table")
     p.add_argument("--markdown", default="out/compare.md", help="where --compare writes its Markdown table")
-    p.add_argument("--arch", default="convnet", choices=ARCHS, help="student architecture")
+    p.add_argument("--arch", default=None, choices=ARCHS, help="student architecture (default: the run's, else convnet)")
     p.add_argument("--runs", type=int, default=3, help="seeded students")
-    p.add_argument("--recipe", default="minimax", choices=list(RECIPES), help="training recipe")
+    p.add_argument("--recipe", default=None, choices=list(RECIPES), help="training recipe (default: the run's)")
     p.add_argument("--epochs", type=int, default=None, help="default: by IPC (Minimax protocol)")
     p.add_argument("--res", type=int, default=None, help="classifier resolution (default: the dataset's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the students (and of the real-image draw)")
@@ -244,41 +267,47 @@ def main(argv=None):
     run_dir = args.distilled or (args.redundancy if args.redundancy not in (None, "real") else None)
     if run_dir is None and args.real_ipc is None:
         raise UserError("give --distilled DIR, --real-ipc K, --redundancy DIR or --compare DIR ...")
+    if args.redundancy == "real" and args.real_ipc is None:
+        raise UserError("--redundancy real needs --real-ipc K (the random real images to cut into increments)")
     if run_dir is not None and not os.path.isdir(run_dir):
         raise UserError(f"{run_dir} does not exist")
     info = run_info(run_dir) if run_dir else {}
-    # a run folder remembers its dataset, resolution and data dir: flags only override them
+    # a run folder remembers its dataset, resolution, recipe, arch and (resolved) data dir: flags override them
     spec = get_spec(args.dataset or info.get("dataset", "digits"), res=args.res or info.get("res"))
     data_dir = resolve_data_dir(spec, args.data_dir or info.get("data_dir"))
+    arch, recipe = args.arch or info.get("arch") or "convnet", args.recipe or info.get("recipe") or "minimax"
     device = get_device(args.device)
-    teacher = soft_label_teacher(spec, args.recipe, data_dir, device, num_workers=args.num_workers)
-    kwargs = dict(arch=args.arch, recipe=args.recipe, epochs=args.epochs, seed=args.seed, device=device, teacher=teacher)
+    if run_dir is not None:
+        spec.image_size = generated_size(distilled_folder(run_dir), spec)
+    view = recipe_spec(spec, recipe)
+    teacher = soft_label_teacher(view, recipe, data_dir, device, num_workers=args.num_workers)
+    kwargs = dict(arch=arch, recipe=recipe, epochs=args.epochs, seed=args.seed, device=device, teacher=teacher)
 
     if args.real_ipc is not None:  # the random-real baseline
         out = args.out or os.path.join("out", f"{spec.name}_real_ipc{args.real_ipc}")
         real = sample_real_ipc(load_real(spec, data_dir, "train"), args.real_ipc, args.seed)
         if args.redundancy == "real":  # the same matrix for random real images, cut in draw order
-            stage_ipc = args.stage_ipc or min(args.real_ipc, 10)
+            stage_ipc = args.stage_ipc or min(args.real_ipc, 2 if spec.name == "digits" else 10)
             order = [i for k in range(args.real_ipc // stage_ipc) for c in range(spec.num_classes)
                      for i in range(c * args.real_ipc + k * stage_ipc, c * args.real_ipc + (k + 1) * stage_ipc)]
             picked = real.subset(order)
             size = spec.num_classes * stage_ipc
             increments = [picked.subset(range(j, j + size)) for j in range(0, len(picked), size)]
-            redundancy_report(increments, spec, out, f"real IPC {args.real_ipc}", **kwargs)
+            redundancy_report(increments, view, out, f"real IPC {args.real_ipc}", **kwargs)
             return
         check_writable(out)  # before the training, not after it
-        result = evaluate_set(real, load_real(spec, data_dir, "test"), spec, args.arch, args.runs, args.recipe,
-                              args.epochs, args.seed, device, ipc=args.real_ipc, num_workers=args.num_workers,
-                              teacher=teacher)
-        write_eval(dict(dataset=spec.name, method="real", **result), os.path.join(out, "eval.json"))
+        result = evaluate_set(real, load_real(spec, data_dir, "test"), view, arch, args.runs, recipe, args.epochs,
+                              args.seed, device, ipc=args.real_ipc, num_workers=args.num_workers, teacher=teacher)
+        write_eval(dict(dataset=spec.name, method="real", **result),
+                   os.path.join(out, "eval.json" if arch == "convnet" else f"eval_{arch}.json"))
     elif args.redundancy is not None:
         stage_ipc = args.stage_ipc or info.get("stage_ipc")
         if not stage_ipc:
             raise UserError("--redundancy needs --stage-ipc (the run has no args.json)")
         increments = increments_of(distilled_folder(run_dir), spec, stage_ipc)
-        redundancy_report(increments, spec, args.out or run_dir, f"{info.get('method', run_dir)}", **kwargs)
+        redundancy_report(increments, view, args.out or run_dir, f"{info.get('method', run_dir)}", **kwargs)
     else:
-        evaluate_folder(run_dir, spec, data_dir, args.arch, args.runs, args.recipe, args.epochs, args.seed, device,
+        evaluate_folder(run_dir, spec, data_dir, arch, args.runs, recipe, args.epochs, args.seed, device,
                         out=os.path.join(args.out, "eval.json") if args.out else None, num_workers=args.num_workers,
                         teacher=teacher)
 

@@ -1,23 +1,23 @@
 """
 The networks: the diffusion prior (DiT + VAE + scheduler, via diffusers) and the students.
 
-Prior (METHOD.md section 5). A class-conditional DiT that predicts noise eps (and, for DiT-XL/2,
-a learned variance: 8 output channels = 4 eps + 4 variance), a VAE that maps latents z to images
-x = VAE.decode(z / scaling_factor), and a DDPM scheduler holding alpha_bar_t. Everything is loaded
-through diffusers' `from_pretrained`, from a hub id (default facebook/DiT-XL-2-256) or a local
-directory with the same layout (`transformer/`, `scheduler/`, optional `vae/`), so the offline
-test priors and the digits prior go through the very code path of the full run.
-For digits the prior is a small DiT in pixel space (no VAE: decode = identity), trained here once
-on the digits train split and cached under out/cache/digits_prior (EMA weights, resumable).
+Prior (the paper's Sec. 4: a pretrained DiT-XL/2 256 + the SD VAE). A class-conditional DiT that
+predicts noise eps (and, for DiT-XL/2, a learned variance: 8 output channels = 4 eps + 4 variance),
+a VAE that maps latents z to images x = VAE.decode(z / scaling_factor), and a DDPM scheduler holding
+alpha_bar_t. Everything is loaded through diffusers' `from_pretrained`, from a hub id (default
+facebook/DiT-XL-2-256) or a local directory with the same layout (`transformer/`, `scheduler/`,
+optional `vae/`), so the offline test priors and the digits prior go through the very code path of
+the full run. For digits the prior is a small DiT in pixel space (no VAE: decode = identity), trained
+once by train_prior.py and cached under out/cache/digits_prior.
 
-Students / classifiers (METHOD.md section 6), chosen with `--arch`:
-  convnet      the DD field's ConvNet: depth x [conv3x3(128) -> instance norm -> ReLU -> avgpool2],
-               linear head; depth set by resolution (6 at 224-256 px, "ConvNet-6")
-  resnetap10   ResNet-10 whose stride-2 convs are replaced by average pooling (IDC/Minimax/IGD)
-  resnet18     torchvision's ResNet-18 (CIFAR-style stem below 64 px)
+Students / classifiers (the field's evaluation networks), chosen with `--arch`:
+  convnet      ConvNet-D: D x [conv3x3(128) -> instance norm -> ReLU -> avgpool2], linear head; D from
+               the resolution (6 at 224-256 px: "ConvNet-6")
+  resnetap10   ResNet-10 with average-pool downsampling and instance norm (IDC / Minimax)
+  resnet18     ResNet-18 with instance norm (IDC / Minimax): the hard-label evaluation network
+  resnet18_bn  torchvision's BatchNorm ResNet-18: the RDED soft-label protocol's student and teacher
 
-Run: `python model.py` trains (or loads) the digits prior and prints how many of its samples a
-reference classifier recognises.
+This file defines and loads networks only; it runs nothing (train_prior.py trains the digits prior).
 """
 import math
 import os
@@ -25,13 +25,11 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from common import UserError, remove_path, remove_stale_temporaries, save_torch, temporary_path
+from common import UserError
 
 DEFAULT_PRIOR = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # IGD/MGD3 decode DiT latents with ft-mse (the hub repo ships ft-ema)
-ARCHS = ("convnet", "resnetap10", "resnet18")
 
 
 # ----------------------------------------------------------------------------- the prior
@@ -140,86 +138,22 @@ def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float3
     return Prior(transformer.to(device), scheduler, vae_model.to(device) if vae_model is not None else None)
 
 
-# ----------------------------------------------------------------------------- digits prior
+# ----------------------------------------------------------------------------- the digits prior's shape
 
+# The embedded preset's prior: a 0.8M-parameter pixel-space DiT (8x8, 1 channel, no VAE), trained once by
+# train_prior.py. Its shape and schedule live here, beside the loader, because both sides need them.
 DIGITS_PRIOR = dict(num_attention_heads=3, attention_head_dim=32, in_channels=1, out_channels=1, num_layers=4,
                     sample_size=8, patch_size=2, num_embeds_ada_norm=10)
 DIGITS_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)  # DDPM's linear betas
 
 
-def train_digits_prior(out_dir, images, labels, steps=4000, batch_size=128, lr=1e-3, ema_decay=0.999, seed=0,
-                       save_every=500):
-    """Train the small pixel-space DiT on digits (once; cached; resumable) and save it in diffusers format.
-
-    images: (N, 1, 8, 8) in [0, 1]. Standard DDPM eps-MSE training (Ho et al. Eq. 14) with 10% label
-    dropout, which diffusers' DiT label embedding applies in train mode: that is what makes CFG work.
-    """
-    from diffusers import DDPMScheduler, DiTTransformer2DModel
-    if os.path.isdir(out_dir):  # only ever renamed into place whole: its existence means "trained"
-        return
-    # the resumable training state lives in a side folder; the finished prior is written to a temporary
-    # folder and renamed into place, so a kill at any moment never leaves a half-written cache behind
-    partial = out_dir + ".partial"
-    os.makedirs(partial, exist_ok=True)
-    remove_stale_temporaries([os.path.dirname(os.path.abspath(out_dir))])
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(**DIGITS_PRIOR)
-    ema = DiTTransformer2DModel(**DIGITS_PRIOR).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    scheduler = DDPMScheduler(**DIGITS_SCHEDULE)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    state_path, start = os.path.join(partial, "train_state.pt"), 0
-    if os.path.exists(state_path):  # resume an interrupted training
-        state = torch.load(state_path, weights_only=False)
-        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
-        start = state["step"]
-        torch.set_rng_state(state["rng"])
-    x_all, y_all = images * 2 - 1, torch.as_tensor(labels)  # pixels in [-1, 1] like the VAE latents' images
-    model.train()
-    for step in tqdm(range(start, steps), desc="digits prior", initial=start, total=steps, mininterval=2):
-        idx = torch.randint(0, len(x_all), (batch_size,))
-        x0, y = x_all[idx], y_all[idx]
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
-        noise = torch.randn_like(x0)
-        xt = scheduler.add_noise(x0, noise, t)  # sqrt(abar) x0 + sqrt(1 - abar) eps
-        eps_hat = model(xt, timestep=t, class_labels=y).sample
-        loss = F.mse_loss(eps_hat, noise)
-        for g in opt.param_groups:  # short warm-up then cosine decay
-            g["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - ema_decay)
-        if (step + 1) % save_every == 0 and step + 1 < steps:  # a killed run loses at most save_every steps
-            save_torch(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                            step=step + 1, rng=torch.get_rng_state()), state_path)
-    tmp = temporary_path(out_dir)
-    try:
-        scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
-        ema.save_pretrained(os.path.join(tmp, "transformer"))
-        os.rename(tmp, out_dir)  # atomic: the cache appears complete or not at all
-    except BaseException:
-        remove_path(tmp)
-        raise
-    remove_path(partial)
-
-
-def digits_prior(cache_dir="out/cache", steps=4000):
-    """Path of the cached digits prior, training it on the digits train split on first use (~7 min on 2 CPU cores)."""
-    from common import barrier, is_main
-    from data import load_digits_split
-    path = os.path.join(cache_dir, "digits_prior")
-    # the prior is a cache, not a result: trained once per checkout and shared by every digits run
-    if is_main():  # under torchrun rank 0 trains, the others wait at the barrier
-        train = load_digits_split("train")
-        train_digits_prior(path, torch.stack(train.items), train.labels, steps=steps)
-    barrier()
-    return path
-
-
 # ----------------------------------------------------------------------------- students
+
+# The evaluation networks of the field, re-written from the public code the baselines use
+# (MinimaxDiffusion `train_models/{convnet,resnet_ap,resnet}.py`, identical to IDC `models/`):
+# instance norm is GroupNorm with one channel per group, convs are initialised Kaiming-normal (fan_out)
+# and norms to (1, 0) in the ResNets, the ConvNet keeps PyTorch's default init. Parameter counts are
+# checked in tests/test_networks.py against counts computed from those definitions.
 
 def norm(channels):
     """Instance norm with affine parameters, as the DD field writes it (GroupNorm with one channel per group)."""
@@ -227,73 +161,134 @@ def norm(channels):
 
 
 def convnet_depth(res):
-    """ConvNet depth by resolution: 3 at 32 px (CIFAR), 4 at 64, ..., 6 at 224-256 px; at least 2."""
+    """ConvNet depth by resolution: 3 at 32 px (CIFAR), 4 at 64, ..., 6 at 224-256 px; at least 2.
+
+    Minimax takes `--depth` from the command line (ConvNet-6 is asked for with `--depth 6` at 224/256 px);
+    we derive it from the resolution so every dataset gets the conventional depth.
+    """
     return max(2, round(math.log2(res)) - 2)  # 224 px rounds up to 256: ConvNet-6
 
 
 class ConvNet(nn.Module):
-    """The DD benchmark ConvNet: depth x [conv3x3 -> instance norm -> ReLU -> avgpool 2], linear head."""
+    """The DD benchmark ConvNet (Minimax `train_models/convnet.py`): depth x [conv3x3(128, bias) ->
+    instance norm -> ReLU -> avgpool 2x2], a linear head on the flattened map (no global pooling).
+    At 224 px ConvNet-6 ends on 128 x 3 x 3 (Linear(1152, C)), at 256 px on 128 x 4 x 4 (Linear(2048, C))."""
 
     def __init__(self, channels, num_classes, res, width=128, depth=None):
         super().__init__()
         depth = depth or convnet_depth(res)
         layers, c = [], channels
-        for _ in range(depth):  # each block halves the resolution: 224 -> 3 after six blocks
-            layers += [nn.Conv2d(c, width, 3, padding=1), norm(width), nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+        for _ in range(depth):  # each block halves the resolution (floor): 224 -> 112 -> ... -> 3
+            layers += [nn.Conv2d(c, width, 3, padding=1), norm(width), nn.ReLU(inplace=True), nn.AvgPool2d(2, 2)]
             c, res = width, res // 2
         self.features = nn.Sequential(*layers)
-        # a linear head on the flattened map (no global pooling), as in the DD field's ConvNet
         self.classifier = nn.Linear(width * res * res, num_classes)
 
     def forward(self, x):
         return self.classifier(self.features(x).flatten(1))  # (N, num_classes)
 
 
-class BasicBlockAP(nn.Module):
-    """ResNet basic block whose downsampling is avgpool(2) after conv1 instead of a stride-2 conv."""
+def _idc_init(model):
+    """IDC/Minimax ResNet init: conv ~ N(0, sqrt(2 / (k*k*out))) (Kaiming fan_out), norms weight 1, bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+        elif isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()
 
-    def __init__(self, c_in, c_out, downsample):
+
+class BasicBlockAP(nn.Module):
+    """ResNetAP basic block (Minimax `resnet_ap.py`): conv3x3 -> norm -> ReLU -> avgpool(stride) -> conv3x3 ->
+    norm, + shortcut (conv1x1 -> avgpool(stride) -> norm), ReLU. Average pooling replaces the stride-2 conv,
+    which would look at only one of every four positions."""
+
+    def __init__(self, c_in, c_out, stride):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), norm(c_out)
-        self.pool = nn.AvgPool2d(2) if downsample else nn.Identity()
+        self.pool = nn.AvgPool2d(stride, stride) if stride != 1 else nn.Identity()
         self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), norm(c_out)
         self.shortcut = nn.Identity()
-        if downsample or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.AvgPool2d(2) if downsample else nn.Identity(),
-                                          nn.Conv2d(c_in, c_out, 1, bias=False), norm(c_out))
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False),
+                                          nn.AvgPool2d(stride, stride) if stride != 1 else nn.Identity(), norm(c_out))
 
     def forward(self, x):
-        # pooling after the first conv: the stride-2 conv it replaces would skip 3 of 4 positions
         out = self.pool(F.relu(self.bn1(self.conv1(x))))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
 
 
 class ResNetAP10(nn.Module):
-    """ResNet-10 (one basic block per stage) with average-pool downsampling and instance norm (IDC)."""
+    """ResNetAP-10 (IDC / Minimax `resnet_ap.py`, depth 10 = one basic block per stage, widths 64..512).
+
+    Stem by input size, as IDC: > 128 px 'large' = conv7x7 stride 1 -> norm -> ReLU -> avgpool 4x4
+    (224 -> 56); 65..128 px 'mid' = conv3x3 -> norm -> ReLU -> avgpool 2x2; <= 64 px 'small' = conv3x3 -> norm
+    -> ReLU. Global average pool, Linear(512, C).
+    """
 
     def __init__(self, channels, num_classes, res):
         super().__init__()
-        if res >= 64:  # ImageNet stem: /4 before the stages
-            self.stem = nn.Sequential(nn.Conv2d(channels, 64, 7, 2, 3, bias=False), norm(64), nn.ReLU(inplace=True),
-                                      nn.AvgPool2d(3, 2, 1))
-        else:  # small images: keep resolution
-            self.stem = nn.Sequential(nn.Conv2d(channels, 64, 3, 1, 1, bias=False), norm(64), nn.ReLU(inplace=True))
-        widths, blocks, c = (64, 128, 256, 512), [], 64
-        for i, w in enumerate(widths):
-            blocks.append(BasicBlockAP(c, w, downsample=i > 0 and res // 2 ** i >= 1))
-            c = w
+        kernel, pool = (7, 4) if res > 128 else (3, 2) if res > 64 else (3, 1)
+        self.stem = nn.Sequential(nn.Conv2d(channels, 64, kernel, 1, kernel // 2, bias=False), norm(64),
+                                  nn.ReLU(inplace=True), nn.AvgPool2d(pool, pool) if pool > 1 else nn.Identity())
+        blocks, c = [], 64
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks.append(BasicBlockAP(c, width, stride))
+            c = width
         self.layers = nn.Sequential(*blocks)
         self.fc = nn.Linear(512, num_classes)
+        _idc_init(self)
 
     def forward(self, x):
         # global average pool: the head does not depend on the input resolution
         return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
 
 
-def resnet18(channels, num_classes, res):
-    """torchvision ResNet-18; below 64 px a 3x3 stride-1 stem without max-pool (CIFAR convention)."""
-    import torchvision
+class BasicBlock(nn.Module):
+    """ResNet basic block (Minimax `resnet.py`): stride in conv1, shortcut conv1x1(stride) -> norm."""
+
+    def __init__(self, c_in, c_out, stride, make_norm):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), make_norm(c_out)
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), make_norm(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), make_norm(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with instance norm (IDC / Minimax `resnet.py`, `ResNet(depth=18, norm_type='instance')`), the
+    hard-label evaluation network of the field. Stem > 128 px: conv7x7/2 -> norm -> ReLU -> maxpool 3/2 (as
+    torchvision); otherwise conv3x3/1 without pooling. Layers [2, 2, 2, 2], global average pool, Linear(512, C)."""
+
+    def __init__(self, channels, num_classes, res, make_norm=norm):
+        super().__init__()
+        if res > 128:
+            self.stem = nn.Sequential(nn.Conv2d(channels, 64, 7, 2, 3, bias=False), make_norm(64), nn.ReLU(inplace=True),
+                                      nn.MaxPool2d(3, 2, 1))
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(channels, 64, 3, 1, 1, bias=False), make_norm(64), nn.ReLU(inplace=True))
+        blocks, c = [], 64
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [BasicBlock(c, width, stride, make_norm), BasicBlock(width, width, 1, make_norm)]
+            c = width
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(512, num_classes)
+        _idc_init(self)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
+
+
+def resnet18_bn(channels, num_classes, res):
+    """torchvision's BatchNorm ResNet-18: the student and teacher of the RDED soft-label protocol (ImageNet-1K).
+    Below 64 px a 3x3 stride-1 stem without max-pool (the CIFAR convention)."""
+    import torchvision  # only this architecture needs torchvision's model zoo
     model = torchvision.models.resnet18(num_classes=num_classes)
     if res < 64 or channels != 3:
         stride, kernel = (1, 3) if res < 64 else (2, 7)
@@ -303,8 +298,11 @@ def resnet18(channels, num_classes, res):
     return model
 
 
+ARCHS = ("convnet", "resnetap10", "resnet18", "resnet18_bn")
+
+
 def make_student(arch, spec, seed=None):
-    """A freshly initialised classifier for a dataset spec (channels, classes, resolution).
+    """A freshly initialised classifier for a dataset spec (channels, classes, resolution spec.res).
 
     seed: seeds the initialisation, so a student does not depend on what ran before in the process.
     """
@@ -315,33 +313,7 @@ def make_student(arch, spec, seed=None):
     if arch == "resnetap10":
         return ResNetAP10(spec.channels, spec.num_classes, spec.res)
     if arch == "resnet18":
-        return resnet18(spec.channels, spec.num_classes, spec.res)
+        return ResNet18(spec.channels, spec.num_classes, spec.res)
+    if arch == "resnet18_bn":
+        return resnet18_bn(spec.channels, spec.num_classes, spec.res)
     raise UserError(f"unknown arch '{arch}' (choose from {', '.join(ARCHS)})")
-
-
-def main():
-    """Train (or load) the digits prior and check it: the share of its unguided samples that a reference
-    classifier trained on the real digits recognises (the foundation target is >= 90%)."""
-    import argparse
-    from common import derive_seed, get_device
-    from data import classifier_input, get_spec
-    from guidance import decode_images, sample
-    from train_student import reference_model
-    parser = argparse.ArgumentParser(description="Train/load the digits prior and measure its sample quality.")
-    parser.add_argument("--per-class", type=int, default=20, help="samples per class to classify")
-    parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale")
-    args = parser.parse_args()
-    device, spec = get_device(), get_spec("digits")
-    prior = load_prior(digits_prior(), device=device)
-    reference = reference_model(spec, "convnet", None, device)
-    labels = torch.arange(10).repeat_interleave(args.per_class)
-    generators = [torch.Generator().manual_seed(derive_seed(123, int(c), i)) for i, c in enumerate(labels)]
-    images = decode_images(prior, sample(prior, labels, generators, cfg_scale=args.cfg_scale))
-    with torch.no_grad():
-        predicted = reference(classifier_input(images.to(device) * 2 - 1, spec)).argmax(dim=1).cpu()
-    print(f"reference classifier recognises {(predicted == labels).float().mean():.1%} of {len(labels)} samples "
-          f"(CFG {args.cfg_scale})")
-
-
-if __name__ == "__main__":
-    main()

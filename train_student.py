@@ -1,131 +1,224 @@
 """
-Train a student classifier on a (distilled or real) image set: the evaluation protocol of
-METHOD.md section 6, also used for the per-stage student theta_{i-1} of the stage loop (section 3)
-and for the reference model theta* of the learnability score (section 4).
+Train a student classifier on a (distilled or real) image set: the evaluation protocol of the field
+(the paper's Sec. 5 "Experimental setup" follows it), also used for the per-stage student theta_{i-1}
+of the stage loop (paper Sec. 3.2) and for the reference model theta* of the learnability score
+(paper Eq. "learnability", theta* = IGD's surrogate).
 
-Recipes (`--recipe`):
-  minimax  [field: Minimax/IDC, default] SGD lr 0.01, momentum 0.9, wd 5e-4, batch 64,
-           MultiStepLR x0.2 at 2/3 and 5/6 of training, CutMix (beta 1, p 1), hard labels;
-           epochs by IPC: 2000 (IPC <= 10), 1500 (<= 50), 1000 (<= 200).
-  igd      IGD's variant: the same with AdamW lr 1e-3, wd 0.01.
-  rded     [ImageNet-1K soft labels, RDED/IGD/LGD] AdamW lr 1e-3, wd 0.01, cosine, batch 200,
-           300 epochs, CutMix, KD from a teacher at temperature 20 on the same augmented crops.
-           NOTE(deviation): soft labels are computed on the fly on each crop (FKD style) instead of
-           RDED's stored region labels: same targets in expectation, no label files on disk.
+Recipes (`--recipe`), each re-written from the public code that defines it:
+  minimax  [default; MinimaxDiffusion `train.py` + `data.py:transform_imagenet(size=224)`, = IDC]
+           SGD lr 0.01, momentum 0.9, wd 5e-4, batch 64, MultiStepLR x0.2 at epochs 2E/3 and 5E/6,
+           CutMix on every batch (beta 1), hard labels. Images: Resize(224) + CenterCrop(224), then
+           RandomResizedCrop(224, 0.5-1), flip, ColorJitter 0.4, Lighting 0.1. Test: Resize(224) +
+           CenterCrop(224). Epochs by IPC: 3000 (1), 2000 (<= 10), 1500 (<= 50), 1000 (<= 200).
+  igd      IGD's evaluation (DD_IGD `train.py`): the same with AdamW lr 1e-3, wd 0.01, at IGD's
+           `--size` 256 (train and test Resize(256) + CenterCrop(256)).
+  rded     [ImageNet-1K soft labels; RDED `validation/main.py`, used by IGD and LGD] AdamW lr 1e-3,
+           wd 0.01 on conv/linear weights only, LR x 0.5 (1 + cos(pi e / 2E)) per epoch (ends at
+           0.5x), 300 epochs, batch by IPC (10 / 50 / 100 for IPC 1 / <= 10 / more, x2 for >= 100
+           classes), RandomResizedCrop(224, 0.5-1) + flip on the whole image, CutMix on every batch,
+           KL to the teacher's softmax(logits / 20) on the same crops (no T^2 factor, as RDED).
+           Test: Resize(256) + CenterCrop(224).
 
-Augmentation (data.train_transform): RandomResizedCrop(0.5-1), flip, colour jitter 0.4, PCA
-lighting 0.1; CutMix uses torchvision.transforms.v2.CutMix. Under torchrun the student is trained
-with DistributedDataParallel (each rank a slice of every batch).
+Data path (kept on the training device): a set is decoded once into uint8 images at the recipe's
+storage size (data.storage_size), every batch is augmented on the device by data.Augment with a
+seeded CPU generator, so a GPU is not starved by per-image PIL work and a seed gives the same run on
+any device. Sets larger than a few GB stream through DataLoader workers instead (same batches).
+The test split is decoded once per evaluation at the test view and reused at every checkpoint.
+
+Under torchrun the student is trained with DistributedDataParallel: every rank takes its slice of
+each global batch of the same permutation.
 
 Run: `python train_student.py --dataset digits --real-ipc 10` trains one student on 10 random real
 digits per class and prints its test accuracy.
 """
 import argparse
 import hashlib
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 from tqdm import tqdm
 
-from common import UserError, barrier, get_device, is_main, print0, run_cli, save_torch, seed_everything
-from data import ImageSet, get_spec, load_real, resolve_data_dir, sample_real_ipc, test_transform, train_transform
+from common import UserError, barrier, get_device, is_main, print0, run_cli, save_torch
+from data import (Augment, cutmix, get_spec, load_real, normalise, resolve_data_dir, resize_crop, sample_real_ipc,
+                  storage_size, with_view)
 from model import ARCHS, make_student
 
 RECIPES = {
-    "minimax": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64,
-                    schedule="multistep", cutmix=1.0, temperature=None),
-    "igd": dict(optimizer="adamw", lr=1e-3, momentum=None, weight_decay=0.01, batch_size=64,
-                schedule="multistep", cutmix=1.0, temperature=None),
-    "rded": dict(optimizer="adamw", lr=1e-3, momentum=None, weight_decay=0.01, batch_size=200,
-                 schedule="cosine", cutmix=1.0, temperature=20.0, epochs=300),
+    "minimax": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="multistep",
+                    cutmix=True, augment="minimax", pre_crop=True, test_crop_ratio=1.0, temperature=None),
+    "igd": dict(optimizer="adamw", lr=1e-3, weight_decay=0.01, batch_size=64, schedule="multistep", cutmix=True,
+                augment="minimax", pre_crop=True, test_crop_ratio=1.0, temperature=None, res="generated"),
+    "rded": dict(optimizer="adamw", lr=1e-3, weight_decay=0.01, batch_size="rded", schedule="half_cosine",
+                 cutmix=True, augment="rded", pre_crop=False, test_crop_ratio=0.875, temperature=20.0, epochs=300,
+                 decay_norms=False),
 }
+# theta* and IGD's surrogate (IGD `train_ckpts.py`): SGD lr 0.01, momentum 0.9, wd 5e-4, batch 64, no
+# schedule, no CutMix, Minimax augmentation at the generated size (256 px), mean = std = 0.5, 50 epochs,
+# parameters saved at init and after every epoch (the trajectory IGD's checkpoints are chosen from).
+SURROGATE = dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="constant",
+                 cutmix=False, augment="minimax", pre_crop=True, temperature=None)
+SURROGATE_EPOCHS = 50
+DIGITS_SURROGATE_EPOCHS = 30  # NOTE(deviation): 30 suffice on 8x8 digits (98% test accuracy)
+
+
+def recipe_spec(spec, recipe):
+    """The view a recipe's students are trained and tested in (resolution, test crop)."""
+    r = RECIPES[recipe]
+    res = spec.image_size if r.get("res") == "generated" and spec.name != "digits" else spec.res
+    return with_view(spec, res=res, crop_ratio=1.0 if spec.name == "digits" else r["test_crop_ratio"])
+
+
+def reference_spec(spec):
+    """theta*'s view (IGD's surrogate): the generated image as it is (256 px), mean = std = 0.5."""
+    return with_view(spec, res=spec.image_size, crop_ratio=1.0, mean=(0.5,) * spec.channels, std=(0.5,) * spec.channels)
 
 
 def epochs_for_ipc(ipc, recipe="minimax", dataset=None):
-    """Training length by images per class (Minimax protocol); rded trains a fixed 300 epochs."""
+    """Training length by images per class (Minimax `argument.py:ipc_epoch`); rded trains a fixed 300 epochs."""
     if "epochs" in RECIPES[recipe]:
         return RECIPES[recipe]["epochs"]
     if dataset == "digits":
         # NOTE(deviation): 8x8 digits converge ~7x sooner; 300 epochs keeps a student under 20 s on a CPU
-        # (real IPC 10: 0.93 after 300 epochs, measured) so the embedded run stays a few minutes.
         return 300
-    return 2000 if ipc <= 10 else 1500 if ipc <= 50 else 1000
+    return 3000 if ipc <= 1 else 2000 if ipc <= 10 else 1500 if ipc <= 50 else 1000 if ipc <= 200 else \
+        500 if ipc <= 500 else 300
 
 
-def make_optimizer(model, recipe, steps):
-    r = RECIPES[recipe]
+def batch_size_for(r, ipc, num_classes, n_images):
+    """The recipe's batch; RDED's grows with IPC (`argument.py`: 10 / 50 / 100, x2 for >= 100 classes)."""
+    if r["batch_size"] != "rded":
+        return min(r["batch_size"], n_images)
+    base = 10 if ipc <= 1 else 50 if ipc <= 10 else 100
+    return min(base * (2 if num_classes >= 100 else 1), n_images)
+
+
+def make_optimizer(model, r, epochs):
+    """Optimizer and a per-epoch LR schedule."""
+    if r.get("decay_norms", True):
+        groups = [dict(params=list(model.parameters()), weight_decay=r["weight_decay"])]
+    else:  # RDED: weight decay on conv / linear weights only, not on norms or biases
+        decay = [p for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for p in [m.weight]]
+        ids = {id(p) for p in decay}
+        groups = [dict(params=decay, weight_decay=r["weight_decay"]),
+                  dict(params=[p for p in model.parameters() if id(p) not in ids], weight_decay=0.0)]
     if r["optimizer"] == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=r["lr"], momentum=r["momentum"], weight_decay=r["weight_decay"])
+        opt = torch.optim.SGD(groups, lr=r["lr"], momentum=r["momentum"])
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
-    if r["schedule"] == "multistep":  # x0.2 at 2/3 and 5/6 of training (per step, so any length works)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [steps * 2 // 3, steps * 5 // 6], gamma=0.2)
+        opt = torch.optim.AdamW(groups, lr=r["lr"], betas=(0.9, 0.999), eps=1e-8)
+    if r["schedule"] == "multistep":  # x0.2 at epochs 2E/3 and 5E/6 (Minimax steps it once per epoch)
+        factor = lambda e: 0.2 ** ((e >= epochs * 2 // 3) + (e >= epochs * 5 // 6))  # noqa: E731
+    elif r["schedule"] == "half_cosine":  # RDED: 0.5 (1 + cos(pi e / E / 2)), 1.0 -> ~0.5
+        factor = lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs / 2))  # noqa: E731
     else:
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-    return opt, sched
+        factor = lambda e: 1.0  # noqa: E731
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class _Storage(torch.utils.data.Dataset):
+    """Streams a large set as uint8 images at the storage size (decoding in DataLoader workers)."""
+
+    def __init__(self, images, size, crop_ratio=1.0):
+        self.images, self.size, self.crop_ratio = images, size, crop_ratio
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = resize_crop(self.images.load(i), self.size, self.crop_ratio)
+        return (x * 255).round().clamp(0, 255).to(torch.uint8), self.images.labels[i]
+
+
+MAX_IN_MEMORY = 4 * 2**30  # bytes of uint8 images held in memory; a bigger set streams from disk
+
+
+def prepared(images, size, crop_ratio=1.0, num_workers=0):
+    """The set as one uint8 tensor (N, C, size, size), decoded once and cached on the set; None if too big."""
+    key = (size, crop_ratio)
+    cache = images.__dict__.setdefault("_prepared", {})
+    if key not in cache:
+        if len(images) * images_channels(images) * size * size > MAX_IN_MEMORY:
+            return None
+        loader = DataLoader(_Storage(images, size, crop_ratio), batch_size=64, num_workers=num_workers)
+        cache[key] = torch.cat([x for x, _ in loader]) if len(images) else torch.zeros(0, 1, size, size)
+    return cache[key]
+
+
+def images_channels(images):
+    return images.channels or images.load(0).shape[0]
+
+
+def batches(images, size, order, batch_size, num_workers):
+    """(uint8 images, labels) batches in `order`: from memory, or streamed from disk for a large set."""
+    labels = torch.as_tensor(images.labels)
+    cached = prepared(images, size, num_workers=num_workers)
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if cached is not None:
+        for idx in chunks:
+            yield cached[idx], labels[idx]
+    else:
+        yield from DataLoader(_Storage(images, size), batch_sampler=[c.tolist() for c in chunks],
+                              num_workers=num_workers)
 
 
 def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, device="cpu", teacher=None,
-                  num_workers=0, desc="student", cutmix=None, rank=0, world=1, on_eval=None, eval_points=10):
-    """Train `model` on `train_set` (an ImageSet of [0,1] images) and return it in eval mode.
+                  num_workers=0, desc="student", rank=0, world=1, on_eval=None, eval_points=100, on_epoch=None):
+    """Train `model` on `train_set` (an ImageSet of [0,1] images) seen through `spec`; return it in eval mode.
 
-    Hard labels with CutMix (soft mixed targets); with `teacher` (recipe rded) the targets are the
-    teacher's softened predictions on the same crops (KD, temperature T, loss scaled by T^2).
-    on_eval(model): called at `eval_points` evenly spaced epochs (the last included), e.g. to record
-    the best test accuracy that peers report (METHOD.md section 6).
+    recipe: a name in RECIPES or a recipe dict (SURROGATE). teacher (rded): a fixed model whose softened
+    predictions on the same crops are the targets. on_eval(model): called every epochs / eval_points epochs
+    and after the last (Minimax evaluates 100 times; the best of those is what peers report).
+    on_epoch(epoch, model): called with epoch 0 (the initialisation) and after every epoch (trajectories).
     """
-    r = RECIPES[recipe]
+    r = RECIPES[recipe] if isinstance(recipe, str) else recipe
     if r["temperature"] is not None and teacher is None:
         raise UserError(f"recipe {recipe} trains on soft labels and needs a teacher model")
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)  # important! a fixed labeller
-    seed_everything(seed + rank)  # ranks see different augmentations, as in any DDP training
+    device = torch.device(device)
     model = model.to(device).train()
-    train_set = train_set.preloaded()  # small sets: decode the PNGs once, not every epoch
-    data = ImageSet(train_set.items, train_set.labels, train_transform(spec), train_set.channels)
-    sampler = None
-    if world > 1:  # DDP: every rank trains on its slice of each epoch
-        sampler = torch.utils.data.distributed.DistributedSampler(data, world, rank, shuffle=True, seed=seed)
-    batch_size = min(max(1, r["batch_size"] // world), len(data))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=False,
-                        num_workers=num_workers, persistent_workers=num_workers > 0,
-                        generator=torch.Generator().manual_seed(seed))
-    steps = epochs * len(loader)
+    order_gen = torch.Generator().manual_seed(seed)  # the same permutation on every rank
+    augment = Augment(spec, "shift" if spec.name == "digits" else r["augment"],
+                      torch.Generator().manual_seed(seed * 1000 + rank))  # each rank its own crops
+    size = spec.res if spec.name == "digits" else storage_size(spec, r["pre_crop"])
+    ipc = max(1, len(train_set) // spec.num_classes)
+    batch_size = batch_size_for(r, ipc, spec.num_classes, len(train_set))
     net = model
-    if world > 1:
+    if world > 1:  # DDP: every rank trains on its slice of each global batch; gradients are averaged
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    opt, sched = make_optimizer(model, recipe, steps)
-    p_cutmix = r["cutmix"] if cutmix is None else cutmix
-    mix = v2.CutMix(num_classes=spec.num_classes, alpha=1.0)  # beta(1,1) box, labels mixed by area
-    bar = tqdm(total=steps, desc=desc, disable=not is_main(), leave=False, mininterval=2)
+    opt, schedule = make_optimizer(model, r, epochs)
+    every = max(1, epochs // eval_points)
+    if on_epoch is not None:
+        on_epoch(0, model)
+    bar = tqdm(total=epochs, desc=desc, disable=not is_main(), leave=False, mininterval=2, unit="epoch")
     for epoch in range(epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if p_cutmix > 0 and torch.rand(()) < p_cutmix:
-                x, target = mix(x, y)
+        order = torch.randperm(len(train_set), generator=order_gen)
+        for x, y in batches(train_set, size, order, batch_size, num_workers):
+            x, y = x[rank::world].to(device, non_blocking=True), y[rank::world].to(device, non_blocking=True)
+            x = augment(x)  # uint8 -> augmented, normalised float on the device
+            if r["cutmix"]:
+                x, target = cutmix(x, y, spec.num_classes, augment.g)
             else:
                 target = F.one_hot(y, spec.num_classes).float()
             logits = net(x)
-            if teacher is not None:  # soft labels: KD at temperature T on the same (mixed) crops
-                T = r["temperature"] or 1.0
+            if teacher is not None:  # soft labels: KL to the teacher's tempered softmax on the same crops
+                T = r["temperature"]
                 with torch.no_grad():
                     target = F.softmax(teacher(x) / T, dim=1)
-                loss = F.kl_div(F.log_softmax(logits / T, dim=1), target, reduction="batchmean") * T * T
+                loss = F.kl_div(F.log_softmax(logits / T, dim=1), target, reduction="batchmean")
             else:
                 loss = torch.sum(-target * F.log_softmax(logits, dim=1), dim=1).mean()  # soft-target CE
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
-            bar.update(1)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        last = epoch + 1 == epochs
-        if on_eval is not None and (last or (epoch + 1) % max(1, epochs // eval_points) == 0):
+        schedule.step()  # per epoch, as the recipes' own code
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model)
+        if on_eval is not None and (epoch + 1 == epochs or (epoch + 1) % every == 0):
             on_eval(model.eval())
             model.train()
     bar.close()
@@ -134,55 +227,101 @@ def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, 
 
 @torch.no_grad()
 def accuracy(model, test_set, spec, device="cpu", batch_size=256, num_workers=0):
-    """Top-1 accuracy (a fraction in [0, 1]) with the test transform (resize, centre crop, normalise)."""
+    """Top-1 accuracy (a fraction in [0, 1]) with the test view (resize, centre crop, normalise).
+
+    The test split is decoded once at the test view (uint8) and reused at every checkpoint.
+    """
     model.eval()
-    data = ImageSet(test_set.items, test_set.labels, test_transform(spec), test_set.channels)
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers)
-    correct = total = 0
+    device = torch.device(device)
+    labels = torch.as_tensor(test_set.labels)
+    cached = prepared(test_set, spec.res, spec.crop_ratio, num_workers)
+    if cached is not None:
+        loader = ((cached[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(labels), batch_size))
+    else:
+        loader = DataLoader(_Storage(test_set, spec.res, spec.crop_ratio), batch_size=batch_size,
+                            num_workers=num_workers)
+    correct = 0
     for x, y in loader:
-        pred = model(x.to(device)).argmax(dim=1).cpu()
-        correct += int((pred == y).sum())
-        total += len(y)
-    return correct / max(1, total)
+        x = normalise(x.to(device).float() / 255, spec)
+        correct += int((model(x).argmax(dim=1).cpu() == y).sum())
+    return correct / max(1, len(labels))
 
 
-def soft_label_teacher(spec, recipe, data_dir, device, **kwargs):
-    """The RDED teacher for soft-label recipes (None for hard-label ones): theta* as a ResNet-18, which for
-    ImageNet-1K is torchvision's pretrained model [RDED/IGD/LGD protocol]."""
-    if RECIPES[recipe]["temperature"] is None:
-        return None
-    return reference_model(spec, "resnet18", data_dir, device, **kwargs)
+# ----------------------------------------------------------------------------- models trained on the real data
+
+def _cache_path(kind, spec, arch, data_dir, epochs, cache_dir):
+    """One cache file per (dataset, arch, view, epochs, data tree): different trees never share an entry."""
+    key = f"{spec.name}_{arch}_res{spec.res}_e{epochs}"
+    details = repr((spec.mean, spec.std, spec.crop_ratio, os.path.abspath(data_dir) if data_dir else None))
+    return os.path.join(cache_dir, f"{kind}_{key}_{hashlib.sha1(details.encode()).hexdigest()[:8]}.pt")
 
 
-def reference_model(spec, arch, data_dir, device, cache_dir="out/cache", epochs=None, num_workers=0):
-    """theta*: `arch` trained on the full real train split once per dataset/arch/resolution, cached.
+def _load_cached(path):
+    try:
+        return torch.load(path, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: one line and the way out
+        raise UserError(f"cached model {path} is damaged ({e.__class__.__name__}); remove it and rerun to "
+                        f"retrain it") from None
 
-    [paper] a ConvNet-6 trained on the full real set (IGD's surrogate: 50 epochs). For ImageNet-1K with
-    ResNet-18 we use torchvision's pretrained ResNet-18 (trained on the full real set already) [choice].
-    Trained by rank 0 alone (the others wait), so the cached model does not depend on the number of ranks.
+
+def surrogate_trajectory(spec, arch, data_dir, device, epochs=None, cache_dir="out/cache", num_workers=0):
+    """IGD's surrogate trained on the full real train split, with its parameters at init and after every
+    epoch: a list of epochs + 1 state dicts (cached). spec: the surrogate's view (reference_spec).
+
+    Trained by rank 0 alone (the others wait), so the cache does not depend on the number of ranks.
     """
     if epochs is None:
-        # [paper] IGD's surrogate trains 50 epochs; NOTE(deviation): 30 suffice for digits (98% test accuracy)
-        epochs = 30 if spec.name == "digits" else 50
-    key = f"{spec.name}_{arch}_res{spec.res}"
-    if data_dir is not None:  # different trees (e.g. test stand-ins) must not share a cache entry
-        key += "_" + hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:8]
-    path = os.path.join(cache_dir, f"reference_{key}.pt")
-    if spec.name == "imagenet" and arch == "resnet18" and spec.num_classes == 1000:
-        import torchvision  # only this preset needs the pretrained weights (a hub download)
-        return torchvision.models.resnet18(weights="IMAGENET1K_V1").to(device).eval()
-    model = make_student(arch, spec, seed=0)  # important! an init independent of what ran before
+        epochs = DIGITS_SURROGATE_EPOCHS if spec.name == "digits" else SURROGATE_EPOCHS
+    path = _cache_path("surrogate", spec, arch, data_dir, epochs, cache_dir)
     if is_main() and not os.path.exists(path):
-        real = load_real(spec, data_dir, "train")
-        model = train_student(model, real, spec, "minimax", epochs, seed=0, device=device, desc=f"reference {arch}",
-                              num_workers=num_workers, cutmix=0.0)
-        save_torch(model.state_dict(), path)
+        print0(f"training {arch} on the real {spec.name} train split for {epochs} epochs (theta*, cached in {path})")
+        trajectory = []
+        model = make_student(arch, spec, seed=0)  # important! an init independent of what ran before
+        train_student(model, load_real(spec, data_dir, "train"), spec, SURROGATE, epochs, seed=0, device=device,
+                      desc=f"theta* {arch}", num_workers=num_workers,
+                      on_epoch=lambda e, m: trajectory.append({k: v.detach().cpu().clone()
+                                                               for k, v in m.state_dict().items()}))
+        save_torch(trajectory, path)
     barrier()
+    return _load_cached(path)
+
+
+def reference_model(spec, arch, data_dir, device, epochs=None, cache_dir="out/cache", num_workers=0, path=None):
+    """theta* and the view it sees: (model in eval mode, view spec).
+
+    [paper] a ConvNet-6 trained on the full real set, as IGD's surrogate: the last snapshot of
+    surrogate_trajectory at IGD's view (256 px, mean = std = 0.5). path: a user's state dict for `arch` at
+    that view (e.g. IGD's released surrogate). [choice] ImageNet-1K with resnet18_bn: torchvision's
+    pretrained ResNet-18 (trained on the full real set already), at its own view (224, ImageNet statistics).
+    """
+    view = reference_spec(spec)
+    if path is None and spec.name == "imagenet" and arch == "resnet18_bn" and spec.num_classes == 1000:
+        import torchvision  # only this preset needs the pretrained weights (a hub download)
+        return (torchvision.models.resnet18(weights="IMAGENET1K_V1").to(device).eval(),
+                recipe_spec(spec, "rded"))
+    model = make_student(arch, view, seed=0)
+    state = _load_cached(path) if path is not None else surrogate_trajectory(view, arch, data_dir, device, epochs,
+                                                                              cache_dir, num_workers)[-1]
     try:
-        model.load_state_dict(torch.load(path, map_location="cpu"))
-    except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: one line and the way out
-        raise UserError(f"cached reference model {path} is damaged ({e.__class__.__name__}); remove it and "
-                        f"rerun to retrain it") from None
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UserError(f"reference {path} does not fit --arch {arch} at {view.res} px: "
+                        f"{str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), view
+
+
+def soft_label_teacher(spec, recipe, data_dir, device, cache_dir="out/cache", num_workers=0):
+    """The RDED teacher for soft-label recipes (None for hard-label ones), in the students' view `spec`:
+    torchvision's pretrained ResNet-18 for ImageNet-1K [RDED/IGD/LGD protocol], else a ResNet-18 (BN)
+    trained on the real train split with the surrogate protocol."""
+    if RECIPES[recipe]["temperature"] is None:
+        return None
+    if spec.name == "imagenet" and spec.num_classes == 1000:
+        import torchvision  # the pretrained teacher of the protocol (a hub download)
+        return torchvision.models.resnet18(weights="IMAGENET1K_V1").to(device).eval()
+    model = make_student("resnet18_bn", spec, seed=0)
+    model.load_state_dict(surrogate_trajectory(spec, "resnet18_bn", data_dir, device, None, cache_dir,
+                                               num_workers)[-1])
     return model.to(device).eval()
 
 
@@ -203,12 +342,13 @@ def main():
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     spec, device = get_spec(args.dataset), get_device()
     data_dir = resolve_data_dir(spec, args.data_dir)
+    view = recipe_spec(spec, args.recipe)
     train = sample_real_ipc(load_real(spec, data_dir, "train"), args.real_ipc, args.seed)
-    teacher = soft_label_teacher(spec, args.recipe, data_dir, device)
-    model = train_student(make_student(args.arch, spec), train, spec, args.recipe,
-                          epochs_for_ipc(args.real_ipc, args.recipe, args.dataset) if args.epochs is None else args.epochs, args.seed, device,
-                          teacher=teacher)
-    print0(f"test accuracy: {accuracy(model, load_real(spec, data_dir, 'test'), spec, device):.4f}")
+    teacher = soft_label_teacher(view, args.recipe, data_dir, device)
+    epochs = epochs_for_ipc(args.real_ipc, args.recipe, args.dataset) if args.epochs is None else args.epochs
+    model = train_student(make_student(args.arch, view, seed=args.seed), train, view, args.recipe, epochs, args.seed,
+                          device, teacher=teacher)
+    print0(f"test accuracy: {accuracy(model, load_real(spec, data_dir, 'test'), view, device):.4f}")
 
 
 if __name__ == "__main__":

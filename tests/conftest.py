@@ -56,6 +56,55 @@ def make_fake_imagewoof(root, train_per_class=4, val_per_class=2, size=20, corru
     return root
 
 
+class EmpiricalDiT(torch.nn.Module):
+    """A stand-in DiT that is the exact denoiser of a small set of real images (no training needed).
+
+    For x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps with x_0 drawn from the images of class y, the optimal
+    prediction is x0_hat = sum_m w_m x_m with w = softmax(-||x_t - sqrt(abar) x_m||^2 / (2 (1 - abar))) over
+    the class's images (all images for the CFG null label); eps = (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar).
+    Its samples are real digits a trained classifier recognises, and x0_hat depends smoothly on x_t, so
+    guidance gradients are meaningful: a cheap prior with known-good samples for tests.
+    """
+
+    def __init__(self, images, labels, alphas_cumprod, num_classes=10):
+        super().__init__()
+        self.register_buffer("images", images.flatten(1) * 2 - 1)  # (M, D) in [-1, 1]
+        self.register_buffer("labels", torch.as_tensor(labels))
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float())
+        self.shape = images.shape[1:]
+        self.config = type("Config", (), dict(in_channels=images.shape[1], out_channels=images.shape[1],
+                                               sample_size=images.shape[-1], num_embeds_ada_norm=num_classes))()
+
+    @property
+    def dtype(self):
+        return self.images.dtype
+
+    @property
+    def device(self):
+        return self.images.device
+
+    def forward(self, z, timestep, class_labels):
+        abar = self.alphas_cumprod[timestep.long()].view(-1, 1)
+        flat = z.flatten(1)
+        distance = ((flat[:, None, :] - abar.sqrt()[:, :, None] * self.images[None]) ** 2).sum(-1)  # (N, M)
+        mask = (class_labels[:, None] == self.labels[None]) | (class_labels[:, None] == self.config.num_embeds_ada_norm)
+        logits = (-distance / (2 * (1 - abar))).masked_fill(~mask, float("-inf"))
+        x0 = torch.softmax(logits, dim=1) @ self.images
+        eps = (flat - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return type("Out", (), {"sample": eps.view(len(z), *self.shape)})
+
+
+def make_empirical_prior(per_class=20):
+    """A Prior whose DiT is EmpiricalDiT over `per_class` real training digits per class."""
+    from diffusers import DDPMScheduler
+    from data import load_digits_split, sample_real_ipc
+    from model import DIGITS_SCHEDULE, Prior, make_scheduler
+    real = sample_real_ipc(load_digits_split("train"), per_class, seed=0)
+    config = DDPMScheduler(**DIGITS_SCHEDULE).config
+    scheduler = make_scheduler(config, "ddpm", pixel_space=True, learned_variance=False)
+    return Prior(EmpiricalDiT(torch.stack(real.items), real.labels, scheduler.alphas_cumprod), scheduler)
+
+
 @pytest.fixture(scope="session")
 def latent_prior(tmp_path_factory):
     return make_tiny_latent_prior(str(tmp_path_factory.mktemp("latent_prior")))
