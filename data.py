@@ -284,12 +284,11 @@ def resize_crop(x, size, crop_ratio=1.0):
     single = x.ndim == 3
     x = x[None] if single else x
     short = round(size / crop_ratio)
-    if min(x.shape[-2:]) != short:
-        h, w = x.shape[-2:]
-        scale = short / min(h, w)
-        x = F.interpolate(x, size=(max(short, round(h * scale)), max(short, round(w * scale))),
-                          mode="bilinear", align_corners=False, antialias=True)
-    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    h, w = x.shape[-2:]
+    if min(h, w) != short:  # the long side as torchvision's Resize computes it (truncated)
+        new = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+        x = F.interpolate(x, size=new, mode="bilinear", align_corners=False, antialias=True)
+    top, left = (int(round((x.shape[-2] - size) / 2.0)), int(round((x.shape[-1] - size) / 2.0)))  # as CenterCrop
     x = x[..., top:top + size, left:left + size]
     return x[0] if single else x
 

@@ -190,6 +190,7 @@ def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, 
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     opt, schedule = make_optimizer(model, r, epochs)
     every = max(1, epochs // eval_points)
+    prepared(train_set, size, num_workers=num_workers)  # decode once, up front: a corrupt file fails here
     if on_epoch is not None:
         on_epoch(0, model)
     bar = tqdm(total=epochs, desc=desc, disable=not is_main(), leave=False, mininterval=2, unit="epoch")

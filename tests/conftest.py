@@ -106,6 +106,16 @@ def make_empirical_prior(per_class=20):
 
 
 @pytest.fixture(scope="session")
+def digits_reference(tmp_path_factory):
+    """theta* trained on the real digits (10 epochs, a few seconds), its view, and its cache folder."""
+    from data import get_spec
+    from train_student import reference_model
+    cache = tmp_path_factory.mktemp("reference_cache")
+    model, view = reference_model(get_spec("digits"), "convnet", None, "cpu", epochs=10, cache_dir=str(cache))
+    return model, view, cache
+
+
+@pytest.fixture(scope="session")
 def latent_prior(tmp_path_factory):
     return make_tiny_latent_prior(str(tmp_path_factory.mktemp("latent_prior")))
 

@@ -52,7 +52,7 @@ def tree(folder):
     (["--deviation-scale", "nan"], "--deviation-scale must be a finite number"),
     (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
     (["--guidance-scale", "-1"], "--guidance-scale"),
-    (["--lambda-ref", "inf"], "--lambda-ref must be a finite number"),
+    (["--lambda-ref", "inf"], "--omega must be a finite number"),  # --lambda-ref: the same flag, old name
     (["--c0", "0"], "--c0 must be a finite number > 0"),
     (["--res", "0"], "--res must be at least 8"),
     (["--memory-cap", "0"], "--memory-cap must be at least 1"),
@@ -173,9 +173,9 @@ def test_resume_with_another_data_dir_is_refused(tmp_path, latent_prior, fake_wo
     argv = ["--dataset", "imagewoof", *DIT, "--ipc", 1, "--prior", latent_prior, "--res", 16, "--out-dir", tmp_path / "r"]
     assert cli(distill.main, argv + ["--data-dir", fake_woof], capsys)[0] == 0
     other = shutil.copytree(fake_woof, tmp_path / "woof_copy")
-    one_error_line(*cli(distill.main, argv + ["--data-dir", other], capsys), "different data_dir")
+    one_error_line(*cli(distill.main, argv + ["--data-dir", other], capsys), "different --data-dir")
     one_error_line(*cli(distill.main, argv + ["--data-dir", fake_woof, "--batch-size", 4], capsys),
-                   "different batch_size")
+                   "different --batch-size")
 
 
 def test_corrupt_args_json_is_one_line(tmp_path, capsys, monkeypatch):
@@ -249,7 +249,7 @@ def test_a_broken_digits_prior_cache_says_how_to_remove_it(tmp_path, capsys, mon
 def test_a_done_stage_with_a_deleted_image_is_one_line(tmp_path, pixel_prior, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 4, "--student-epochs",
-            1, "--guide-from", 0, "--guide-until", 3, "--out-dir", tmp_path / "r"]
+            1, "--reference-epochs", 1, "--no-eval", "--guide-from", 0, "--guide-until", 3, "--out-dir", tmp_path / "r"]
     assert cli(distill.main, argv, capsys)[0] == 0
     os.remove(tmp_path / "r" / "stage_0" / "images" / "7" / "00000.png")
     one_error_line(*cli(distill.main, argv, capsys), "stage 0 is marked done", "7/00000.png", "delete")
@@ -268,7 +268,7 @@ def test_full_disk_while_saving_a_student_says_disk_full(tmp_path, pixel_prior, 
         return save(obj, path, *args, **kwargs)
     monkeypatch.setattr(torch, "save", full_disk)
     argv = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 4,
-            "--student-epochs", 1, "--out-dir", tmp_path / "r"]
+            "--student-epochs", 1, "--reference-epochs", 1, "--no-eval", "--out-dir", tmp_path / "r"]
     code, lines = cli(distill.main, argv, capsys)
     one_error_line(code, lines, "disk full", "student.pt")
     assert not [f for f in tree(tmp_path / "r") if "lgd-tmp" in f]  # the half-written temporary is gone
@@ -319,7 +319,7 @@ def test_evaluate_out_in_an_unusable_place_fails_before_training(tmp_path, capsy
 def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path, pixel_prior):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     args = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 3, "--stage-ipc", 1, "--steps", 6,
-            "--student-epochs", 30, "--out-dir", tmp_path / "r"]
+            "--student-epochs", 30, "--reference-epochs", 1, "--no-eval", "--out-dir", tmp_path / "r"]
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "distill.py"), *map(str, args)], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

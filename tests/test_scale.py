@@ -107,7 +107,7 @@ def test_out_of_memory_becomes_a_batch_size_hint(capsys):
 
 
 def test_non_finite_guidance_gradient_falls_back_to_the_unguided_step(pixel_prior):
-    from guidance import GuidanceConfig, guided_model_output, model_output_cfg
+    from guidance import GuidanceConfig, SamplerConfig, guided_output
     from model import load_prior
     prior = load_prior(pixel_prior)
     prior.scheduler.set_timesteps(10)
@@ -116,13 +116,11 @@ def test_non_finite_guidance_gradient_falls_back_to_the_unguided_step(pixel_prio
 
     def score(x, y):  # sample 1 divides by zero: an infinite learnability and gradient
         return x.flatten(1).sum(dim=1) / torch.tensor([1.0, 0.0, 1.0])
-    cfg = GuidanceConfig(guidance_scale=15.0)
-    guided = guided_model_output(prior, z, t, labels, labels, 2.0, score, cfg)
-    with torch.no_grad():
-        plain = model_output_cfg(prior, z, t, labels, 2.0)
-    assert cfg.nan_fallbacks == 1
-    assert torch.equal(guided[1], plain[1])  # the NaN sample took the unguided step
-    assert not torch.allclose(guided[0], plain[0]) and torch.isfinite(guided).all()
+    out, push, bad = guided_output(prior, z, t, labels, labels, SamplerConfig(cfg_scale=2.0), score,
+                                   GuidanceConfig(scale=15.0))
+    assert bad == 1
+    assert torch.all(push[1] == 0)  # the NaN sample takes the unguided step
+    assert push[0].abs().sum() > 0 and torch.isfinite(push).all() and torch.isfinite(out).all()
 
 
 def test_bench_tiny_smoke(tmp_path):
@@ -137,18 +135,18 @@ def test_bf16_autocast_path_returns_float32_close_to_fp32(latent_prior):
     """--precision bf16 runs DiT and VAE under autocast; the sampler and the guidance maths stay in float32.
     (Exercised on CPU autocast here; on CUDA distill.py turns it on.)"""
     from data import get_spec
-    from guidance import GuidanceConfig, Learnability, guided_model_output
+    from guidance import GuidanceConfig, Learnability, SamplerConfig, guided_output
     from model import load_prior, make_student
     spec = get_spec("imagewoof", res=16)
     prior = load_prior(latent_prior)
     prior.scheduler.set_timesteps(10)
     torch.manual_seed(0)
-    score = Learnability(make_student("convnet", spec), make_student("convnet", spec), spec, 0.5)
+    score = Learnability(make_student("convnet", spec), spec, make_student("convnet", spec), spec, 0.5)
     z, labels, classes = torch.randn(2, 4, 8, 8), torch.tensor([155, 159]), torch.tensor([0, 1])
-    t = prior.scheduler.timesteps[4]
-    full = guided_model_output(prior, z, t, labels, classes, 4.0, score, GuidanceConfig())
+    t, sampler = prior.scheduler.timesteps[4], SamplerConfig(cfg_scale=4.0)
+    full = guided_output(prior, z, t, labels, classes, sampler, score, GuidanceConfig())[1]
     prior.autocast = True
-    half = guided_model_output(prior, z, t, labels, classes, 4.0, score, GuidanceConfig())
+    half = guided_output(prior, z, t, labels, classes, sampler, score, GuidanceConfig())[1]
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert not torch.equal(half, full)  # bf16 really ran
-    assert (half - full).norm() / full.norm() < 0.05
+    assert (half - full).norm() / full.norm() < 0.1
