@@ -46,10 +46,11 @@ from tqdm import tqdm
 from common import (SALT_STAGE_INIT, SALT_STAGE_TRAIN, TEMPORARY, UserError, all_gather, barrier, copy_file,
                     derive_seed, git_commit, is_main, load_json, print0, remove_path, remove_stale_temporaries, save_grid, save_json,
                     save_png, save_torch, stream_seed, temporary_path)
-from data import ImageSet, list_image_folder, load_image
-from guidance import Learnability, SamplerLog, add_to_memory, best_of_candidates, decode_images, sample
+from data import ImageSet, classifier_input, list_image_folder, load_image, load_real, resize_crop
+from guidance import (Influence, Learnability, SamplerLog, add_to_memory, best_of_candidates, decode_images, sample,
+                      select_checkpoints, weight_gradient)
 from model import make_student
-from train_student import epochs_for_ipc, train_student
+from train_student import epochs_for_ipc, reference_spec, surrogate_trajectory, train_student
 
 # ----------------------------------------------------------------------------- the run folder
 
@@ -79,6 +80,11 @@ def stage_latents(out_dir, k):
 
 def distilled_dir(out_dir):
     return os.path.join(out_dir, "distilled")
+
+
+def run_latents(out_dir):
+    """The final latents of a one-pass method's set (--method igd): its memory M_c reads them back."""
+    return os.path.join(out_dir, "latents")
 
 
 def args_path(out_dir):
@@ -133,7 +139,7 @@ def owned_folders(out_dir):
     """The folders a run writes into: the only places its stale temporaries may be removed from."""
     if not os.path.isdir(out_dir):
         return []
-    inner = [os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith("stage_") or d == "distilled"]
+    inner = [os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith("stage_") or d in ("distilled", "latents")]
     return [out_dir] + [d for d in inner if os.path.isdir(d)]
 
 
@@ -296,7 +302,7 @@ def _generate_chunk(prior, spec, images_dir, latents_dir, chunk, index, seed, sa
         z0, images, best, parts = best_of_candidates(prior, labels, classes, generators, sampler, score, guide,
                                                      memories, log.sampler)
         log.kept_candidate.extend(best.tolist())
-        kept = torch.zeros_like(parts["S"], dtype=torch.bool)
+        kept = torch.zeros_like(next(iter(parts.values())), dtype=torch.bool)
         kept[torch.arange(len(best)), best] = True
         _extend(log.kept, parts, kept)
         _extend(log.rejected, parts, ~kept)
@@ -306,8 +312,7 @@ def _generate_chunk(prior, spec, images_dir, latents_dir, chunk, index, seed, sa
             twin = decode_images(prior, sample(prior, torch.tensor([spec.prior_labels[c] for c in chunk]), twin_gens,
                                                sampler))
             with torch.no_grad():
-                _extend(log.twin, score.parts(twin * 2 - 1, twin_classes) if hasattr(score, "parts")
-                        else dict(S=score(twin * 2 - 1, twin_classes)))
+                _extend(log.twin, score.parts(twin * 2 - 1, twin_classes))
     for c, z, image in zip(chunk, z0, images):
         if latents_dir is not None:  # the latent first: a PNG on disk means the image is complete
             save_torch(z.detach().cpu().clone(), latent_path(latents_dir, spec, c, index))
@@ -318,8 +323,8 @@ def generate_increment(prior, spec, images_dir, latents_dir, slots, first_index,
                        ranks=Ranks(), score=None, guide=None, memory=None, desc="sampling", log=None, twins=False):
     """Fill `images_dir/<class>/<index>.png` (and the final latents) for indices first_index .. + slots - 1.
 
-    Slots are filled in order (round r = slot r of every class), so M_c grows within a stage: after a
-    slot, its kept latents (read back from disk, so a resumed run sees the same memory) join M_c.
+    The slots of a class are filled in order, so M_c grows within a stage: after a slot, its kept
+    latents (read back from disk, so a resumed run sees the same memory) join M_c.
     Classes are cut into fixed blocks of batch_size // kappa classes, dealt round-robin to the ranks,
     so which images share a batch does not depend on the number of ranks. On out-of-memory the batch
     is halved and the block retried (images are seeded one by one, so the set is unchanged up to
@@ -331,9 +336,11 @@ def generate_increment(prior, spec, images_dir, latents_dir, slots, first_index,
     my_blocks = blocks[ranks.rank::ranks.world]
     log = log if log is not None else new_log(batch_size)
     bar = tqdm(total=slots * sum(map(len, my_blocks)), desc=desc, unit="img", disable=not is_main(), mininterval=2)
-    for slot in range(slots):
-        index = first_index + slot
-        for block in my_blocks:
+    # block by block, then slot by slot: M_c depends only on class c's earlier slots, so the order of blocks
+    # changes nothing, and a score with per-class state (IGD's real gradients) needs one block at a time
+    for block in my_blocks:
+        for slot in range(slots):
+            index = first_index + slot
             while True:
                 todo = [c for c in block if not os.path.exists(image_path(images_dir, spec, c, index))]
                 per_chunk = max(1, log.batch // kappa)
@@ -398,6 +405,50 @@ def log_line(k, summary):
     return (f"stage {k}: kept [{fmt(summary['kept'])}] | rejected [{fmt(summary['rejected'])}] | unguided twin "
             f"[{fmt(summary['twin'])}] | kept candidate {summary['kept_candidate_counts']} | push/step: guidance "
             f"{sum(guide) / max(1, len(guide)):.4f}, deviation {sum(dev) / max(1, len(dev)):.4f}")
+
+
+# ----------------------------------------------------------------------------- IGD's score for a dataset
+
+def influence_score(spec, arch, data_dir, device, out_dir, grad_ipc=200, checkpoints="auto", threshold=0.7,
+                    epochs=None, num_workers=0):
+    """IGD's influence score (guidance.Influence) for a dataset: the surrogate trajectory (the very training
+    theta* is the last snapshot of, cached), the chosen checkpoints (IGD's adaptive rule, or a given list;
+    written to out_dir/igd.json), and real-gradient targets over the first grad_ipc real images per class."""
+    view = reference_spec(spec)
+    trajectory = surrogate_trajectory(view, arch, data_dir, device, epochs, num_workers=num_workers)
+    real = load_real(spec, data_dir, "train")
+    members = [[i for i, y in enumerate(real.labels) if y == c][:grad_ipc] for c in range(spec.num_classes)]
+
+    def inputs(c):  # IGD's real view: the first grad_ipc images of the class, sorted by name, at 256 px, 0.5/0.5
+        x = torch.stack([resize_crop(real.load(i), view.res) for i in members[c]]).to(device)
+        return classifier_input(x * 2 - 1, view), torch.full((len(x),), c, device=device)
+
+    def model_at(j):
+        model = make_student(arch, view)
+        model.load_state_dict(trajectory[j])
+        return model.to(device).eval()
+
+    if checkpoints == "auto":  # class by class (the gradients of all classes need not fit in memory)
+        similarity = torch.zeros(len(trajectory), len(trajectory))
+        for c in tqdm(range(spec.num_classes), desc="IGD checkpoint selection", disable=not is_main()):
+            x, y = inputs(c)
+            grads = torch.stack([weight_gradient(model_at(j), x, y) for j in range(len(trajectory))])
+            grads = torch.nn.functional.normalize(grads.cpu(), dim=1)
+            similarity += grads @ grads.T / spec.num_classes
+        chosen = select_checkpoints(similarity, threshold)
+        info = dict(rule=f"adaptive, threshold {threshold}", similarity_to_previous_kept=[
+            float(similarity[a, b]) for a, b in zip(chosen, chosen[1:])])
+    else:
+        chosen = [int(j) for j in checkpoints.split(",")]
+        if min(chosen) < 0 or max(chosen) >= len(trajectory):
+            raise UserError(f"--igd-checkpoints {checkpoints}: the trajectory has snapshots 0..{len(trajectory) - 1}")
+        info = dict(rule="given")
+    if is_main():
+        save_json(dict(info, checkpoints=chosen, trajectory_length=len(trajectory), grad_ipc=grad_ipc, arch=arch),
+                  os.path.join(out_dir, "igd.json"))
+    print0(f"IGD checkpoints {chosen} of 0..{len(trajectory) - 1} ({info['rule']})")
+    models = [model_at(j) for j in chosen]
+    return Influence(models, view, lambda j, c: weight_gradient(models[j], *inputs(c)))
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -519,7 +570,7 @@ def run_stages(prior, spec, out_dir, plan, sampler, guide, students, reference, 
         log = new_log(batch)
         if k == 0 and seed_stage is not None:  # T_1 from another sampler (IGD's increment, the paper's seed)
             log = seed_stage(images, latents, log)
-        elif k == 0 and plan.seed_set != "dit":  # T_1 from a user's folder
+        elif k == 0 and plan.seed_set not in ("dit", "igd"):  # T_1 from a user's folder
             copy_seed_set(plan.seed_set, spec, out_dir, plan.stage_ipc, prior)
         elif k == 0:  # T_1: the unguided DiT increment
             generate_increment(prior, spec, images, latents, plan.stage_ipc, first, plan.seed, sampler, batch, ranks,

@@ -5,6 +5,8 @@ the learnability-guided sampler of guidance.py), or a baseline sampler of the pa
   --method lgd   the paper's method (Sec. 3): a seed increment, then per stage a fresh student and a
                  learnability-guided increment; the union of the increments is the set.
   --method dit   plain class-conditional DiT sampling with CFG: the "DiT" row of every table.
+  --method igd   influence-guided sampling (IGD, Chen et al., ICLR 2025), the paper's seed increment and
+                 main baseline; `--method lgd --seed-set igd` is the paper's pipeline (T_1 from IGD).
 
 Every method writes DIR/distilled/<class>/<index>.png (an ImageFolder any evaluator reads),
 DIR/args.json (with the git commit), DIR/grid.png, and with --eval DIR/eval.json (evaluate.py).
@@ -32,10 +34,11 @@ import torch
 from common import HelpFormatter, UserError, all_reduce_sum, barrier, get_device, is_main, print0, run_cli, \
     setup_distributed
 from curriculum import (Plan, Ranks, Students, claim_run_folder, distilled_dir, eval_path, generate_increment,
-                        record_args, run_stages, save_set_grid, stage_summary, update_args)
+                        influence_score, new_log, record_args, run_latents, run_stages, save_set_grid, stage_summary,
+                        update_args)
 from data import get_spec, resolve_data_dir
 from evaluate import evaluate_folder
-from guidance import GuidanceConfig, SamplerConfig
+from guidance import GuidanceConfig, SamplerConfig, igd_guidance
 from model import ARCHS, DEFAULT_PRIOR, DIGITS_SCHEDULE, load_prior
 from train_prior import digits_prior
 from train_student import RECIPES, recipe_spec, reference_model, reference_spec, soft_label_teacher
@@ -49,12 +52,14 @@ PRESETS = {
     # constants are re-tuned by the sweep in the README (rho_t normalises g, but 64 pixel values vs
     # 4096 latent values change how far a step of a given size moves the sample).
     "digits": dict(ipc=10, stage_ipc=2, arch="convnet", recipe="minimax", cfg_scale=2.0, batch_size=128, eval=True,
-                   scale=125.0, deviation=5.0),
+                   scale=125.0, deviation=5.0, igd_scale=5.0, igd_deviation=5.0, igd_from=10, igd_until=45, grad_ipc=100),
     "imagenette": dict(ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24),
     "imagewoof": dict(ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24),
     # ImageNet-1K: ResNet-18 students on soft labels (RDED protocol); theta* = torchvision's pretrained one
-    "imagenet": dict(ipc=50, stage_ipc=10, arch="resnet18_bn", recipe="rded", cfg_scale=4.0, batch_size=24),
+    "imagenet": dict(ipc=50, stage_ipc=10, arch="resnet18_bn", recipe="rded", cfg_scale=4.0, batch_size=24,
+                     igd_deviation=120.0),
 }
+IGD = dict(igd_scale=5.0, igd_from=30, igd_until=45, grad_ipc=200)  # IGD's own constants (guidance.igd_guidance)
 
 # settings that change the images: a rerun into the same folder must use the same ones (the data tree,
 # the precision, the sampler batch (float rounding) and the number of ranks a DDP student trains on
@@ -68,14 +73,17 @@ RESULT_ARGS = {"dataset": "--dataset", "method": "--method", "ipc": "--ipc", "st
                "through_dit": "--grad-through-dit", "memory_cap": "--memory-cap", "seed_set": "--seed-set",
                "res": "--res", "data_dir": "--data-dir", "precision": "--precision", "batch_size": "--batch-size",
                "student_ddp": "--student-ddp", "student_world": "ranks of a DDP student", "reference": "--reference",
-               "reference_epochs": "--reference-epochs"}
+               "reference_epochs": "--reference-epochs", "igd_scale": "--igd-scale", "igd_deviation": "--igd-deviation",
+               "igd_from": "--igd-from", "igd_until": "--igd-until", "grad_ipc": "--grad-ipc",
+               "igd_checkpoints": "--igd-checkpoints", "igd_threshold": "--igd-threshold"}
 
 
 def get_parser():
     p = argparse.ArgumentParser(description="Distil a dataset with learnability-guided diffusion (LGD).",
                                 formatter_class=HelpFormatter)
     p.add_argument("--dataset", default="digits", help="digits | imagenette | imagewoof | imagenet")
-    p.add_argument("--method", default="lgd", choices=["lgd", "dit"], help="LGD stage loop or unguided DiT")
+    p.add_argument("--method", default="lgd", choices=["lgd", "dit", "igd"],
+                   help="LGD stage loop, unguided DiT, or influence-guided IGD")
     p.add_argument("--ipc", type=int, default=None, help="images per class in total (preset: 10 digits, 100, 50 IN-1K)")
     p.add_argument("--stage-ipc", type=int, default=None, help="images per class per increment (paper 10, digits 2)")
     p.add_argument("--out-dir", default=None, help="output folder (default out/<dataset>_<method>_ipc<N>_seed<S>)")
@@ -114,7 +122,20 @@ def get_parser():
     p.add_argument("--grad-through-dit", dest="through_dit", action=argparse.BooleanOptionalAction, default=None,
                    help="g through the DiT (IGD) or from z0_hat with eps held fixed (cheaper)")
     p.add_argument("--memory-cap", type=int, default=None, help=f"|M_c|: latents kept per class ({PAPER['memory_cap']})")
-    p.add_argument("--seed-set", default="dit", help="stage 0: 'dit' (unguided samples) or a folder <class>/*.png")
+    p.add_argument("--seed-set", default="dit", help="stage 0: 'dit' (unguided samples), 'igd' (IGD's samples, the "
+                   "paper's pipeline) or a folder <class>/*.png")
+    # IGD (--method igd, --seed-set igd): its own constants on the same knobs
+    p.add_argument("--igd-scale", type=float, default=None, help=f"IGD's guidance scale k ({IGD['igd_scale']:g})")
+    p.add_argument("--igd-deviation", type=float, default=None,
+                   help="IGD's gamma (IGD Table 7: 50 at IPC 10, 120 at IPC 50/100 and on ImageNet-1K)")
+    p.add_argument("--igd-from", type=int, default=None, help=f"IGD's window start ({IGD['igd_from']})")
+    p.add_argument("--igd-until", type=int, default=None, help=f"IGD's window end ({IGD['igd_until']})")
+    p.add_argument("--grad-ipc", type=int, default=None, help=f"real images per class in IGD's target gradients "
+                   f"({IGD['grad_ipc']})")
+    p.add_argument("--igd-checkpoints", default="auto", help="'auto' (IGD's adaptive rule) or surrogate snapshots, "
+                   "e.g. 0,5,16,40 (IGD's ImageWoof list)")
+    p.add_argument("--igd-threshold", type=float, default=0.7, help="IGD's rule: keep a snapshot when the cosine of "
+                   "its class gradients to the last kept one falls below this")
     p.add_argument("--log-twins", dest="twins", action=argparse.BooleanOptionalAction, default=True,
                    help="log S of each kept image's unguided twin (same noise) in stage_<k>/log.json")
     # students (per-stage theta_k, reference theta*, evaluation)
@@ -156,7 +177,13 @@ def resolve_args(args):
     for key, value in {**PAPER, "eval": False, **PRESETS[args.dataset]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.method == "dit":  # no stages; stage_ipc only says how evaluate.py --redundancy cuts the set
+    for key, value in IGD.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.igd_deviation is None:  # IGD Table 7: gamma 50 for a 10-IPC set, 120 for 50/100
+        igd_ipc = args.ipc if args.method == "igd" else args.stage_ipc
+        args.igd_deviation = 50.0 if igd_ipc <= 10 else 120.0
+    if args.method != "lgd":  # no stages; stage_ipc only says how evaluate.py --redundancy cuts the set
         args.stage_ipc = min(args.stage_ipc, args.ipc) if args.ipc > 0 else args.stage_ipc
     _check(args.ipc > 0, f"--ipc must be positive, got {args.ipc}")
     _check(args.stage_ipc > 0, f"--stage-ipc must be positive, got {args.stage_ipc}")
@@ -184,14 +211,22 @@ def resolve_args(args):
     _finite("omega", args.omega, 0.0)
     _finite("deviation-scale", args.deviation, 0.0)
     _finite("c0", args.c0, 0.0, inclusive=False)
-    _check(args.seed_set == "dit" or os.path.isdir(args.seed_set), f"--seed-set {args.seed_set} is not a folder")
+    _finite("igd-scale", args.igd_scale, 0.0)
+    _finite("igd-deviation", args.igd_deviation, 0.0)
+    _finite("igd-threshold", args.igd_threshold, -1.0)
+    _check(0 <= args.igd_from <= args.igd_until, "--igd-from must be >= 0 and not exceed --igd-until")
+    _check(args.grad_ipc >= 1, f"--grad-ipc must be at least 1, got {args.grad_ipc}")
+    _check(args.igd_checkpoints == "auto" or all(p.strip().isdigit() for p in args.igd_checkpoints.split(",")),
+           f"--igd-checkpoints must be 'auto' or indices like 0,5,16,40, got {args.igd_checkpoints}")
+    _check(args.seed_set in ("dit", "igd") or os.path.isdir(args.seed_set),
+           f"--seed-set {args.seed_set} is not a folder (or 'dit', 'igd')")
     _check(args.reference is None or os.path.isfile(args.reference), f"--reference {args.reference} is not a file")
     if args.prior is None and args.dataset != "digits":
         args.prior = DEFAULT_PRIOR
     # paths are stored resolved, so evaluate.py finds them from any working directory
     for key in ("data_dir", "prior", "seed_set", "reference"):
         value = getattr(args, key)
-        if value is not None and os.path.exists(value):
+        if value is not None and value not in ("dit", "igd") and os.path.exists(value):
             setattr(args, key, os.path.abspath(value))
     args.eval_arch = args.eval_arch or args.arch
     args.out_dir = args.out_dir or os.path.join("out", f"{args.dataset}_{args.method}_ipc{args.ipc}_seed{args.seed}")
@@ -200,6 +235,11 @@ def resolve_args(args):
 
 def guidance_config(args):
     return GuidanceConfig(**{f.name: getattr(args, f.name) for f in fields(GuidanceConfig)})
+
+
+def igd_config(args):
+    return igd_guidance(deviation=args.igd_deviation, scale=args.igd_scale, guide_from=args.igd_from,
+                        guide_until=args.igd_until, c0=args.c0, through_dit=args.through_dit, memory_cap=args.memory_cap)
 
 
 def sampler_config(args):
@@ -223,7 +263,7 @@ def resolved_config(args, spec):
                                  (", ColorJitter 0.4, Lighting 0.1" if r["augment"] == "minimax" else "")),
         student_norm="batch norm (torchvision)" if args.arch == "resnet18_bn" else "instance norm",
         recipe_settings={k: v for k, v in r.items()}, guidance=asdict(guidance_config(args)),
-        guided_steps=len(window), sampler=asdict(sampler_config(args)))
+        igd_guidance=asdict(igd_config(args)), guided_steps=len(window), sampler=asdict(sampler_config(args)))
 
 
 def print_plan(args, spec):
@@ -239,10 +279,17 @@ def print_plan(args, spec):
     if args.method == "dit":
         print(f"  one unguided pass: {c * args.ipc} images x {args.steps} steps (CFG: 2 DiT passes per step)")
         return
+    igd_window = max(0, min(args.igd_until, args.steps - 1) - args.igd_from + 1)
+    if args.method == "igd":
+        print(f"  the surrogate trajectory of theta* (cached), checkpoints {args.igd_checkpoints}, then "
+              f"{c * args.ipc} images x {args.steps} steps ({igd_window} guided: a double backward per checkpoint)")
+        return
     for k in range(stages):
         n = c * args.stage_ipc
         status = " [done, will be skipped]" if done.get(k) else ""
-        if k == 0:
+        if k == 0 and args.seed_set == "igd":
+            print(f"  stage 0: IGD's increment, {n} images x {args.steps} steps ({igd_window} influence-guided){status}")
+        elif k == 0:
             print(f"  stage 0: seed set ({args.seed_set}), {n} images x {args.steps} unguided steps{status}")
         else:
             print(f"  stage {k}: train a {args.arch} student on {k * args.stage_ipc} IPC, then {n} images x "
@@ -318,10 +365,22 @@ def distill(args, spec, device, ranks, on_stage_start=None):
     sampler, out = sampler_config(args), args.out_dir
     plan = Plan(args.ipc, args.stage_ipc, args.seed, args.batch_size, args.seed_set, args.twins)
     student_view = recipe_spec(spec, args.recipe)
+    influence = None
+    if args.method == "igd" or args.seed_set == "igd":  # IGD's surrogate trajectory, checkpoints, real gradients
+        influence = influence_score(spec, args.arch, data_dir, device, out, args.grad_ipc, args.igd_checkpoints,
+                                    args.igd_threshold, args.reference_epochs, args.num_workers)
+
+    def igd(images_dir, latents_dir, slots, log):
+        """IGD's sampler: influence-guided, deviation from this run's earlier samples of the class (M_c starts
+        empty), one sample per image."""
+        return generate_increment(prior, spec, images_dir, latents_dir, slots, 0, args.seed, sampler, log.batch,
+                                  ranks, influence, igd_config(args), {}, desc="IGD sampling", log=log)
     if args.method == "dit":
         log = generate_increment(prior, spec, distilled_dir(out), None, args.ipc, 0, args.seed, sampler,
                                  args.batch_size, ranks, desc="dit sampling")
         batch = log.batch
+    elif args.method == "igd":
+        batch = igd(distilled_dir(out), run_latents(out), args.ipc, new_log(args.batch_size)).batch
     else:
         # theta*, trained once per dataset/arch/view and cached under out/cache (or the user's file)
         reference = reference_model(spec, args.arch, data_dir, device, epochs=args.reference_epochs,
@@ -329,8 +388,10 @@ def distill(args, spec, device, ranks, on_stage_start=None):
         teacher = soft_label_teacher(student_view, args.recipe, data_dir, device, num_workers=args.num_workers)
         students = Students(args.arch, args.recipe, student_view, args.student_epochs, args.student_ddp,
                             args.num_workers)
+        seed_stage = (lambda images, latents, log: igd(images, latents, args.stage_ipc, log)) \
+            if args.seed_set == "igd" else None
         batch = run_stages(prior, spec, out, plan, sampler, guidance_config(args), students, reference, ranks,
-                           device, teacher, on_stage_start=on_stage_start)
+                           device, teacher, seed_stage, on_stage_start=on_stage_start)
     update_args(out, sampler_batch_used=batch)
     stages = args.ipc // args.stage_ipc if args.method == "lgd" else 1
     save_set_grid(distilled_dir(out), spec, range(args.ipc), os.path.join(out, "grid.png"),

@@ -24,6 +24,7 @@ Run:
   python evaluate.py --dataset digits --real-ipc 10 --runs 3 --out out/digits_real_ipc10
   python evaluate.py --redundancy out/digits_lgd_ipc10_seed0              # redundancy.json + heatmap
   python evaluate.py --redundancy real --dataset digits --real-ipc 10     # the same for random real images
+  python evaluate.py --validity out/digits_lgd_ipc10_seed0                # share theta* recognises
   python evaluate.py --compare out/digits_lgd_ipc10_seed0 out/digits_dit_ipc10_seed0 out/digits_real_ipc10
 """
 import argparse
@@ -40,7 +41,8 @@ from curriculum import distilled_folder, eval_path, redundancy_path, run_info
 from data import ImageSet, class_files, get_spec, list_image_folder, load_distilled, load_image, load_real, \
     resolve_data_dir, sample_real_ipc
 from model import ARCHS, make_student
-from train_student import RECIPES, accuracy, epochs_for_ipc, recipe_spec, soft_label_teacher, train_student
+from train_student import (RECIPES, accuracy, epochs_for_ipc, recipe_spec, reference_model, soft_label_teacher,
+                           train_student)
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -191,6 +193,26 @@ def redundancy_report(increments, spec, out_dir, label, **kwargs):
     return result
 
 
+# ----------------------------------------------------------------------------- validity
+
+def validity_report(run_dir, spec, data_dir, device, num_workers=0):
+    """How many of a set's images theta* (the reference model the run used) classifies as their label:
+    the "still a clean example of its class" side of learnability, per increment and overall."""
+    info = run_info(run_dir)
+    reference, view = reference_model(spec, info.get("arch", "convnet"), data_dir, device,
+                                      epochs=info.get("reference_epochs"), num_workers=num_workers,
+                                      path=info.get("reference"))
+    stage_ipc = info.get("stage_ipc") or 1
+    increments = increments_of(distilled_folder(run_dir), spec, stage_ipc)
+    per_increment = [accuracy(reference, inc, view, device) for inc in increments]
+    result = dict(validity=float(np.mean(per_increment)), per_increment=per_increment, stage_ipc=stage_ipc,
+                  reference_arch=info.get("arch", "convnet"))
+    print0(f"theta* recognises {100 * result['validity']:.1f}% of {run_dir} (per increment: "
+           f"{' '.join(f'{100 * v:.0f}' for v in per_increment)})")
+    save_json(dict(result, git_commit=git_commit()), os.path.join(run_dir, "validity.json"))
+    return result
+
+
 # ----------------------------------------------------------------------------- comparison report
 
 def compare(run_dirs, markdown_path):
@@ -210,12 +232,14 @@ def compare(run_dirs, markdown_path):
             cross = load_json(path) if os.path.exists(path) else None
             row.append("-" if cross is None else
                        f"{100 * cross['acc_mean']:.1f} +- {100 * cross['acc_std']:.1f} (n={cross['runs']})")
+        valid_path = os.path.join(run_dir, "validity.json")
+        valid = load_json(valid_path)["validity"] if os.path.exists(valid_path) else None
         row += ["-" if red is None else f"{100 * red['off_diagonal_mean']:.1f} ({red['increments']}x{red['stage_ipc']})",
-                run_dir]
+                "-" if valid is None else f"{100 * valid:.1f}", run_dir]
         rows.append(row)
     # final and best-seen side by side: the honest number next to the one peers report
     header = (["method", "IPC", "arch", "acc % (final)", "acc % (best seen)"] +
-              [f"{arch} acc % (final)" for arch in other_archs] + ["redundancy % (cut)", "run"])
+              [f"{arch} acc % (final)" for arch in other_archs] + ["redundancy % (cut)", "theta* recognises %", "run"])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in [header] + rows)
     print(text)
@@ -238,6 +262,7 @@ def main(argv=None):
     p.add_argument("--real-ipc", type=int, default=None, help="baseline: K random real images per class")
     p.add_argument("--redundancy", default=None, help="run folder to cut into increments ('real' with --real-ipc)")
     p.add_argument("--stage-ipc", type=int, default=None, help="increment size for --redundancy (default: the run's)")
+    p.add_argument("--validity", default=None, help="run folder: the share of its images theta* recognises")
     p.add_argument("--compare", nargs="+", default=None, help="run folders with eval.json -> one table")
     p.add_argument("--markdown", default="out/compare.md", help="where --compare writes its Markdown table")
     p.add_argument("--arch", default=None, choices=ARCHS, help="student architecture (default: the run's, else convnet)")
@@ -264,9 +289,9 @@ def main(argv=None):
                         (args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")]:
         if not ok:
             raise UserError(message)
-    run_dir = args.distilled or (args.redundancy if args.redundancy not in (None, "real") else None)
+    run_dir = args.distilled or args.validity or (args.redundancy if args.redundancy not in (None, "real") else None)
     if run_dir is None and args.real_ipc is None:
-        raise UserError("give --distilled DIR, --real-ipc K, --redundancy DIR or --compare DIR ...")
+        raise UserError("give --distilled DIR, --real-ipc K, --redundancy DIR, --validity DIR or --compare DIR ...")
     if args.redundancy == "real" and args.real_ipc is None:
         raise UserError("--redundancy real needs --real-ipc K (the random real images to cut into increments)")
     if run_dir is not None and not os.path.isdir(run_dir):
@@ -279,6 +304,9 @@ def main(argv=None):
     device = get_device(args.device)
     if run_dir is not None:
         spec.image_size = generated_size(distilled_folder(run_dir), spec)
+    if args.validity is not None:
+        validity_report(run_dir, spec, data_dir, device, args.num_workers)
+        return
     view = recipe_spec(spec, recipe)
     teacher = soft_label_teacher(view, recipe, data_dir, device, num_workers=args.num_workers)
     kwargs = dict(arch=arch, recipe=recipe, epochs=args.epochs, seed=args.seed, device=device, teacher=teacher)

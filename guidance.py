@@ -62,6 +62,14 @@ class GuidanceConfig:
         return self.guide_from <= i <= self.guide_until
 
 
+def igd_guidance(deviation=50.0, scale=5.0, guide_from=30, guide_until=45, **kwargs):
+    """IGD's constants on the same knobs (IGD Table 7 for DiT, DD_IGD `sample_mp.sh`): its guidance scale
+    k = 5, gamma = 50 at IPC 10 and 120 at IPC 50/100 (ImageNet-1K: 120), the window 30..45 of 50, the z form,
+    one sample per image (no candidates), no reference term."""
+    return GuidanceConfig(scale=scale, omega=0.0, deviation=deviation, candidates=1, guide_from=guide_from,
+                          guide_until=guide_until, form="z", **kwargs)
+
+
 @dataclass
 class SamplerConfig:
     """How the prior is sampled (the field's DiT defaults)."""
@@ -105,6 +113,80 @@ class Learnability:
 
     def __call__(self, images, classes):
         return self.parts(images, classes)["S"]
+
+
+# ----------------------------------------------------------------------------- IGD's influence score
+
+class Influence:
+    """IGD's guidance score (Chen et al., "Influence-Guided Diffusion for Dataset Distillation", ICLR 2025;
+    DD_IGD `sample_mp.py`), the paper's seed increment and main baseline, steered by the same sampler:
+
+      I(x, y) = mean_j cos( grad_theta CE(f_theta_j(x), y),  g_real(j, y) ) - 1          (= -IGD's loss)
+
+    theta_j: checkpoints of IGD's surrogate trajectory; g_real(j, y): the gradient of the mean CE over real
+    images of class y at theta_j. Where S asks "does the current student get x wrong (and theta* right)?",
+    I asks "would a training step on x move the surrogate the way real images of y do?" -- a gradient of a
+    gradient, so raising I by grad_{z_t} is a double backward.
+
+    real_gradient(j, c) -> the flat g_real vector (computed on demand and cached: for ImageNet-1K the
+    vectors of all classes would not fit in memory, and a class block needs only its own).
+    """
+
+    def __init__(self, checkpoints, view, real_gradient, cache_classes=64):
+        self.checkpoints, self.view, self.real_gradient = checkpoints, view, real_gradient
+        for model in checkpoints:
+            model.eval().requires_grad_(True)  # important! the inner gradient is w.r.t. the weights
+        self.cache, self.cache_classes = {}, cache_classes
+
+    def target(self, j, c):
+        if (j, c) not in self.cache:
+            if len(self.cache) >= self.cache_classes * len(self.checkpoints):
+                self.cache.clear()
+            self.cache[(j, c)] = self.real_gradient(j, c)
+        return self.cache[(j, c)]
+
+    def parts(self, images, classes):
+        return dict(I=self(images, classes))
+
+    def __call__(self, images, classes):
+        """images (N, C, H, W) in [-1, 1] -> I (N,), differentiable in the images (create_graph)."""
+        with torch.enable_grad():  # the weight gradient is needed even when the caller only wants values
+            inputs = classifier_input(images, self.view)
+            scores = []
+            for n in range(len(inputs)):  # per sample: each x has its own weight gradient
+                y = classes[n:n + 1]
+                cosines = []
+                for j, model in enumerate(self.checkpoints):
+                    params = list(model.parameters())
+                    loss = F.cross_entropy(model(inputs[n:n + 1]), y)
+                    grad = torch.autograd.grad(loss, params, create_graph=True)  # kept differentiable in x
+                    flat = torch.cat([g.flatten() for g in grad])
+                    cosines.append(F.cosine_similarity(flat, self.target(j, int(y)).to(flat.device), dim=0))
+                scores.append(torch.stack(cosines).mean() - 1)
+            return torch.stack(scores)
+
+
+def weight_gradient(model, inputs, labels, batch=50):
+    """grad_theta of the mean CE over (inputs, labels), flattened; in batches (IGD: 4 batches of 50)."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(0, len(inputs), batch):
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(inputs[i:i + batch]), labels[i:i + batch], reduction="sum") / len(inputs)
+            for t, g in zip(total, torch.autograd.grad(loss, params)):
+                t += g
+    return torch.cat([t.flatten() for t in total]).detach()
+
+
+def select_checkpoints(similarity, threshold=0.7):
+    """IGD's adaptive rule (DD_IGD `test_ckpts_grad_sim.py`): keep the random init (0); walking the trajectory,
+    keep checkpoint j when the class-averaged cosine of its real gradient to the last kept one falls below
+    `threshold`, and compare later checkpoints to it. similarity: (J, J) class-averaged cosines."""
+    kept = [0]
+    for j in range(1, len(similarity)):
+        if similarity[kept[-1], j] < threshold:
+            kept.append(j)
+    return kept
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -239,15 +321,16 @@ def best_of_candidates(prior, labels, classes, generators, sampler, score, guide
 
     labels, classes, generators, memories: one entry per (image, candidate), candidates of an image
     adjacent (image-major). Returns (kept latents (n, C, h, w), kept images (n, C, H, W) in [0, 1],
-    kept candidate index (n,), parts {name: (n, kappa)}) with parts = score.parts of every candidate.
+    kept candidate index (n,), parts {name: (n, kappa)}) with parts = score.parts of every candidate (its
+    first entry the score, then what it is made of).
     """
     kappa = guide.candidates
     z0 = sample(prior, labels, generators, sampler, score, classes, memories, guide, log)
     images = decode_images(prior, z0)
     with torch.no_grad():
-        parts = score.parts(images * 2 - 1, classes) if hasattr(score, "parts") else dict(S=score(images * 2 - 1, classes))
+        parts = score.parts(images * 2 - 1, classes)
     parts = {name: value.detach().float().view(-1, kappa).cpu() for name, value in parts.items()}
-    best = parts["S"].argmax(dim=1)
+    best = next(iter(parts.values())).argmax(dim=1)  # the first part is the score itself (S, or IGD's I)
     rows = best + torch.arange(len(best)) * kappa
     return z0[rows.to(z0.device)], images[rows.to(images.device)], best, parts
 

@@ -16,6 +16,7 @@ Students / classifiers (the field's evaluation networks), chosen with `--arch`:
   resnetap10   ResNet-10 with average-pool downsampling and instance norm (IDC / Minimax)
   resnet18     ResNet-18 with instance norm (IDC / Minimax): the hard-label evaluation network
   resnet18_bn  torchvision's BatchNorm ResNet-18: the RDED soft-label protocol's student and teacher
+  mlp          a 2-hidden-layer MLP: the cheap digits-scale cross-architecture evaluator
 
 This file defines and loads networks only; it runs nothing (train_prior.py trains the digits prior).
 """
@@ -298,7 +299,20 @@ def resnet18_bn(channels, num_classes, res):
     return model
 
 
-ARCHS = ("convnet", "resnetap10", "resnet18", "resnet18_bn")
+class MLP(nn.Module):
+    """Flatten -> 256 -> ReLU -> 256 -> ReLU -> classes: not an evaluation network of the field, but a cheap
+    one of another family for the digits-scale cross-architecture column (no stage student or theta* is one)."""
+
+    def __init__(self, channels, num_classes, res, width=256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * res * res, width), nn.ReLU(inplace=True),
+                                 nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+ARCHS = ("convnet", "resnetap10", "resnet18", "resnet18_bn", "mlp")
 
 
 def make_student(arch, spec, seed=None):
@@ -316,4 +330,6 @@ def make_student(arch, spec, seed=None):
         return ResNet18(spec.channels, spec.num_classes, spec.res)
     if arch == "resnet18_bn":
         return resnet18_bn(spec.channels, spec.num_classes, spec.res)
+    if arch == "mlp":
+        return MLP(spec.channels, spec.num_classes, spec.res)
     raise UserError(f"unknown arch '{arch}' (choose from {', '.join(ARCHS)})")

@@ -1,0 +1,128 @@
+"""
+Every digits number in the README, printed from run folders this script makes (or reuses): the
+tables are regenerated from the current commit by running it, not typed in.
+
+  python results.py main          # LGD vs DiT vs random real: 3 distillation seeds x 3 students, IPC 10
+  python results.py sweep         # the digits guidance constants (seed 0 only; seeds 1-2 stay held out)
+  python results.py ablation      # the paper's ablation: which component carries the gain
+  python results.py main --jobs 2 # two runs at a time, one CPU thread each
+
+A cell is one distillation (distill.py) plus what the tables show about it, each a file in its folder:
+eval.json (3 students of the guiding architecture, ConvNet), eval_mlp.json (3 students of an
+architecture no stage student or theta* used: the cross-architecture column), redundancy.json (the
+set cut into increments in generation order) and validity.json (the share theta* recognises).
+Cells live in out/results/<name>_seed<S>/; a cell whose files exist is not recomputed, so an
+interrupted run of this script resumes. Student seeds are the same for every cell (paired).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join("out", "results")
+# the cross-architecture evaluator: no stage student or theta* is one. ResNetAP-10 (the paper's) costs ~5 CPU
+# minutes per cell at 8 px; an MLP is another family and takes seconds.
+CROSS = "mlp"
+SEEDS = (0, 1, 2)
+
+# name -> extra distill.py flags (on top of the digits preset); "real" cells are random real images
+MAIN = {"LGD": [], "DiT": ["--method", "dit"], "random real": "real"}
+SWEEP = {  # seed 0 only; (lambda, gamma) pairs around the preset, plus the two structural variants
+    f"lambda {scale:g}, gamma {gamma:g}": ["--guidance-scale", str(scale), "--deviation-scale", str(gamma)]
+    for scale in (15, 60, 125, 250, 500) for gamma in (0, 1, 5)
+}
+SWEEP.update({"lambda 125, gamma 5, omega 0": ["--guidance-scale", "125", "--deviation-scale", "5", "--omega", "0"],
+              "lambda 125, gamma 5, eps form": ["--guidance-scale", "125", "--deviation-scale", "5",
+                                                "--guidance-form", "eps"]})
+TABLES = {"main": (MAIN, SEEDS, True), "sweep": (SWEEP, (0,), True)}  # (cells, seeds, cross-arch column)
+
+
+def folder(name, seed):
+    return os.path.join(ROOT, f"{name.replace(' ', '_').replace(',', '').replace('=', '')}_seed{seed}")
+
+
+def commands(name, flags, seed, cross=True):
+    """The commands that fill one cell, each with the file it produces (skipped when that exists)."""
+    out, py = folder(name, seed), [sys.executable]
+    if flags == "real":  # random real images: K per class drawn with the cell's seed
+        base = [os.path.join(HERE, "evaluate.py"), "--dataset", "digits", "--real-ipc", "10", "--seed", str(seed)]
+        todo = [(os.path.join(out, "eval.json"), py + base + ["--out", out]),
+                (os.path.join(out, f"eval_{CROSS}.json"), py + base + ["--out", out, "--arch", CROSS]),
+                (os.path.join(out, "redundancy.json"), py + base + ["--out", out, "--redundancy", "real"])]
+    else:
+        todo = [(os.path.join(out, "eval.json"),
+                 py + [os.path.join(HERE, "distill.py"), *flags, "--seed", str(seed), "--out-dir", out, "--eval"]),
+                (os.path.join(out, f"eval_{CROSS}.json"),
+                 py + [os.path.join(HERE, "evaluate.py"), "--distilled", out, "--arch", CROSS]),
+                (os.path.join(out, "redundancy.json"), py + [os.path.join(HERE, "evaluate.py"), "--redundancy", out]),
+                (os.path.join(out, "validity.json"), py + [os.path.join(HERE, "evaluate.py"), "--validity", out])]
+    return [(target, command) for target, command in todo if cross or CROSS not in target]
+
+
+def fill(cell, threads, cross=True):
+    """Run a cell's missing commands in order; returns the cell's name."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    for target, command in commands(*cell, cross=cross):
+        if not os.path.exists(target):
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return f"{cell[0]} seed {cell[2]}"
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def summary(name, flags, seeds):
+    """One table row: accuracies pooled over seeds x students (n), redundancy and validity per seed."""
+    accs, cross, red, valid = [], [], [], []
+    for seed in seeds:
+        out = folder(name, seed)
+        accs += load(os.path.join(out, "eval.json"))["accs"]
+        if os.path.exists(os.path.join(out, f"eval_{CROSS}.json")):
+            cross += load(os.path.join(out, f"eval_{CROSS}.json"))["accs"]
+        red.append(load(os.path.join(out, "redundancy.json"))["off_diagonal_mean"])
+        if os.path.exists(os.path.join(out, "validity.json")):
+            valid.append(load(os.path.join(out, "validity.json"))["validity"])
+    pct = lambda values: f"{100 * np.mean(values):.1f} +- {100 * np.std(values):.1f} (n={len(values)})" \
+        if values else "-"  # noqa: E731
+    per_seed = lambda values: (f"{100 * np.mean(values):.1f}" + (  # noqa: E731
+        f" ({' / '.join(f'{100 * v:.1f}' for v in values)})" if len(values) > 1 else "")) if values else "-"
+    return [name, pct(accs), pct(cross), per_seed(red), per_seed(valid)]
+
+
+def table(rows, header):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def main():
+    p = argparse.ArgumentParser(description="Make (or reuse) the digits runs behind the README's tables and print them.")
+    p.add_argument("table", choices=list(TABLES), help="which table")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at a time (each with one CPU thread when > 1)")
+    args = p.parse_args()
+    cells, seeds, cross = TABLES[args.table]
+    # the digits prior and theta* are trained once, before cells run in parallel and would race for them
+    first = next(iter(cells.items()))
+    fill((first[0], first[1], seeds[0]), os.cpu_count(), cross)
+    todo = [(name, flags, seed) for name, flags in cells.items() for seed in seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for done in pool.map(lambda cell: fill(cell, 1 if args.jobs > 1 else os.cpu_count(), cross), todo):
+            print(f"done: {done}", flush=True)
+    header = ["digits, IPC 10", "acc % ConvNet (guiding arch)", f"acc % {CROSS} (cross-arch)",
+              "redundancy % (5 x 2 IPC)", "theta* recognises %"]
+    print(table([summary(name, flags, seeds) for name, flags in cells.items()], header))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
+    print(f"\n(commit {commit.strip()}; accuracies: final epoch, mean +- std over {len(seeds)} distillation seed(s) x 3 "
+          f"students; redundancy and validity: mean (per seed))")
+
+
+if __name__ == "__main__":
+    main()
