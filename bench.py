@@ -1,49 +1,56 @@
 """
-Benchmark of one sampling step (METHOD.md section 5): what learnability guidance costs.
+What a guided sampling step costs, and where the time goes (the learnability-guided sampler of guidance.py).
 
-Times, at one model size and batch, in one process:
-  (a) unguided   the CFG step of the plain DiT sampler (no gradient anywhere)
-  (b) guided     Eq. eps~ with g = grad_{z_t} S through the classifiers, the VAE decoder and the DiT
-  (c) guided-z0  the same with eps held fixed (g from z0_hat only: no backward through the DiT)
-  (d) naive      (b) written the obvious way: a no-grad CFG pass for the step plus a second CFG pass
-                 with gradient for g, i.e. what guided_model_output avoids by reusing one pass
-and prints step time, ratio to (a), images/s and peak memory (CUDA max allocated, or the process's
-peak RSS on CPU, which only grows: read it as "at most").
+One run times, at one model size and batch, in one process:
+  components   CFG forward (no grad) | CFG forward with grad + DiT input-backward | decoder forward and
+               backward (SD VAE, TAESD) | classifiers forward + backward (student + theta*) | scheduler step,
+               their sum against the measured guided step (the rest is our code's overhead), and the
+               FLOPs of each (torch.utils.flop_counter: the floor a GPU cannot go under)
+  variants     unguided | guided (exact: g through classifiers, VAE decoder, DiT) | z0-only (eps held
+               fixed: no backward through the DiT) | taesd (g through TAESD) | taesd + z0-only | igd (IGD's
+               influence score, 4 checkpoints: a double backward) -- step time, ratio to unguided, images/s,
+               peak memory (CUDA max allocated; on CPU the process's peak RSS, which only grows)
+  --student    student training throughput (images/s) on digits and at 224 px, and augmentation alone
 
-Sizes: `--size xl` = DiT-XL/2 256 px + SD VAE (random weights: speed does not depend on them) with
-ConvNet-6 classifiers at 224 px; `--size tiny` = the digits prior's architecture (8 px, pixel space).
+Sizes: `--size xl` = DiT-XL/2 256 px + SD VAE + TAESD (random weights: speed does not depend on them) with
+ConvNet-6 classifiers at 224 px (theta* at 256); `--size tiny` = the digits prior's architecture (8 px,
+pixel space: no decoder, so the taesd rows are absent).
 
-Run: `python bench.py --size tiny`, `python bench.py --size xl --batch-size 8 --json out/bench_xl.json`
+Run: `python bench.py --size tiny`, `python bench.py --size xl --batch-size 1 2 --json out/bench_xl.json`,
+     `python bench.py --size xl --device cuda --batch-size 8 --precision bf16 --json out/bench_gpu.json`
 """
 import argparse
+import copy
 import json
 import os
 import resource
 import time
 
 import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiTTransformer2DModel
+from torch.utils.flop_counter import FlopCounterMode
 
 from common import get_device
-from data import get_spec
-from guidance import GuidanceConfig, Learnability, SamplerConfig, cfg_output, guided_output
+from data import Augment, ImageSet, get_spec, load_real, sample_real_ipc
+from guidance import GuidanceConfig, Influence, Learnability, SamplerConfig, cfg_output, guided_output
 from model import DIGITS_PRIOR, Prior, make_scheduler, make_student
+from train_student import recipe_spec, reference_spec, train_student
+
+XL_DIT = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+              sample_size=32, patch_size=2, num_embeds_ada_norm=1000)  # DiT-XL/2 256
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=256,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+              layers_per_block=2, scaling_factor=0.18215)  # sd-vae-ft-mse's architecture
 
 
-def build(size, device, dtype):
-    """(prior, spec) with random weights at the requested size."""
-    from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
+def build(size, device):
+    """(prior, spec) with random weights at the requested size; XL carries TAESD as its gradient decoder."""
     scheduler_config = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").config
     if size == "tiny":
-        transformer = DiTTransformer2DModel(**DIGITS_PRIOR)
-        prior = Prior(transformer.to(device), make_scheduler(scheduler_config, "ddpm", True, False))
+        prior = Prior(DiTTransformer2DModel(**DIGITS_PRIOR).to(device), make_scheduler(scheduler_config, "ddpm", True, False))
         return prior, get_spec("digits")
-    transformer = DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
-                                        num_layers=28, sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, sample_size=256,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=2, scaling_factor=0.18215)
-    prior = Prior(transformer.to(device), make_scheduler(scheduler_config, "ddpm", False, True),
-                  vae.to(device))
+    prior = Prior(DiTTransformer2DModel(**XL_DIT).to(device), make_scheduler(scheduler_config, "ddpm", False, True),
+                  AutoencoderKL(**SD_VAE).to(device), AutoencoderTiny().to(device))  # AutoencoderTiny() = TAESD's shape
     return prior, get_spec("imagewoof")
 
 
@@ -53,80 +60,184 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def naive_guided(prior, z, t, labels, classes, sampler, score, guide):
-    """(d): the 'before' version: a separate no-grad CFG pass for the step, another with grad for g."""
+def timed(fn, device, repeats):
+    """Seconds per call (after one warm-up call), and the FLOPs of one call."""
+    fn()  # first-call allocations and kernel selection are not the step's cost
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / repeats, counter.get_total_flops()
+
+
+def step_parts(prior, z, t, labels, classes, sampler, score):
+    """The pieces of one exact guided step as separate callables (each repeats the work it needs before it)."""
+    c, alpha_bar = prior.channels, prior.scheduler.alphas_cumprod[t].to(z.device)
+    state = {}
+
+    def dit_forward_with_grad():
+        state["z"] = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            state["eps"] = cfg_output(prior, state["z"], t, labels, sampler)[:, :c]
+
+    def dit_backward():
+        torch.autograd.grad(state["eps"], state["z"], torch.ones_like(state["eps"]), retain_graph=True)
+
+    def decoder(decode):
+        def forward():
+            state["z0"] = ((z - (1 - alpha_bar).sqrt() * state["eps"].detach()) / alpha_bar.sqrt()).requires_grad_(True)
+            with torch.enable_grad():
+                state["x"] = decode(state["z0"])
+
+        def backward():
+            torch.autograd.grad(state["x"], state["z0"], torch.ones_like(state["x"]), retain_graph=True)
+        return forward, backward
+
+    def classifiers():
+        x = state["x"].detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            torch.autograd.grad(score(x, classes).sum(), x)
+
+    def scheduler_step():
+        out = torch.cat([state["eps"].detach(), torch.zeros_like(state["eps"])], dim=1) if prior.learned_variance \
+            else state["eps"].detach()
+        prior.scheduler.step(out, t, z)
+    vae_forward, vae_backward = decoder(prior.decode)
+    parts = [("DiT CFG forward, with grad", dit_forward_with_grad), ("DiT input-backward", dit_backward),
+             ("VAE decoder forward", vae_forward), ("VAE decoder backward", vae_backward),
+             ("classifiers forward+backward", classifiers), ("scheduler step", scheduler_step)]
+    if prior.grad_vae is not None:
+        taesd_forward, taesd_backward = decoder(prior.decode_for_gradient)
+        parts += [("TAESD decoder forward", taesd_forward), ("TAESD decoder backward", taesd_backward)]
+    return parts
+
+
+def bench_sampler(args, device, batch):
+    torch.manual_seed(0)
+    prior, spec = build(args.size, device)
+    prior.autocast = args.precision == "bf16" and device.type == "cuda"
+    if args.grad_checkpoint:
+        prior.enable_gradient_checkpointing()
+    spec.image_size = prior.image_size
+    view, ref_view = recipe_spec(spec, "minimax"), reference_spec(spec)
+    student, reference = make_student("convnet", view).to(device), make_student("convnet", ref_view).to(device)
+    score = Learnability(student, view, reference, ref_view, 0.5)
+    influence_nets = [make_student("convnet", ref_view).to(device) for _ in range(4)]
+    size = sum(p.numel() for p in influence_nets[0].parameters())
+    targets = {}
+    influence = Influence(influence_nets, ref_view,
+                          lambda j, c: targets.setdefault((j, c), torch.randn(size, device=device)))
+    prior.scheduler.set_timesteps(50)
+    t = prior.scheduler.timesteps[25]  # mid-window: the cost per step does not depend on t
+    z = torch.randn(batch, prior.channels, prior.latent_size, prior.latent_size, device=device)
+    labels = torch.tensor([spec.prior_labels[i % spec.num_classes] for i in range(batch)], device=device)
+    classes = torch.arange(batch, device=device) % spec.num_classes
+    sampler = SamplerConfig(cfg_scale=4.0)
+    exact, z0_only = GuidanceConfig(), GuidanceConfig(through_dit=False)
+    cheap, exact_prior = prior.grad_vae, copy.copy(prior)
+    exact_prior.grad_vae = None  # the same modules, the gradient through the VAE
+
+    def step(p, guide, s):  # one sampler step: the guided output, then the scheduler step
+        out = cfg_output(p, z, t, labels, sampler) if guide is None else guided_output(p, z, t, labels, classes,
+                                                                                        sampler, s, guide)[0]
+        p.scheduler.step(out, t, z)
+    variants = {"unguided": (exact_prior, None, score), "guided": (exact_prior, exact, score),
+                "guided-z0": (exact_prior, z0_only, score)}
+    if cheap is not None:
+        variants.update({"taesd": (prior, exact, score), "taesd + z0-only": (prior, z0_only, score)})
+    variants["igd"] = (exact_prior, GuidanceConfig(scale=5.0, candidates=1), influence)
+    rows = []
+    for name, (p, guide, s) in variants.items():
+        if device.type == "cuda":  # per-variant peak on GPU; on CPU the RSS peak only grows (see docstring)
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():  # important! the sampler runs under no_grad; guidance re-enables it locally
+            seconds, flops = timed(lambda: step(p, guide, s), device, args.repeats)
+        rows.append(dict(variant=name, step_s=seconds, gflops=flops / 1e9, images_per_s=batch / seconds,
+                         peak_mb=peak_memory_mb(device)))
+    for row in rows:
+        row["ratio"] = row["step_s"] / rows[0]["step_s"]
+    components = []
     with torch.no_grad():
-        out = cfg_output(prior, z, t, labels, sampler)
-    guided_output(prior, z, t, labels, classes, sampler, score, guide)  # through the DiT
+        components.append(dict(part="DiT CFG forward (no grad)", **dict(zip(("s", "flops"), timed(
+            lambda: cfg_output(prior, z, t, labels, sampler), device, args.repeats)))))
+        for name, fn in step_parts(exact_prior if cheap is None else prior, z, t, labels, classes, sampler, score):
+            components.append(dict(part=name, **dict(zip(("s", "flops"), timed(fn, device, args.repeats)))))
+    exact_names = {"DiT CFG forward, with grad", "DiT input-backward", "VAE decoder forward", "VAE decoder backward",
+                   "classifiers forward+backward", "scheduler step"}
+    if prior.vae is None:
+        exact_names -= {"VAE decoder forward", "VAE decoder backward"}
+    parts_sum = sum(c["s"] for c in components if c["part"] in exact_names)
+    guided = next(r for r in rows if r["variant"] == "guided")
+    return dict(batch=batch, rows=rows, components=components, exact_parts_sum_s=parts_sum,
+                guided_over_parts=guided["step_s"] / parts_sum)
+
+
+def bench_students(device):
+    """Student training throughput: the in-memory uint8 set augmented on the training device."""
+    out = {}
+    digits = get_spec("digits")
+    data = sample_real_ipc(load_real(digits, None, "train"), 50, 0)
+    start = time.perf_counter()
+    train_student(make_student("convnet", digits, seed=0), data, digits, "minimax", 20, device=device)
+    out["digits IPC 50 (500 images, 8 px, ConvNet), img/s"] = 500 * 20 / (time.perf_counter() - start)
+    woof = recipe_spec(get_spec("imagewoof"), "minimax")
+    g = torch.Generator().manual_seed(0)
+    images = ImageSet([torch.rand(3, 256, 256, generator=g) for _ in range(100)], [i % 10 for i in range(100)])
+    start = time.perf_counter()
+    train_student(make_student("convnet", woof, seed=0), images, woof, "minimax", 2, device=device)
+    out["224 px (100 images of 256 px, ConvNet-6), img/s"] = 100 * 2 / (time.perf_counter() - start)
+    x = (torch.rand(64, 3, 224, 224, generator=g) * 255).to(torch.uint8).to(device)
+    augment, start = Augment(woof, "minimax", torch.Generator().manual_seed(0)), time.perf_counter()
+    for _ in range(4):
+        augment(x)
+    out["augmentation alone (Minimax, 224 px), img/s"] = 4 * 64 / (time.perf_counter() - start)
     return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Time unguided vs learnability-guided sampling steps.")
-    p.add_argument("--size", default="tiny", choices=["tiny", "xl"], help="digits prior or DiT-XL/2 256")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: tiny 128, xl 8)")
+    p = argparse.ArgumentParser(description="Where a learnability-guided sampling step's time goes.")
+    p.add_argument("--size", default="tiny", choices=["tiny", "xl"], help="digits prior or DiT-XL/2 256 + SD VAE")
+    p.add_argument("--batch-size", type=int, nargs="+", default=None, help="images per step (tiny 128, xl 1 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default: tiny 10, xl 2)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast on CUDA")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast (CUDA)")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="gradient checkpointing in DiT/VAE during the guided step")
+    p.add_argument("--student", action="store_true", help="time student training instead of sampling steps")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--json", default=None, help="also write the table as JSON here")
+    p.add_argument("--json", default=None, help="also write everything as JSON here")
     args = p.parse_args(argv)
     device = get_device(args.device)
-    batch = args.batch_size or (128 if args.size == "tiny" else 8)
-    repeats = args.repeats or (10 if args.size == "tiny" else 2)
-    torch.manual_seed(0)
-    prior, spec = build(args.size, device, torch.float32)
-    prior.autocast = args.precision == "bf16" and device.type == "cuda"
-    if args.grad_checkpoint:
-        prior.enable_gradient_checkpointing()
-    student, reference = make_student("convnet", spec).to(device), make_student("convnet", spec).to(device)
-    score = Learnability(student, spec, reference, spec, 0.5)
-    sampler = SamplerConfig(cfg_scale=4.0)
-    prior.scheduler.set_timesteps(50)
-    t = prior.scheduler.timesteps[25]  # mid-window: cost per step does not depend on t
-    z = torch.randn(batch, prior.channels, prior.latent_size, prior.latent_size, device=device)
-    labels = torch.tensor([spec.prior_labels[i % spec.num_classes] for i in range(batch)], device=device)
-    classes = torch.arange(batch, device=device) % spec.num_classes
-    guide = GuidanceConfig()
-    guide_z0 = GuidanceConfig(through_dit=False)
-
-    variants = {
-        "unguided": lambda: cfg_output(prior, z, t, labels, sampler),
-        "guided": lambda: guided_output(prior, z, t, labels, classes, sampler, score, guide)[0],
-        "guided-z0": lambda: guided_output(prior, z, t, labels, classes, sampler, score, guide_z0)[0],
-        "naive": lambda: naive_guided(prior, z, t, labels, classes, sampler, score, guide),
-    }
-    rows = []
-    for name, fn in variants.items():
-        if device.type == "cuda":  # per-variant peak on GPU; on CPU the RSS peak only grows (see docstring)
-            torch.cuda.reset_peak_memory_stats(device)
-        with torch.no_grad():  # important! the sampler runs under no_grad; guidance re-enables it locally
-            fn()  # warm-up: first-call allocations and kernel selection are not the step's cost
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(repeats):
-                out = fn()
-                prior.scheduler.step(out, t, z)  # the step itself is part of the cost
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        seconds = (time.perf_counter() - start) / repeats
-        rows.append(dict(variant=name, step_s=seconds, images_per_s=batch / seconds, peak_mb=peak_memory_mb(device)))
-    base = rows[0]["step_s"]
-    for row in rows:
-        row["ratio"] = row["step_s"] / base
-    print(f"bench: size {args.size}, batch {batch}, device {device}, {args.precision}, "
-          f"grad checkpointing {'on' if args.grad_checkpoint else 'off'}, {repeats} repeats")
-    print(f"{'variant':<10} {'step s':>9} {'x unguided':>11} {'img/s':>9} {'peak MB':>9}")
-    for row in rows:
-        print(f"{row['variant']:<10} {row['step_s']:9.4f} {row['ratio']:11.2f} {row['images_per_s']:9.2f} "
-              f"{row['peak_mb']:9.0f}")
+    if args.student:
+        result = dict(device=str(device), threads=torch.get_num_threads(), student=bench_students(device))
+        for name, value in result["student"].items():
+            print(f"{name:<55} {value:10.1f}")
+    else:
+        args.batch_size = args.batch_size or ([128] if args.size == "tiny" else [1, 2])
+        args.repeats = args.repeats or (10 if args.size == "tiny" else 2)
+        result = dict(vars(args), device=str(device), threads=torch.get_num_threads(), runs=[])
+        for batch in args.batch_size:
+            run = bench_sampler(args, device, batch)
+            result["runs"].append(run)
+            print(f"\nbench: size {args.size}, batch {batch}, {device}, {args.precision}, {args.repeats} repeats")
+            print(f"{'variant':<16} {'step s':>9} {'x unguided':>11} {'GFLOP':>9} {'img/s':>8} {'peak MB':>9}")
+            for row in run["rows"]:
+                print(f"{row['variant']:<16} {row['step_s']:9.4f} {row['ratio']:11.2f} {row['gflops']:9.1f} "
+                      f"{row['images_per_s']:8.2f} {row['peak_mb']:9.0f}")
+            print(f"{'component':<32} {'s':>9} {'GFLOP':>9}")
+            for c in run["components"]:
+                print(f"{c['part']:<32} {c['s']:9.4f} {c['flops'] / 1e9:9.1f}")
+            print(f"exact guided step {run['rows'][1]['step_s']:.4f} s = {run['guided_over_parts']:.2f} x the sum of "
+                  f"its parts ({run['exact_parts_sum_s']:.4f} s)")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump(dict(vars(args), batch=batch, device=str(device), rows=rows), f, indent=2)
-    return rows
+            json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -69,7 +70,6 @@ def run_cli(main):
 
 def _end_progress_line():
     """Close open progress bars first, so the message is the last line and starts on a line of its own."""
-    from tqdm import tqdm
     bars = list(getattr(tqdm, "_instances", []))
     for bar in bars:
         bar.leave = False  # cleared, not redrawn after the message when the process exits
@@ -292,7 +292,6 @@ def save_grid(images, path, row_names, col_names, title="", cell=None):
     images: (rows * cols, C, H, W) in [0, 1], row-major; row_names / col_names label them (e.g. class
     names and image indices marked "guided"). Small images (8 px digits) are enlarged (nearest) to `cell`.
     """
-    from PIL import Image, ImageDraw
     rows, cols = len(row_names), len(col_names)
     h, w = images.shape[-2:]
     cell = cell or max(h, 64 if h < 32 else h)

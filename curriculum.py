@@ -1,5 +1,5 @@
 """
-The stage loop of LGD (the paper's Sec. 3.2, "incremental curriculum"), and the run folder it
+The stage loop of LGD (the paper's incremental curriculum: "+10 IPC per stage"), and the run folder it
 fills: this file is the only one that knows the folder's layout (distill.py and evaluate.py ask it).
 
 The distilled set is built from K disjoint increments T_1 .. T_K of `stage_ipc` images per class:
@@ -34,6 +34,7 @@ paired. A rerun skips finished stages, reloads a saved student, and skips images
 
 Run: `python distill.py` (digits, LGD, IPC 10 in 5 stages of 2); the loop itself is `run_stages`.
 """
+import glob
 import json
 import os
 import socket
@@ -46,7 +47,7 @@ from tqdm import tqdm
 from common import (SALT_STAGE_INIT, SALT_STAGE_TRAIN, TEMPORARY, UserError, all_gather, barrier, copy_file,
                     derive_seed, git_commit, is_main, load_json, print0, remove_path, remove_stale_temporaries, save_grid, save_json,
                     save_png, save_torch, stream_seed, temporary_path)
-from data import ImageSet, classifier_input, list_image_folder, load_image, load_real, resize_crop
+from data import ImageSet, class_files, classifier_input, list_image_folder, load_image, load_real, resize_crop
 from guidance import (Influence, Learnability, SamplerLog, add_to_memory, best_of_candidates, decode_images, sample,
                       select_checkpoints, weight_gradient)
 from model import make_student
@@ -91,18 +92,54 @@ def args_path(out_dir):
     return os.path.join(out_dir, ARGS)
 
 
-def eval_path(out_dir):
-    return os.path.join(out_dir, "eval.json")
+def default_run_dir(dataset, method, ipc, seed):
+    return os.path.join("out", f"{dataset}_{method}_ipc{ipc}_seed{seed}")
+
+
+def default_real_dir(dataset, ipc):
+    """Where the random-real baseline of `evaluate.py --real-ipc` goes."""
+    return os.path.join("out", f"{dataset}_real_ipc{ipc}")
+
+
+def eval_path(out_dir, arch=None):
+    """eval.json for the run's own (guiding) architecture; eval_<arch>.json for another (cross-architecture)."""
+    return os.path.join(out_dir, "eval.json" if arch is None else f"eval_{arch}.json")
+
+
+def cross_eval_paths(out_dir):
+    """{arch: path} of a run folder's cross-architecture evaluations."""
+    return {os.path.basename(p)[len("eval_"):-len(".json")]: p for p in glob.glob(os.path.join(out_dir, "eval_*.json"))}
 
 
 def redundancy_path(out_dir):
     return os.path.join(out_dir, "redundancy.json")
 
 
+def heatmap_path(out_dir):
+    return os.path.join(out_dir, "redundancy.png")
+
+
+def validity_path(out_dir):
+    return os.path.join(out_dir, "validity.json")
+
+
+def grid_path(out_dir):
+    return os.path.join(out_dir, "grid.png")
+
+
+def igd_path(out_dir):
+    return os.path.join(out_dir, "igd.json")
+
+
 def distilled_folder(run_dir):
     """A run folder holds its set in distilled/; a bare ImageFolder is the set itself."""
     inner = distilled_dir(run_dir)
     return inner if os.path.isdir(inner) else run_dir
+
+
+def set_image_size(folder, spec):
+    """The side of the images in a set folder (the igd recipe evaluates at the generated size)."""
+    return load_image(class_files(os.path.join(folder, spec.class_names()[0]))[0]).shape[-1]
 
 
 def run_info(run_dir):
@@ -290,10 +327,10 @@ def _generate_chunk(prior, spec, images_dir, latents_dir, chunk, index, seed, sa
                     twins):
     """Sample the images of `chunk` (classes) at slot `index`, keep the best candidates, write latents + PNGs."""
     kappa = guide.candidates if score is not None else 1
-    items = [(c, k) for c in chunk for k in range(kappa)]  # image-major: the candidates of an image adjacent
+    items = [(c, j) for c in chunk for j in range(kappa)]  # (class, candidate), the candidates of an image adjacent
     classes = torch.tensor([c for c, _ in items], device=prior.device)
-    labels = torch.tensor([spec.prior_labels[c] for c, _ in items])
-    generators = [torch.Generator().manual_seed(derive_seed(seed, c, index, k)) for c, k in items]
+    labels = torch.tensor([spec.prior_labels[c] for c, _ in items])  # the prior's ids (ImageNet's for the DiT)
+    generators = [torch.Generator().manual_seed(derive_seed(seed, c, index, j)) for c, j in items]
     if score is None:  # the plain DiT sampler (seed increment, --method dit)
         z0 = sample(prior, labels, generators, sampler)
         images = decode_images(prior, z0)
@@ -307,7 +344,7 @@ def _generate_chunk(prior, spec, images_dir, latents_dir, chunk, index, seed, sa
         _extend(log.kept, parts, kept)
         _extend(log.rejected, parts, ~kept)
         if twins:  # the unguided twin of every kept image: the same noise without guidance
-            twin_gens = [torch.Generator().manual_seed(derive_seed(seed, c, index, int(k))) for c, k in zip(chunk, best)]
+            twin_gens = [torch.Generator().manual_seed(derive_seed(seed, c, index, int(j))) for c, j in zip(chunk, best)]
             twin_classes = torch.tensor(chunk, device=prior.device)
             twin = decode_images(prior, sample(prior, torch.tensor([spec.prior_labels[c] for c in chunk]), twin_gens,
                                                sampler))
@@ -385,13 +422,19 @@ def summarise_log(log):
             for i, values in getattr(entry.sampler, kind).items():
                 merged.setdefault(int(i), []).extend(values)
         steps[kind] = {str(i): mean(merged[i]) for i in sorted(merged, reverse=True)}
+    cosines = {}
+    for entry in logs:
+        for i, values in entry.sampler.gradient_cosine.items():
+            cosines.setdefault(int(i), []).extend(values)
     kept_candidate = [k for entry in logs for k in entry.kept_candidate]
     kappa = max(kept_candidate) + 1 if kept_candidate else 0
     return dict(images_logged=len(kept_candidate), **tables,
                 kept_candidate_counts=[kept_candidate.count(k) for k in range(kappa)],
                 relative_guidance_per_step=steps["guidance"], relative_deviation_per_step=steps["deviation"],
                 nan_fallbacks=sum(entry.sampler.nan_fallbacks for entry in logs),
-                sampler_batch=min(entry.batch for entry in logs))
+                sampler_batch=min(entry.batch for entry in logs),
+                grad_decoder_cosine=mean([v for values in cosines.values() for v in values]),
+                grad_decoder_cosine_per_step={str(i): mean(cosines[i]) for i in sorted(cosines, reverse=True)})
 
 
 def log_line(k, summary):
@@ -445,7 +488,7 @@ def influence_score(spec, arch, data_dir, device, out_dir, grad_ipc=200, checkpo
         info = dict(rule="given")
     if is_main():
         save_json(dict(info, checkpoints=chosen, trajectory_length=len(trajectory), grad_ipc=grad_ipc, arch=arch),
-                  os.path.join(out_dir, "igd.json"))
+                  igd_path(out_dir))
     print0(f"IGD checkpoints {chosen} of 0..{len(trajectory) - 1} ({info['rule']})")
     models = [model_at(j) for j in chosen]
     return Influence(models, view, lambda j, c: weight_gradient(models[j], *inputs(c)))
@@ -473,6 +516,7 @@ class Students:
     epochs: int = None        # None: by IPC (the recipe's protocol)
     ddp: bool = True          # under torchrun, trained with DDP (off: every rank trains the same one alone)
     num_workers: int = 0
+    channels_last: bool = False  # NHWC classifiers inside the guided step (faster convolutions on GPUs)
 
 
 def copy_seed_set(seed_dir, spec, out_dir, stage_ipc, prior):
@@ -578,6 +622,9 @@ def run_stages(prior, spec, out_dir, plan, sampler, guide, students, reference, 
         else:
             student = train_stage_student(out_dir, spec, k, plan, students, device, ranks, teacher)
             # S(x, y) = CE(theta_k(x), y) - omega CE(theta*(x), y): high = not learned yet, still valid
+            if students.channels_last:
+                student, reference = student.to(memory_format=torch.channels_last), (
+                    reference[0].to(memory_format=torch.channels_last), reference[1])
             score = Learnability(student, students.view, reference[0], reference[1], guide.omega)
             memory = initial_memory(out_dir, spec, k, plan.stage_ipc, guide.memory_cap) if guide.deviation else None
             # T_{k+1}: kappa guided candidates per image, the highest-S one kept and added to M_c
@@ -594,7 +641,11 @@ def run_stages(prior, spec, out_dir, plan, sampler, guide, students, reference, 
                 save_json(summary, os.path.join(folder, "log.json"))
                 print0(log_line(k, summary))
             save_json(dict(stage=k, indices=[first, first + plan.stage_ipc], sampler_batch=summary["sampler_batch"],
-                           nan_fallbacks=summary["nan_fallbacks"]), os.path.join(folder, "done.json"))
+                           nan_fallbacks=summary["nan_fallbacks"], grad_decoder_cosine=summary["grad_decoder_cosine"]),
+                      os.path.join(folder, "done.json"))
+            if summary["grad_decoder_cosine"] is not None:
+                print0(f"stage {k}: cheap gradient decoder vs exact, cosine {summary['grad_decoder_cosine']:.3f} "
+                       f"(first guided batch)")
         if summary["nan_fallbacks"]:
             print0(f"stage {k}: {summary['nan_fallbacks']} samples fell back to the unguided step (non-finite gradient)")
         overall.update(1)

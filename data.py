@@ -1,7 +1,7 @@
 """
 Datasets: what "the real data" is for each benchmark, and how images become classifier inputs.
 
-One section per dataset (METHOD.md section 6):
+One section per dataset (the field's benchmarks, as the paper's experiments use them):
   digits      embedded default: scikit-learn's 8x8 handwritten digits (ship inside the wheel, no
               download). Fixed split: train = first 1437 images in sklearn's order, test = last 360.
   imagenette  10 easy ImageNet classes; imagewoof: 10 dog breeds. 256 px generated images,
@@ -13,8 +13,12 @@ One section per dataset (METHOD.md section 6):
 
 Classifier inputs (used identically by training, testing and guidance):
   images live in [0, 1] (stored) or [-1, 1] (diffusion); `classifier_input` maps a [-1, 1] batch to
-  the normalised, centre-cropped tensor the students were tested with, differentiably, so the
-  learnability gradient (guidance.py) sees exactly what evaluation sees.
+  the normalised, centre-cropped tensor a classifier is tested with, differentiably, so the
+  learnability gradient (guidance.py) sees exactly what evaluation sees. A "view" (with_view) is a
+  spec with one classifier's resolution, test crop and normalisation: students and theta* differ.
+
+Training augmentation (Augment, cutmix) runs batched on the training device from uint8 images that
+were decoded and resized once (the recipes' deterministic first step), so a GPU is not starved.
 """
 import glob
 import os
@@ -24,6 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from torchvision.datasets import Imagenette
+from torchvision.datasets.utils import download_and_extract_archive
+from torchvision.transforms.v2 import functional as TF
 
 from common import UserError
 
@@ -199,11 +206,9 @@ def download(spec, root):
         return tree  # already there
     try:
         if spec.name == "imagenette":
-            from torchvision.datasets import Imagenette
             for split in ("train", "val"):
                 Imagenette(root, split=split, size="full", download=not os.path.isdir(tree))
         else:
-            from torchvision.datasets.utils import download_and_extract_archive
             download_and_extract_archive(DOWNLOADS[spec.name], download_root=root)
     except Exception as e:  # offline, proxy, disk full: one line, and how to do without the download
         raise UserError(f"could not download {spec.name} ({e.__class__.__name__}); pass --data-dir "
@@ -374,7 +379,6 @@ class Augment:
 
     def random_resized_crop(self, x, scale, ratio=(3 / 4, 4 / 3)):
         """torchvision's RandomResizedCrop.get_params per image (10 tries, then the centre crop), antialiased."""
-        from torchvision.transforms.v2 import functional as TF
         n, _, h, w = x.shape
         out = []
         log_ratio = torch.log(torch.tensor(ratio))

@@ -2,7 +2,7 @@
 Distil a dataset with a class-conditional diffusion prior: LGD (the stage loop of curriculum.py with
 the learnability-guided sampler of guidance.py), or a baseline sampler of the paper's tables.
 
-  --method lgd   the paper's method (Sec. 3): a seed increment, then per stage a fresh student and a
+  --method lgd   the paper's method: a seed increment, then per stage a fresh student and a
                  learnability-guided increment; the union of the increments is the set.
   --method dit   plain class-conditional DiT sampling with CFG: the "DiT" row of every table.
   --method igd   influence-guided sampling (IGD, Chen et al., ICLR 2025), the paper's seed increment and
@@ -33,9 +33,9 @@ import torch
 
 from common import HelpFormatter, UserError, all_reduce_sum, barrier, get_device, is_main, print0, run_cli, \
     setup_distributed
-from curriculum import (Plan, Ranks, Students, claim_run_folder, distilled_dir, eval_path, generate_increment,
-                        influence_score, new_log, record_args, run_latents, run_stages, save_set_grid, stage_summary,
-                        update_args)
+from curriculum import (Plan, Ranks, Students, claim_run_folder, default_run_dir, distilled_dir, eval_path,
+                        generate_increment, grid_path, influence_score, new_log, record_args, run_latents, run_stages,
+                        save_set_grid, stage_summary, update_args)
 from data import get_spec, resolve_data_dir
 from evaluate import evaluate_folder
 from guidance import GuidanceConfig, SamplerConfig, igd_guidance
@@ -75,7 +75,8 @@ RESULT_ARGS = {"dataset": "--dataset", "method": "--method", "ipc": "--ipc", "st
                "student_ddp": "--student-ddp", "student_world": "ranks of a DDP student", "reference": "--reference",
                "reference_epochs": "--reference-epochs", "igd_scale": "--igd-scale", "igd_deviation": "--igd-deviation",
                "igd_from": "--igd-from", "igd_until": "--igd-until", "grad_ipc": "--grad-ipc",
-               "igd_checkpoints": "--igd-checkpoints", "igd_threshold": "--igd-threshold"}
+               "igd_checkpoints": "--igd-checkpoints", "igd_threshold": "--igd-threshold",
+               "grad_decoder": "--grad-decoder"}
 
 
 def get_parser():
@@ -103,7 +104,13 @@ def get_parser():
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast for DiT/VAE (CUDA)")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="gradient checkpointing in DiT/VAE for the guided step (less memory, more compute)")
-    # learnability guidance (the paper's Sec. 3.3-3.4); defaults: guidance.GuidanceConfig, then the preset
+    p.add_argument("--grad-decoder", default="vae", help="decoder of the guidance gradient only: 'vae' (exact), "
+                   "'taesd' (madebyollin/taesd, ~10x cheaper; an approximation the paper does not make) or a dir")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the DiT and the decoders (first-order gradients only, as LGD needs)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC decoders and classifiers (default: on with CUDA)")
+    # learnability guidance (the paper's score and guided sampler); defaults: guidance.GuidanceConfig, then the preset
     p.add_argument("--guidance-scale", dest="scale", type=float, default=None,
                    help=f"lambda: learnability guidance scale (paper {PAPER['scale']:g})")
     p.add_argument("--omega", "--lambda-ref", dest="omega", type=float, default=None,
@@ -152,7 +159,8 @@ def get_parser():
     p.add_argument("--eval-arch", default=None, choices=ARCHS, help="evaluation architecture (default --arch)")
     p.add_argument("--eval-runs", type=int, default=3, help="seeded students in the evaluation")
     p.add_argument("--eval-epochs", type=int, default=None, help="evaluation epochs (default: by IPC)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for real-data decoding")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers decoding real images "
+                   "(default: 8 with CUDA, else 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dry-run", action="store_true", help="print the plan (stages, images, sampler steps) and exit")
     p.add_argument("--json", action="store_true", help="with --dry-run: the fully resolved configuration as JSON")
@@ -205,7 +213,7 @@ def resolve_args(args):
            f"--reference-epochs must be at least 1, got {args.reference_epochs}")
     _check(args.eval_epochs is None or args.eval_epochs >= 1, f"--eval-epochs must be at least 1, got {args.eval_epochs}")
     _check(args.eval_runs >= 1, f"--eval-runs must be at least 1, got {args.eval_runs}")
-    _check(args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
+    _check(args.num_workers is None or args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
     _finite("cfg-scale", args.cfg_scale, 1.0)  # 1 = the conditional model alone; below 1 leans unconditional
     _finite("guidance-scale", args.scale, 0.0)
     _finite("omega", args.omega, 0.0)
@@ -229,7 +237,7 @@ def resolve_args(args):
         if value is not None and value not in ("dit", "igd") and os.path.exists(value):
             setattr(args, key, os.path.abspath(value))
     args.eval_arch = args.eval_arch or args.arch
-    args.out_dir = args.out_dir or os.path.join("out", f"{args.dataset}_{args.method}_ipc{args.ipc}_seed{args.seed}")
+    args.out_dir = args.out_dir or default_run_dir(args.dataset, args.method, args.ipc, args.seed)
     return args
 
 
@@ -325,6 +333,10 @@ def main(argv=None, on_stage_start=None):
     device = get_device(args.device)
     if args.precision == "bf16" and device.type != "cuda":
         raise UserError(f"--precision bf16 is CUDA autocast; this run is on {device.type} (use --precision fp32)")
+    if args.num_workers is None:  # a GPU trains faster than one process decodes JPEGs
+        args.num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda"
     rank, world = setup_distributed(device)
     release = claim(args.out_dir)  # every cheap check is above this line: a refused start writes nothing
     try:
@@ -348,7 +360,7 @@ def distill(args, spec, device, ranks, on_stage_start=None):
     # normalisation (rho_t) keep full precision
     try:
         prior = load_prior(prior_path, vae=args.vae, device=device, dtype=torch.float32, sampler=args.sampler,
-                           steps=args.steps)
+                           steps=args.steps, grad_decoder=args.grad_decoder)
     except UserError as e:
         if args.prior is None:  # the cache is ours: say how to rebuild it
             raise UserError(f"{e}; the cached digits prior is broken: remove it (rm -r {prior_path}) and rerun "
@@ -357,6 +369,10 @@ def distill(args, spec, device, ranks, on_stage_start=None):
     prior.autocast = args.precision == "bf16"
     if args.grad_checkpoint:
         prior.enable_gradient_checkpointing()
+    if args.channels_last:
+        prior.channels_last()
+    if args.compile:
+        prior.compile()
     spec.image_size = prior.image_size  # stand-in priors in the tests generate smaller images
     # a class index past the prior's label table would silently become the CFG null label
     if max(spec.prior_labels) >= prior.null_label:
@@ -387,18 +403,18 @@ def distill(args, spec, device, ranks, on_stage_start=None):
                                     num_workers=args.num_workers, path=args.reference)
         teacher = soft_label_teacher(student_view, args.recipe, data_dir, device, num_workers=args.num_workers)
         students = Students(args.arch, args.recipe, student_view, args.student_epochs, args.student_ddp,
-                            args.num_workers)
+                            args.num_workers, args.channels_last)
         seed_stage = (lambda images, latents, log: igd(images, latents, args.stage_ipc, log)) \
             if args.seed_set == "igd" else None
         batch = run_stages(prior, spec, out, plan, sampler, guidance_config(args), students, reference, ranks,
                            device, teacher, seed_stage, on_stage_start=on_stage_start)
     update_args(out, sampler_batch_used=batch)
     stages = args.ipc // args.stage_ipc if args.method == "lgd" else 1
-    save_set_grid(distilled_dir(out), spec, range(args.ipc), os.path.join(out, "grid.png"),
+    save_set_grid(distilled_dir(out), spec, range(args.ipc), grid_path(out),
                   f"{args.method}: {args.ipc} images per class (* = guided); rows = classes",
                   guided=range(args.stage_ipc, args.ipc) if stages > 1 else ())
     print0(f"wrote {spec.num_classes * args.ipc} images to {distilled_dir(out)} in {time.time() - start:.0f} s "
-           f"(grid: {os.path.join(out, 'grid.png')})")
+           f"(grid: {grid_path(out)})")
 
     if args.eval and is_main():  # evaluation is single-process: N small students, not worth sharding
         evaluate_folder(out, spec, data_dir, args.eval_arch, args.eval_runs, args.recipe, args.eval_epochs,

@@ -1,6 +1,6 @@
 """
 Evaluation: how well a distilled set trains a fresh model (the field's protocol, train_student.py),
-how redundant its increments are (the paper's Sec. 3.1 / Fig. 2 "redundancy"), and a side-by-side
+how redundant its increments are (the paper's redundancy analysis, Figures 1 and 2), and a side-by-side
 report of several runs.
 
 Accuracy. Train `--runs` seeded students of `--arch` on the set with a recipe of train_student.py and
@@ -28,18 +28,18 @@ Run:
   python evaluate.py --compare out/digits_lgd_ipc10_seed0 out/digits_dit_ipc10_seed0 out/digits_real_ipc10
 """
 import argparse
-import glob
 import json
 import os
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from common import (SALT_EVAL_INIT, SALT_EVAL_TRAIN, SALT_REDUNDANCY_INIT, SALT_REDUNDANCY_TRAIN, HelpFormatter,
                     UserError, atomic_write, check_writable, get_device, git_commit, load_json, print0, run_cli,
                     save_json, stream_seed)
-from curriculum import distilled_folder, eval_path, redundancy_path, run_info
-from data import ImageSet, class_files, get_spec, list_image_folder, load_distilled, load_image, load_real, \
-    resolve_data_dir, sample_real_ipc
+from curriculum import (cross_eval_paths, default_real_dir, distilled_folder, eval_path, heatmap_path, redundancy_path,
+                        run_info, set_image_size, validity_path)
+from data import ImageSet, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir, sample_real_ipc
 from model import ARCHS, make_student
 from train_student import (RECIPES, accuracy, epochs_for_ipc, recipe_spec, reference_model, soft_label_teacher,
                            train_student)
@@ -72,21 +72,16 @@ def evaluate_set(train_set, test_set, view, arch="convnet", runs=3, recipe="mini
                 best_accs=bests, best_mean=float(np.mean(bests)), best_std=float(np.std(bests)))
 
 
-def generated_size(folder, spec):
-    """The side of the images in a set folder (the igd recipe evaluates at the generated size)."""
-    return load_image(class_files(os.path.join(folder, spec.class_names()[0]))[0]).shape[-1]
-
-
 def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epochs=None, seed=0, device="cpu",
                     out=None, num_workers=0, teacher=None):
     """Evaluate the set of a run folder; write eval.json (the run's own arch) or eval_<arch>.json beside it."""
     info = run_info(run_dir)
     own = arch == info.get("arch", "convnet")
-    out = out or (eval_path(run_dir) if own else os.path.join(run_dir, f"eval_{arch}.json"))
+    out = out or eval_path(run_dir, None if own else arch)
     check_writable(os.path.dirname(os.path.abspath(out)))  # before the training, not after it
     folder = distilled_folder(run_dir)
     train_set = load_distilled(folder, spec)
-    spec.image_size = generated_size(folder, spec)
+    spec.image_size = set_image_size(folder, spec)
     view = recipe_spec(spec, recipe)
     test_set = load_real(spec, data_dir, "test")
     counts = train_set.counts(spec.num_classes)  # every class has >= 1 image (load_distilled refuses empty ones)
@@ -153,7 +148,6 @@ def redundancy_matrix(increments, spec, arch="convnet", recipe="minimax", epochs
 
 def save_heatmap(matrix, path, title):
     """The K x K matrix as a PNG with the numbers printed in the cells (PIL only, no plotting library)."""
-    from PIL import Image, ImageDraw
     k, cell, margin = len(matrix), 56, 70
     image = Image.new("RGB", (max(margin + k * cell + 10, 8 * len(title) + 20), margin + k * cell + 10), "white")
     draw = ImageDraw.Draw(image)
@@ -187,9 +181,9 @@ def redundancy_report(increments, spec, out_dir, label, **kwargs):
     print0("\n".join(" ".join(f"{100 * v:5.1f}" for v in row) for row in matrix))
     print0(f"redundancy (off-diagonal mean) {off:.4f}")
     save_json(dict(result, git_commit=git_commit()), redundancy_path(out_dir))
-    save_heatmap(matrix, os.path.join(out_dir, "redundancy.png"),
+    save_heatmap(matrix, heatmap_path(out_dir),
                  f"{label}: off-diagonal mean {100 * off:.1f}% ({len(increments)} x {stage_ipc} IPC)")
-    print0(f"-> {redundancy_path(out_dir)}, {os.path.join(out_dir, 'redundancy.png')}")
+    print0(f"-> {redundancy_path(out_dir)}, {heatmap_path(out_dir)}")
     return result
 
 
@@ -209,7 +203,7 @@ def validity_report(run_dir, spec, data_dir, device, num_workers=0):
                   reference_arch=info.get("arch", "convnet"))
     print0(f"theta* recognises {100 * result['validity']:.1f}% of {run_dir} (per increment: "
            f"{' '.join(f'{100 * v:.0f}' for v in per_increment)})")
-    save_json(dict(result, git_commit=git_commit()), os.path.join(run_dir, "validity.json"))
+    save_json(dict(result, git_commit=git_commit()), validity_path(run_dir))
     return result
 
 
@@ -217,8 +211,7 @@ def validity_report(run_dir, spec, data_dir, device, num_workers=0):
 
 def compare(run_dirs, markdown_path):
     """One table over run folders holding eval.json (and eval_<arch>.json, redundancy.json, if computed)."""
-    rows, other_archs = [], sorted({os.path.basename(p)[5:-5] for d in run_dirs
-                                    for p in glob.glob(os.path.join(d, "eval_*.json"))})
+    rows, other_archs = [], sorted({arch for d in run_dirs for arch in cross_eval_paths(d)})
     for run_dir in run_dirs:
         if not os.path.exists(eval_path(run_dir)):
             raise UserError(f"{run_dir} has no eval.json (run evaluate.py on it first)")
@@ -228,12 +221,11 @@ def compare(run_dirs, markdown_path):
                f"{100 * ev['acc_mean']:.1f} +- {100 * ev['acc_std']:.1f} (n={ev['runs']})",
                f"{100 * ev['best_mean']:.1f} +- {100 * ev['best_std']:.1f}"]
         for arch in other_archs:  # the same set, students the sampling never saw
-            path = os.path.join(run_dir, f"eval_{arch}.json")
+            path = eval_path(run_dir, arch)
             cross = load_json(path) if os.path.exists(path) else None
             row.append("-" if cross is None else
                        f"{100 * cross['acc_mean']:.1f} +- {100 * cross['acc_std']:.1f} (n={cross['runs']})")
-        valid_path = os.path.join(run_dir, "validity.json")
-        valid = load_json(valid_path)["validity"] if os.path.exists(valid_path) else None
+        valid = load_json(validity_path(run_dir))["validity"] if os.path.exists(validity_path(run_dir)) else None
         row += ["-" if red is None else f"{100 * red['off_diagonal_mean']:.1f} ({red['increments']}x{red['stage_ipc']})",
                 "-" if valid is None else f"{100 * valid:.1f}", run_dir]
         rows.append(row)
@@ -303,7 +295,7 @@ def main(argv=None):
     arch, recipe = args.arch or info.get("arch") or "convnet", args.recipe or info.get("recipe") or "minimax"
     device = get_device(args.device)
     if run_dir is not None:
-        spec.image_size = generated_size(distilled_folder(run_dir), spec)
+        spec.image_size = set_image_size(distilled_folder(run_dir), spec)
     if args.validity is not None:
         validity_report(run_dir, spec, data_dir, device, args.num_workers)
         return
@@ -312,7 +304,7 @@ def main(argv=None):
     kwargs = dict(arch=arch, recipe=recipe, epochs=args.epochs, seed=args.seed, device=device, teacher=teacher)
 
     if args.real_ipc is not None:  # the random-real baseline
-        out = args.out or os.path.join("out", f"{spec.name}_real_ipc{args.real_ipc}")
+        out = args.out or default_real_dir(spec.name, args.real_ipc)
         real = sample_real_ipc(load_real(spec, data_dir, "train"), args.real_ipc, args.seed)
         if args.redundancy == "real":  # the same matrix for random real images, cut in draw order
             stage_ipc = args.stage_ipc or min(args.real_ipc, 2 if spec.name == "digits" else 10)
@@ -327,7 +319,7 @@ def main(argv=None):
         result = evaluate_set(real, load_real(spec, data_dir, "test"), view, arch, args.runs, recipe, args.epochs,
                               args.seed, device, ipc=args.real_ipc, num_workers=args.num_workers, teacher=teacher)
         write_eval(dict(dataset=spec.name, method="real", **result),
-                   os.path.join(out, "eval.json" if arch == "convnet" else f"eval_{arch}.json"))
+                   eval_path(out, None if arch == "convnet" else arch))
     elif args.redundancy is not None:
         stage_ipc = args.stage_ipc or info.get("stage_ipc")
         if not stage_ipc:
@@ -336,7 +328,7 @@ def main(argv=None):
         redundancy_report(increments, view, args.out or run_dir, f"{info.get('method', run_dir)}", **kwargs)
     else:
         evaluate_folder(run_dir, spec, data_dir, arch, args.runs, recipe, args.epochs, args.seed, device,
-                        out=os.path.join(args.out, "eval.json") if args.out else None, num_workers=args.num_workers,
+                        out=eval_path(args.out) if args.out else None, num_workers=args.num_workers,
                         teacher=teacher)
 
 

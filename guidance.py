@@ -1,6 +1,6 @@
 """
 Learnability-guided sampling: the method section of the paper (Chan-Santiago & Shah, CVPR 2026,
-Sec. 3.3 "Learnability score" and Sec. 3.4 "Learnability-guided diffusion"), read top to bottom:
+its learnability score and its learnability-guided diffusion), read top to bottom:
 the score, the sampler, the guidance inside one step, the memory push, the best-of-kappa candidates.
 
 Inside the window guide_from <= i <= guide_until of the respaced step index i (49 .. 0 for 50
@@ -46,7 +46,7 @@ from data import classifier_input
 
 @dataclass
 class GuidanceConfig:
-    """The paper's constants (Sec. 4 "Implementation details"); one home: presets and help derive from it."""
+    """The paper's constants (its implementation details); one home: presets and help derive from it."""
     scale: float = 15.0        # lambda: learnability guidance scale [paper]
     omega: float = 0.5         # omega: weight of the reference CE in S [paper]
     c0: float = 0.0015         # the constant inside rho_t [IGD's code; the paper's lambda was tuned with it]
@@ -84,9 +84,11 @@ class SamplerLog:
     guidance: dict = field(default_factory=dict)   # i -> [relative sizes, one per sample]
     deviation: dict = field(default_factory=dict)
     nan_fallbacks: int = 0                          # samples whose g was not finite (they took the plain step)
+    gradient_cosine: dict = field(default_factory=dict)  # i -> cos(g cheap decoder, g exact), first batch only
+    check_gradient: bool = True                     # still to do (once per log: its first guided batch)
 
 
-# ----------------------------------------------------------------------------- Sec. 3.3: the learnability score
+# ----------------------------------------------------------------------------- the learnability score S
 
 class Learnability:
     """S(x, y) = CE(f_k(x), y) - omega * CE(f_ref(x), y), per sample (Eq. "learnability").
@@ -205,38 +207,50 @@ def cfg_output(prior, z, t, labels, sampler):
     null = torch.full_like(labels, prior.null_label)
     out = prior.dit(torch.cat([z, z]), timestep, torch.cat([labels, null]))  # one pass for both branches
     cond, uncond = out.chunk(2)
-    k = 3 if sampler.three_channels else c
-    eps = uncond[:, :k] + sampler.cfg_scale * (cond[:, :k] - uncond[:, :k])
-    return torch.cat([eps, cond[:, k:]], dim=1)
+    guided = 3 if sampler.three_channels else c  # latent channels that get CFG
+    eps = uncond[:, :guided] + sampler.cfg_scale * (cond[:, :guided] - uncond[:, :guided])
+    return torch.cat([eps, cond[:, guided:]], dim=1)
 
 
-def guided_output(prior, z, t, labels, classes, sampler, score, guide):
-    """The quantities of one guided step: the CFG output (one pass serves the step and the gradient) and
-    push = lambda * rho_t * g, g = grad_{z_t} S(decode(z0_hat), y). Returns (output, push, non-finite count).
-
-    score(x0_hat in [-1, 1], classes) -> (N,) is what guidance raises (a Learnability, or IGD's influence);
-    the sampler does not care which.
-    """
+def score_gradient(prior, z, t, labels, classes, sampler, score, through_dit, decode):
+    """g = grad_{z_t} score(decode(z0_hat), y) with the CFG output of the same pass: (output, g, eps)."""
     c = prior.channels
     alpha_bar_t = prior.scheduler.alphas_cumprod[t].to(z.device, torch.float32)  # abar_t
     with torch.enable_grad():
         z_in = z.detach().requires_grad_(True)
-        if guide.through_dit:
+        if through_dit:  # one CFG pass serves both the step and the gradient
             out = cfg_output(prior, z_in, t, labels, sampler)
         else:  # eps held fixed: dz0_hat/dz_t = 1/sqrt(abar_t); no backward through the DiT
             with torch.no_grad():
                 out = cfg_output(prior, z, t, labels, sampler)
         eps = out[:, :c]
         z0_hat = (z_in - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()  # Ho et al. Eq. 15
-        s = score(prior.decode(z0_hat.to(z.dtype)).float(), classes)
-        grad = torch.autograd.grad(s.sum(), z_in)[0].float()  # samples independent: sum = per-sample grads
-    eps = eps.detach().float()
+        with prior._autocast():  # the classifiers in bf16 too when --precision bf16
+            s = score(decode(z0_hat.to(z.dtype)).float(), classes)
+        grad = torch.autograd.grad(s.float().sum(), z_in)[0].float()  # samples independent: sum = per-sample grads
+    return out.detach(), grad, eps.detach().float()
+
+
+def guided_output(prior, z, t, labels, classes, sampler, score, guide, check=None):
+    """The quantities of one guided step: the CFG output (one pass serves the step and the gradient) and
+    push = lambda * rho_t * g, g = grad_{z_t} S(decode(z0_hat), y). Returns (output, push, non-finite count).
+
+    score(x0_hat in [-1, 1], classes) -> (N,) is what guidance raises (a Learnability, or IGD's influence);
+    the sampler does not care which. check: a list; with a cheap gradient decoder, the cosine of its g to the
+    exact g (through the VAE) is appended per sample, so a run shows whether the shortcut is faithful.
+    """
+    alpha_bar_t = prior.scheduler.alphas_cumprod[t].to(z.device, torch.float32)
+    out, grad, eps = score_gradient(prior, z, t, labels, classes, sampler, score, guide.through_dit,
+                                    prior.decode_for_gradient)
+    if check is not None and prior.grad_vae is not None:
+        exact = score_gradient(prior, z, t, labels, classes, sampler, score, guide.through_dit, prior.decode)[1]
+        check.extend(F.cosine_similarity(grad.flatten(1), exact.flatten(1), dim=1).tolist())
     eps_norm, grad_norm = eps.flatten(1).norm(dim=1), grad.flatten(1).norm(dim=1)
     rho_t = guide.c0 * (1 - alpha_bar_t).sqrt() * eps_norm / grad_norm.clamp_min(1e-12)  # per sample (N,)
     push = guide.scale * rho_t.view(-1, 1, 1, 1) * grad
     finite = torch.isfinite(push).flatten(1).all(dim=1)
     push = torch.where(finite.view(-1, 1, 1, 1), push, torch.zeros_like(push))  # NaN/inf g: the plain step
-    return out.detach(), push.to(z.dtype), int((~finite).sum())
+    return out, push.to(z.dtype), int((~finite).sum())
 
 
 def deviation_gradient(z, memories):
@@ -280,7 +294,10 @@ def sample(prior, labels, generators, sampler, score=None, classes=None, memorie
         i = sampler.steps - 1 - step  # respaced index, counting down 49 .. 0 (the paper's window is on it)
         guided = score is not None and guide is not None and guide.active(i)
         if guided:
-            out, push, bad = guided_output(prior, z, t, labels, classes, sampler, score, guide)
+            check = None
+            if log is not None and log.check_gradient and prior.grad_vae is not None:
+                check = log.gradient_cosine.setdefault(i, [])
+            out, push, bad = guided_output(prior, z, t, labels, classes, sampler, score, guide, check)
         else:
             out = cfg_output(prior, z, t, labels, sampler)
         if deterministic:
@@ -305,6 +322,8 @@ def sample(prior, labels, generators, sampler, score=None, classes=None, memorie
                 log.deviation.setdefault(i, []).extend(_relative(push_away, z_prev))
             z_prev = z_prev - push_away
         z = z_prev
+    if log is not None and log.gradient_cosine:
+        log.check_gradient = False  # the first guided batch has been checked
     return z
 
 
@@ -314,7 +333,7 @@ def decode_images(prior, z):
         return (prior.decode(z).float().clamp(-1, 1) + 1) / 2
 
 
-# ----------------------------------------------------------------------------- Sec. 3.4: candidate selection
+# ----------------------------------------------------------------------------- candidate selection (kappa)
 
 def best_of_candidates(prior, labels, classes, generators, sampler, score, guide, memories=None, log=None):
     """kappa guided candidates per image, the one with the highest S on its final decoded image kept.

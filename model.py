@@ -1,7 +1,7 @@
 """
 The networks: the diffusion prior (DiT + VAE + scheduler, via diffusers) and the students.
 
-Prior (the paper's Sec. 4: a pretrained DiT-XL/2 256 + the SD VAE). A class-conditional DiT that
+Prior (the paper's backbone: a pretrained DiT-XL/2 256 + the SD VAE). A class-conditional DiT that
 predicts noise eps (and, for DiT-XL/2, a learned variance: 8 output channels = 4 eps + 4 variance),
 a VAE that maps latents z to images x = VAE.decode(z / scaling_factor), and a DDPM scheduler holding
 alpha_bar_t. Everything is loaded through diffusers' `from_pretrained`, from a hub id (default
@@ -26,20 +26,27 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 
 from common import UserError
 
 DEFAULT_PRIOR = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # IGD/MGD3 decode DiT latents with ft-mse (the hub repo ships ft-ema)
+DEFAULT_TAESD = "madebyollin/taesd"  # a ~1.2M-parameter decoder of the same latents, for the gradient only
 
 
 # ----------------------------------------------------------------------------- the prior
 
 class Prior:
-    """DiT + (VAE or identity) + scheduler, with the few derived constants the sampler needs."""
+    """DiT + (VAE or identity) + scheduler, with the few derived constants the sampler needs.
 
-    def __init__(self, transformer, scheduler, vae=None):
-        self.transformer, self.scheduler, self.vae = transformer.eval(), scheduler, vae
+    grad_vae: an optional cheaper differentiable decoder (TAESD, diffusers' AutoencoderTiny) used only for
+    the guidance gradient; the final images, candidate scores and everything written still use the VAE.
+    """
+
+    def __init__(self, transformer, scheduler, vae=None, grad_vae=None):
+        self.transformer, self.scheduler, self.vae, self.grad_vae = transformer.eval(), scheduler, vae, grad_vae
         cfg = transformer.config
         self.channels, self.latent_size = cfg.in_channels, cfg.sample_size
         self.null_label = cfg.num_embeds_ada_norm  # the CFG "no class" embedding index (1000 for ImageNet)
@@ -50,10 +57,10 @@ class Prior:
             self.image_size = cfg.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
         else:
             self.scaling_factor, self.image_size = 1.0, cfg.sample_size
-        for module in (transformer, vae):
+        for module in (transformer, vae, grad_vae):
             if module is not None:
-                module.requires_grad_(False)  # important! guidance differentiates w.r.t. inputs only
-        self.autocast = False  # bf16 autocast of DiT and VAE (`--precision bf16` turns it on for CUDA)
+                module.eval().requires_grad_(False)  # important! guidance differentiates w.r.t. inputs only
+        self.autocast = False  # bf16 autocast of DiT, decoders and classifiers (`--precision bf16`, CUDA)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
@@ -74,6 +81,19 @@ class Prior:
         with self._autocast():
             return _at_least_fp32(self.vae.decode((z / self.scaling_factor).to(self.vae.dtype)).sample)
 
+    def decode_for_gradient(self, z):
+        """The decoder the guidance gradient goes through: the VAE, or the cheap grad_vae when set.
+
+        TAESD decodes with its own scaling factor (1.0: it takes the DiT's latents as they are, where the SD
+        VAE divides them by 0.18215), and diffusers' AutoencoderTiny returns [-1, 1] like AutoencoderKL
+        (tests/test_speed.py checks both on a random one).
+        """
+        if self.grad_vae is None:
+            return self.decode(z)
+        with self._autocast():
+            scale = self.grad_vae.config.scaling_factor
+            return _at_least_fp32(self.grad_vae.decode((z / scale).to(self.grad_vae.dtype)).sample)
+
     @torch.no_grad()
     def encode(self, x):
         """Image in [-1, 1] -> latent (the posterior mean: deterministic, so memories are reproducible)."""
@@ -86,6 +106,21 @@ class Prior:
         self.transformer.enable_gradient_checkpointing()
         if self.vae is not None:
             self.vae.enable_gradient_checkpointing()
+
+    def compile(self):
+        """torch.compile the DiT and the decoders as separate modules (in place: configs stay reachable).
+
+        LGD needs first-order gradients only (w.r.t. z_t), which compiled modules support.
+        """
+        for module in (self.transformer, self.vae, self.grad_vae):
+            if module is not None:
+                module.compile()
+
+    def channels_last(self):
+        """NHWC weights for the convolutional decoders (faster convolutions on recent GPUs, bf16 above all)."""
+        for module in (self.vae, self.grad_vae):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
 
 
 def _at_least_fp32(x):
@@ -102,7 +137,6 @@ def make_scheduler(config, sampler="ddpm", pixel_space=False, learned_variance=T
     ddim: deterministic (eta = 0), for the exact comparison with diffusers' DiTPipeline in tests.
     Latents are not clipped (DiT: clip_denoised=False); pixel-space priors clip x0 to [-1, 1].
     """
-    from diffusers import DDIMScheduler, DDPMScheduler
     config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     common = dict(clip_sample=pixel_space, timestep_spacing="linspace")
     if sampler == "ddim":
@@ -110,14 +144,16 @@ def make_scheduler(config, sampler="ddpm", pixel_space=False, learned_variance=T
     return DDPMScheduler.from_config(config, variance_type="learned_range" if learned_variance else "fixed_small", **common)
 
 
-def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float32, sampler="ddpm", steps=None):
+def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float32, sampler="ddpm", steps=None,
+               grad_decoder="vae"):
     """Load DiT (+VAE) + scheduler from a hub id or local diffusers directory.
 
     vae: "auto" = sd-vae-ft-mse for the hub DiT, else the directory's own `vae/` (none = pixel space);
     "none" = pixel space; anything else = a hub id or directory of an AutoencoderKL.
     steps: the sampling steps the caller will ask for, checked against the schedule before the weights load.
+    grad_decoder: "vae" (exact), "taesd" (madebyollin/taesd) or a hub id / directory of an AutoencoderTiny,
+    the decoder of the guidance gradient only.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
     local = os.path.isdir(prior)
     if not local and (prior.startswith((".", "/", "out")) or prior.count("/") != 1):
         raise UserError(f"prior {prior} is neither a local directory nor a hub id like {DEFAULT_PRIOR}")
@@ -131,12 +167,17 @@ def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float3
         if vae == "auto":
             vae = DEFAULT_VAE if prior == DEFAULT_PRIOR else (os.path.join(prior, "vae") if local and os.path.isdir(os.path.join(prior, "vae")) else "none")
         vae_model = None if vae == "none" else AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, low_cpu_mem_usage=False)
+        if grad_decoder != "vae" and vae_model is None:
+            raise UserError(f"--grad-decoder {grad_decoder} replaces a VAE decoder; prior {prior} is in pixel space")
+        grad_vae = None if grad_decoder == "vae" else AutoencoderTiny.from_pretrained(
+            DEFAULT_TAESD if grad_decoder == "taesd" else grad_decoder, torch_dtype=dtype, low_cpu_mem_usage=False)
     except (OSError, ValueError, TypeError, KeyError) as e:  # missing files, offline hub, a damaged config
         raise UserError(f"could not load prior {prior}: {e.__class__.__name__}: {(str(e).splitlines() or [''])[0]} "
                         f"(offline? pass --prior DIR)") from None
     scheduler = make_scheduler(sched_config, sampler, pixel_space=vae_model is None,
                                learned_variance=transformer.config.out_channels == 2 * transformer.config.in_channels)
-    return Prior(transformer.to(device), scheduler, vae_model.to(device) if vae_model is not None else None)
+    return Prior(transformer.to(device), scheduler, vae_model.to(device) if vae_model is not None else None,
+                 grad_vae.to(device) if grad_vae is not None else None)
 
 
 # ----------------------------------------------------------------------------- the digits prior's shape
@@ -289,7 +330,6 @@ class ResNet18(nn.Module):
 def resnet18_bn(channels, num_classes, res):
     """torchvision's BatchNorm ResNet-18: the student and teacher of the RDED soft-label protocol (ImageNet-1K).
     Below 64 px a 3x3 stride-1 stem without max-pool (the CIFAR convention)."""
-    import torchvision  # only this architecture needs torchvision's model zoo
     model = torchvision.models.resnet18(num_classes=num_classes)
     if res < 64 or channels != 3:
         stride, kernel = (1, 3) if res < 64 else (2, 7)

@@ -17,6 +17,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler, DiTTransformer2DModel
 from tqdm import tqdm
 
 from common import (barrier, derive_seed, get_device, is_main, print0, remove_path, remove_stale_temporaries, run_cli,
@@ -34,7 +35,6 @@ def train_digits_prior(out_dir, images, labels, steps=4000, batch_size=128, lr=1
     images: (N, 1, 8, 8) in [0, 1]. Standard DDPM eps-MSE training (Ho et al. Eq. 14) with 10% label
     dropout, which diffusers' DiT label embedding applies in train mode: that is what makes CFG work.
     """
-    from diffusers import DDPMScheduler, DiTTransformer2DModel
     if os.path.isdir(out_dir):  # only ever renamed into place whole: its existence means "trained"
         return
     # the resumable training state lives in a side folder; the finished prior is written to a temporary

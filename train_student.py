@@ -1,7 +1,7 @@
 """
 Train a student classifier on a (distilled or real) image set: the evaluation protocol of the field
-(the paper's Sec. 5 "Experimental setup" follows it), also used for the per-stage student theta_{i-1}
-of the stage loop (paper Sec. 3.2) and for the reference model theta* of the learnability score
+(the paper's experimental setup follows it), also used for the per-stage student theta_{i-1}
+of the stage loop (curriculum.py) and for the reference model theta* of the learnability score
 (paper Eq. "learnability", theta* = IGD's surrogate).
 
 Recipes (`--recipe`), each re-written from the public code that defines it:
@@ -38,6 +38,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -297,7 +298,6 @@ def reference_model(spec, arch, data_dir, device, epochs=None, cache_dir="out/ca
     """
     view = reference_spec(spec)
     if path is None and spec.name == "imagenet" and arch == "resnet18_bn" and spec.num_classes == 1000:
-        import torchvision  # only this preset needs the pretrained weights (a hub download)
         return (torchvision.models.resnet18(weights="IMAGENET1K_V1").to(device).eval(),
                 recipe_spec(spec, "rded"))
     model = make_student(arch, view, seed=0)
@@ -318,7 +318,6 @@ def soft_label_teacher(spec, recipe, data_dir, device, cache_dir="out/cache", nu
     if RECIPES[recipe]["temperature"] is None:
         return None
     if spec.name == "imagenet" and spec.num_classes == 1000:
-        import torchvision  # the pretrained teacher of the protocol (a hub download)
         return torchvision.models.resnet18(weights="IMAGENET1K_V1").to(device).eval()
     model = make_student("resnet18_bn", spec, seed=0)
     model.load_state_dict(surrogate_trajectory(spec, "resnet18_bn", data_dir, device, None, cache_dir,

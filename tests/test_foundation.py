@@ -206,7 +206,7 @@ def test_distill_dit_on_fake_imagewoof_with_tiny_prior(tmp_path, latent_prior, f
 
 
 def test_evaluate_cli_writes_eval_json(tmp_path, fake_woof):
-    """--real-ipc baseline on the fake tree: eval.json with the issue's keys, accuracies as fractions."""
+    """--real-ipc baseline on the fake tree: eval.json with its documented keys, accuracies as fractions."""
     r = run_cli("evaluate.py", "--dataset", "imagewoof", "--data-dir", fake_woof, "--real-ipc", 2, "--runs", 2,
                 "--epochs", 3, "--res", 16, "--out", tmp_path / "real", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

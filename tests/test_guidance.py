@@ -1,4 +1,5 @@
-"""Learnability guidance (the paper's Sec. 3.3-3.4): the equations, where they act, their direction and limits."""
+"""Learnability guidance (the paper's score and guided sampler): the equations, where they act, their direction
+and limits."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,5 @@
-"""The stage loop (the paper's Sec. 3.2), the run folder, the lgd CLI, redundancy (paper Fig. 2) and the comparison
-report."""
+"""The stage loop (the paper's incremental curriculum), the run folder, the lgd CLI, redundancy (paper Fig. 2) and
+the comparison report."""
 import hashlib
 import json
 import os

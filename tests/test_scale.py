@@ -1,5 +1,5 @@
 """Scale and resilience: torchrun (gloo, 2 processes) vs 1 process, kill -9 and resume, corrupt data,
-out-of-memory and NaN handling, the benchmark script."""
+out-of-memory and NaN handling, bf16 autocast."""
 import hashlib
 import json
 import os
@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import REPO, make_fake_imagewoof, run_cli
 
@@ -123,16 +124,8 @@ def test_non_finite_guidance_gradient_falls_back_to_the_unguided_step(pixel_prio
     assert push[0].abs().sum() > 0 and torch.isfinite(push).all() and torch.isfinite(out).all()
 
 
-def test_bench_tiny_smoke(tmp_path):
-    import bench
-    rows = bench.main(["--size", "tiny", "--batch-size", "4", "--repeats", "1", "--json", str(tmp_path / "b.json")])
-    assert [r["variant"] for r in rows] == ["unguided", "guided", "guided-z0", "naive"]
-    assert rows[0]["ratio"] == 1.0 and all(r["step_s"] > 0 and r["peak_mb"] > 0 for r in rows)
-    assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["variant"] == "guided"
-
-
 def test_bf16_autocast_path_returns_float32_close_to_fp32(latent_prior):
-    """--precision bf16 runs DiT and VAE under autocast; the sampler and the guidance maths stay in float32.
+    """--precision bf16 runs DiT, VAE and classifiers under autocast; the sampler and the guidance maths stay in float32.
     (Exercised on CPU autocast here; on CUDA distill.py turns it on.)"""
     from data import get_spec
     from guidance import GuidanceConfig, Learnability, SamplerConfig, guided_output
@@ -149,4 +142,6 @@ def test_bf16_autocast_path_returns_float32_close_to_fp32(latent_prior):
     half = guided_output(prior, z, t, labels, classes, sampler, score, GuidanceConfig())[1]
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert not torch.equal(half, full)  # bf16 really ran
-    assert (half - full).norm() / full.norm() < 0.1
+    # push = lambda rho_t g is a normalised gradient: bf16 may bend its direction a little, not more
+    assert (F.cosine_similarity(half.flatten(1), full.flatten(1), dim=1) > 0.95).all()
+    assert torch.allclose(half.flatten(1).norm(dim=1), full.flatten(1).norm(dim=1), rtol=0.05)
