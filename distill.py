@@ -53,13 +53,19 @@ PRESETS = {
     # 4096 latent values change how far a step of a given size moves the sample).
     "digits": dict(ipc=10, stage_ipc=2, arch="convnet", recipe="minimax", cfg_scale=2.0, batch_size=128, eval=True,
                    scale=125.0, deviation=5.0, igd_scale=5.0, igd_deviation=5.0, igd_from=10, igd_until=45, grad_ipc=100),
-    "imagenette": dict(ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24),
-    "imagewoof": dict(ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24),
-    # ImageNet-1K: ResNet-18 students on soft labels (RDED protocol); theta* = torchvision's pretrained one
+    # ImageNette / ImageWoof: the paper's pipeline, T_1 = IGD's 10-IPC increment
+    "imagenette": dict(ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24,
+                       seed_set="igd"),
+    "imagewoof": dict(ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24,
+                      seed_set="igd"),
+    # ImageNet-1K: ResNet-18 students on soft labels (RDED protocol); theta* = torchvision's pretrained one.
+    # [choice] seed: unguided DiT, because IGD's seed needs its own ConvNet-6 surrogate trained on all of
+    # ImageNet-1K for 50 epochs (GPU-days); `--seed-set igd` runs the paper's pipeline at that cost.
     "imagenet": dict(ipc=50, stage_ipc=10, arch="resnet18_bn", recipe="rded", cfg_scale=4.0, batch_size=24,
-                     igd_deviation=120.0),
+                     igd_deviation=120.0, seed_set="dit"),
 }
-IGD = dict(igd_scale=5.0, igd_from=30, igd_until=45, grad_ipc=200)  # IGD's own constants (guidance.igd_guidance)
+_IGD = igd_guidance()  # IGD's own constants: one home, guidance.igd_guidance
+IGD = dict(igd_scale=_IGD.scale, igd_from=_IGD.guide_from, igd_until=_IGD.guide_until, grad_ipc=200)
 
 # settings that change the images: a rerun into the same folder must use the same ones (the data tree,
 # the precision, the sampler batch (float rounding) and the number of ranks a DDP student trains on
@@ -129,8 +135,8 @@ def get_parser():
     p.add_argument("--grad-through-dit", dest="through_dit", action=argparse.BooleanOptionalAction, default=None,
                    help="g through the DiT (IGD) or from z0_hat with eps held fixed (cheaper)")
     p.add_argument("--memory-cap", type=int, default=None, help=f"|M_c|: latents kept per class ({PAPER['memory_cap']})")
-    p.add_argument("--seed-set", default="dit", help="stage 0: 'dit' (unguided samples), 'igd' (IGD's samples, the "
-                   "paper's pipeline) or a folder <class>/*.png")
+    p.add_argument("--seed-set", default=None, help="stage 0: 'dit' (unguided samples), 'igd' (IGD's samples, the "
+                   "paper's pipeline; the ImageNette/ImageWoof default) or a folder <class>/*.png")
     # IGD (--method igd, --seed-set igd): its own constants on the same knobs
     p.add_argument("--igd-scale", type=float, default=None, help=f"IGD's guidance scale k ({IGD['igd_scale']:g})")
     p.add_argument("--igd-deviation", type=float, default=None,
@@ -182,7 +188,7 @@ def resolve_args(args):
     """Fill unset flags from the dataset preset and the paper's constants; check everything before any write."""
     if args.dataset not in PRESETS:
         raise UserError(f"unknown dataset '{args.dataset}' (choose from {', '.join(PRESETS)})")
-    for key, value in {**PAPER, "eval": False, **PRESETS[args.dataset]}.items():
+    for key, value in {**PAPER, "eval": False, "seed_set": "dit", **PRESETS[args.dataset]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     for key, value in IGD.items():

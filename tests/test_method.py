@@ -94,7 +94,7 @@ def test_distill_lgd_cli_on_fake_imagewoof(tmp_path, latent_prior, fake_woof):
     """The full lgd path with a latent prior (VAE decode/encode in the loop): 2 stages of 1 IPC."""
     out = tmp_path / "run"
     r = run_cli("distill.py", "--dataset", "imagewoof", "--data-dir", fake_woof, "--prior", latent_prior,
-                "--ipc", 2, "--stage-ipc", 1, "--steps", 4, "--guide-from", 0, "--guide-until", 3, "--batch-size", 12,
+                "--seed-set", "dit", "--ipc", 2, "--stage-ipc", 1, "--steps", 4, "--guide-from", 0, "--guide-until", 3, "--batch-size", 12,
                 "--student-epochs", 2, "--res", 16, "--out-dir", out, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for wnid in sorted(os.listdir(out / "distilled")):
@@ -104,7 +104,7 @@ def test_distill_lgd_cli_on_fake_imagewoof(tmp_path, latent_prior, fake_woof):
     assert list((tmp_path / "out" / "cache").glob("surrogate_imagewoof_convnet_res16_*.pt"))  # theta* cached
     # rerunning into the same folder with different settings is refused instead of mixing two runs
     r = run_cli("distill.py", "--dataset", "imagewoof", "--data-dir", fake_woof, "--prior", latent_prior,
-                "--ipc", 2, "--stage-ipc", 1, "--guidance-scale", 3, "--res", 16, "--out-dir", out, cwd=tmp_path)
+                "--seed-set", "dit", "--ipc", 2, "--stage-ipc", 1, "--guidance-scale", 3, "--res", 16, "--out-dir", out, cwd=tmp_path)
     assert r.returncode == 1 and "different" in r.stderr and "--guidance-scale" in r.stderr
 
 
@@ -239,6 +239,7 @@ def test_dry_run_json_is_the_resolved_configuration(tmp_path):
     assert config["reference_view"]["res"] == 256 and config["reference_view"]["mean"] == [0.5] * 3
     assert config["guidance"]["form"] == "z" and config["guidance"]["scale"] == 15.0 and config["batch_size"] == 24
     assert config["guided_steps"] == 36 and config["student_norm"] == "instance norm"
+    assert config["seed_set"] == "igd"  # the paper's pipeline: T_1 from IGD
     assert config["recipe_settings"]["lr"] == 0.01 and "RandomResizedCrop(224, 0.5-1)" in config["student_train_transform"]
     assert not (tmp_path / "out").exists()
 
