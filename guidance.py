@@ -31,8 +31,13 @@ f_k (theta_{i-1}) -> student, f_ref (theta*) -> reference, M_c -> memory[c], s (
 labels are the prior's class ids (ImageNet 0-999 for the DiT), classes the dataset's (0 .. C-1): for
 ImageWoof, class 0 (n02086240) is prior label 155.
 
+A second score, IGD's influence I (Influence below: the paper's seed increment and main baseline),
+is steered by the same sampler: the sampler asks only for a score of x0_hat to raise.
+
 Reproducibility. Every image owns a CPU torch.Generator; it draws the initial noise and every
 ancestral step's noise, so an image does not depend on the batch it is in (up to float rounding).
+
+Nothing here runs on its own: `python distill.py` drives it (curriculum.py holds the stage loop).
 """
 from dataclasses import dataclass, field
 

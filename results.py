@@ -2,10 +2,12 @@
 Every digits number in the README, printed from run folders this script makes (or reuses): the
 tables are regenerated from the current commit by running it, not typed in.
 
-  python results.py main          # LGD vs DiT vs random real: 3 distillation seeds x 3 students, IPC 10
-  python results.py sweep         # the digits guidance constants (seed 0 only; seeds 1-2 stay held out)
-  python results.py ablation      # the paper's ablation: which component carries the gain
-  python results.py main --jobs 2 # two runs at a time, one CPU thread each
+  python results.py sweep         # LGD's digits constants (seed 0 only; seeds 1-2 stay held out)
+  python results.py igd-sweep     # IGD's digits constants (seed 0 only)
+  python results.py ablation      # the paper's ablation, IPC 10: DiT .. LGD .. random real, 3 seeds x 3 students
+  python results.py ablation-ipc5 # the same at IPC 5 (5 stages of 1)
+  python results.py main          # the LGD / DiT / random real rows of `ablation` (the headline table)
+  python results.py ablation --jobs 2   # two runs at a time, one CPU thread each
 
 A cell is one distillation (distill.py) plus what the tables show about it, each a file in its folder:
 eval.json (3 students of the guiding architecture, ConvNet), eval_mlp.json (3 students of an
@@ -17,6 +19,7 @@ interrupted run of this script resumes. Student seeds are the same for every cel
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +34,21 @@ CROSS = "mlp"
 SEEDS = (0, 1, 2)
 
 # name -> extra distill.py flags (on top of the digits preset); "real" cells are random real images
-MAIN = {"LGD": [], "DiT": ["--method", "dit"], "random real": "real"}
+ABLATION = {
+    "DiT": ["--method", "dit"],
+    "DiT + candidates (kappa 3, lambda 0)": ["--guidance-scale", "0", "--deviation-scale", "0"],
+    "DiT + deviation (lambda 0, kappa 1)": ["--guidance-scale", "0", "--candidates", "1"],
+    "IGD": ["--method", "igd"],
+    "LGD (dit seed)": [],
+    "LGD (igd seed)": ["--seed-set", "igd"],
+    "LGD, omega 0 (DiT+Loss)": ["--omega", "0"],
+    "random real": "real",
+}
+MAIN = {name: ABLATION[name] for name in ("LGD (dit seed)", "DiT", "random real")}
+IPC5 = ["--ipc", "5", "--stage-ipc", "1"]
+ABLATION_IPC5 = {f"{name}, IPC 5": (flags + IPC5 if flags != "real" else "real5") for name, flags in ABLATION.items()}
+IGD_SWEEP = {f"IGD k {k:g}, gamma {gamma:g}": ["--method", "igd", "--igd-scale", str(k), "--igd-deviation", str(gamma)]
+             for k in (5, 25, 125) for gamma in (0, 5)}
 SWEEP = {  # seed 0 only; (lambda, gamma) pairs around the preset, plus the two structural variants
     f"lambda {scale:g}, gamma {gamma:g}": ["--guidance-scale", str(scale), "--deviation-scale", str(gamma)]
     for scale in (15, 60, 125, 250, 500) for gamma in (0, 1, 5)
@@ -39,18 +56,22 @@ SWEEP = {  # seed 0 only; (lambda, gamma) pairs around the preset, plus the two 
 SWEEP.update({"lambda 125, gamma 5, omega 0": ["--guidance-scale", "125", "--deviation-scale", "5", "--omega", "0"],
               "lambda 125, gamma 5, eps form": ["--guidance-scale", "125", "--deviation-scale", "5",
                                                 "--guidance-form", "eps"]})
-TABLES = {"main": (MAIN, SEEDS, True), "sweep": (SWEEP, (0,), True)}  # (cells, seeds, cross-arch column)
+TABLES = {"sweep": (SWEEP, (0,), True), "igd-sweep": (IGD_SWEEP, (0,), True), "ablation": (ABLATION, SEEDS, True),
+          "ablation-ipc5": (ABLATION_IPC5, SEEDS, True), "main": (MAIN, SEEDS, True)}  # (cells, seeds, cross-arch)
 
 
 def folder(name, seed):
-    return os.path.join(ROOT, f"{name.replace(' ', '_').replace(',', '').replace('=', '')}_seed{seed}")
+    return os.path.join(ROOT, f"{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}_seed{seed}")
 
 
 def commands(name, flags, seed, cross=True):
     """The commands that fill one cell, each with the file it produces (skipped when that exists)."""
     out, py = folder(name, seed), [sys.executable]
-    if flags == "real":  # random real images: K per class drawn with the cell's seed
-        base = [os.path.join(HERE, "evaluate.py"), "--dataset", "digits", "--real-ipc", "10", "--seed", str(seed)]
+    if flags in ("real", "real5"):  # random real images: K per class drawn with the cell's seed
+        ipc = "10" if flags == "real" else "5"
+        base = [os.path.join(HERE, "evaluate.py"), "--dataset", "digits", "--real-ipc", ipc, "--seed", str(seed)]
+        if flags == "real5":  # cut like the 5-stages-of-1 sets
+            base += ["--stage-ipc", "1"]
         todo = [(os.path.join(out, "eval.json"), py + base + ["--out", out]),
                 (os.path.join(out, f"eval_{CROSS}.json"), py + base + ["--out", out, "--arch", CROSS]),
                 (os.path.join(out, "redundancy.json"), py + base + ["--out", out, "--redundancy", "real"])]
