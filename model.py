@@ -261,30 +261,37 @@ class BasicBlockAP(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNetAP10(nn.Module):
-    """ResNetAP-10 (IDC / Minimax `resnet_ap.py`, depth 10 = one basic block per stage, widths 64..512).
+class _ResNet(nn.Module):
+    """The shape both ResNets share: stem -> four stages (64, 128, 256, 512 channels; strides 1, 2, 2, 2) ->
+    global average pool (the head does not depend on the input resolution) -> Linear(512, C), IDC's init."""
 
-    Stem by input size, as IDC: > 128 px 'large' = conv7x7 stride 1 -> norm -> ReLU -> avgpool 4x4
-    (224 -> 56); 65..128 px 'mid' = conv3x3 -> norm -> ReLU -> avgpool 2x2; <= 64 px 'small' = conv3x3 -> norm
-    -> ReLU. Global average pool, Linear(512, C).
-    """
-
-    def __init__(self, channels, num_classes, res):
+    def __init__(self, stem, stage, num_classes):
         super().__init__()
-        kernel, pool = (7, 4) if res > 128 else (3, 2) if res > 64 else (3, 1)
-        self.stem = nn.Sequential(nn.Conv2d(channels, 64, kernel, 1, kernel // 2, bias=False), norm(64),
-                                  nn.ReLU(inplace=True), nn.AvgPool2d(pool, pool) if pool > 1 else nn.Identity())
-        blocks, c = [], 64
+        self.stem, blocks, c = stem, [], 64
         for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks.append(BasicBlockAP(c, width, stride))
+            blocks += stage(c, width, stride)
             c = width
         self.layers = nn.Sequential(*blocks)
         self.fc = nn.Linear(512, num_classes)
         _idc_init(self)
 
     def forward(self, x):
-        # global average pool: the head does not depend on the input resolution
         return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
+
+
+class ResNetAP10(_ResNet):
+    """ResNetAP-10 (IDC / Minimax `resnet_ap.py`, depth 10 = one basic block per stage, widths 64..512).
+
+    Stem by input size, as IDC: > 128 px 'large' = conv7x7 stride 1 -> norm -> ReLU -> avgpool 4x4
+    (224 -> 56); 65..128 px 'mid' = conv3x3 -> norm -> ReLU -> avgpool 2x2; <= 64 px 'small' = conv3x3 -> norm
+    -> ReLU.
+    """
+
+    def __init__(self, channels, num_classes, res):
+        kernel, pool = (7, 4) if res > 128 else (3, 2) if res > 64 else (3, 1)
+        stem = nn.Sequential(nn.Conv2d(channels, 64, kernel, 1, kernel // 2, bias=False), norm(64),
+                             nn.ReLU(inplace=True), nn.AvgPool2d(pool, pool) if pool > 1 else nn.Identity())
+        super().__init__(stem, lambda c, width, stride: [BasicBlockAP(c, width, stride)], num_classes)
 
 
 class BasicBlock(nn.Module):
@@ -303,28 +310,19 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
+class ResNet18(_ResNet):
     """ResNet-18 with instance norm (IDC / Minimax `resnet.py`, `ResNet(depth=18, norm_type='instance')`), the
     hard-label evaluation network of the field. Stem > 128 px: conv7x7/2 -> norm -> ReLU -> maxpool 3/2 (as
-    torchvision); otherwise conv3x3/1 without pooling. Layers [2, 2, 2, 2], global average pool, Linear(512, C)."""
+    torchvision); otherwise conv3x3/1 without pooling. Two basic blocks per stage."""
 
     def __init__(self, channels, num_classes, res, make_norm=norm):
-        super().__init__()
         if res > 128:
-            self.stem = nn.Sequential(nn.Conv2d(channels, 64, 7, 2, 3, bias=False), make_norm(64), nn.ReLU(inplace=True),
-                                      nn.MaxPool2d(3, 2, 1))
+            stem = nn.Sequential(nn.Conv2d(channels, 64, 7, 2, 3, bias=False), make_norm(64), nn.ReLU(inplace=True),
+                                 nn.MaxPool2d(3, 2, 1))
         else:
-            self.stem = nn.Sequential(nn.Conv2d(channels, 64, 3, 1, 1, bias=False), make_norm(64), nn.ReLU(inplace=True))
-        blocks, c = [], 64
-        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [BasicBlock(c, width, stride, make_norm), BasicBlock(width, width, 1, make_norm)]
-            c = width
-        self.layers = nn.Sequential(*blocks)
-        self.fc = nn.Linear(512, num_classes)
-        _idc_init(self)
-
-    def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
+            stem = nn.Sequential(nn.Conv2d(channels, 64, 3, 1, 1, bias=False), make_norm(64), nn.ReLU(inplace=True))
+        super().__init__(stem, lambda c, width, stride: [BasicBlock(c, width, stride, make_norm),
+                                                         BasicBlock(width, width, 1, make_norm)], num_classes)
 
 
 def resnet18_bn(channels, num_classes, res):
