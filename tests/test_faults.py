@@ -66,6 +66,10 @@ def tree(folder):
     (["--guide-from", "-1"], "--guide-from must be >= 0"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--precision", "bf16", "--device", "cpu"], "--precision bf16 is CUDA autocast"),
+    (["--igd-scale", "nan"], "--igd-scale must be a finite number"),
+    (["--grad-ipc", "0"], "--grad-ipc must be at least 1"),
+    (["--igd-checkpoints", "0,five"], "--igd-checkpoints must be 'auto' or indices"),
+    (["--seed-set", "nowhere"], "--seed-set nowhere is not a folder"),
 ])
 def test_out_of_range_flags_are_refused_before_any_write(tmp_path, monkeypatch, capsys, flags, fragment):
     monkeypatch.chdir(tmp_path)
