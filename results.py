@@ -48,7 +48,7 @@ MAIN = {name: ABLATION[name] for name in ("LGD (dit seed)", "DiT", "random real"
 IPC5 = ["--ipc", "5", "--stage-ipc", "1"]
 ABLATION_IPC5 = {f"{name}, IPC 5": (flags + IPC5 if flags != "real" else "real5") for name, flags in ABLATION.items()}
 IGD_SWEEP = {f"IGD k {k:g}, gamma {gamma:g}": ["--method", "igd", "--igd-scale", str(k), "--igd-deviation", str(gamma)]
-             for k in (5, 25, 125) for gamma in (0, 1, 5)}
+             for k, gamma in [(k, g) for k in (5, 25, 125) for g in (0, 1, 5)] + [(500, 5), (2000, 5)]}
 SWEEP = {  # seed 0 only; (lambda, gamma) pairs around the preset, plus the two structural variants
     f"lambda {scale:g}, gamma {gamma:g}": ["--guidance-scale", str(scale), "--deviation-scale", str(gamma)]
     for scale in (15, 60, 125, 250, 500) for gamma in (0, 1, 5)
