@@ -52,7 +52,7 @@ PRESETS = {
     # constants are re-tuned by the sweep in the README (rho_t normalises g, but 64 pixel values vs
     # 4096 latent values change how far a step of a given size moves the sample).
     "digits": dict(ipc=10, stage_ipc=2, arch="convnet", recipe="minimax", cfg_scale=2.0, batch_size=128, eval=True,
-                   scale=125.0, deviation=1.0, igd_scale=5.0, igd_deviation=5.0, grad_ipc=100),
+                   scale=125.0, deviation=1.0, igd_scale=500.0, igd_deviation=5.0, grad_ipc=100),
     # ImageNette / ImageWoof: the paper's pipeline, T_1 = IGD's 10-IPC increment
     "imagenette": dict(ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24,
                        seed_set="igd"),
