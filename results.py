@@ -14,7 +14,8 @@ eval.json (3 students of the guiding architecture, ConvNet), eval_mlp.json (3 st
 architecture no stage student or theta* used: the cross-architecture column), redundancy.json (the
 set cut into increments in generation order) and validity.json (the share theta* recognises).
 Cells live in out/results/<name>_seed<S>/; a cell whose files exist is not recomputed, so an
-interrupted run of this script resumes. Student seeds are the same for every cell (paired).
+interrupted run of this script resumes. Student seeds are the same for every cell (paired), and every
+cell runs on one CPU thread, so the numbers do not depend on --jobs.
 """
 import argparse
 import json
@@ -130,12 +131,14 @@ def main():
     p.add_argument("--jobs", type=int, default=1, help="cells run at a time (each with one CPU thread when > 1)")
     args = p.parse_args()
     cells, seeds, cross = TABLES[args.table]
-    # the digits prior and theta* are trained once, before cells run in parallel and would race for them
+    # every cell runs single-threaded, whatever --jobs: multi-threaded convolutions round differently, and
+    # the tables must not depend on how many cells ran at once. The first cell runs alone, so the digits
+    # prior and theta* are trained once before cells run in parallel and would race for them.
     first = next(iter(cells.items()))
-    fill((first[0], first[1], seeds[0]), os.cpu_count(), cross)
+    fill((first[0], first[1], seeds[0]), 1, cross)
     todo = [(name, flags, seed) for name, flags in cells.items() for seed in seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
-        for done in pool.map(lambda cell: fill(cell, 1 if args.jobs > 1 else os.cpu_count(), cross), todo):
+        for done in pool.map(lambda cell: fill(cell, 1, cross), todo):
             print(f"done: {done}", flush=True)
     header = ["digits, IPC 10", "acc % ConvNet (guiding arch)", f"acc % {CROSS} (cross-arch)",
               "redundancy % (5 x 2 IPC)", "theta* recognises %"]
