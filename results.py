@@ -140,8 +140,8 @@ def main():
     with ThreadPoolExecutor(args.jobs) as pool:
         for done in pool.map(lambda cell: fill(cell, 1, cross), todo):
             print(f"done: {done}", flush=True)
-    header = ["digits, IPC 10", "acc % ConvNet (guiding arch)", f"acc % {CROSS} (cross-arch)",
-              "redundancy % (5 x 2 IPC)", "theta* recognises %"]
+    header = [f"digits: {args.table}", "acc % ConvNet (guiding arch)", f"acc % {CROSS} (cross-arch)",
+              "redundancy % (5 increments)", "theta* recognises %"]
     print(table([summary(name, flags, seeds) for name, flags in cells.items()], header))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
     print(f"\n(commit {commit.strip()}; accuracies: final epoch, mean +- std over {len(seeds)} distillation seed(s) x 3 "
