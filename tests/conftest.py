@@ -1,5 +1,6 @@
 """Offline stand-ins built by the tests themselves: tiny random priors in diffusers format, a fake
 ImageWoof tree with the real layout, and helpers to run the CLIs as a user would."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -135,3 +136,15 @@ def run_cli(script, *args, cwd, env=None, timeout=600):
     full_env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def file_hashes(folder, suffix=""):
+    """{relative path: sha256} of every file under folder whose name ends with suffix (byte-identity checks)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            if f.endswith(suffix):
+                path = os.path.join(root, f)
+                with open(path, "rb") as handle:
+                    out[os.path.relpath(path, folder)] = hashlib.sha256(handle.read()).hexdigest()
+    return out

@@ -1,13 +1,11 @@
 """IGD (influence-guided diffusion, the paper's seed increment and main baseline): its score against a
 hand-computed case and finite differences, its checkpoint rule, and its runs end to end."""
-import hashlib
 import json
-import os
 
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli
+from conftest import file_hashes, run_cli
 from data import get_spec, with_view
 from guidance import Influence, select_checkpoints, weight_gradient
 
@@ -78,11 +76,6 @@ def test_adaptive_checkpoint_rule_on_known_cosines():
     assert select_checkpoints(cos, 0.8) == [0, 2, 3, 5, 6]  # unrelated snapshots (cosine 0) are all kept
 
 
-def digest(folder):
-    return {os.path.relpath(os.path.join(r, f), folder): hashlib.sha256(open(os.path.join(r, f), "rb").read()).hexdigest()
-            for r, _, files in os.walk(folder) for f in files if f.endswith(".png")}
-
-
 def test_igd_and_the_papers_pipeline_end_to_end(tmp_path, latent_prior, fake_woof):
     """`--method igd` and `--method lgd --seed-set igd` on the tiny latent prior (VAE in the loop): IGD's
     chosen checkpoints are written, and stage 0 of the paper's pipeline is IGD's first increment, byte for byte."""
@@ -93,13 +86,13 @@ def test_igd_and_the_papers_pipeline_end_to_end(tmp_path, latent_prior, fake_woo
     assert r.returncode == 0, r.stderr
     info = json.loads((tmp_path / "igd" / "igd.json").read_text())
     assert info["checkpoints"][0] == 0 and info["trajectory_length"] == 4 and info["grad_ipc"] == 3
-    assert len(digest(tmp_path / "igd" / "distilled")) == 20 and (tmp_path / "igd" / "latents").is_dir()
+    assert len(file_hashes(tmp_path / "igd" / "distilled", ".png")) == 20 and (tmp_path / "igd" / "latents").is_dir()
     r = run_cli("distill.py", *common, "--seed-set", "igd", "--ipc", 2, "--stage-ipc", 1, "--guide-from", 1,
                 "--guide-until", 4, "--student-epochs", 2, "--out-dir", tmp_path / "lgd", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    igd_first = {k: v for k, v in digest(tmp_path / "igd" / "distilled").items() if k.endswith("00000.png")}
-    assert digest(tmp_path / "lgd" / "stage_0" / "images") == igd_first
-    assert len(digest(tmp_path / "lgd" / "distilled")) == 20
+    igd_first = {k: v for k, v in file_hashes(tmp_path / "igd" / "distilled", ".png").items() if k.endswith("00000.png")}
+    assert file_hashes(tmp_path / "lgd" / "stage_0" / "images", ".png") == igd_first
+    assert len(file_hashes(tmp_path / "lgd" / "distilled", ".png")) == 20
     # a hard-coded list, as IGD's released sampler uses, instead of the rule
     r = run_cli("distill.py", *common, "--method", "igd", "--ipc", 1, "--igd-checkpoints", "0,3",
                 "--out-dir", tmp_path / "list", cwd=tmp_path)

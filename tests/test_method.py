@@ -1,6 +1,5 @@
 """The stage loop (the paper's incremental curriculum), the run folder, the lgd CLI, redundancy (paper Fig. 2) and
 the comparison report."""
-import hashlib
 import json
 import os
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 from common import UserError, load_json
-from conftest import run_cli
+from conftest import file_hashes, run_cli
 from curriculum import Plan, Students, generate_increment, run_stages, union_files
 from data import ImageSet, get_spec
 from evaluate import compare, increments_of, redundancy_matrix, redundancy_report
@@ -18,16 +17,6 @@ from model import load_prior, make_student
 from train_student import reference_spec
 
 SPEC = get_spec("digits")
-
-
-def tree_hashes(folder):
-    """{relative path: sha256} of every file under folder."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(root, f)
-            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
 
 
 def stage_kwargs(prior):
@@ -53,11 +42,11 @@ def test_stage_loop_three_stages_kill_and_resume(pixel_prior, tmp_path):
     with pytest.raises(Killed):
         run_stages(out_dir=run, on_stage_start=kill_at_stage_2, **stage_kwargs(prior))
     assert os.path.exists(f"{run}/stage_1/done.json") and not os.path.exists(f"{run}/stage_2")
-    before = {k: tree_hashes(f"{run}/stage_{k}") for k in (0, 1)}
+    before = {k: file_hashes(f"{run}/stage_{k}") for k in (0, 1)}
 
     run_stages(out_dir=run, **stage_kwargs(prior))  # the rerun resumes at stage 2 and completes
     for k in (0, 1):
-        assert tree_hashes(f"{run}/stage_{k}") == before[k]  # finished stages untouched
+        assert file_hashes(f"{run}/stage_{k}") == before[k]  # finished stages untouched
     for k in range(3):
         files = sorted(os.path.relpath(p, f"{run}/stage_{k}/images") for p in union_files(run, SPEC, k + 1, 1)[0][-10:])
         assert files == [f"{c}/{k:05d}.png" for c in range(10)]  # stage k holds index k of every class
@@ -80,7 +69,7 @@ def test_stage_zero_is_the_unguided_dit_increment(pixel_prior, tmp_path):
     kwargs["plan"].ipc = 1
     run_stages(out_dir=str(tmp_path / "lgd"), **kwargs)
     generate_increment(prior, SPEC, str(tmp_path / "dit"), None, 1, 0, 5, SamplerConfig(cfg_scale=2.0, steps=6), 20)
-    assert tree_hashes(tmp_path / "lgd" / "distilled") == tree_hashes(tmp_path / "dit")
+    assert file_hashes(tmp_path / "lgd" / "distilled") == file_hashes(tmp_path / "dit")
 
 
 def test_ipc_not_a_multiple_of_stage_ipc_is_an_error(pixel_prior, tmp_path):

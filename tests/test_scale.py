@@ -1,6 +1,5 @@
 """Scale and resilience: torchrun (gloo, 2 processes) vs 1 process, kill -9 and resume, corrupt data,
 out-of-memory and NaN handling, bf16 autocast."""
-import hashlib
 import json
 import os
 import signal
@@ -12,21 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, make_fake_imagewoof, run_cli
+from conftest import REPO, file_hashes, make_fake_imagewoof, run_cli
 
 ARGS = ["--dataset", "imagewoof", "--seed-set", "dit", "--ipc", 3, "--stage-ipc", 1, "--steps", 8, "--guide-from", 0, "--guide-until", 7,
         "--batch-size", 12, "--student-epochs", 3, "--res", 16]
-
-
-def tree_digest(folder):
-    """{relative path: sha256} of every PNG under folder."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in sorted(files):
-            if f.endswith(".png"):
-                path = os.path.join(root, f)
-                out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +41,13 @@ def test_two_gloo_processes_equal_one_process(tmp_path, straight_run, latent_pri
     r = torchrun(*ARGS, "--data-dir", fake_woof, "--prior", latent_prior, "--out-dir", tmp_path / "nd",
                  "--no-student-ddp", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert tree_digest(tmp_path / "nd" / "distilled") == tree_digest(straight_run / "distilled")
-    assert len(tree_digest(straight_run / "distilled")) == 30
+    assert file_hashes(tmp_path / "nd" / "distilled", ".png") == file_hashes(straight_run / "distilled", ".png")
+    assert len(file_hashes(straight_run / "distilled", ".png")) == 30
 
     r = torchrun(*ARGS, "--data-dir", fake_woof, "--prior", latent_prior, "--out-dir", tmp_path / "ddp", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert tree_digest(tmp_path / "ddp" / "stage_0") == tree_digest(straight_run / "stage_0")
-    assert len(tree_digest(tmp_path / "ddp" / "distilled")) == 30
+    assert file_hashes(tmp_path / "ddp" / "stage_0", ".png") == file_hashes(straight_run / "stage_0", ".png")
+    assert len(file_hashes(tmp_path / "ddp" / "distilled", ".png")) == 30
     assert json.loads((tmp_path / "ddp" / "args.json").read_text())["world_size"] == 2
 
 
@@ -77,12 +65,12 @@ def test_kill_minus_nine_then_resume(tmp_path, straight_run, latent_prior, fake_
     proc.send_signal(signal.SIGKILL)  # mid stage 1: its student is saved, its images are being generated
     assert proc.wait() == -signal.SIGKILL
     assert not (out / "stage_2").exists() and (out / "stage_0" / "done.json").exists()
-    stage0 = {p: os.stat(out / "stage_0" / p).st_mtime_ns for p in tree_digest(out / "stage_0")}
+    stage0 = {p: os.stat(out / "stage_0" / p).st_mtime_ns for p in file_hashes(out / "stage_0", ".png")}
 
     r = run_cli("distill.py", *ARGS, "--data-dir", fake_woof, "--prior", latent_prior, "--out-dir", out, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert stage0 == {p: os.stat(out / "stage_0" / p).st_mtime_ns for p in stage0}  # not rewritten
-    assert tree_digest(out / "distilled") == tree_digest(straight_run / "distilled")
+    assert file_hashes(out / "distilled", ".png") == file_hashes(straight_run / "distilled", ".png")
     leftovers = [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
     assert not leftovers  # no half-written file survives a rerun's reads
 
