@@ -21,8 +21,6 @@ Run: `python bench.py --size tiny`, `python bench.py --size xl --batch-size 1 2 
 """
 import argparse
 import copy
-import json
-import os
 import resource
 import time
 
@@ -30,7 +28,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import get_device
+from common import get_device, save_json
 from data import Augment, ImageSet, get_spec, load_real, sample_real_ipc
 from guidance import GuidanceConfig, Influence, Learnability, SamplerConfig, cfg_output, guided_output
 from model import DIGITS_PRIOR, Prior, make_scheduler, make_student
@@ -76,7 +74,9 @@ def timed(fn, device, repeats):
 
 
 def step_parts(prior, z, t, labels, classes, sampler, score):
-    """The pieces of one exact guided step as separate callables (each repeats the work it needs before it)."""
+    """The pieces of one guided step as (name, callable, part of the exact step?) (each callable repeats the
+    work it needs before it). The TAESD parts replace the VAE's in the cheap step; in pixel space the VAE
+    parts are the identity and not part of the exact step."""
     c, alpha_bar = prior.channels, prior.scheduler.alphas_cumprod[t].to(z.device)
     state = {}
 
@@ -108,12 +108,13 @@ def step_parts(prior, z, t, labels, classes, sampler, score):
             else state["eps"].detach()
         prior.scheduler.step(out, t, z)
     vae_forward, vae_backward = decoder(prior.decode)
-    parts = [("DiT CFG forward, with grad", dit_forward_with_grad), ("DiT input-backward", dit_backward),
-             ("VAE decoder forward", vae_forward), ("VAE decoder backward", vae_backward),
-             ("classifiers forward+backward", classifiers), ("scheduler step", scheduler_step)]
+    latent = prior.vae is not None
+    parts = [("DiT CFG forward, with grad", dit_forward_with_grad, True), ("DiT input-backward", dit_backward, True),
+             ("VAE decoder forward", vae_forward, latent), ("VAE decoder backward", vae_backward, latent),
+             ("classifiers forward+backward", classifiers, True), ("scheduler step", scheduler_step, True)]
     if prior.grad_vae is not None:
         taesd_forward, taesd_backward = decoder(prior.decode_for_gradient)
-        parts += [("TAESD decoder forward", taesd_forward), ("TAESD decoder backward", taesd_backward)]
+        parts += [("TAESD decoder forward", taesd_forward, False), ("TAESD decoder backward", taesd_backward, False)]
     return parts
 
 
@@ -161,17 +162,14 @@ def bench_sampler(args, device, batch):
                          peak_mb=peak_memory_mb(device)))
     for row in rows:
         row["ratio"] = row["step_s"] / rows[0]["step_s"]
-    components = []
+    components, parts_sum = [], 0.0
     with torch.no_grad():
         components.append(dict(part="DiT CFG forward (no grad)", **dict(zip(("s", "flops"), timed(
             lambda: cfg_output(prior, z, t, labels, sampler), device, args.repeats)))))
-        for name, fn in step_parts(exact_prior if cheap is None else prior, z, t, labels, classes, sampler, score):
+        for name, fn, exact_part in step_parts(exact_prior if cheap is None else prior, z, t, labels, classes, sampler,
+                                               score):
             components.append(dict(part=name, **dict(zip(("s", "flops"), timed(fn, device, args.repeats)))))
-    exact_names = {"DiT CFG forward, with grad", "DiT input-backward", "VAE decoder forward", "VAE decoder backward",
-                   "classifiers forward+backward", "scheduler step"}
-    if prior.vae is None:
-        exact_names -= {"VAE decoder forward", "VAE decoder backward"}
-    parts_sum = sum(c["s"] for c in components if c["part"] in exact_names)
+            parts_sum += components[-1]["s"] if exact_part else 0.0
     guided = next(r for r in rows if r["variant"] == "guided")
     return dict(batch=batch, rows=rows, components=components, exact_parts_sum_s=parts_sum,
                 guided_over_parts=guided["step_s"] / parts_sum)
@@ -234,9 +232,7 @@ def main(argv=None):
             print(f"exact guided step {run['rows'][1]['step_s']:.4f} s = {run['guided_over_parts']:.2f} x the sum of "
                   f"its parts ({run['exact_parts_sum_s']:.4f} s)")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        save_json(result, args.json)
     return result
 
 

@@ -29,6 +29,12 @@ class UserError(Exception):
     """Bad input from the user (unknown dataset, missing folder, impossible IPC, corrupt file)."""
 
 
+def require(ok, message):
+    """A CLI check: bad input becomes one UserError line (see run_cli)."""
+    if not ok:
+        raise UserError(message)
+
+
 def os_error_line(e):
     """An OSError as `<reason>: <path>`; a full disk says so in words (ENOSPC's text is easy to miss)."""
     reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or e.__class__.__name__)
@@ -153,11 +159,6 @@ def print0(*args, **kwargs):
 
 
 # ----------------------------------------------------------------------------- seeds
-
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
 
 def derive_seed(*parts):
     """A 63-bit seed from a tuple like (run seed, class, image index, candidate) or (run seed, what, n).

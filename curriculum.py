@@ -63,6 +63,11 @@ def stage_dir(out_dir, k):
     return os.path.join(out_dir, f"stage_{k}")
 
 
+def done_path(out_dir, k):
+    """Written last by stage k: its presence means the stage is complete."""
+    return os.path.join(stage_dir(out_dir, k), "done.json")
+
+
 def image_path(folder, spec, c, index):
     return os.path.join(folder, spec.class_names()[c], f"{index:05d}.png")
 
@@ -169,7 +174,7 @@ def union_files(out_dir, spec, k, stage_ipc):
 def stage_summary(out_dir):
     """[(k, done)] for the stage folders of a run, for --dry-run and the README."""
     stages = sorted(int(d.split("_")[1]) for d in os.listdir(out_dir) if d.startswith("stage_"))
-    return [(k, os.path.exists(os.path.join(stage_dir(out_dir, k), "done.json"))) for k in stages]
+    return [(k, os.path.exists(done_path(out_dir, k))) for k in stages]
 
 
 def owned_folders(out_dir):
@@ -408,24 +413,22 @@ def summarise_log(log):
     """One stage's StageLog, gathered over ranks -> a JSON-ready dict (means, per-step relative pushes)."""
     logs = all_gather(log)
     mean = lambda values: float(torch.tensor(values).mean()) if values else None  # noqa: E731
-    tables = {}
-    for name in ("kept", "rejected", "twin"):
-        merged = {}
-        for entry in logs:
-            for part, values in getattr(entry, name).items():
-                merged.setdefault(part, []).extend(values)
-        tables[name] = {part: mean(values) for part, values in merged.items()}
-    steps = {}
-    for kind in ("guidance", "deviation"):
-        merged = {}
-        for entry in logs:
-            for i, values in getattr(entry.sampler, kind).items():
-                merged.setdefault(int(i), []).extend(values)
-        steps[kind] = {str(i): mean(merged[i]) for i in sorted(merged, reverse=True)}
-    cosines = {}
-    for entry in logs:
-        for i, values in entry.sampler.gradient_cosine.items():
-            cosines.setdefault(int(i), []).extend(values)
+
+    def merged(tables):  # {key: values} of every rank -> one {key: all values}
+        out = {}
+        for table in tables:
+            for key, values in table.items():
+                out.setdefault(key, []).extend(values)
+        return out
+
+    def per_step(tables):  # {step i: mean over every rank's samples}, from the first step (49) down
+        values = merged(tables)
+        return {str(i): mean(values[i]) for i in sorted(values, reverse=True)}
+
+    tables = {name: {part: mean(values) for part, values in merged(getattr(entry, name) for entry in logs).items()}
+              for name in ("kept", "rejected", "twin")}
+    steps = {kind: per_step(getattr(entry.sampler, kind) for entry in logs) for kind in ("guidance", "deviation")}
+    cosines = [entry.sampler.gradient_cosine for entry in logs]
     kept_candidate = [k for entry in logs for k in entry.kept_candidate]
     kappa = max(kept_candidate) + 1 if kept_candidate else 0
     return dict(images_logged=len(kept_candidate), **tables,
@@ -433,8 +436,8 @@ def summarise_log(log):
                 relative_guidance_per_step=steps["guidance"], relative_deviation_per_step=steps["deviation"],
                 nan_fallbacks=sum(entry.sampler.nan_fallbacks for entry in logs),
                 sampler_batch=min(entry.batch for entry in logs),
-                grad_decoder_cosine=mean([v for values in cosines.values() for v in values]),
-                grad_decoder_cosine_per_step={str(i): mean(cosines[i]) for i in sorted(cosines, reverse=True)})
+                grad_decoder_cosine=mean([v for values in merged(cosines).values() for v in values]),
+                grad_decoder_cosine_per_step=per_step(cosines))
 
 
 def log_line(k, summary):
@@ -597,14 +600,16 @@ def run_stages(prior, spec, out_dir, plan, sampler, guide, students, reference, 
         raise UserError(f"--ipc {plan.ipc} is not a multiple of --stage-ipc {plan.stage_ipc}")
     num_stages = plan.ipc // plan.stage_ipc
     for k in range(num_stages):  # a finished stage must still be whole before anything builds on it
-        if os.path.exists(os.path.join(stage_dir(out_dir, k), "done.json")):
+        if os.path.exists(done_path(out_dir, k)):
             check_stage_files(out_dir, spec, k, plan.stage_ipc)
+    if students.channels_last:  # theta* once for the whole run; each stage's student below
+        reference = (reference[0].to(memory_format=torch.channels_last), reference[1])
     batch = plan.batch_size
     overall = tqdm(total=num_stages, desc="LGD stages", unit="stage", disable=not is_main(), position=0)
     for k in range(num_stages):
         folder = stage_dir(out_dir, k)
         images, latents = stage_images(out_dir, k), stage_latents(out_dir, k)
-        if os.path.exists(os.path.join(folder, "done.json")):  # written last, so its presence = complete
+        if os.path.exists(done_path(out_dir, k)):  # written last, so its presence = complete
             print0(f"stage {k}: done, skipping")
             overall.update(1)
             continue
@@ -623,8 +628,7 @@ def run_stages(prior, spec, out_dir, plan, sampler, guide, students, reference, 
             student = train_stage_student(out_dir, spec, k, plan, students, device, ranks, teacher)
             # S(x, y) = CE(theta_k(x), y) - omega CE(theta*(x), y): high = not learned yet, still valid
             if students.channels_last:
-                student, reference = student.to(memory_format=torch.channels_last), (
-                    reference[0].to(memory_format=torch.channels_last), reference[1])
+                student = student.to(memory_format=torch.channels_last)
             score = Learnability(student, students.view, reference[0], reference[1], guide.omega)
             memory = initial_memory(out_dir, spec, k, plan.stage_ipc, guide.memory_cap) if guide.deviation else None
             # T_{k+1}: kappa guided candidates per image, the highest-S one kept and added to M_c
@@ -642,7 +646,7 @@ def run_stages(prior, spec, out_dir, plan, sampler, guide, students, reference, 
                 print0(log_line(k, summary))
             save_json(dict(stage=k, indices=[first, first + plan.stage_ipc], sampler_batch=summary["sampler_batch"],
                            nan_fallbacks=summary["nan_fallbacks"], grad_decoder_cosine=summary["grad_decoder_cosine"]),
-                      os.path.join(folder, "done.json"))
+                      done_path(out_dir, k))
             if summary["grad_decoder_cosine"] is not None:
                 print0(f"stage {k}: cheap gradient decoder vs exact, cosine {summary['grad_decoder_cosine']:.3f} "
                        f"(first guided batch)")

@@ -329,6 +329,11 @@ EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
 EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
 
 
+def _grey(image):
+    """(3, H, W) RGB -> (H, W) grey level (ITU-R 601 weights, as torchvision's rgb_to_grayscale)."""
+    return 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]
+
+
 def storage_size(spec, pre_crop):
     """Side of the uint8 images a student trains from: the recipe's deterministic first step, done once.
 
@@ -404,9 +409,9 @@ class Augment:
                 if op == 0:    # brightness: towards black
                     target = torch.zeros_like(x[i])
                 elif op == 1:  # contrast: towards the mean grey level
-                    target = (0.299 * x[i, 0] + 0.587 * x[i, 1] + 0.114 * x[i, 2]).mean().expand_as(x[i])
+                    target = _grey(x[i]).mean().expand_as(x[i])
                 else:          # saturation: towards the grey image
-                    target = (0.299 * x[i, 0] + 0.587 * x[i, 1] + 0.114 * x[i, 2]).expand_as(x[i])
+                    target = _grey(x[i]).expand_as(x[i])
                 x[i] = x[i].lerp(target, alpha)
         return x
 

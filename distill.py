@@ -31,8 +31,8 @@ from dataclasses import asdict, fields
 
 import torch
 
-from common import HelpFormatter, UserError, all_reduce_sum, barrier, get_device, is_main, print0, run_cli, \
-    setup_distributed
+from common import HelpFormatter, UserError, all_reduce_sum, barrier, get_device, is_main, print0, require, \
+    run_cli, setup_distributed
 from curriculum import (Plan, Ranks, Students, claim_run_folder, default_run_dir, distilled_dir, eval_path,
                         generate_increment, grid_path, influence_score, new_log, record_args, run_latents, run_stages,
                         save_set_grid, stage_summary, update_args)
@@ -173,53 +173,45 @@ def get_parser():
     return p
 
 
-def _check(ok, message):
-    if not ok:
-        raise UserError(message)
-
-
 def _finite(name, value, low, inclusive=True):
     """A float flag must be a finite number in range (NaN passes every comparison but this one)."""
     ok = math.isfinite(value) and (value >= low if inclusive else value > low)
-    _check(ok, f"--{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, got {value}")
+    require(ok, f"--{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, got {value}")
 
 
 def resolve_args(args):
     """Fill unset flags from the dataset preset and the paper's constants; check everything before any write."""
     if args.dataset not in PRESETS:
         raise UserError(f"unknown dataset '{args.dataset}' (choose from {', '.join(PRESETS)})")
-    for key, value in {**PAPER, "eval": False, "seed_set": "dit", **PRESETS[args.dataset]}.items():
+    for key, value in {**PAPER, **IGD, "eval": False, "seed_set": "dit", **PRESETS[args.dataset]}.items():
         if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    for key, value in IGD.items():
-        if getattr(args, key) is None:
             setattr(args, key, value)
     if args.igd_deviation is None:  # IGD Table 7: gamma 50 for a 10-IPC set, 120 for 50/100
         igd_ipc = args.ipc if args.method == "igd" else args.stage_ipc
         args.igd_deviation = 50.0 if igd_ipc <= 10 else 120.0
     if args.method != "lgd":  # no stages; stage_ipc only says how evaluate.py --redundancy cuts the set
         args.stage_ipc = min(args.stage_ipc, args.ipc) if args.ipc > 0 else args.stage_ipc
-    _check(args.ipc > 0, f"--ipc must be positive, got {args.ipc}")
-    _check(args.stage_ipc > 0, f"--stage-ipc must be positive, got {args.stage_ipc}")
-    _check(args.method == "dit" or args.ipc % args.stage_ipc == 0,
+    require(args.ipc > 0, f"--ipc must be positive, got {args.ipc}")
+    require(args.stage_ipc > 0, f"--stage-ipc must be positive, got {args.stage_ipc}")
+    require(args.method == "dit" or args.ipc % args.stage_ipc == 0,
            f"--ipc {args.ipc} is not a multiple of --stage-ipc {args.stage_ipc}")
-    _check(args.steps > 0, f"--steps must be positive, got {args.steps}")
-    _check(args.prior is not None or args.steps <= DIGITS_SCHEDULE["num_train_timesteps"],
+    require(args.steps > 0, f"--steps must be positive, got {args.steps}")
+    require(args.prior is not None or args.steps <= DIGITS_SCHEDULE["num_train_timesteps"],
            f"--steps {args.steps} is outside 1..{DIGITS_SCHEDULE['num_train_timesteps']} (the prior's schedule)")
-    _check(args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
-    _check(args.candidates >= 1, f"--candidates must be at least 1, got {args.candidates}")
-    _check(args.guide_from >= 0, f"--guide-from must be >= 0, got {args.guide_from}")
-    _check(args.guide_from <= args.guide_until, "--guide-from must not exceed --guide-until")
-    _check(args.memory_cap >= 1, f"--memory-cap must be at least 1, got {args.memory_cap}")
-    _check(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
-    _check(args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}")
-    _check(args.student_epochs is None or args.student_epochs >= 1,
+    require(args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
+    require(args.candidates >= 1, f"--candidates must be at least 1, got {args.candidates}")
+    require(args.guide_from >= 0, f"--guide-from must be >= 0, got {args.guide_from}")
+    require(args.guide_from <= args.guide_until, "--guide-from must not exceed --guide-until")
+    require(args.memory_cap >= 1, f"--memory-cap must be at least 1, got {args.memory_cap}")
+    require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
+    require(args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}")
+    require(args.student_epochs is None or args.student_epochs >= 1,
            f"--student-epochs must be at least 1, got {args.student_epochs}")
-    _check(args.reference_epochs is None or args.reference_epochs >= 1,
+    require(args.reference_epochs is None or args.reference_epochs >= 1,
            f"--reference-epochs must be at least 1, got {args.reference_epochs}")
-    _check(args.eval_epochs is None or args.eval_epochs >= 1, f"--eval-epochs must be at least 1, got {args.eval_epochs}")
-    _check(args.eval_runs >= 1, f"--eval-runs must be at least 1, got {args.eval_runs}")
-    _check(args.num_workers is None or args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
+    require(args.eval_epochs is None or args.eval_epochs >= 1, f"--eval-epochs must be at least 1, got {args.eval_epochs}")
+    require(args.eval_runs >= 1, f"--eval-runs must be at least 1, got {args.eval_runs}")
+    require(args.num_workers is None or args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
     _finite("cfg-scale", args.cfg_scale, 1.0)  # 1 = the conditional model alone; below 1 leans unconditional
     _finite("guidance-scale", args.scale, 0.0)
     _finite("omega", args.omega, 0.0)
@@ -228,13 +220,13 @@ def resolve_args(args):
     _finite("igd-scale", args.igd_scale, 0.0)
     _finite("igd-deviation", args.igd_deviation, 0.0)
     _finite("igd-threshold", args.igd_threshold, -1.0)
-    _check(0 <= args.igd_from <= args.igd_until, "--igd-from must be >= 0 and not exceed --igd-until")
-    _check(args.grad_ipc >= 1, f"--grad-ipc must be at least 1, got {args.grad_ipc}")
-    _check(args.igd_checkpoints == "auto" or all(p.strip().isdigit() for p in args.igd_checkpoints.split(",")),
+    require(0 <= args.igd_from <= args.igd_until, "--igd-from must be >= 0 and not exceed --igd-until")
+    require(args.grad_ipc >= 1, f"--grad-ipc must be at least 1, got {args.grad_ipc}")
+    require(args.igd_checkpoints == "auto" or all(p.strip().isdigit() for p in args.igd_checkpoints.split(",")),
            f"--igd-checkpoints must be 'auto' or indices like 0,5,16,40, got {args.igd_checkpoints}")
-    _check(args.seed_set in ("dit", "igd") or os.path.isdir(args.seed_set),
+    require(args.seed_set in ("dit", "igd") or os.path.isdir(args.seed_set),
            f"--seed-set {args.seed_set} is not a folder (or 'dit', 'igd')")
-    _check(args.reference is None or os.path.isfile(args.reference), f"--reference {args.reference} is not a file")
+    require(args.reference is None or os.path.isfile(args.reference), f"--reference {args.reference} is not a file")
     if args.prior is None and args.dataset != "digits":
         args.prior = DEFAULT_PRIOR
     # paths are stored resolved, so evaluate.py finds them from any working directory
@@ -265,9 +257,9 @@ def resolved_config(args, spec):
     student = recipe_spec(spec, args.recipe)
     reference = reference_spec(spec)
     r = RECIPES[args.recipe]
+    guide = guidance_config(args)
     view = lambda s: dict(res=s.res, test=f"Resize({round(s.res / s.crop_ratio)}) + CenterCrop({s.res})",  # noqa: E731
                           mean=list(s.mean), std=list(s.std))
-    window = [i for i in range(args.steps) if args.guide_from <= i <= args.guide_until]
     return dict(
         {k: v for k, v in vars(args).items() if k not in ("dry_run", "json")},
         student_view=view(student), reference_view=view(reference),
@@ -276,8 +268,8 @@ def resolved_config(args, spec):
                                  f"RandomResizedCrop({student.res}, 0.5-1), flip" +
                                  (", ColorJitter 0.4, Lighting 0.1" if r["augment"] == "minimax" else "")),
         student_norm="batch norm (torchvision)" if args.arch == "resnet18_bn" else "instance norm",
-        recipe_settings={k: v for k, v in r.items()}, guidance=asdict(guidance_config(args)),
-        igd_guidance=asdict(igd_config(args)), guided_steps=len(window), sampler=asdict(sampler_config(args)))
+        recipe_settings={k: v for k, v in r.items()}, guidance=asdict(guide), igd_guidance=asdict(igd_config(args)),
+        guided_steps=guide.guided_steps(args.steps), sampler=asdict(sampler_config(args)))
 
 
 def print_plan(args, spec):
@@ -286,14 +278,13 @@ def print_plan(args, spec):
         print(json.dumps(resolved_config(args, spec), indent=2))
         return
     c, stages = spec.num_classes, (args.ipc // args.stage_ipc if args.method == "lgd" else 1)
-    window = max(0, min(args.guide_until, args.steps - 1) - args.guide_from + 1)
+    window, igd_window = guidance_config(args).guided_steps(args.steps), igd_config(args).guided_steps(args.steps)
     through = ("DiT + " if args.through_dit else "") + ("" if args.dataset == "digits" else "VAE decoder + ")
     done = dict(stage_summary(args.out_dir)) if os.path.isdir(args.out_dir) else {}
     print(f"{args.method} on {args.dataset}: {c} classes x {args.ipc} IPC = {c * args.ipc} images -> {args.out_dir}")
     if args.method == "dit":
         print(f"  one unguided pass: {c * args.ipc} images x {args.steps} steps (CFG: 2 DiT passes per step)")
         return
-    igd_window = max(0, min(args.igd_until, args.steps - 1) - args.igd_from + 1)
     if args.method == "igd":
         print(f"  the surrogate trajectory of theta* (cached), checkpoints {args.igd_checkpoints}, then "
               f"{c * args.ipc} images x {args.steps} steps ({igd_window} guided: a double backward per checkpoint)")

@@ -35,8 +35,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from common import (SALT_EVAL_INIT, SALT_EVAL_TRAIN, SALT_REDUNDANCY_INIT, SALT_REDUNDANCY_TRAIN, HelpFormatter,
-                    UserError, atomic_write, check_writable, get_device, git_commit, load_json, print0, run_cli,
-                    save_json, stream_seed)
+                    UserError, atomic_write, check_writable, get_device, git_commit, load_json, print0, require,
+                    run_cli, save_json, stream_seed)
 from curriculum import (cross_eval_paths, default_real_dir, distilled_folder, eval_path, heatmap_path, redundancy_path,
                         run_info, set_image_size, validity_path)
 from data import ImageSet, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir, sample_real_ipc
@@ -272,15 +272,13 @@ def main(argv=None):
             raise UserError(f"--markdown {args.markdown} is a folder; give a file path like out/compare.md")
         compare(args.compare, args.markdown)
         return
-    for ok, message in [(args.runs >= 1, f"--runs must be at least 1, got {args.runs}"),
-                        (args.real_ipc is None or args.real_ipc > 0, f"--real-ipc must be positive, got {args.real_ipc}"),
-                        (args.stage_ipc is None or args.stage_ipc > 0, f"--stage-ipc must be positive, got {args.stage_ipc}"),
-                        (args.epochs is None or args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}"),
-                        (args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}"),
-                        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
-                        (args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")]:
-        if not ok:
-            raise UserError(message)
+    require(args.runs >= 1, f"--runs must be at least 1, got {args.runs}")
+    require(args.real_ipc is None or args.real_ipc > 0, f"--real-ipc must be positive, got {args.real_ipc}")
+    require(args.stage_ipc is None or args.stage_ipc > 0, f"--stage-ipc must be positive, got {args.stage_ipc}")
+    require(args.epochs is None or args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}")
+    require(args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}")
+    require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
+    require(args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
     run_dir = args.distilled or args.validity or (args.redundancy if args.redundancy not in (None, "real") else None)
     if run_dir is None and args.real_ipc is None:
         raise UserError("give --distilled DIR, --real-ipc K, --redundancy DIR, --validity DIR or --compare DIR ...")

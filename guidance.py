@@ -66,6 +66,10 @@ class GuidanceConfig:
     def active(self, i):
         return self.guide_from <= i <= self.guide_until
 
+    def guided_steps(self, steps):
+        """How many of `steps` respaced steps fall inside the window."""
+        return sum(map(self.active, range(steps)))
+
 
 def igd_guidance(deviation=50.0, scale=5.0, guide_from=30, guide_until=45, **kwargs):
     """IGD's constants on the same knobs (IGD Table 7 for DiT, DD_IGD `sample_mp.sh`): its guidance scale

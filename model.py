@@ -50,7 +50,7 @@ class Prior:
         cfg = transformer.config
         self.channels, self.latent_size = cfg.in_channels, cfg.sample_size
         self.null_label = cfg.num_embeds_ada_norm  # the CFG "no class" embedding index (1000 for ImageNet)
-        self.learned_variance = (cfg.out_channels or cfg.in_channels) == 2 * cfg.in_channels
+        self.learned_variance = learns_variance(cfg)
         if vae is not None:
             vae.eval()
             self.scaling_factor = vae.config.scaling_factor  # never a magic 0.18215
@@ -74,12 +74,14 @@ class Prior:
     def device(self):
         return self.transformer.device
 
+    def _decode_with(self, decoder, z):
+        """z -> decoder's image in ~[-1, 1], each decoder with the scaling factor of its own config."""
+        with self._autocast():
+            return _at_least_fp32(decoder.decode((z / decoder.config.scaling_factor).to(decoder.dtype)).sample)
+
     def decode(self, z):
         """Latent z (N, 4, h, w) -> image in ~[-1, 1] (N, 3, H, W); identity in pixel space."""
-        if self.vae is None:
-            return z
-        with self._autocast():
-            return _at_least_fp32(self.vae.decode((z / self.scaling_factor).to(self.vae.dtype)).sample)
+        return z if self.vae is None else self._decode_with(self.vae, z)
 
     def decode_for_gradient(self, z):
         """The decoder the guidance gradient goes through: the VAE, or the cheap grad_vae when set.
@@ -88,11 +90,7 @@ class Prior:
         VAE divides them by 0.18215), and diffusers' AutoencoderTiny returns [-1, 1] like AutoencoderKL
         (tests/test_speed.py checks both on a random one).
         """
-        if self.grad_vae is None:
-            return self.decode(z)
-        with self._autocast():
-            scale = self.grad_vae.config.scaling_factor
-            return _at_least_fp32(self.grad_vae.decode((z / scale).to(self.grad_vae.dtype)).sample)
+        return self.decode(z) if self.grad_vae is None else self._decode_with(self.grad_vae, z)
 
     @torch.no_grad()
     def encode(self, x):
@@ -121,6 +119,11 @@ class Prior:
         for module in (self.vae, self.grad_vae):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
+
+
+def learns_variance(config):
+    """A DiT config with 2C output channels predicts eps and a learned variance (DiT-XL/2: 8 = 4 + 4)."""
+    return (config.out_channels or config.in_channels) == 2 * config.in_channels
 
 
 def _at_least_fp32(x):
@@ -175,7 +178,7 @@ def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float3
         raise UserError(f"could not load prior {prior}: {e.__class__.__name__}: {(str(e).splitlines() or [''])[0]} "
                         f"(offline? pass --prior DIR)") from None
     scheduler = make_scheduler(sched_config, sampler, pixel_space=vae_model is None,
-                               learned_variance=transformer.config.out_channels == 2 * transformer.config.in_channels)
+                               learned_variance=learns_variance(transformer.config))
     return Prior(transformer.to(device), scheduler, vae_model.to(device) if vae_model is not None else None,
                  grad_vae.to(device) if grad_vae is not None else None)
 
@@ -350,7 +353,9 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-ARCHS = ("convnet", "resnetap10", "resnet18", "resnet18_bn", "mlp")
+# --arch name -> constructor(channels, num_classes, res)
+NETWORKS = {"convnet": ConvNet, "resnetap10": ResNetAP10, "resnet18": ResNet18, "resnet18_bn": resnet18_bn, "mlp": MLP}
+ARCHS = tuple(NETWORKS)
 
 
 def make_student(arch, spec, seed=None):
@@ -358,16 +363,8 @@ def make_student(arch, spec, seed=None):
 
     seed: seeds the initialisation, so a student does not depend on what ran before in the process.
     """
+    if arch not in NETWORKS:
+        raise UserError(f"unknown arch '{arch}' (choose from {', '.join(ARCHS)})")
     if seed is not None:
         torch.manual_seed(seed)
-    if arch == "convnet":
-        return ConvNet(spec.channels, spec.num_classes, spec.res)
-    if arch == "resnetap10":
-        return ResNetAP10(spec.channels, spec.num_classes, spec.res)
-    if arch == "resnet18":
-        return ResNet18(spec.channels, spec.num_classes, spec.res)
-    if arch == "resnet18_bn":
-        return resnet18_bn(spec.channels, spec.num_classes, spec.res)
-    if arch == "mlp":
-        return MLP(spec.channels, spec.num_classes, spec.res)
-    raise UserError(f"unknown arch '{arch}' (choose from {', '.join(ARCHS)})")
+    return NETWORKS[arch](spec.channels, spec.num_classes, spec.res)

@@ -18,7 +18,6 @@ interrupted run of this script resumes. Student seeds are the same for every cel
 cell runs on one CPU thread, so the numbers do not depend on --jobs.
 """
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -26,6 +25,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from common import load_json
+from curriculum import eval_path, redundancy_path, validity_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join("out", "results")
@@ -57,15 +59,15 @@ SWEEP = {  # seed 0 only; (lambda, gamma) pairs around the preset, plus the two 
 SWEEP.update({"lambda 125, gamma 5, omega 0": ["--guidance-scale", "125", "--deviation-scale", "5", "--omega", "0"],
               "lambda 125, gamma 5, eps form": ["--guidance-scale", "125", "--deviation-scale", "5",
                                                 "--guidance-form", "eps"]})
-TABLES = {"sweep": (SWEEP, (0,), True), "igd-sweep": (IGD_SWEEP, (0,), True), "ablation": (ABLATION, SEEDS, True),
-          "ablation-ipc5": (ABLATION_IPC5, SEEDS, True), "main": (MAIN, SEEDS, True)}  # (cells, seeds, cross-arch)
+TABLES = {"sweep": (SWEEP, (0,)), "igd-sweep": (IGD_SWEEP, (0,)), "ablation": (ABLATION, SEEDS),
+          "ablation-ipc5": (ABLATION_IPC5, SEEDS), "main": (MAIN, SEEDS)}  # (cells, seeds)
 
 
 def folder(name, seed):
     return os.path.join(ROOT, f"{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}_seed{seed}")
 
 
-def commands(name, flags, seed, cross=True):
+def commands(name, flags, seed):
     """The commands that fill one cell, each with the file it produces (skipped when that exists)."""
     out, py = folder(name, seed), [sys.executable]
     if flags in ("real", "real5"):  # random real images: K per class drawn with the cell's seed
@@ -73,23 +75,21 @@ def commands(name, flags, seed, cross=True):
         base = [os.path.join(HERE, "evaluate.py"), "--dataset", "digits", "--real-ipc", ipc, "--seed", str(seed)]
         if flags == "real5":  # cut like the 5-stages-of-1 sets
             base += ["--stage-ipc", "1"]
-        todo = [(os.path.join(out, "eval.json"), py + base + ["--out", out]),
-                (os.path.join(out, f"eval_{CROSS}.json"), py + base + ["--out", out, "--arch", CROSS]),
-                (os.path.join(out, "redundancy.json"), py + base + ["--out", out, "--redundancy", "real"])]
-    else:
-        todo = [(os.path.join(out, "eval.json"),
-                 py + [os.path.join(HERE, "distill.py"), *flags, "--seed", str(seed), "--out-dir", out, "--eval"]),
-                (os.path.join(out, f"eval_{CROSS}.json"),
-                 py + [os.path.join(HERE, "evaluate.py"), "--distilled", out, "--arch", CROSS]),
-                (os.path.join(out, "redundancy.json"), py + [os.path.join(HERE, "evaluate.py"), "--redundancy", out]),
-                (os.path.join(out, "validity.json"), py + [os.path.join(HERE, "evaluate.py"), "--validity", out])]
-    return [(target, command) for target, command in todo if cross or CROSS not in target]
+        return [(eval_path(out), py + base + ["--out", out]),
+                (eval_path(out, CROSS), py + base + ["--out", out, "--arch", CROSS]),
+                (redundancy_path(out), py + base + ["--out", out, "--redundancy", "real"])]
+    evaluate = [os.path.join(HERE, "evaluate.py")]
+    return [(eval_path(out), py + [os.path.join(HERE, "distill.py"), *flags, "--seed", str(seed), "--out-dir", out,
+                                   "--eval"]),
+            (eval_path(out, CROSS), py + evaluate + ["--distilled", out, "--arch", CROSS]),
+            (redundancy_path(out), py + evaluate + ["--redundancy", out]),
+            (validity_path(out), py + evaluate + ["--validity", out])]
 
 
-def fill(cell, threads, cross=True):
+def fill(cell, threads):
     """Run a cell's missing commands in order; returns the cell's name."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    for target, command in commands(*cell, cross=cross):
+    for target, command in commands(*cell):
         if not os.path.exists(target):
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             if done.returncode:
@@ -97,22 +97,17 @@ def fill(cell, threads, cross=True):
     return f"{cell[0]} seed {cell[2]}"
 
 
-def load(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def summary(name, flags, seeds):
     """One table row: accuracies pooled over seeds x students (n), redundancy and validity per seed."""
     accs, cross, red, valid = [], [], [], []
     for seed in seeds:
         out = folder(name, seed)
-        accs += load(os.path.join(out, "eval.json"))["accs"]
-        if os.path.exists(os.path.join(out, f"eval_{CROSS}.json")):
-            cross += load(os.path.join(out, f"eval_{CROSS}.json"))["accs"]
-        red.append(load(os.path.join(out, "redundancy.json"))["off_diagonal_mean"])
-        if os.path.exists(os.path.join(out, "validity.json")):
-            valid.append(load(os.path.join(out, "validity.json"))["validity"])
+        accs += load_json(eval_path(out))["accs"]
+        if os.path.exists(eval_path(out, CROSS)):
+            cross += load_json(eval_path(out, CROSS))["accs"]
+        red.append(load_json(redundancy_path(out))["off_diagonal_mean"])
+        if os.path.exists(validity_path(out)):  # random real cells have no theta* validity
+            valid.append(load_json(validity_path(out))["validity"])
     pct = lambda values: f"{100 * np.mean(values):.1f} +- {100 * np.std(values):.1f} (n={len(values)})" \
         if values else "-"  # noqa: E731
     per_seed = lambda values: (f"{100 * np.mean(values):.1f}" + (  # noqa: E731
@@ -130,15 +125,15 @@ def main():
     p.add_argument("table", choices=list(TABLES), help="which table")
     p.add_argument("--jobs", type=int, default=1, help="cells run at a time (each with one CPU thread when > 1)")
     args = p.parse_args()
-    cells, seeds, cross = TABLES[args.table]
+    cells, seeds = TABLES[args.table]
     # every cell runs single-threaded, whatever --jobs: multi-threaded convolutions round differently, and
     # the tables must not depend on how many cells ran at once. The first cell runs alone, so the digits
     # prior and theta* are trained once before cells run in parallel and would race for them.
     first = next(iter(cells.items()))
-    fill((first[0], first[1], seeds[0]), 1, cross)
+    fill((first[0], first[1], seeds[0]), 1)
     todo = [(name, flags, seed) for name, flags in cells.items() for seed in seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
-        for done in pool.map(lambda cell: fill(cell, 1, cross), todo):
+        for done in pool.map(lambda cell: fill(cell, 1), todo):
             print(f"done: {done}", flush=True)
     header = [f"digits: {args.table}", "acc % ConvNet (guiding arch)", f"acc % {CROSS} (cross-arch)",
               "redundancy % (5 increments)", "theta* recognises %"]

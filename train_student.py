@@ -42,7 +42,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common import UserError, barrier, get_device, is_main, print0, run_cli, save_torch
+from common import UserError, barrier, get_device, is_main, print0, require, run_cli, save_torch
 from data import (Augment, cutmix, get_spec, load_real, normalise, resolve_data_dir, resize_crop, sample_real_ipc,
                   storage_size, with_view)
 from model import ARCHS, make_student
@@ -151,16 +151,16 @@ def images_channels(images):
     return images.channels or images.load(0).shape[0]
 
 
-def batches(images, size, order, batch_size, num_workers):
+def batches(images, size, order, batch_size, num_workers, crop_ratio=1.0):
     """(uint8 images, labels) batches in `order`: from memory, or streamed from disk for a large set."""
     labels = torch.as_tensor(images.labels)
-    cached = prepared(images, size, num_workers=num_workers)
+    cached = prepared(images, size, crop_ratio, num_workers)
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if cached is not None:
         for idx in chunks:
             yield cached[idx], labels[idx]
     else:
-        yield from DataLoader(_Storage(images, size), batch_sampler=[c.tolist() for c in chunks],
+        yield from DataLoader(_Storage(images, size, crop_ratio), batch_sampler=[c.tolist() for c in chunks],
                               num_workers=num_workers)
 
 
@@ -235,18 +235,11 @@ def accuracy(model, test_set, spec, device="cpu", batch_size=256, num_workers=0)
     """
     model.eval()
     device = torch.device(device)
-    labels = torch.as_tensor(test_set.labels)
-    cached = prepared(test_set, spec.res, spec.crop_ratio, num_workers)
-    if cached is not None:
-        loader = ((cached[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(labels), batch_size))
-    else:
-        loader = DataLoader(_Storage(test_set, spec.res, spec.crop_ratio), batch_size=batch_size,
-                            num_workers=num_workers)
     correct = 0
-    for x, y in loader:
+    for x, y in batches(test_set, spec.res, torch.arange(len(test_set)), batch_size, num_workers, spec.crop_ratio):
         x = normalise(x.to(device).float() / 255, spec)
         correct += int((model(x).argmax(dim=1).cpu() == y).sum())
-    return correct / max(1, len(labels))
+    return correct / max(1, len(test_set))
 
 
 # ----------------------------------------------------------------------------- models trained on the real data
@@ -288,6 +281,11 @@ def surrogate_trajectory(spec, arch, data_dir, device, epochs=None, cache_dir="o
     return _load_cached(path)
 
 
+def pretrained_resnet18(device):
+    """torchvision's ImageNet-1K ResNet-18 (hub weights): RDED's teacher, and theta* on ImageNet-1K."""
+    return torchvision.models.resnet18(weights="IMAGENET1K_V1").to(device).eval()
+
+
 def reference_model(spec, arch, data_dir, device, epochs=None, cache_dir="out/cache", num_workers=0, path=None):
     """theta* and the view it sees: (model in eval mode, view spec).
 
@@ -298,8 +296,7 @@ def reference_model(spec, arch, data_dir, device, epochs=None, cache_dir="out/ca
     """
     view = reference_spec(spec)
     if path is None and spec.name == "imagenet" and arch == "resnet18_bn" and spec.num_classes == 1000:
-        return (torchvision.models.resnet18(weights="IMAGENET1K_V1").to(device).eval(),
-                recipe_spec(spec, "rded"))
+        return pretrained_resnet18(device), recipe_spec(spec, "rded")
     model = make_student(arch, view, seed=0)
     state = _load_cached(path) if path is not None else surrogate_trajectory(view, arch, data_dir, device, epochs,
                                                                               cache_dir, num_workers)[-1]
@@ -318,7 +315,7 @@ def soft_label_teacher(spec, recipe, data_dir, device, cache_dir="out/cache", nu
     if RECIPES[recipe]["temperature"] is None:
         return None
     if spec.name == "imagenet" and spec.num_classes == 1000:
-        return torchvision.models.resnet18(weights="IMAGENET1K_V1").to(device).eval()
+        return pretrained_resnet18(device)
     model = make_student("resnet18_bn", spec, seed=0)
     model.load_state_dict(surrogate_trajectory(spec, "resnet18_bn", data_dir, device, None, cache_dir,
                                                num_workers)[-1])
@@ -336,10 +333,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=None, help="default: by IPC (Minimax protocol)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image draw and the training")
     args = parser.parse_args()
-    if args.real_ipc <= 0:
-        raise UserError(f"--real-ipc must be positive, got {args.real_ipc}")
-    if args.epochs is not None and args.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    require(args.real_ipc > 0, f"--real-ipc must be positive, got {args.real_ipc}")
+    require(args.epochs is None or args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}")
     spec, device = get_spec(args.dataset), get_device()
     data_dir = resolve_data_dir(spec, args.data_dir)
     view = recipe_spec(spec, args.recipe)
