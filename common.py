@@ -222,19 +222,6 @@ def remove_path(path):
         os.remove(path)
 
 
-def remove_stale_temporaries(folders):
-    """Delete the reserved temporaries (`.<name>.lgd-tmp-<pid>`) a killed run left in `folders`.
-
-    Only names of that form are touched (a user's `notes.tmp1` is not ours), and only under the
-    folders given, which the caller owns. Readers never look at temporaries: this only tidies.
-    """
-    for folder in folders:
-        for root, dirs, files in os.walk(folder):
-            for name in files + dirs:
-                if TEMPORARY.match(name):
-                    remove_path(os.path.join(root, name))
-
-
 def check_writable(folder):
     """Create `folder` and write (then remove) a reserved temporary in it: an unwritable output (read-only,
     a file in the way, a full disk) fails here, before hours of work, as one line naming the path."""

@@ -33,13 +33,14 @@ import torch
 
 from common import HelpFormatter, UserError, all_reduce_sum, barrier, get_device, is_main, print0, require, \
     run_cli, setup_distributed
-from curriculum import (Plan, Ranks, Students, claim_run_folder, default_run_dir, distilled_dir, eval_path,
-                        generate_increment, grid_path, influence_score, new_log, record_args, run_latents, run_stages,
-                        save_set_grid, stage_summary, update_args)
+from curriculum import Plan, Ranks, Students, generate_increment, influence_score, run_stages, save_set_grid, \
+    seed_set_files
 from data import get_spec, resolve_data_dir
 from evaluate import evaluate_folder
 from guidance import GuidanceConfig, SamplerConfig, igd_guidance
 from model import ARCHS, DEFAULT_PRIOR, DIGITS_SCHEDULE, load_prior
+from run_folder import (changed_settings, check_run_folder, claim_run_folder, default_run_dir, distilled_dir,
+                        eval_path, grid_path, record_args, run_latents, stage_summary, update_args)
 from train_prior import digits_prior
 from train_student import RECIPES, recipe_spec, reference_model, reference_spec, soft_label_teacher
 
@@ -229,6 +230,17 @@ def resolve_args(args):
     require(args.reference is None or os.path.isfile(args.reference), f"--reference {args.reference} is not a file")
     if args.prior is None and args.dataset != "digits":
         args.prior = DEFAULT_PRIOR
+    # a guided sampler whose window holds no sampling step would run "LGD" (or IGD) without one guided step
+    windows = []
+    if args.method == "lgd" and args.ipc > args.stage_ipc:
+        windows.append(("--guide-from", "--guide-until", guidance_config(args)))
+    if args.method == "igd" or (args.method == "lgd" and args.seed_set == "igd"):
+        windows.append(("--igd-from", "--igd-until", igd_config(args)))
+    for start, end, guide in windows:
+        require(guide.guided_steps(args.steps) > 0,
+                f"the guidance window {start} {guide.guide_from} .. {end} {guide.guide_until} holds none of the "
+                f"{args.steps} sampling steps (respaced indices {args.steps - 1} .. 0): nothing would be guided; use "
+                f"more --steps or a window inside 0 .. {args.steps - 1}")
     # paths are stored resolved, so evaluate.py finds them from any working directory
     for key in ("data_dir", "prior", "seed_set", "reference"):
         value = getattr(args, key)
@@ -335,23 +347,36 @@ def main(argv=None, on_stage_start=None):
     if args.channels_last is None:
         args.channels_last = device.type == "cuda"
     rank, world = setup_distributed(device)
-    release = claim(args.out_dir)  # every cheap check is above this line: a refused start writes nothing
+    record = dict(vars(args), data_dir=data_dir, out_dir=os.path.abspath(args.out_dir), world_size=world,
+                  student_world=world if (args.method == "lgd" and args.student_ddp) else 1)
+    # every input is checked before the folder is claimed, so a refused start leaves the folder as it was:
+    # the folder itself and the settings of a run already in it (read only), a given prior (loading it is
+    # the check), the seed set and the reference model. The digits prior is our own cache, built after the claim.
+    check_run_folder(args.out_dir)
+    changed_settings(args.out_dir, record, RESULT_ARGS)
+    prior = load_run_prior(args, spec, device) if args.prior is not None else None
+    check_inputs(args, spec, device)
+    release = claim(args.out_dir)
     try:
-        record = dict(vars(args), data_dir=data_dir, out_dir=os.path.abspath(args.out_dir), world_size=world,
-                      student_world=world if (args.method == "lgd" and args.student_ddp) else 1)
         if is_main():
             record_args(args.out_dir, record, RESULT_ARGS)
         barrier()  # important! no rank writes before rank 0 has tidied the folder and checked the settings
-        distill(args, spec, device, Ranks(rank, world), on_stage_start)
+        distill(args, spec, device, Ranks(rank, world), on_stage_start, prior)
     finally:
         release()
 
 
-def distill(args, spec, device, ranks, on_stage_start=None):
-    """The run itself, once the folder is ours and the settings are recorded."""
-    start = time.time()
-    data_dir = resolve_data_dir(spec, args.data_dir)  # downloads ImageNette/ImageWoof if no --data-dir
-    # the prior: DiT-XL/2 (+VAE) from the hub / a local dir, or the cached digits DiT (trained on first use)
+def check_inputs(args, spec, device):
+    """The user's files, read before anything is written: every seed-set image the run will take, the reference."""
+    if args.method == "lgd" and args.seed_set not in ("dit", "igd"):
+        seed_set_files(args.seed_set, spec, args.stage_ipc)
+    if args.reference is not None:
+        reference_model(spec, args.arch, None, device, path=args.reference)
+
+
+def load_run_prior(args, spec, device):
+    """The run's prior, ready to sample: DiT-XL/2 (+VAE) from the hub or a local dir, or the cached digits DiT
+    (trained on first use). Sets spec.image_size to what it generates."""
     prior_path = args.prior or digits_prior()
     # weights stay float32; bf16 is autocast only, so the scheduler maths and the guidance gradient's
     # normalisation (rho_t) keep full precision
@@ -375,6 +400,15 @@ def distill(args, spec, device, ranks, on_stage_start=None):
     if max(spec.prior_labels) >= prior.null_label:
         raise UserError(f"prior {prior_path} knows {prior.null_label} classes; {args.dataset} needs label "
                         f"{max(spec.prior_labels)}")
+    return prior
+
+
+def distill(args, spec, device, ranks, on_stage_start=None, prior=None):
+    """The run itself, once the folder is ours and the settings are recorded."""
+    start = time.time()
+    data_dir = resolve_data_dir(spec, args.data_dir)  # downloads ImageNette/ImageWoof if no --data-dir
+    if prior is None:  # the digits prior: trained once into the shared cache (waiting if another run builds it)
+        prior = load_run_prior(args, spec, device)
     sampler, out = sampler_config(args), args.out_dir
     plan = Plan(args.ipc, args.stage_ipc, args.seed, args.batch_size, args.seed_set, args.twins)
     student_view = recipe_spec(spec, args.recipe)
@@ -383,17 +417,16 @@ def distill(args, spec, device, ranks, on_stage_start=None):
         influence = influence_score(spec, args.arch, data_dir, device, out, args.grad_ipc, args.igd_checkpoints,
                                     args.igd_threshold, args.reference_epochs, args.num_workers)
 
-    def igd(images_dir, latents_dir, slots, log):
+    def igd(images_dir, latents_dir, slots, batch, records_dir=None):
         """IGD's sampler: influence-guided, deviation from this run's earlier samples of the class (M_c starts
-        empty), one sample per image."""
-        return generate_increment(prior, spec, images_dir, latents_dir, slots, 0, args.seed, sampler, log.batch,
-                                  ranks, influence, igd_config(args), {}, desc="IGD sampling", log=log)
+        empty), one sample per image. Returns the sampler batch that fitted."""
+        return generate_increment(prior, spec, images_dir, latents_dir, slots, 0, args.seed, sampler, batch, ranks,
+                                  influence, igd_config(args), {}, desc="IGD sampling", records_dir=records_dir)
     if args.method == "dit":
-        log = generate_increment(prior, spec, distilled_dir(out), None, args.ipc, 0, args.seed, sampler,
-                                 args.batch_size, ranks, desc="dit sampling")
-        batch = log.batch
+        batch = generate_increment(prior, spec, distilled_dir(out), None, args.ipc, 0, args.seed, sampler,
+                                   args.batch_size, ranks, desc="dit sampling")
     elif args.method == "igd":
-        batch = igd(distilled_dir(out), run_latents(out), args.ipc, new_log(args.batch_size)).batch
+        batch = igd(distilled_dir(out), run_latents(out), args.ipc, args.batch_size)
     else:
         # theta*, trained once per dataset/arch/view and cached under out/cache (or the user's file)
         reference = reference_model(spec, args.arch, data_dir, device, epochs=args.reference_epochs,
@@ -401,7 +434,7 @@ def distill(args, spec, device, ranks, on_stage_start=None):
         teacher = soft_label_teacher(student_view, args.recipe, data_dir, device, num_workers=args.num_workers)
         students = Students(args.arch, args.recipe, student_view, args.student_epochs, args.student_ddp,
                             args.num_workers, args.channels_last)
-        seed_stage = (lambda images, latents, log: igd(images, latents, args.stage_ipc, log)) \
+        seed_stage = (lambda images, latents, records, batch: igd(images, latents, args.stage_ipc, batch, records)) \
             if args.seed_set == "igd" else None
         batch = run_stages(prior, spec, out, plan, sampler, guidance_config(args), students, reference, ranks,
                            device, teacher, seed_stage, on_stage_start=on_stage_start)

@@ -37,8 +37,8 @@ from PIL import Image, ImageDraw
 from common import (SALT_EVAL_INIT, SALT_EVAL_TRAIN, SALT_REDUNDANCY_INIT, SALT_REDUNDANCY_TRAIN, HelpFormatter,
                     UserError, atomic_write, check_writable, get_device, git_commit, load_json, print0, require,
                     run_cli, save_json, stream_seed)
-from curriculum import (cross_eval_paths, default_real_dir, distilled_folder, eval_path, heatmap_path, redundancy_path,
-                        run_info, set_image_size, validity_path)
+from run_folder import (check_not_busy, cross_eval_paths, default_real_dir, distilled_folder, eval_path, heatmap_path,
+                        redundancy_path, run_info, set_image_size, validity_path)
 from data import ImageSet, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir, sample_real_ipc
 from model import ARCHS, make_student
 from train_student import (RECIPES, accuracy, epochs_for_ipc, recipe_spec, reference_model, soft_label_teacher,
@@ -80,6 +80,7 @@ def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epo
     out = out or eval_path(run_dir, None if own else arch)
     check_writable(os.path.dirname(os.path.abspath(out)))  # before the training, not after it
     folder = distilled_folder(run_dir)
+    note_extra_folders(folder, spec)
     train_set = load_distilled(folder, spec)
     spec.image_size = set_image_size(folder, spec)
     view = recipe_spec(spec, recipe)
@@ -96,6 +97,14 @@ def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epo
                   **result, images_per_class=counts, distilled=os.path.abspath(run_dir))
     write_eval(result, out)
     return result
+
+
+def note_extra_folders(folder, spec):
+    """A set folder with folders that are not the dataset's classes (`10/`, `cats/`): they are not read; say so."""
+    extra = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith(".")
+                   and d not in set(spec.class_names()))
+    if extra:
+        print0(f"note: {folder} holds folders that are not {spec.name} classes, not read: {', '.join(extra)}")
 
 
 def write_eval(result, path):
@@ -286,6 +295,8 @@ def main(argv=None):
         raise UserError("--redundancy real needs --real-ipc K (the random real images to cut into increments)")
     if run_dir is not None and not os.path.isdir(run_dir):
         raise UserError(f"{run_dir} does not exist")
+    if run_dir is not None:  # a run still writing its folder would be read half-done (and written into)
+        check_not_busy(run_dir)
     info = run_info(run_dir) if run_dir else {}
     # a run folder remembers its dataset, resolution, recipe, arch and (resolved) data dir: flags override them
     spec = get_spec(args.dataset or info.get("dataset", "digits"), res=args.res or info.get("res"))

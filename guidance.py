@@ -92,9 +92,13 @@ class SamplerLog:
     """What a guided run did, per respaced step i: the relative size of each push (||push|| / ||z_{t-1}||)."""
     guidance: dict = field(default_factory=dict)   # i -> [relative sizes, one per sample]
     deviation: dict = field(default_factory=dict)
-    nan_fallbacks: int = 0                          # samples whose g was not finite (they took the plain step)
+    fallbacks: list = field(default_factory=list)   # per sample: guided steps whose g was not finite (plain step)
     gradient_cosine: dict = field(default_factory=dict)  # i -> cos(g cheap decoder, g exact), first batch only
     check_gradient: bool = True                     # still to do (once per log: its first guided batch)
+
+    @property
+    def nan_fallbacks(self):
+        return sum(self.fallbacks)
 
 
 # ----------------------------------------------------------------------------- the learnability score S
@@ -242,7 +246,7 @@ def score_gradient(prior, z, t, labels, classes, sampler, score, through_dit, de
 
 def guided_output(prior, z, t, labels, classes, sampler, score, guide, check=None):
     """The quantities of one guided step: the CFG output (one pass serves the step and the gradient) and
-    push = lambda * rho_t * g, g = grad_{z_t} S(decode(z0_hat), y). Returns (output, push, non-finite count).
+    push = lambda * rho_t * g, g = grad_{z_t} S(decode(z0_hat), y). Returns (output, push, non-finite mask (N,)).
 
     score(x0_hat in [-1, 1], classes) -> (N,) is what guidance raises (a Learnability, or IGD's influence);
     the sampler does not care which. check: a list; with a cheap gradient decoder, the cosine of its g to the
@@ -259,7 +263,7 @@ def guided_output(prior, z, t, labels, classes, sampler, score, guide, check=Non
     push = guide.scale * rho_t.view(-1, 1, 1, 1) * grad
     finite = torch.isfinite(push).flatten(1).all(dim=1)
     push = torch.where(finite.view(-1, 1, 1, 1), push, torch.zeros_like(push))  # NaN/inf g: the plain step
-    return out, push.to(z.dtype), int((~finite).sum())
+    return out, push.to(z.dtype), ~finite.cpu()
 
 
 def deviation_gradient(z, memories):
@@ -299,6 +303,7 @@ def sample(prior, labels, generators, sampler, score=None, classes=None, memorie
     z = z * scheduler.init_noise_sigma
     labels = labels.to(device)
     deterministic = isinstance(scheduler, DDIMScheduler)
+    fallbacks = torch.zeros(len(labels), dtype=torch.long)  # per sample: guided steps that fell back
     for step, t in enumerate(scheduler.timesteps):
         i = sampler.steps - 1 - step  # respaced index, counting down 49 .. 0 (the paper's window is on it)
         guided = score is not None and guide is not None and guide.active(i)
@@ -324,15 +329,17 @@ def sample(prior, labels, generators, sampler, score=None, classes=None, memorie
             z_prev = z_prev + push
         if guided and log is not None:
             log.guidance.setdefault(i, []).extend(_relative(z_prev - plain, plain))
-            log.nan_fallbacks += bad
+            fallbacks += bad
         if guided and memories is not None:
             push_away = guide.deviation * deviation_gradient(z, memories)  # deviation guidance
             if log is not None:
                 log.deviation.setdefault(i, []).extend(_relative(push_away, z_prev))
             z_prev = z_prev - push_away
         z = z_prev
-    if log is not None and log.gradient_cosine:
-        log.check_gradient = False  # the first guided batch has been checked
+    if log is not None:
+        log.fallbacks.extend(fallbacks.tolist())
+        if log.gradient_cosine:
+            log.check_gradient = False  # the first guided batch has been checked
     return z
 
 

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from common import load_json
-from curriculum import eval_path, redundancy_path, validity_path
+from run_folder import eval_path, redundancy_path, validity_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join("out", "results")

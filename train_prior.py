@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 from tqdm import tqdm
 
-from common import (barrier, derive_seed, get_device, is_main, print0, remove_path, remove_stale_temporaries, run_cli,
-                    save_grid, save_torch, temporary_path)
+from common import (barrier, derive_seed, get_device, is_main, print0, remove_path, run_cli, save_grid, save_torch,
+                    temporary_path)
 from data import classifier_input, get_spec, load_digits_split
 from guidance import SamplerConfig, decode_images, sample
 from model import DIGITS_PRIOR, DIGITS_SCHEDULE, load_prior
+from run_folder import cache_entry
 from train_student import reference_model
 
 
@@ -39,9 +40,9 @@ def train_digits_prior(out_dir, images, labels, steps=4000, batch_size=128, lr=1
         return
     # the resumable training state lives in a side folder; the finished prior is written to a temporary
     # folder and renamed into place, so a kill at any moment never leaves a half-written cache behind
+    # (the caller holds the entry's lock: run_folder.cache_entry)
     partial = out_dir + ".partial"
     os.makedirs(partial, exist_ok=True)
-    remove_stale_temporaries([os.path.dirname(os.path.abspath(out_dir))])
     torch.manual_seed(seed)
     model = DiTTransformer2DModel(**DIGITS_PRIOR)
     ema = DiTTransformer2DModel(**DIGITS_PRIOR).requires_grad_(False)
@@ -89,11 +90,15 @@ def train_digits_prior(out_dir, images, labels, steps=4000, batch_size=128, lr=1
 def digits_prior(cache_dir="out/cache", steps=4000):
     """Path of the cached digits prior, training it on the digits train split on first use (~6 min on 2 CPU cores)."""
     path = os.path.join(cache_dir, "digits_prior")
-    # the prior is a cache, not a result: trained once per checkout and shared by every digits run
-    if is_main() and not os.path.isdir(path):  # under torchrun rank 0 trains, the others wait at the barrier
-        print0(f"training the digits prior once ({steps} steps, about 6 minutes on 2 CPU cores; cached in {path})")
-        train = load_digits_split("train")
-        train_digits_prior(path, torch.stack(train.items), train.labels, steps=steps)
+    # the prior is a cache, not a result: trained once per checkout and shared by every digits run; a second run
+    # started meanwhile waits for the first to finish it. Under torchrun rank 0 trains, the others wait.
+    if is_main():
+        with cache_entry(path, "the digits prior") as missing:
+            if missing:
+                print0(f"training the digits prior once ({steps} steps, about 6 minutes on 2 CPU cores; cached in "
+                       f"{path})")
+                train = load_digits_split("train")
+                train_digits_prior(path, torch.stack(train.items), train.labels, steps=steps)
     barrier()
     return path
 

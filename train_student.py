@@ -46,6 +46,7 @@ from common import UserError, barrier, get_device, is_main, print0, require, run
 from data import (Augment, cutmix, get_spec, load_real, normalise, resolve_data_dir, resize_crop, sample_real_ipc,
                   storage_size, with_view)
 from model import ARCHS, make_student
+from run_folder import cache_entry
 
 RECIPES = {
     "minimax": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="multistep",
@@ -259,6 +260,48 @@ def _load_cached(path):
                         f"retrain it") from None
 
 
+def load_user_weights(model, path, fits, flag="--reference"):
+    """A user's weights for `model` (theta* or a teacher), in the formats the field ships them in:
+      - a state dict, or a checkpoint dict holding one under "state_dict" / "model" (DD_IGD `train.py`),
+        with DataParallel's "module." prefixes stripped;
+      - a replay buffer [trajectory][epoch][parameter tensors] (IGD's surrogate trajectories, MTT's experts):
+        the last epoch of the first trajectory, in model.parameters() order.
+    Class index c must be the field's class c (data.py: ImageWoof in Minimax / IGD / MTT order), as IGD's own
+    surrogates are. Every failure is one line about `flag`, never a hint to delete the user's file."""
+    try:
+        obj = torch.load(path, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 -- a text file, a truncated download: the user's file, not a cache
+        raise UserError(f"{flag} {path} is not a PyTorch weights file ({e.__class__.__name__}); give a state dict "
+                        f"or an IGD / MTT replay buffer for {fits}") from None
+    where = f"{flag} {path}"
+    if isinstance(obj, (list, tuple)):  # a replay buffer: descend to one epoch's parameter list
+        while obj and isinstance(obj[0], (list, tuple)):
+            obj = obj[0] if (obj[0] and isinstance(obj[0][0], (list, tuple))) else obj[-1]
+        params = list(model.parameters())
+        if any(b.numel() for b in model.buffers()):
+            raise UserError(f"{where} holds parameters only; {fits} also needs its batch-norm statistics "
+                            f"(give a state dict)")
+        shapes = [tuple(t.shape) if torch.is_tensor(t) else None for t in obj]
+        if shapes != [tuple(p.shape) for p in params]:
+            raise UserError(f"{where} holds {len(shapes)} parameter tensors that do not fit {fits} "
+                            f"({len(params)} tensors, the first {tuple(params[0].shape)})")
+        with torch.no_grad():
+            for p, t in zip(params, obj):
+                p.copy_(t)
+        return model
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        obj = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    try:
+        model.load_state_dict(obj)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UserError(f"{where} does not fit {fits}: {str(e).splitlines()[0]}") from None
+    return model
+
+
 def surrogate_trajectory(spec, arch, data_dir, device, epochs=None, cache_dir="out/cache", num_workers=0):
     """IGD's surrogate trained on the full real train split, with its parameters at init and after every
     epoch: a list of epochs + 1 state dicts (cached). spec: the surrogate's view (reference_spec).
@@ -268,15 +311,19 @@ def surrogate_trajectory(spec, arch, data_dir, device, epochs=None, cache_dir="o
     if epochs is None:
         epochs = DIGITS_SURROGATE_EPOCHS if spec.name == "digits" else SURROGATE_EPOCHS
     path = _cache_path("surrogate", spec, arch, data_dir, epochs, cache_dir)
-    if is_main() and not os.path.exists(path):
-        print0(f"training {arch} on the real {spec.name} train split for {epochs} epochs (theta*, cached in {path})")
-        trajectory = []
-        model = make_student(arch, spec, seed=0)  # important! an init independent of what ran before
-        train_student(model, load_real(spec, data_dir, "train"), spec, SURROGATE, epochs, seed=0, device=device,
-                      desc=f"theta* {arch}", num_workers=num_workers,
-                      on_epoch=lambda e, m: trajectory.append({k: v.detach().cpu().clone()
-                                                               for k, v in m.state_dict().items()}))
-        save_torch(trajectory, path)
+    if is_main():
+        # one run trains it; another run started meanwhile waits for it and reuses it (run_folder.cache_entry)
+        with cache_entry(path, f"{arch} trained on the real {spec.name} data") as missing:
+            if missing:
+                print0(f"training {arch} on the real {spec.name} train split for {epochs} epochs (theta*, cached in "
+                       f"{path})")
+                trajectory = []
+                model = make_student(arch, spec, seed=0)  # important! an init independent of what ran before
+                train_student(model, load_real(spec, data_dir, "train"), spec, SURROGATE, epochs, seed=0,
+                              device=device, desc=f"theta* {arch}", num_workers=num_workers,
+                              on_epoch=lambda e, m: trajectory.append({k: v.detach().cpu().clone()
+                                                                       for k, v in m.state_dict().items()}))
+                save_torch(trajectory, path)
     barrier()
     return _load_cached(path)
 
@@ -298,13 +345,10 @@ def reference_model(spec, arch, data_dir, device, epochs=None, cache_dir="out/ca
     if path is None and spec.name == "imagenet" and arch == "resnet18_bn" and spec.num_classes == 1000:
         return pretrained_resnet18(device), recipe_spec(spec, "rded")
     model = make_student(arch, view, seed=0)
-    state = _load_cached(path) if path is not None else surrogate_trajectory(view, arch, data_dir, device, epochs,
-                                                                              cache_dir, num_workers)[-1]
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise UserError(f"reference {path} does not fit --arch {arch} at {view.res} px: "
-                        f"{str(e).splitlines()[0]}") from None
+    if path is not None:
+        load_user_weights(model, path, f"--arch {arch} at {view.res} px")
+    else:
+        model.load_state_dict(surrogate_trajectory(view, arch, data_dir, device, epochs, cache_dir, num_workers)[-1])
     return model.to(device).eval(), view
 
 

@@ -158,7 +158,7 @@ def test_two_runs_at_once_into_one_folder_exactly_one_proceeds(tmp_path, latent_
 
 
 def test_a_killed_runs_lock_is_taken_over(tmp_path):
-    from curriculum import LOCK, claim_run_folder
+    from run_folder import LOCK, claim_run_folder
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "run").mkdir()
@@ -271,8 +271,8 @@ def test_full_disk_while_saving_a_student_says_disk_full(tmp_path, pixel_prior, 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return save(obj, path, *args, **kwargs)
     monkeypatch.setattr(torch, "save", full_disk)
-    argv = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 4,
-            "--student-epochs", 1, "--reference-epochs", 1, "--no-eval", "--out-dir", tmp_path / "r"]
+    argv = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 4, "--guide-from", 0,
+            "--guide-until", 3, "--student-epochs", 1, "--reference-epochs", 1, "--no-eval", "--out-dir", tmp_path / "r"]
     code, lines = cli(distill.main, argv, capsys)
     one_error_line(code, lines, "disk full", "student.pt")
     assert not [f for f in tree(tmp_path / "r") if "lgd-tmp" in f]  # the half-written temporary is gone
@@ -322,8 +322,8 @@ def test_evaluate_out_in_an_unusable_place_fails_before_training(tmp_path, capsy
 
 def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path, pixel_prior):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    args = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 3, "--stage-ipc", 1, "--steps", 6,
-            "--student-epochs", 30, "--reference-epochs", 1, "--no-eval", "--out-dir", tmp_path / "r"]
+    args = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 3, "--stage-ipc", 1, "--steps", 6, "--guide-from", 0,
+            "--guide-until", 5, "--student-epochs", 30, "--reference-epochs", 1, "--no-eval", "--out-dir", tmp_path / "r"]
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "distill.py"), *map(str, args)], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

@@ -65,7 +65,7 @@ def test_push_follows_the_equation_and_autograd(pixel_prior):
     eps = eps.detach()
     alpha_bar = prior.scheduler.alphas_cumprod[t]
     rho = 0.0015 * (1 - alpha_bar).sqrt() * eps.flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1)
-    assert bad == 0 and torch.allclose(out[:, :1], eps, rtol=1e-5, atol=1e-6)
+    assert not bad.any() and torch.allclose(out[:, :1], eps, rtol=1e-5, atol=1e-6)
     assert torch.allclose(push, 15.0 * rho.view(-1, 1, 1, 1) * g, rtol=1e-4, atol=1e-8)
 
     # autograd's g agrees with a central finite difference of S along a random direction, per sample

@@ -9,11 +9,12 @@ import torch
 
 from common import UserError, load_json
 from conftest import file_hashes, run_cli
-from curriculum import Plan, Students, generate_increment, run_stages, union_files
+from curriculum import Plan, Students, generate_increment, run_stages
 from data import ImageSet, get_spec
 from evaluate import compare, increments_of, redundancy_matrix, redundancy_report
 from guidance import GuidanceConfig, Learnability, SamplerConfig
 from model import load_prior, make_student
+from run_folder import union_files
 from train_student import reference_spec
 
 SPEC = get_spec("digits")
@@ -210,7 +211,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_images(pixel_prior, tmp_pa
         return original(prior, labels, *rest, **kw)
     monkeypatch.setattr(curriculum, "best_of_candidates", small_device)
     halved = run(tmp_path / "halved")
-    assert straight.batch == 20 and halved.batch == 5  # 20 -> 10 -> 5 (two classes x two candidates)
+    assert straight == 20 and halved == 5  # 20 -> 10 -> 5 (two classes x two candidates)
     assert capsys.readouterr().out.count("sampler batch halved") == 2  # said once per halving
     for c in range(10):
         for index in (3, 4):
@@ -238,12 +239,12 @@ def test_a_users_reference_model_replaces_the_trained_one(pixel_prior, tmp_path)
     theta = make_student("convnet", view_of(SPEC), seed=3)
     torch.save(theta.state_dict(), tmp_path / "theta.pt")
     r = run_cli("distill.py", "--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 4,
-                "--student-epochs", 1, "--no-eval", "--reference", tmp_path / "theta.pt", "--out-dir", tmp_path / "r",
+                "--guide-from", 0, "--guide-until", 3, "--student-epochs", 1, "--no-eval", "--reference", tmp_path / "theta.pt", "--out-dir", tmp_path / "r",
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "out" / "cache").exists()  # nothing trained on the real data
     assert json.loads((tmp_path / "r" / "args.json").read_text())["reference"] == str(tmp_path / "theta.pt")
     torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pt")
     r = run_cli("distill.py", "--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 4,
-                "--reference", tmp_path / "bad.pt", "--out-dir", tmp_path / "r2", cwd=tmp_path)
+                "--guide-from", 0, "--guide-until", 3, "--reference", tmp_path / "bad.pt", "--out-dir", tmp_path / "r2", cwd=tmp_path)
     assert r.returncode == 1 and "does not fit --arch convnet" in r.stderr.strip().splitlines()[-1]

@@ -107,7 +107,7 @@ def test_non_finite_guidance_gradient_falls_back_to_the_unguided_step(pixel_prio
         return x.flatten(1).sum(dim=1) / torch.tensor([1.0, 0.0, 1.0])
     out, push, bad = guided_output(prior, z, t, labels, labels, SamplerConfig(cfg_scale=2.0), score,
                                    GuidanceConfig(scale=15.0))
-    assert bad == 1
+    assert bad.tolist() == [False, True, False]  # per sample: only the one with the infinite S
     assert torch.all(push[1] == 0)  # the NaN sample takes the unguided step
     assert push[0].abs().sum() > 0 and torch.isfinite(push).all() and torch.isfinite(out).all()
 

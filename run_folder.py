@@ -1,0 +1,442 @@
+"""
+A folder a run owns: the run folder of distill.py, and the entries of the shared cache (out/cache).
+
+None of this is the method; it is what lets a many-hour run die at any moment and resume, and what
+keeps two runs from writing into each other. This file is the only one that knows the run folder's
+layout: curriculum.py, distill.py and evaluate.py ask it for every path.
+
+  DIR/args.json                              the settings (+ git commit of every start); marks a run folder
+  DIR/classes.json                           class index -> wnid, prior label, readable name (data.class_table)
+  DIR/stage_<k>/images/<class>/<index>.png   T_{k+1}: indices k*stage_ipc .. (k+1)*stage_ipc - 1
+  DIR/stage_<k>/latents/<class>/<index>.pt   the final latent of each kept image (the memory M_c)
+  DIR/stage_<k>/records/<class>/<index>.json what guidance did for that image (its candidates' scores, pushes)
+  DIR/stage_<k>/student.pt, student.json     theta_k and the exact list of files it was trained on
+  DIR/stage_<k>/grid.png, log.json           this increment (one row per class); the stage's records summed up
+  DIR/stage_<k>/done.json                    written last: the stage is complete
+  DIR/distilled/<class>/<index>.png          the set; DIR/grid.png its picture
+  DIR/eval.json, redundancy.json/.png, ...   written by evaluate.py; DIR/preflight.json/.png by the preflight
+
+Four rules keep it safe:
+  - a lock: a run holds `DIR/.lgd-lock` (an flock: the kernel drops it when the process dies, even on
+    kill -9, so a killed run's lock is simply taken by the next one); the same lock guards each cache
+    entry while one run builds it (`.<entry>.lgd-lock` beside it) and the others wait, then reuse it;
+  - settings: a rerun into a folder must use the settings that shaped its files (args.json);
+  - temporaries: every write goes to `.<name>.lgd-tmp-<pid>` and is renamed into place (common.atomic_write);
+    whoever holds a folder's lock removes the temporaries a killed run left there, and nothing else;
+  - damage: a file that cannot be read back is named with what to delete (or is simply regenerated).
+"""
+import fcntl
+import glob
+import json
+import os
+import socket
+import time
+
+import torch
+
+from common import TEMPORARY, UserError, git_commit, is_main, load_json, print0, remove_path, save_json
+from data import class_files, list_image_folder, load_image
+
+LOCK = ".lgd-lock"      # held while a run works in the folder (an flock on this file)
+ARGS = "args.json"      # the settings of the run; its presence marks an lgd run folder
+
+
+# ----------------------------------------------------------------------------- layout
+
+def stage_dir(out_dir, k):
+    return os.path.join(out_dir, f"stage_{k}")
+
+
+def done_path(out_dir, k):
+    """Written last by stage k: its presence means the stage is complete."""
+    return os.path.join(stage_dir(out_dir, k), "done.json")
+
+
+def image_path(folder, spec, c, index):
+    return os.path.join(folder, spec.class_names()[c], f"{index:05d}.png")
+
+
+def latent_path(folder, spec, c, index):
+    return os.path.join(folder, spec.class_names()[c], f"{index:05d}.pt")
+
+
+def record_path(folder, spec, c, index):
+    return os.path.join(folder, spec.class_names()[c], f"{index:05d}.json")
+
+
+def stage_images(out_dir, k):
+    return os.path.join(stage_dir(out_dir, k), "images")
+
+
+def stage_latents(out_dir, k):
+    return os.path.join(stage_dir(out_dir, k), "latents")
+
+
+def stage_records(out_dir, k):
+    return os.path.join(stage_dir(out_dir, k), "records")
+
+
+def student_path(out_dir, k):
+    return os.path.join(stage_dir(out_dir, k), "student.pt")
+
+
+def stage_log_path(out_dir, k):
+    return os.path.join(stage_dir(out_dir, k), "log.json")
+
+
+def distilled_dir(out_dir):
+    return os.path.join(out_dir, "distilled")
+
+
+def run_latents(out_dir):
+    """The final latents of a one-pass method's set (--method igd): its memory M_c reads them back."""
+    return os.path.join(out_dir, "latents")
+
+
+def args_path(out_dir):
+    return os.path.join(out_dir, ARGS)
+
+
+def classes_path(out_dir):
+    return os.path.join(out_dir, "classes.json")
+
+
+def default_run_dir(dataset, method, ipc, seed):
+    return os.path.join("out", f"{dataset}_{method}_ipc{ipc}_seed{seed}")
+
+
+def default_real_dir(dataset, ipc):
+    """Where the random-real baseline of `evaluate.py --real-ipc` goes."""
+    return os.path.join("out", f"{dataset}_real_ipc{ipc}")
+
+
+def eval_path(out_dir, arch=None):
+    """eval.json for the run's own (guiding) architecture; eval_<arch>.json for another (cross-architecture)."""
+    return os.path.join(out_dir, "eval.json" if arch is None else f"eval_{arch}.json")
+
+
+def cross_eval_paths(out_dir):
+    """{arch: path} of a run folder's cross-architecture evaluations."""
+    return {os.path.basename(p)[len("eval_"):-len(".json")]: p for p in glob.glob(os.path.join(out_dir, "eval_*.json"))}
+
+
+def redundancy_path(out_dir):
+    return os.path.join(out_dir, "redundancy.json")
+
+
+def heatmap_path(out_dir):
+    return os.path.join(out_dir, "redundancy.png")
+
+
+def validity_path(out_dir):
+    return os.path.join(out_dir, "validity.json")
+
+
+def grid_path(out_dir):
+    return os.path.join(out_dir, "grid.png")
+
+
+def igd_path(out_dir):
+    return os.path.join(out_dir, "igd.json")
+
+
+def preflight_path(out_dir, suffix="json"):
+    return os.path.join(out_dir, f"preflight.{suffix}")
+
+
+def is_run_folder(folder):
+    return os.path.exists(args_path(folder))
+
+
+def distilled_folder(run_dir):
+    """A run folder holds its set in distilled/ (refused while the run has not written it); a bare ImageFolder
+    is the set itself."""
+    inner = distilled_dir(run_dir)
+    if os.path.isdir(inner) or not is_run_folder(run_dir):
+        return inner if os.path.isdir(inner) else run_dir
+    raise UserError(f"run folder {run_dir} has no distilled/ yet: the run has not finished (rerun its distill.py "
+                    f"command to finish it)")
+
+
+def set_image_size(folder, spec):
+    """The side of the images in a set folder (the igd recipe evaluates at the generated size); the folder must
+    hold the dataset's class folders (checked first, so a wrong set is one line naming what is missing)."""
+    paths, _ = list_image_folder(folder, spec.class_names(), what="distilled set")
+    return load_image(paths[0]).shape[-1]
+
+
+def run_info(run_dir):
+    """args.json of a distill.py run folder, or {} for a bare ImageFolder."""
+    return load_json(args_path(run_dir), what="run settings") if is_run_folder(run_dir) else {}
+
+
+def stage_files(out_dir, spec, k, stage_ipc):
+    """(paths, labels) of stage k's increment, class by class, in index order."""
+    paths, labels = [], []
+    for c in range(spec.num_classes):
+        for index in range(k * stage_ipc, (k + 1) * stage_ipc):
+            paths.append(image_path(stage_images(out_dir, k), spec, c, index))
+            labels.append(c)
+    return paths, labels
+
+
+def union_files(out_dir, spec, k, stage_ipc):
+    """D_k: the files of stages 0 .. k-1 (the union the stage-k student is trained on)."""
+    paths, labels = [], []
+    for j in range(k):  # stage, then class, then index: a fixed order, so the student's data order is too
+        p, y = stage_files(out_dir, spec, j, stage_ipc)
+        paths, labels = paths + p, labels + y
+    return paths, labels
+
+
+def stage_summary(out_dir):
+    """[(k, done)] for the stage folders of a run, for --dry-run and the README."""
+    stages = sorted(int(d.split("_")[1]) for d in os.listdir(out_dir) if d.startswith("stage_"))
+    return [(k, os.path.exists(done_path(out_dir, k))) for k in stages]
+
+
+def owned_folders(out_dir):
+    """The folders a run writes into: the only places its stale temporaries may be removed from."""
+    if not os.path.isdir(out_dir):
+        return []
+    inner = [os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith("stage_") or d in ("distilled", "latents")]
+    return [out_dir] + [d for d in inner if os.path.isdir(d)]
+
+
+# ----------------------------------------------------------------------------- locks
+
+def _owner(lock):
+    """Who wrote the lock file (pid, host, start time); {} while it is being written or unreadable."""
+    try:
+        with open(lock) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _holder(owner):
+    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, since {owner.get('started', '?')}"
+
+
+class Lock:
+    """An exclusive flock on a lock file, with the holder's pid, host and start time written inside for messages.
+
+    The kernel releases an flock when its process dies (kill -9 included), so a dead holder's lock is free for
+    the next taker without any guessing from pids. Release unlinks the file while still holding it; a waiter that
+    opened the old file then finds the path gone or replaced and tries again (the standard inode check).
+    """
+
+    def __init__(self, path):
+        self.path, self.fd = path, None
+
+    def acquire(self, wait=False, on_wait=None):
+        """True once held; False if another live process holds it and wait is False. on_wait(owner) is called
+        once before blocking."""
+        told = False
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)  # O_CREAT: also the folder's writability check
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if not wait:
+                        os.close(fd)
+                        return False
+                    if on_wait is not None and not told:
+                        on_wait(_owner(self.path))
+                        told = True
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the holder releases it or dies
+                try:
+                    same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:  # released (unlinked) while we waited: lock the file that is there now
+                    os.close(fd)
+                    continue
+            except BaseException:
+                os.close(fd)
+                raise
+            me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            self.fd = fd
+            return True
+
+    def release(self):
+        if self.fd is not None:
+            remove_path(self.path)  # unlinked while held: nobody can take the old file after us
+            os.close(self.fd)
+            self.fd = None
+
+
+def live_holder(folder):
+    """The owner of a live run's lock in `folder` ({pid, host, started}), or None when no live run holds it."""
+    lock = os.path.join(folder, LOCK)
+    if not os.path.exists(lock):
+        return None
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: taken only if nobody holds it exclusively
+        return None
+    except BlockingIOError:
+        return _owner(lock)
+    finally:
+        os.close(fd)  # closing drops our shared lock (if we got it): the file stays as it was
+
+
+def check_not_busy(folder):
+    """Refuse to read or write a folder a live run is still writing (evaluate.py on a run in progress)."""
+    owner = live_holder(folder)
+    if owner is not None:
+        raise UserError(f"{folder} is being written by a run ({_holder(owner)}); wait for it to finish (its "
+                        f"partial set would be read)")
+
+
+def claim_run_folder(out_dir):
+    """Make `out_dir` this run's, before any work: returns a function that releases it.
+
+    Refuses a file, and a non-empty folder that is not an lgd run (no args.json): a run never writes into, or
+    tidies, a folder of someone else's. Then takes the lock, so of two runs started at once into one folder
+    exactly one proceeds. Creating the lock file is also the check that the folder is writable.
+    """
+    check_run_folder(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    lock = Lock(os.path.join(out_dir, LOCK))
+    if not lock.acquire():
+        raise UserError(f"{out_dir} is in use by another run ({_holder(_owner(lock.path))}); wait for it or use "
+                        f"another --out-dir")
+    remove_stale_temporaries(owned_folders(out_dir))  # ours now: a killed run's half-written files go
+    return lock.release
+
+
+def check_run_folder(out_dir):
+    """What claim_run_folder refuses, checked without writing anything (a refused start leaves the folder as it was)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir} is a file, not a folder")
+    if os.path.isdir(out_dir):
+        foreign = [n for n in os.listdir(out_dir) if n != LOCK and not TEMPORARY.match(n)]
+        if foreign and not is_run_folder(out_dir):
+            raise UserError(f"--out-dir {out_dir} is not empty and holds no {ARGS}: not an lgd run folder "
+                            f"(choose a new or empty folder)")
+        owner = live_holder(out_dir)
+        if owner is not None:
+            raise UserError(f"{out_dir} is in use by another run ({_holder(owner)}); wait for it or use another "
+                            f"--out-dir")
+
+
+class cache_entry:
+    """`with cache_entry(path, what) as missing:` build the entry when `missing`; one run at a time.
+
+    A cache entry (the digits prior, theta*'s trajectory) is shared by every run of the checkout. While one run
+    builds it, it holds `.<name>.lgd-lock` beside it; a second run waits (saying for whom), then finds it built
+    and reuses it. A killed builder's lock is free at once (flock); its temporaries are removed by the next
+    builder, which then resumes or restarts the build. Entries are renamed into place whole, so "exists" means
+    "complete" and no lock is needed to read one.
+    """
+
+    def __init__(self, path, what):
+        self.path, self.what = path, what
+        folder, name = os.path.split(os.path.abspath(path))
+        self.lock = Lock(os.path.join(folder, f".{name}{LOCK}"))
+
+    def __enter__(self):
+        if os.path.exists(self.path):
+            return False
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.lock.acquire(wait=True, on_wait=lambda owner: print0(
+            f"waiting for {self.what}: {self.path} is being built by {_holder(owner)} (if no run is building it, "
+            f"remove {self.lock.path})"))
+        folder, name = os.path.split(os.path.abspath(self.path))
+        for leftover in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.lgd-tmp-*")):
+            if TEMPORARY.match(os.path.basename(leftover)):  # a killed builder's half-written entry
+                remove_path(leftover)
+        return not os.path.exists(self.path)
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        return False
+
+
+def remove_stale_temporaries(folders):
+    """Delete the reserved temporaries (`.<name>.lgd-tmp-<pid>`) a killed run left in `folders`.
+
+    Only names of that form are touched (a user's `notes.tmp1` is not ours), and only under the folders given,
+    which the caller holds the lock of. Readers never look at temporaries: this only tidies.
+    """
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            for name in files + dirs:
+                if TEMPORARY.match(name):
+                    remove_path(os.path.join(root, name))
+
+
+# ----------------------------------------------------------------------------- settings
+
+def changed_settings(out_dir, args, must_match):
+    """The flags whose value differs from the run already in out_dir: [] for a new folder or a true resume."""
+    path = args_path(out_dir)
+    if not os.path.exists(path):
+        return []
+    old = load_json(path, what="run settings")
+    if not isinstance(old, dict):
+        raise UserError(f"{path} is not an lgd args.json; move it away or use another --out-dir")
+    changed = [k for k in must_match if k in old and old[k] != args.get(k)]
+    if changed:
+        details = ", ".join(f"{must_match[k]} {old[k]!r} -> {args.get(k)!r}" for k in changed[:4])
+        raise UserError(f"{out_dir} holds a run with different {', '.join(must_match[k] for k in changed)} "
+                        f"({details}); use another --out-dir or the same settings to resume")
+    return old
+
+
+def record_args(out_dir, args, must_match):
+    """Write `args` (a dict) to args.json, or check a resumed run's against it.
+
+    must_match: {key: flag name} of the settings that change the images; a rerun with another value would
+    mix two runs' stages. Each start is appended to `starts` (time, git commit), so a resumed folder says
+    which code made it.
+    """
+    old = changed_settings(out_dir, args, must_match)
+    starts = old.get("starts", []) if old else []
+    if old:
+        args = dict(old, **args)  # keeps what the run recorded while it ran (e.g. the sampler batch used)
+    start = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), git_commit=git_commit())
+    save_json(dict(args, git_commit=start["git_commit"], starts=starts + [start]), args_path(out_dir))
+
+
+def update_args(out_dir, **values):
+    """Add what a run learned while running (e.g. the sampler batch that fitted) to args.json."""
+    if is_main():
+        save_json(dict(load_json(args_path(out_dir), what="run settings"), **values), args_path(out_dir))
+
+
+# ----------------------------------------------------------------------------- damage
+
+def check_stage_files(out_dir, spec, k, stage_ipc):
+    """A stage marked done must still hold every image (a deleted file would break the union and students)."""
+    for path in stage_files(out_dir, spec, k, stage_ipc)[0]:
+        if not os.path.exists(path):
+            raise UserError(f"stage {k} is marked done but {path} is missing; restore it, or delete "
+                            f"{stage_dir(out_dir, k)} and the later stages to regenerate them")
+
+
+def load_stage_file(path, out_dir, k):
+    """A saved tensor of stage k (a latent of the memory M_c), or one line naming the damaged file and the way out.
+
+    A latent is where its image came from: it cannot be regenerated alone, so the stage goes."""
+    try:
+        return torch.load(path, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 -- truncated / foreign file: one line, not the unpickler's traceback
+        raise UserError(f"{path} is damaged ({e.__class__.__name__}); delete {stage_dir(out_dir, k)} and the later "
+                        f"stages, then rerun the same command to regenerate them") from None
+
+
+def load_or_none(path, what):
+    """A file a rerun can regenerate (a stage's student): its contents, or None (and a notice) if it is damaged."""
+    try:
+        return torch.load(path, map_location="cpu")
+    except Exception as e:  # noqa: BLE001
+        print0(f"{what} {path} is damaged ({e.__class__.__name__}); regenerating it")
+        return None
