@@ -148,3 +148,32 @@ def file_hashes(folder, suffix=""):
                 with open(path, "rb") as handle:
                     out[os.path.relpath(path, folder)] = hashlib.sha256(handle.read()).hexdigest()
     return out
+
+
+def cli(main, argv, capsys, stdout=None):
+    """Run a CLI main exactly as `python X.py` does (common.run_cli) in-process: (exit code, stderr lines).
+    stdout: a list the captured standard output is appended to."""
+    from common import run_cli as run_main
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: main([str(a) for a in argv]))
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    err = captured.err
+    if stdout is not None:
+        stdout.append(captured.out)
+    assert "Traceback" not in err
+    return exit_info.value.code, [line for line in err.splitlines() if line.strip()]
+
+
+def one_error_line(code, lines, *fragments):
+    """Exit 1 and exactly one `error:` line, the last one (a progress bar may precede it, on its own line)."""
+    errors = [line for line in lines if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and lines[-1] == errors[0], lines
+    assert not any("Error" in line for line in lines[:-1]), lines  # progress bars may precede it, no exception
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
+def tree(folder):
+    """Every file under folder, relative, sorted."""
+    return sorted(os.path.relpath(os.path.join(r, f), folder) for r, _, files in os.walk(folder) for f in files)

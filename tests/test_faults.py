@@ -16,32 +16,9 @@ import torch
 import common
 import distill
 import evaluate
-from conftest import REPO, make_fake_imagewoof, run_cli
+from conftest import REPO, cli, make_fake_imagewoof, one_error_line, run_cli, tree
 
 DIT = ["--method", "dit", "--steps", 3, "--batch-size", 8]
-
-
-def cli(main, argv, capsys):
-    """Run a CLI main exactly as `python X.py` does (common.run_cli) in-process: (exit code, stderr lines)."""
-    with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(lambda: main([str(a) for a in argv]))
-        raise SystemExit(0)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return exit_info.value.code, [line for line in err.splitlines() if line.strip()]
-
-
-def one_error_line(code, lines, *fragments):
-    """Exit 1 and exactly one `error:` line, the last one (a progress bar may precede it, on its own line)."""
-    errors = [line for line in lines if line.startswith("error:")]
-    assert code == 1 and len(errors) == 1 and lines[-1] == errors[0], lines
-    assert not any("Error" in line for line in lines[:-1]), lines  # progress bars may precede it, no exception
-    for fragment in fragments:
-        assert fragment in errors[0], (fragment, errors[0])
-
-
-def tree(folder):
-    return sorted(os.path.relpath(os.path.join(r, f), folder) for r, _, files in os.walk(folder) for f in files)
 
 
 # ----------------------------------------------------------------------------- flags: finite and in range
@@ -70,6 +47,11 @@ def tree(folder):
     (["--grad-ipc", "0"], "--grad-ipc must be at least 1"),
     (["--igd-checkpoints", "0,five"], "--igd-checkpoints must be 'auto' or indices"),
     (["--seed-set", "nowhere"], "--seed-set nowhere is not a folder"),
+    # a guided run whose window holds no sampling step would be unguided under its name
+    (["--steps", "1"], "--guide-from 10 .. --guide-until 45 holds none of the 1 sampling steps"),
+    (["--steps", "40", "--guide-from", "45", "--guide-until", "49"], "holds none of the 40 sampling steps"),
+    (["--method", "igd", "--steps", "20"], "--igd-from 30 .. --igd-until 45 holds none of the 20"),
+    (["--seed-set", "igd", "--steps", "25"], "--igd-from 30"),
 ])
 def test_out_of_range_flags_are_refused_before_any_write(tmp_path, monkeypatch, capsys, flags, fragment):
     monkeypatch.chdir(tmp_path)
