@@ -26,9 +26,7 @@ describes every image of the stage however many starts it took.
 
 Run: `python distill.py` (digits, LGD, IPC 10 in 5 stages of 2).
 """
-import json
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -36,14 +34,14 @@ from tqdm import tqdm
 
 from common import (SALT_STAGE_INIT, SALT_STAGE_TRAIN, UserError, all_gather, barrier, copy_file, derive_seed, is_main,
                     load_json, print0, save_grid, save_json, save_png, save_torch, stream_seed)
-from data import ImageSet, classifier_input, list_image_folder, load_image, load_real, resize_crop
+from data import ImageSet, classifier_input, list_image_folder, load_image, load_real, numeric_order, resize_crop
 from guidance import (Influence, Learnability, SamplerLog, add_to_memory, best_of_candidates, decode_images, sample,
                       select_checkpoints, weight_gradient)
 from model import make_student
 from run_folder import (check_stage_files, distilled_dir, done_path, igd_path, image_path, latent_path, load_or_none,
                         load_stage_file, record_path, stage_dir, stage_files, stage_images, stage_latents,
                         stage_log_path, stage_records, student_path, union_files)
-from train_student import epochs_for_ipc, reference_spec, surrogate_trajectory, train_student
+from train_student import IGD_ARCH, epochs_for_ipc, reference_spec, surrogate_trajectory, train_student
 
 
 @dataclass
@@ -202,11 +200,6 @@ def initial_memory(out_dir, spec, k, stage_ipc, cap):
     return memory
 
 
-def numeric_order(name):
-    """Sort key that puts IGD's unpadded `2.png` before `10.png` (digit runs compare as numbers)."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
-
-
 def seed_set_files(seed_dir, spec, stage_ipc):
     """[choice] `--seed-set PATH`: the first stage_ipc images per class of a user's set, in numeric name order
     (IGD writes `0.png .. 99.png` unpadded; plain sorting would take 0, 1, 10, 11, ...). Every file taken is
@@ -214,7 +207,7 @@ def seed_set_files(seed_dir, spec, stage_ipc):
     paths, labels = list_image_folder(seed_dir, spec.class_names(), what="seed set")
     chosen = []
     for c in range(spec.num_classes):
-        mine = sorted((p for p, y in zip(paths, labels) if y == c), key=lambda p: numeric_order(os.path.basename(p)))
+        mine = sorted((p for p, y in zip(paths, labels) if y == c), key=numeric_order)
         if len(mine) < stage_ipc:
             raise UserError(f"seed set {seed_dir} has {len(mine)} images of class {spec.class_names()[c]}, "
                             f"needs --stage-ipc {stage_ipc}")
@@ -437,12 +430,13 @@ def log_line(k, summary):
 
 # ----------------------------------------------------------------------------- IGD's score for a dataset
 
-def influence_score(spec, arch, data_dir, device, out_dir, grad_ipc=200, checkpoints="auto", threshold=0.7,
-                    epochs=None, num_workers=0):
-    """IGD's influence score (guidance.Influence) for a dataset: the surrogate trajectory (the very training
-    theta* is the last snapshot of, cached), the chosen checkpoints (IGD's adaptive rule, or a given list;
-    written to out_dir/igd.json), and real-gradient targets over the first grad_ipc real images per class."""
-    view = reference_spec(spec)
+def influence_score(spec, data_dir, device, out_dir, grad_ipc=200, checkpoints="auto", threshold=0.7, epochs=None,
+                    num_workers=0):
+    """IGD's influence score (guidance.Influence) for a dataset: the trajectory of IGD's surrogate (ConvNet-6
+    whatever the evaluation network; with --arch convnet the very training theta* is the last snapshot of, cached),
+    the chosen checkpoints (IGD's adaptive rule, or a given list; written to out_dir/igd.json), and real-gradient
+    targets over the first grad_ipc real images per class."""
+    arch, view = IGD_ARCH, reference_spec(spec)
     trajectory = surrogate_trajectory(view, arch, data_dir, device, epochs, num_workers=num_workers)
     real = load_real(spec, data_dir, "train")
     members = [[i for i, y in enumerate(real.labels) if y == c][:grad_ipc] for c in range(spec.num_classes)]

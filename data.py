@@ -22,6 +22,7 @@ were decoded and resized once (the recipes' deterministic first step), so a GPU 
 """
 import glob
 import os
+import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import Imagenette
 from torchvision.datasets.utils import download_and_extract_archive
+from torchvision.models import ResNet18_Weights
 from torchvision.transforms.v2 import functional as TF
 
 from common import UserError
@@ -37,11 +39,16 @@ from common import UserError
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
-# ImageNet-1K class index of every wnid we use (index = position in the sorted list of 1000 wnids).
+# The class index of a subset is the field's, so a set, a student or a surrogate means the same class c in every
+# repository that reads it. {wnid: ImageNet-1K index (its position among the 1000 sorted wnids)}, in class order.
+# ImageNette: sorted wnids, as every peer numbers it. ImageWoof: NOT sorted: MinimaxDiffusion and DD_IGD
+# `misc/class_woof.txt`, MTT `utils.py` (`imagewoof = [193, 182, 258, ...]`) and DD-Ranking `utils/data.py`
+# (ImageNetSubsets) all number it in this order; IGD's released surrogates output their logits in it.
+# ImageNet-1K: the sorted wnids of the data tree (read from --data-dir).
 IMAGENETTE = {"n01440764": 0, "n02102040": 217, "n02979186": 482, "n03000684": 491, "n03028079": 497,
               "n03394916": 566, "n03417042": 569, "n03425413": 571, "n03445777": 574, "n03888257": 701}
-IMAGEWOOF = {"n02086240": 155, "n02087394": 159, "n02088364": 162, "n02089973": 167, "n02093754": 182,
-             "n02096294": 193, "n02099601": 207, "n02105641": 229, "n02111889": 258, "n02115641": 273}
+IMAGEWOOF = {"n02096294": 193, "n02093754": 182, "n02111889": 258, "n02088364": 162, "n02086240": 155,
+             "n02089973": 167, "n02087394": 159, "n02115641": 273, "n02099601": 207, "n02105641": 229}
 DOWNLOADS = {  # public archives for users with internet; `--data-dir` skips them
     "imagenette": "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2.tgz",  # via torchvision.datasets.Imagenette
     "imagewoof": "https://s3.amazonaws.com/fast-ai-imageclas/imagewoof2.tgz",
@@ -72,7 +79,7 @@ def get_spec(name, res=None, num_classes=None):
     elif name in ("imagenette", "imagewoof"):
         table = IMAGENETTE if name == "imagenette" else IMAGEWOOF
         spec = DatasetSpec(name, 10, 3, 256, 224, 0.875, IMAGENET_MEAN, IMAGENET_STD,
-                           wnids=sorted(table), prior_labels=[table[w] for w in sorted(table)])
+                           wnids=list(table), prior_labels=list(table.values()))  # the field's class order
     elif name == "imagenet":
         # wnids are read from --data-dir (sorted = the standard ImageNet-1K class index)
         spec = DatasetSpec("imagenet", num_classes or 1000, 3, 256, 224, 0.875, IMAGENET_MEAN, IMAGENET_STD,
@@ -82,6 +89,19 @@ def get_spec(name, res=None, num_classes=None):
     if res is not None:
         spec.res = res
     return spec
+
+
+def class_table(spec):
+    """[{index, wnid, prior_label, name}] in class order: what class c is (classes.json, --dry-run --json).
+
+    name: the readable ImageNet-1K category of the prior label (torchvision's list, shipped in the wheel)."""
+    if spec.name == "digits":
+        names = [f"digit {c}" for c in range(spec.num_classes)]
+    else:  # the 1000 category names by ImageNet-1K index (metadata in the wheel: nothing is downloaded)
+        categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+        names = [categories[label] for label in spec.prior_labels]
+    return [dict(index=c, wnid=name, prior_label=label, name=readable)
+            for c, (name, label, readable) in enumerate(zip(spec.class_names(), spec.prior_labels, names))]
 
 
 # ----------------------------------------------------------------------------- image sets
@@ -135,6 +155,13 @@ def load_image(path, channels=None):
 def class_files(folder):
     """The image files of one class folder, sorted by name (names are global indices: generation order)."""
     return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def numeric_order(path):
+    """Sort key on a file's name that puts IGD's unpadded `2.png` before `10.png` (digit runs compare as numbers);
+    zero-padded names (ours) keep their order."""
+    parts = re.split(r"(\d+)", os.path.basename(path))
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in parts if part]
 
 
 def list_image_folder(root, class_names, what="image folder"):

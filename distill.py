@@ -35,12 +35,13 @@ from common import HelpFormatter, UserError, all_reduce_sum, barrier, get_device
     run_cli, setup_distributed
 from curriculum import Plan, Ranks, Students, generate_increment, influence_score, run_stages, save_set_grid, \
     seed_set_files
-from data import get_spec, resolve_data_dir
+from data import class_table, get_spec, resolve_data_dir
 from evaluate import evaluate_folder
 from guidance import GuidanceConfig, SamplerConfig, igd_guidance
 from model import ARCHS, DEFAULT_PRIOR, DIGITS_SCHEDULE, load_prior
-from run_folder import (changed_settings, check_run_folder, claim_run_folder, default_run_dir, distilled_dir,
-                        eval_path, grid_path, record_args, run_latents, stage_summary, update_args)
+from run_folder import (changed_settings, check_classes, check_run_folder, claim_run_folder, default_run_dir,
+                        distilled_dir, eval_path, grid_path, record_args, run_latents, stage_summary, update_args,
+                        write_classes)
 from train_prior import digits_prior
 from train_student import RECIPES, recipe_spec, reference_model, reference_spec, soft_label_teacher
 
@@ -281,7 +282,7 @@ def resolved_config(args, spec):
                                  (", ColorJitter 0.4, Lighting 0.1" if r["augment"] == "minimax" else "")),
         student_norm="batch norm (torchvision)" if args.arch == "resnet18_bn" else "instance norm",
         recipe_settings={k: v for k, v in r.items()}, guidance=asdict(guide), igd_guidance=asdict(igd_config(args)),
-        guided_steps=guide.guided_steps(args.steps), sampler=asdict(sampler_config(args)))
+        guided_steps=guide.guided_steps(args.steps), sampler=asdict(sampler_config(args)), classes=class_table(spec))
 
 
 def print_plan(args, spec):
@@ -294,6 +295,9 @@ def print_plan(args, spec):
     through = ("DiT + " if args.through_dit else "") + ("" if args.dataset == "digits" else "VAE decoder + ")
     done = dict(stage_summary(args.out_dir)) if os.path.isdir(args.out_dir) else {}
     print(f"{args.method} on {args.dataset}: {c} classes x {args.ipc} IPC = {c * args.ipc} images -> {args.out_dir}")
+    table = class_table(spec)  # the field's class order: class c is what every peer's class c is
+    print("  classes (index: folder, prior label, name): " + "; ".join(
+        f"{r['index']}: {r['wnid']}, {r['prior_label']}, {r['name']}" for r in table[:10]) + ("; ..." if c > 10 else ""))
     if args.method == "dit":
         print(f"  one unguided pass: {c * args.ipc} images x {args.steps} steps (CFG: 2 DiT passes per step)")
         return
@@ -354,12 +358,14 @@ def main(argv=None, on_stage_start=None):
     # the check), the seed set and the reference model. The digits prior is our own cache, built after the claim.
     check_run_folder(args.out_dir)
     changed_settings(args.out_dir, record, RESULT_ARGS)
+    check_classes(args.out_dir, class_table(spec), resume=True)
     prior = load_run_prior(args, spec, device) if args.prior is not None else None
     check_inputs(args, spec, device)
     release = claim(args.out_dir)
     try:
         if is_main():
             record_args(args.out_dir, record, RESULT_ARGS)
+            write_classes(args.out_dir, class_table(spec))  # what class c is, for every reader of the folder
         barrier()  # important! no rank writes before rank 0 has tidied the folder and checked the settings
         distill(args, spec, device, Ranks(rank, world), on_stage_start, prior)
     finally:
@@ -414,7 +420,7 @@ def distill(args, spec, device, ranks, on_stage_start=None, prior=None):
     student_view = recipe_spec(spec, args.recipe)
     influence = None
     if args.method == "igd" or args.seed_set == "igd":  # IGD's surrogate trajectory, checkpoints, real gradients
-        influence = influence_score(spec, args.arch, data_dir, device, out, args.grad_ipc, args.igd_checkpoints,
+        influence = influence_score(spec, data_dir, device, out, args.grad_ipc, args.igd_checkpoints,
                                     args.igd_threshold, args.reference_epochs, args.num_workers)
 
     def igd(images_dir, latents_dir, slots, batch, records_dir=None):

@@ -37,9 +37,11 @@ from PIL import Image, ImageDraw
 from common import (SALT_EVAL_INIT, SALT_EVAL_TRAIN, SALT_REDUNDANCY_INIT, SALT_REDUNDANCY_TRAIN, HelpFormatter,
                     UserError, atomic_write, check_writable, get_device, git_commit, load_json, print0, require,
                     run_cli, save_json, stream_seed)
-from run_folder import (check_not_busy, cross_eval_paths, default_real_dir, distilled_folder, eval_path, heatmap_path,
-                        redundancy_path, run_info, set_image_size, validity_path)
-from data import ImageSet, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir, sample_real_ipc
+from export import LAYOUTS, class_folder, export_set
+from run_folder import (check_classes, check_not_busy, cross_eval_paths, default_real_dir, distilled_folder, eval_path,
+                        heatmap_path, redundancy_path, run_info, set_image_size, validity_path)
+from data import (ImageSet, class_table, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir,
+                  sample_real_ipc)
 from model import ARCHS, make_student
 from train_student import (RECIPES, accuracy, epochs_for_ipc, recipe_spec, reference_model, soft_label_teacher,
                            train_student)
@@ -265,6 +267,12 @@ def main(argv=None):
     p.add_argument("--stage-ipc", type=int, default=None, help="increment size for --redundancy (default: the run's)")
     p.add_argument("--validity", default=None, help="run folder: the share of its images theta* recognises")
     p.add_argument("--compare", nargs="+", default=None, help="run folders with eval.json -> one table")
+    p.add_argument("--export", default=None, help="a run folder or a bare <class>/*.png set to copy, laid out for "
+                   "another evaluator (--layout, --out)")
+    p.add_argument("--layout", default=None, choices=LAYOUTS, help="--export for RDED (00000/ ... by class index) or "
+                   "DD-Ranking (the same folders + images.pt / labels.pt for its tensor API)")
+    p.add_argument("--size", type=int, default=None, help="--layout ddranking: side of images.pt (default: "
+                   "DD-Ranking's im_size, 128 ImageNette/ImageWoof, 224 ImageNet-1K)")
     p.add_argument("--markdown", default="out/compare.md", help="where --compare writes its Markdown table")
     p.add_argument("--arch", default=None, choices=ARCHS, help="student architecture (default: the run's, else convnet)")
     p.add_argument("--runs", type=int, default=3, help="seeded students")
@@ -288,9 +296,15 @@ def main(argv=None):
     require(args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}")
     require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
     require(args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
-    run_dir = args.distilled or args.validity or (args.redundancy if args.redundancy not in (None, "real") else None)
+    require(args.size is None or args.size >= 8, f"--size must be at least 8, got {args.size}")
+    run_dir = args.distilled or args.validity or args.export or \
+        (args.redundancy if args.redundancy not in (None, "real") else None)
     if run_dir is None and args.real_ipc is None:
-        raise UserError("give --distilled DIR, --real-ipc K, --redundancy DIR, --validity DIR or --compare DIR ...")
+        raise UserError("give --distilled DIR, --real-ipc K, --redundancy DIR, --validity DIR, --export DIR or "
+                        "--compare DIR ...")
+    if args.export is not None:
+        require(args.layout is not None, f"--export needs --layout ({' or '.join(LAYOUTS)})")
+        require(args.out is not None, "--export needs --out OUT (a new folder: the set is copied, never moved)")
     if args.redundancy == "real" and args.real_ipc is None:
         raise UserError("--redundancy real needs --real-ipc K (the random real images to cut into increments)")
     if run_dir is not None and not os.path.isdir(run_dir):
@@ -300,7 +314,15 @@ def main(argv=None):
     info = run_info(run_dir) if run_dir else {}
     # a run folder remembers its dataset, resolution, recipe, arch and (resolved) data dir: flags override them
     spec = get_spec(args.dataset or info.get("dataset", "digits"), res=args.res or info.get("res"))
-    data_dir = resolve_data_dir(spec, args.data_dir or info.get("data_dir"))
+    # an export reads the set only: a data tree is checked if given (ImageNet-1K's wnids come from it), never fetched
+    data_dir = resolve_data_dir(spec, args.data_dir or info.get("data_dir"), fetch=args.export is None)
+    if run_dir is not None:  # class c of the run must be class c here (an older ImageWoof run numbered them sorted)
+        check_classes(run_dir, class_table(spec))
+    if args.export is not None:
+        n = export_set(distilled_folder(run_dir), spec, args.layout, args.out, args.size)
+        print0(f"exported {n} images of {run_dir} for {args.layout}: {args.out} (class c in folder "
+               f"{class_folder(0)[:-1]}c, the field's class order; see {args.out}/export.json)")
+        return
     arch, recipe = args.arch or info.get("arch") or "convnet", args.recipe or info.get("recipe") or "minimax"
     device = get_device(args.device)
     if run_dir is not None:

@@ -315,15 +315,17 @@ class BasicBlock(nn.Module):
 
 class ResNet18(_ResNet):
     """ResNet-18 with instance norm (IDC / Minimax `resnet.py`, `ResNet(depth=18, norm_type='instance')`), the
-    hard-label evaluation network of the field. Stem > 128 px: conv7x7/2 -> norm -> ReLU -> maxpool 3/2 (as
-    torchvision); otherwise conv3x3/1 without pooling. Two basic blocks per stage."""
+    hard-label evaluation network of the field. Two basic blocks per stage. Stem by input size, as IDC's
+    `IntroBlock`: > 128 px 'large' = conv7x7/2 -> norm -> ReLU -> maxpool 3/2/1 (as torchvision); 65..128 px
+    'mid' = conv3x3/1 -> norm -> ReLU -> the same maxpool (128 -> 64); <= 64 px 'small' = conv3x3/1, no pooling."""
 
     def __init__(self, channels, num_classes, res, make_norm=norm):
-        if res > 128:
-            stem = nn.Sequential(nn.Conv2d(channels, 64, 7, 2, 3, bias=False), make_norm(64), nn.ReLU(inplace=True),
-                                 nn.MaxPool2d(3, 2, 1))
-        else:
-            stem = nn.Sequential(nn.Conv2d(channels, 64, 3, 1, 1, bias=False), make_norm(64), nn.ReLU(inplace=True))
+        large = res > 128
+        stem = [nn.Conv2d(channels, 64, 7, 2, 3, bias=False) if large else nn.Conv2d(channels, 64, 3, 1, 1, bias=False),
+                make_norm(64), nn.ReLU(inplace=True)]
+        if res > 64:  # 'mid' and 'large' pool; without it a 128 px input costs 4x the activations
+            stem.append(nn.MaxPool2d(3, 2, 1))
+        stem = nn.Sequential(*stem)
         super().__init__(stem, lambda c, width, stride: [BasicBlock(c, width, stride, make_norm),
                                                          BasicBlock(width, width, 1, make_norm)], num_classes)
 

@@ -35,7 +35,7 @@ import time
 import torch
 
 from common import TEMPORARY, UserError, git_commit, is_main, load_json, print0, remove_path, save_json
-from data import class_files, list_image_folder, load_image
+from data import list_image_folder, load_image
 
 LOCK = ".lgd-lock"      # held while a run works in the folder (an flock on this file)
 ARGS = "args.json"      # the settings of the run; its presence marks an lgd run folder
@@ -410,6 +410,32 @@ def update_args(out_dir, **values):
     """Add what a run learned while running (e.g. the sampler batch that fitted) to args.json."""
     if is_main():
         save_json(dict(load_json(args_path(out_dir), what="run settings"), **values), args_path(out_dir))
+
+
+def check_classes(folder, table, resume=False):
+    """A run folder numbers its classes once (classes.json); it must be the dataset's class table here
+    (data.class_table), or every class would be scored against another class's logit. resume: a run folder
+    written before classes.json existed numbered its classes by sorted wnid; resuming it is refused where the
+    field's order differs (ImageWoof)."""
+    path = classes_path(folder)
+    key = lambda rows: [(r["index"], r["wnid"], r["prior_label"]) for r in rows]  # noqa: E731
+    if os.path.exists(path):
+        saved = key(load_json(path, what="class table"))
+        if saved != key(table):
+            c = next((i for i, (a, b) in enumerate(zip(saved, key(table))) if a != b), min(len(saved), len(table)))
+            there = saved[c][1:] if c < len(saved) else "absent"
+            here = key(table)[c][1:] if c < len(table) else "absent"
+            raise UserError(f"{folder} numbers its classes differently from this dataset: class {c} is {there} "
+                            f"there (wnid, prior label) and {here} here ({path}); use the data it was made with, or "
+                            f"another folder")
+    elif resume and is_run_folder(folder) and [r["wnid"] for r in table] != sorted(r["wnid"] for r in table):
+        raise UserError(f"{folder} was made before lgd numbered this dataset in the field's class order (it has "
+                        f"no classes.json: its stages number classes by sorted wnid); use another --out-dir")
+
+
+def write_classes(folder, table):
+    if is_main() and not os.path.exists(classes_path(folder)):
+        save_json(table, classes_path(folder))
 
 
 # ----------------------------------------------------------------------------- damage

@@ -63,6 +63,15 @@ RECIPES = {
 SURROGATE = dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="constant",
                  cutmix=False, augment="minimax", pre_crop=True, temperature=None)
 SURROGATE_EPOCHS = 50
+IGD_ARCH = "convnet"  # IGD's surrogate is ConvNet-6 whatever the evaluation network (DD_IGD `sample.py`, define_model)
+
+
+def surrogate_recipe(spec):
+    """The surrogate's recipe for a dataset: SURROGATE, with MinimaxDiffusion `argument.py`'s settings for ImageNet
+    with more than 100 classes (lr 0.1, weight decay 1e-4, batch at least 128), which IGD's training inherits."""
+    if spec.num_classes > 100:
+        return dict(SURROGATE, lr=0.1, weight_decay=1e-4, batch_size=max(128, SURROGATE["batch_size"]))
+    return SURROGATE
 DIGITS_SURROGATE_EPOCHS = 30  # NOTE(deviation): 30 suffice on 8x8 digits (98% test accuracy)
 
 
@@ -319,7 +328,7 @@ def surrogate_trajectory(spec, arch, data_dir, device, epochs=None, cache_dir="o
                        f"{path})")
                 trajectory = []
                 model = make_student(arch, spec, seed=0)  # important! an init independent of what ran before
-                train_student(model, load_real(spec, data_dir, "train"), spec, SURROGATE, epochs, seed=0,
+                train_student(model, load_real(spec, data_dir, "train"), spec, surrogate_recipe(spec), epochs, seed=0,
                               device=device, desc=f"theta* {arch}", num_workers=num_workers,
                               on_epoch=lambda e, m: trajectory.append({k: v.detach().cpu().clone()
                                                                        for k, v in m.state_dict().items()}))

@@ -21,6 +21,7 @@ SOURCE_COUNTS = [  # (arch, res, classes, parameters)
     ("convnet", 224, 10, 754_570), ("convnet", 256, 10, 763_530), ("convnet", 224, 1000, 1_896_040),
     ("resnetap10", 224, 10, 4_910_922), ("resnetap10", 256, 10, 4_910_922), ("resnetap10", 224, 1000, 5_418_792),
     ("resnet18", 224, 10, 11_181_642), ("resnet18", 224, 1000, 11_689_512), ("resnet18_bn", 224, 10, 11_181_642),
+    ("resnet18", 128, 10, 11_173_962), ("resnet18", 64, 10, 11_173_962), ("resnetap10", 128, 10, 4_903_242),
 ]
 
 
@@ -42,6 +43,19 @@ def test_network_shapes_match_the_sources():
         assert resnetap.stem(torch.randn(1, 3, 224, 224)).shape == (1, 64, 56, 56)
     assert isinstance(make_student("resnet18", spec).stem[1], torch.nn.GroupNorm)  # instance norm, not batch norm
     assert isinstance(make_student("resnet18_bn", spec).bn1, torch.nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("arch,res,stem_out,pools", [
+    ("resnet18", 224, 56, True), ("resnet18", 128, 64, True), ("resnet18", 100, 50, True), ("resnet18", 64, 64, False),
+    ("resnetap10", 224, 56, True), ("resnetap10", 128, 64, True), ("resnetap10", 64, 64, False)])
+def test_resnet_stems_by_input_size_as_idc(arch, res, stem_out, pools):
+    """IDC / Minimax `IntroBlock`: 'small' (<= 64 px) no pooling, 'mid' (65..128) 3x3 conv + pool, 'large' 7x7 +
+    pool. Without the mid pool a 128 px ResNet-18 carries 4x the activations: another network than the protocol's."""
+    model = make_student(arch, with_view(get_spec("imagewoof"), res=res))
+    with torch.no_grad():
+        assert model.stem(torch.randn(1, 3, res, res)).shape == (1, 64, stem_out, stem_out)
+        assert model(torch.randn(2, 3, res, res)).shape == (2, 10)
+    assert any(isinstance(m, (torch.nn.MaxPool2d, torch.nn.AvgPool2d)) for m in model.stem) == pools
 
 
 @pytest.mark.parametrize("recipe,resize,crop", [("minimax", 224, 224), ("igd", 256, 256), ("rded", 256, 224)])
