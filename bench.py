@@ -11,6 +11,8 @@ One run times, at one model size and batch, in one process:
                influence score, 4 checkpoints: a double backward) -- step time, ratio to unguided, images/s,
                peak memory (CUDA max allocated; on CPU the process's peak RSS, which only grows)
   --student    student training throughput (images/s) on digits and at 224 px, and augmentation alone
+  --eta        how close the preflight's price comes: a digits preflight (distill.py --preflight) in a fresh
+               folder, then the run it priced, timed: ETA / measured (target: within 1.5x either way)
 
 Sizes: `--size xl` = DiT-XL/2 256 px + SD VAE + TAESD (random weights: speed does not depend on them) with
 ConvNet-6 classifiers at 224 px (theta* at 256); `--size tiny` = the digits prior's architecture (8 px,
@@ -21,14 +23,18 @@ Run: `python bench.py --size tiny`, `python bench.py --size xl --batch-size 1 2 
 """
 import argparse
 import copy
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import get_device, save_json
+from common import get_device, load_json, save_json
 from data import Augment, ImageSet, get_spec, load_real, sample_real_ipc
 from guidance import GuidanceConfig, Influence, Learnability, SamplerConfig, cfg_output, guided_output
 from model import DIGITS_PRIOR, Prior, make_scheduler, make_student
@@ -197,6 +203,26 @@ def bench_students(device):
     return out
 
 
+def bench_eta(device, extra=()):
+    """ETA of a digits preflight against the wall time of the run it priced (both as a user runs them)."""
+    os.makedirs("out", exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="bench_eta_", dir="out")
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "distill.py"), "--out-dir",
+               folder, "--device", str(device), *extra]
+    for step in (["--preflight"], []):
+        start = time.perf_counter()
+        done = subprocess.run(command + step, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(command + step)} failed:\n{done.stderr[-2000:]}")
+        seconds = time.perf_counter() - start
+        if step:
+            preflight_s = seconds
+    priced = load_json(os.path.join(folder, "preflight.json"))
+    return dict(folder=folder, command=" ".join(command[1:]), preflight_wall_s=preflight_s, eta_s=priced["eta_s"],
+                eta_stages_s=priced["eta_stages_s"], eta_other_s=priced["eta_other_s"], run_wall_s=seconds,
+                eta_over_measured=priced["eta_s"] / seconds)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Where a learnability-guided sampling step's time goes.")
     p.add_argument("--size", default="tiny", choices=["tiny", "xl"], help="digits prior or DiT-XL/2 256 + SD VAE")
@@ -206,11 +232,18 @@ def main(argv=None):
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="gradient checkpointing in DiT/VAE during the guided step")
     p.add_argument("--student", action="store_true", help="time student training instead of sampling steps")
+    p.add_argument("--eta", action="store_true", help="a digits preflight, then the run it priced: ETA / measured")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", default=None, help="also write everything as JSON here")
     args = p.parse_args(argv)
     device = get_device(args.device)
-    if args.student:
+    if args.eta:
+        result = dict(device=str(device), threads=torch.get_num_threads(), eta=bench_eta(device))
+        e = result["eta"]
+        print(f"preflight {e['preflight_wall_s']:.1f} s; ETA {e['eta_s']:.1f} s (stages "
+              f"{' + '.join(f'{s:.1f}' for s in e['eta_stages_s'])}, other {e['eta_other_s']}); run measured "
+              f"{e['run_wall_s']:.1f} s -> ETA / measured = {e['eta_over_measured']:.2f} (target 0.67 .. 1.5)")
+    elif args.student:
         result = dict(device=str(device), threads=torch.get_num_threads(), student=bench_students(device))
         for name, value in result["student"].items():
             print(f"{name:<55} {value:10.1f}")

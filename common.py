@@ -179,6 +179,8 @@ SALT_EVAL_TRAIN = 12       # evaluation run n: batches and augmentations
 SALT_REDUNDANCY_INIT = 13  # the redundancy model trained on increment n: init
 SALT_REDUNDANCY_TRAIN = 14
 SALT_REAL_DRAW = 15        # which real images the --real-ipc baseline draws
+SALT_PREFLIGHT = 16        # the preflight's student (n = 0: init, 1: batches) and its guided batch's noise (n = 2)
+SALT_VIEWS = 17            # the random views of --guidance-views in stage n
 
 
 def stream_seed(seed, salt, n=0):

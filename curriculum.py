@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import (SALT_STAGE_INIT, SALT_STAGE_TRAIN, UserError, all_gather, barrier, copy_file, derive_seed, is_main,
-                    load_json, print0, save_grid, save_json, save_png, save_torch, stream_seed)
+from common import (SALT_STAGE_INIT, SALT_STAGE_TRAIN, SALT_VIEWS, UserError, all_gather, barrier, copy_file,
+                    derive_seed, is_main, load_json, print0, save_grid, save_json, save_png, save_torch, stream_seed)
 from data import ImageSet, classifier_input, list_image_folder, load_image, load_real, numeric_order, resize_crop
 from guidance import (Influence, Learnability, SamplerLog, add_to_memory, best_of_candidates, decode_images, sample,
                       select_checkpoints, weight_gradient)
@@ -41,7 +41,8 @@ from model import make_student
 from run_folder import (check_stage_files, distilled_dir, done_path, igd_path, image_path, latent_path, load_or_none,
                         load_stage_file, record_path, stage_dir, stage_files, stage_images, stage_latents,
                         stage_log_path, stage_records, student_path, union_files)
-from train_student import IGD_ARCH, epochs_for_ipc, reference_spec, surrogate_trajectory, train_student
+from train_student import (IGD_ARCH, SURROGATE, epochs_for_ipc, reference_spec, surrogate_trajectory, train_student,
+                           view_augment)
 
 
 @dataclass
@@ -79,7 +80,8 @@ class Ranks:
 def run_stages(prior, spec, out_dir, plan, sampler, guide, students, reference, ranks=Ranks(), device="cpu",
                teacher=None, seed_stage=None, on_stage_start=None):
     """Build plan.ipc // plan.stage_ipc increments under out_dir (resuming), then write their union to
-    out_dir/distilled. reference: (theta*, its view spec). teacher: the soft-label teacher of a rded recipe.
+    out_dir/distilled. reference: [(theta*, its view spec)], one or more members (their CEs are averaged).
+    teacher: the soft-label teacher of a rded recipe.
     seed_stage(images_dir, latents_dir, records_dir, batch) -> batch: makes stage 0 another way (IGD's
     increment); default DiT / a folder. on_stage_start(k): a hook called before stage k's work (tests use it
     to kill a run). Returns the smallest sampler batch that fitted.
@@ -91,7 +93,7 @@ def run_stages(prior, spec, out_dir, plan, sampler, guide, students, reference, 
         if os.path.exists(done_path(out_dir, k)):
             check_stage_files(out_dir, spec, k, plan.stage_ipc)
     if students.channels_last:  # theta* once for the whole run; each stage's student below
-        reference = (reference[0].to(memory_format=torch.channels_last), reference[1])
+        reference = [(model.to(memory_format=torch.channels_last), view) for model, view in reference]
     batch = plan.batch_size
     overall = tqdm(total=num_stages, desc="LGD stages", unit="stage", disable=not is_main(), position=0)
     for k in range(num_stages):
@@ -116,7 +118,9 @@ def run_stages(prior, spec, out_dir, plan, sampler, guide, students, reference, 
             # S(x, y) = CE(theta_k(x), y) - omega CE(theta*(x), y): high = not learned yet, still valid
             if students.channels_last:
                 student = student.to(memory_format=torch.channels_last)
-            score = Learnability(student, students.view, reference[0], reference[1], guide.omega)
+            score = Learnability(student, students.view, [m for m, _ in reference], [v for _, v in reference],
+                                 guide.omega, guide.views, stage_views(students.view, students.recipe, reference,
+                                                                       plan.seed, k, guide.views))
             memory = initial_memory(out_dir, spec, k, plan.stage_ipc, guide.memory_cap) if guide.deviation else None
             # T_{k+1}: kappa guided candidates per image, the highest-S one kept and added to M_c
             fitted = generate_increment(prior, spec, images, latents, plan.stage_ipc, first, plan.seed, sampler, batch,
@@ -157,6 +161,17 @@ def finish_stage(out_dir, spec, k, stage_ipc, summary):
                f"(first guided batch)")
     if summary["nan_fallbacks"]:
         print0(f"stage {k}: {summary['nan_fallbacks']} samples fell back to the unguided step (non-finite gradient)")
+
+
+def stage_views(student_view, recipe, reference, seed, k, views):
+    """The augmentations S averages over with --guidance-views K > 1 (None at K = 1): the student's recipe, and
+    theta*'s (the surrogate recipe) for each reference member, drawing from one generator seeded per stage.
+    The draws follow the order of the sampler's batches, so with K > 1 an image depends on its batch (one process,
+    one batch size: reproducible)."""
+    if views == 1:
+        return None
+    g = torch.Generator().manual_seed(stream_seed(seed, SALT_VIEWS, k))
+    return [view_augment(student_view, recipe, g)] + [view_augment(v, SURROGATE, g) for _, v in reference]
 
 
 def train_stage_student(out_dir, spec, k, plan, students, device, ranks, teacher=None):

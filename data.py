@@ -390,16 +390,20 @@ class Augment:
         return torch.rand(n, generator=self.g) * (high - low) + low
 
     def __call__(self, x):
-        x = x.float() / 255
+        """uint8 (N, C, S, S) -> the augmented, normalised training batch (N, C, res, res)."""
+        return normalise(self.views(x.float() / 255), self.spec)
+
+    def views(self, x):
+        """Float images in [0, 1] -> random views of them in [0, 1] at res; differentiable, so guidance can average
+        S over the views a student trains on (--guidance-views)."""
         if self.kind == "shift":
-            x = self.random_shift(x)
-        else:
-            x = self.random_resized_crop(x, (0.5, 1.0))
-            flip = torch.rand(len(x), generator=self.g) < 0.5
-            x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
-            if self.kind == "minimax" and x.shape[1] == 3:
-                x = self.lighting(self.color_jitter(x, 0.4))
-        return normalise(x, self.spec)
+            return self.random_shift(x)
+        x = self.random_resized_crop(x, (0.5, 1.0))
+        flip = torch.rand(len(x), generator=self.g) < 0.5
+        x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        if self.kind == "minimax" and x.shape[1] == 3:
+            x = self.lighting(self.color_jitter(x, 0.4))
+        return x
 
     def random_shift(self, x, pad=1):
         n, _, h, w = x.shape

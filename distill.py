@@ -31,17 +31,18 @@ from dataclasses import asdict, fields
 
 import torch
 
-from common import HelpFormatter, UserError, all_reduce_sum, barrier, get_device, is_main, print0, require, \
-    run_cli, setup_distributed
+from common import HelpFormatter, UserError, all_gather, all_reduce_sum, barrier, get_device, is_main, load_json, \
+    print0, require, run_cli, setup_distributed
 from curriculum import Plan, Ranks, Students, generate_increment, influence_score, run_stages, save_set_grid, \
     seed_set_files
 from data import class_table, get_spec, resolve_data_dir
 from evaluate import evaluate_folder
 from guidance import GuidanceConfig, SamplerConfig, igd_guidance
 from model import ARCHS, DEFAULT_PRIOR, DIGITS_SCHEDULE, load_prior
+from preflight import DAY, duration, eta_line, load_passing, report, run_preflight
 from run_folder import (changed_settings, check_classes, check_run_folder, claim_run_folder, default_run_dir,
-                        distilled_dir, eval_path, grid_path, record_args, run_latents, stage_summary, update_args,
-                        write_classes)
+                        distilled_dir, eval_path, grid_path, preflight_path, record_args, run_latents, stage_summary,
+                        update_args, write_classes)
 from train_prior import digits_prior
 from train_student import RECIPES, recipe_spec, reference_model, reference_spec, soft_label_teacher
 
@@ -84,7 +85,7 @@ RESULT_ARGS = {"dataset": "--dataset", "method": "--method", "ipc": "--ipc", "st
                "reference_epochs": "--reference-epochs", "igd_scale": "--igd-scale", "igd_deviation": "--igd-deviation",
                "igd_from": "--igd-from", "igd_until": "--igd-until", "grad_ipc": "--grad-ipc",
                "igd_checkpoints": "--igd-checkpoints", "igd_threshold": "--igd-threshold",
-               "grad_decoder": "--grad-decoder"}
+               "grad_decoder": "--grad-decoder", "views": "--guidance-views", "reference_archs": "--reference-archs"}
 
 
 def get_parser():
@@ -137,6 +138,12 @@ def get_parser():
     p.add_argument("--grad-through-dit", dest="through_dit", action=argparse.BooleanOptionalAction, default=None,
                    help="g through the DiT (IGD) or from z0_hat with eps held fixed (cheaper)")
     p.add_argument("--memory-cap", type=int, default=None, help=f"|M_c|: latents kept per class ({PAPER['memory_cap']})")
+    p.add_argument("--guidance-views", dest="views", type=int, default=None,
+                   help="K: S averaged over K random views of x0_hat from each classifier's training augmentation "
+                        "(1 = the image, the paper's S; not the paper's when > 1)")
+    p.add_argument("--reference-archs", default=None,
+                   help="theta* as an ensemble, e.g. convnet,mlp: the reference term is the mean of their CEs "
+                        "(default: --arch alone, the paper's)")
     p.add_argument("--seed-set", default=None, help="stage 0: 'dit' (unguided samples), 'igd' (IGD's samples, the "
                    "paper's pipeline; the ImageNette/ImageWoof default) or a folder <class>/*.png")
     # IGD (--method igd, --seed-set igd): its own constants on the same knobs
@@ -170,6 +177,11 @@ def get_parser():
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers decoding real images "
                    "(default: 8 with CUDA, else 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=None,
+                   help="check the run on these weights and data and price it (preflight.py), then stop; "
+                        "default: every non-digits run does it first (reused once passed); --no-preflight skips it")
+    p.add_argument("--preflight-classes", type=int, default=None,
+                   help="classes the preflight samples (default: all, at most 20)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (stages, images, sampler steps) and exit")
     p.add_argument("--json", action="store_true", help="with --dry-run: the fully resolved configuration as JSON")
     return p
@@ -205,6 +217,12 @@ def resolve_args(args):
     require(args.guide_from >= 0, f"--guide-from must be >= 0, got {args.guide_from}")
     require(args.guide_from <= args.guide_until, "--guide-from must not exceed --guide-until")
     require(args.memory_cap >= 1, f"--memory-cap must be at least 1, got {args.memory_cap}")
+    require(args.views >= 1, f"--guidance-views must be at least 1, got {args.views}")
+    args.reference_archs = args.reference_archs or args.arch  # theta*'s architecture(s), the first one theta*
+    require(all(a in ARCHS for a in args.reference_archs.split(",")),
+            f"--reference-archs must be architectures from {', '.join(ARCHS)}, got {args.reference_archs}")
+    require(args.reference is None or "," not in args.reference_archs,
+            "--reference gives one theta*; it cannot be combined with --reference-archs")
     require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
     require(args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}")
     require(args.student_epochs is None or args.student_epochs >= 1,
@@ -214,6 +232,8 @@ def resolve_args(args):
     require(args.eval_epochs is None or args.eval_epochs >= 1, f"--eval-epochs must be at least 1, got {args.eval_epochs}")
     require(args.eval_runs >= 1, f"--eval-runs must be at least 1, got {args.eval_runs}")
     require(args.num_workers is None or args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
+    require(args.preflight_classes is None or args.preflight_classes >= 2,
+            f"--preflight-classes must be at least 2, got {args.preflight_classes}")
     _finite("cfg-scale", args.cfg_scale, 1.0)  # 1 = the conditional model alone; below 1 leans unconditional
     _finite("guidance-scale", args.scale, 0.0)
     _finite("omega", args.omega, 0.0)
@@ -287,8 +307,10 @@ def resolved_config(args, spec):
 
 def print_plan(args, spec):
     """--dry-run: what the run will do, in images and DiT forward passes."""
+    measured = preflight_path(args.out_dir)
+    measured = load_json(measured, what="preflight result") if os.path.exists(measured) else None
     if args.json:
-        print(json.dumps(resolved_config(args, spec), indent=2))
+        print(json.dumps(dict(resolved_config(args, spec), preflight=measured), indent=2))
         return
     c, stages = spec.num_classes, (args.ipc // args.stage_ipc if args.method == "lgd" else 1)
     window, igd_window = guidance_config(args).guided_steps(args.steps), igd_config(args).guided_steps(args.steps)
@@ -300,11 +322,11 @@ def print_plan(args, spec):
         f"{r['index']}: {r['wnid']}, {r['prior_label']}, {r['name']}" for r in table[:10]) + ("; ..." if c > 10 else ""))
     if args.method == "dit":
         print(f"  one unguided pass: {c * args.ipc} images x {args.steps} steps (CFG: 2 DiT passes per step)")
-        return
+        return print_eta(args, measured)
     if args.method == "igd":
         print(f"  the surrogate trajectory of theta* (cached), checkpoints {args.igd_checkpoints}, then "
               f"{c * args.ipc} images x {args.steps} steps ({igd_window} guided: a double backward per checkpoint)")
-        return
+        return print_eta(args, measured)
     for k in range(stages):
         n = c * args.stage_ipc
         status = " [done, will be skipped]" if done.get(k) else ""
@@ -320,6 +342,16 @@ def print_plan(args, spec):
     total = c * args.stage_ipc * args.steps * (1 + (stages - 1) * args.candidates)
     print(f"  total: {total} sampler image-steps, {(stages - 1) * c * args.stage_ipc * args.candidates * window} "
           f"of them guided; {stages - 1} student trainings")
+    print_eta(args, measured)
+
+
+def print_eta(args, measured):
+    """The measured price of the run (from its folder's preflight.json), or how to get one."""
+    if measured is not None and measured.get("passed"):
+        print(f"  {eta_line(measured)} (measured by the preflight in {args.out_dir})")
+    else:
+        print("  ETA: not measured; add --preflight to this command to measure it on this machine (minutes on a "
+              "GPU: it also checks labels, guidance direction and the batch that fits)")
 
 
 def claim(out_dir):
@@ -353,6 +385,11 @@ def main(argv=None, on_stage_start=None):
     rank, world = setup_distributed(device)
     record = dict(vars(args), data_dir=data_dir, out_dir=os.path.abspath(args.out_dir), world_size=world,
                   student_world=world if (args.method == "lgd" and args.student_ddp) else 1)
+    # a passing preflight of these settings in the folder is reused: the run starts at the batch it picked
+    args.preflight_settings = {key: record[key] for key in RESULT_ARGS if key != "batch_size"}
+    passed = load_passing(args.out_dir, args.preflight_settings)
+    if passed is not None:
+        args.batch_size = record["batch_size"] = passed["sampler_batch"]
     # every input is checked before the folder is claimed, so a refused start leaves the folder as it was:
     # the folder itself and the settings of a run already in it (read only), a given prior (loading it is
     # the check), the seed set and the reference model. The digits prior is our own cache, built after the claim.
@@ -363,13 +400,38 @@ def main(argv=None, on_stage_start=None):
     check_inputs(args, spec, device)
     release = claim(args.out_dir)
     try:
+        wanted = args.preflight if args.preflight is not None else args.dataset != "digits"
+        if wanted and passed is None:  # before args.json: a failed preflight leaves no settings to resume
+            prior = prior or load_run_prior(args, spec, device)
+            passed = preflight(args, spec, prior, device)
+            args.batch_size = record["batch_size"] = passed["sampler_batch"]
+        elif passed is not None:  # its batch is the run's
+            print0(f"preflight: passed earlier ({preflight_path(args.out_dir)}), reused: {eta_line(passed)}")
         if is_main():
             record_args(args.out_dir, record, RESULT_ARGS)
             write_classes(args.out_dir, class_table(spec))  # what class c is, for every reader of the folder
         barrier()  # important! no rank writes before rank 0 has tidied the folder and checked the settings
+        if args.preflight:
+            print0(f"preflight passed: {eta_line(passed)}\nnext: the same command without --preflight (it starts at "
+                   f"sampler batch {passed['sampler_batch']}; {preflight_path(args.out_dir, 'png')} shows the samples)")
+            return
+        if passed is not None and passed["eta_s"] > DAY:  # said, not refused: the user may mean it
+            print0(f"note: this run is priced at {duration(passed['eta_s'])} ({preflight_path(args.out_dir)})")
         distill(args, spec, device, Ranks(rank, world), on_stage_start, prior)
     finally:
         release()
+
+
+def preflight(args, spec, prior, device):
+    """The preflight (preflight.py) on every rank; the batch every rank fits, one report, one verdict for all ranks."""
+    result, images = run_preflight(args, spec, prior, device, resolve_data_dir(spec, args.data_dir),
+                                   guidance_config(args), igd_config(args), sampler_config(args))
+    result["sampler_batch"] = min(all_gather(result["sampler_batch"]))
+    failures = [f for f in all_gather(result["failure"]) if f is not None]
+    report(result, images, spec, args.out_dir)
+    if failures:  # every rank stops with the same line
+        raise UserError(f"preflight: {failures[0]}")
+    return result
 
 
 def check_inputs(args, spec, device):
@@ -434,9 +496,11 @@ def distill(args, spec, device, ranks, on_stage_start=None, prior=None):
     elif args.method == "igd":
         batch = igd(distilled_dir(out), run_latents(out), args.ipc, args.batch_size)
     else:
-        # theta*, trained once per dataset/arch/view and cached under out/cache (or the user's file)
-        reference = reference_model(spec, args.arch, data_dir, device, epochs=args.reference_epochs,
-                                    num_workers=args.num_workers, path=args.reference)
+        # theta*, trained once per dataset/arch/view and cached under out/cache (or the user's file); an ensemble
+        # of such models with --reference-archs
+        reference = [reference_model(spec, arch, data_dir, device, epochs=args.reference_epochs,
+                                     num_workers=args.num_workers, path=args.reference)
+                     for arch in args.reference_archs.split(",")]
         teacher = soft_label_teacher(student_view, args.recipe, data_dir, device, num_workers=args.num_workers)
         students = Students(args.arch, args.recipe, student_view, args.student_epochs, args.student_ddp,
                             args.num_workers, args.channels_last)

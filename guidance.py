@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from data import classifier_input
+from data import classifier_input, normalise
 
 
 @dataclass
@@ -62,6 +62,7 @@ class GuidanceConfig:
     form: str = "z"            # "z": added to z_{t-1} after the step (IGD's code); "eps": the printed Eq.
     through_dit: bool = True   # g through the DiT (as IGD) or from z0_hat with eps held fixed (cheaper)
     memory_cap: int = 64       # |M_c|: final latents kept per class [IGD]
+    views: int = 1             # K: S averaged over K random training views of x0_hat (1: the image; not the paper's)
 
     def active(self, i):
         return self.guide_from <= i <= self.guide_until
@@ -109,21 +110,43 @@ class Learnability:
     High S: the current student f_k gets x wrong (it has not learned it) while the reference f_ref gets it
     right (x is still a valid example of y). Each classifier sees x through the view it was trained with
     (data.classifier_input: resize, crop, normalise), exactly as at test time.
+
+    Two options that are not the paper's (off by default, each the paper's S when off):
+      reference ensemble  reference / reference_view may be lists: the reference term is the mean of the members'
+                          CE, so a push must keep x valid for theta* of several architectures (--reference-archs)
+      views = K > 1       each CE is the mean over K random views of x drawn from that classifier's training
+                          augmentation (augments[m](x in [0, 1]) -> views at its resolution, m = 0 the student,
+                          1.. the reference members): S's gradient is then the mean of the per-view gradients, so
+                          a push that only one view rewards (a pixel pattern) averages away: an expectation over
+                          transformations (--guidance-views). K = 1 is the image itself.
     """
 
-    def __init__(self, student, student_view, reference, reference_view, omega):
-        for model in (student, reference):
+    def __init__(self, student, student_view, reference, reference_view, omega, views=1, augments=None):
+        members = list(zip(reference, reference_view)) if isinstance(reference, (list, tuple)) else \
+            [(reference, reference_view)]
+        for model in [student] + [m for m, _ in members]:
             model.eval().requires_grad_(False)  # important! eval mode (no norm statistics drift), input grads only
         self.student, self.student_view = student, student_view
-        self.reference, self.reference_view = reference, reference_view
-        self.omega = omega
+        self.members, self.omega = members, omega
+        self.reference, self.reference_view = members[0]  # theta* (the first member)
+        self.views, self.augments = views, augments
+        if views > 1 and (augments is None or len(augments) != 1 + len(members)):
+            raise ValueError("views > 1 needs one augmentation per classifier (the student, then each reference)")
+
+    def _ce(self, m, model, view, images, classes):
+        """CE of classifier m on x, or its mean over K random views of x."""
+        if self.views == 1:
+            return F.cross_entropy(model(classifier_input(images, view)), classes, reduction="none")
+        n, k = len(images), self.views
+        x = self.augments[m]((images * 0.5 + 0.5).repeat(k, 1, 1, 1))  # (K*N) views, each its own random draw
+        ce = F.cross_entropy(model(normalise(x, view)), classes.repeat(k), reduction="none")
+        return ce.view(k, n).mean(dim=0)
 
     def parts(self, images, classes):
         """images (N, C, H, W) in [-1, 1] -> {"S", "student_ce", "reference_ce"}, each (N,)."""
-        student_ce = F.cross_entropy(self.student(classifier_input(images, self.student_view)), classes,
-                                     reduction="none")  # high: not learned yet
-        reference_ce = F.cross_entropy(self.reference(classifier_input(images, self.reference_view)), classes,
-                                       reduction="none")  # low: a valid example
+        student_ce = self._ce(0, self.student, self.student_view, images, classes)  # high: not learned yet
+        ces = [self._ce(1 + j, model, view, images, classes) for j, (model, view) in enumerate(self.members)]
+        reference_ce = ces[0] if len(ces) == 1 else torch.stack(ces).mean(dim=0)  # low: a valid example
         return dict(S=student_ce - self.omega * reference_ce, student_ce=student_ce, reference_ce=reference_ce)
 
     def __call__(self, images, classes):

@@ -317,7 +317,8 @@ def check_run_folder(out_dir):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out-dir {out_dir} is a file, not a folder")
     if os.path.isdir(out_dir):
-        foreign = [n for n in os.listdir(out_dir) if n != LOCK and not TEMPORARY.match(n)]
+        ours = {LOCK, "preflight.json", "preflight.png"}  # a failed preflight leaves these, and no args.json
+        foreign = [n for n in os.listdir(out_dir) if n not in ours and not TEMPORARY.match(n)]
         if foreign and not is_run_folder(out_dir):
             raise UserError(f"--out-dir {out_dir} is not empty and holds no {ARGS}: not an lgd run folder "
                             f"(choose a new or empty folder)")

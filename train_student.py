@@ -174,6 +174,24 @@ def batches(images, size, order, batch_size, num_workers, crop_ratio=1.0):
                               num_workers=num_workers)
 
 
+def recipe_augment(spec, r, generator):
+    """The recipe's training augmentation in view `spec` (digits: the 1-pixel shift), drawing from `generator`."""
+    return Augment(spec, "shift" if spec.name == "digits" else r["augment"], generator)
+
+
+def training_size(spec, r):
+    """Side of the images the recipe's augmentation starts from (its deterministic first resize, done once)."""
+    return spec.res if spec.name == "digits" else storage_size(spec, r["pre_crop"])
+
+
+def view_augment(spec, recipe, generator):
+    """x in [0, 1] (any size) -> random views as a classifier trained with `recipe` in view `spec` saw its images:
+    the recipe's first resize, then its augmentation, unnormalised, at spec.res (guidance.Learnability's views)."""
+    r = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    augment, size = recipe_augment(spec, r, generator), training_size(spec, r)
+    return lambda x: augment.views(resize_crop(x, size))
+
+
 def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, device="cpu", teacher=None,
                   num_workers=0, desc="student", rank=0, world=1, on_eval=None, eval_points=100, on_epoch=None):
     """Train `model` on `train_set` (an ImageSet of [0,1] images) seen through `spec`; return it in eval mode.
@@ -191,9 +209,8 @@ def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, 
     device = torch.device(device)
     model = model.to(device).train()
     order_gen = torch.Generator().manual_seed(seed)  # the same permutation on every rank
-    augment = Augment(spec, "shift" if spec.name == "digits" else r["augment"],
-                      torch.Generator().manual_seed(seed * 1000 + rank))  # each rank its own crops
-    size = spec.res if spec.name == "digits" else storage_size(spec, r["pre_crop"])
+    augment = recipe_augment(spec, r, torch.Generator().manual_seed(seed * 1000 + rank))  # each rank its own crops
+    size = training_size(spec, r)
     ipc = max(1, len(train_set) // spec.num_classes)
     batch_size = batch_size_for(r, ipc, spec.num_classes, len(train_set))
     net = model
@@ -317,9 +334,7 @@ def surrogate_trajectory(spec, arch, data_dir, device, epochs=None, cache_dir="o
 
     Trained by rank 0 alone (the others wait), so the cache does not depend on the number of ranks.
     """
-    if epochs is None:
-        epochs = DIGITS_SURROGATE_EPOCHS if spec.name == "digits" else SURROGATE_EPOCHS
-    path = _cache_path("surrogate", spec, arch, data_dir, epochs, cache_dir)
+    path, epochs = surrogate_path(spec, arch, data_dir, epochs, cache_dir)
     if is_main():
         # one run trains it; another run started meanwhile waits for it and reuses it (run_folder.cache_entry)
         with cache_entry(path, f"{arch} trained on the real {spec.name} data") as missing:
@@ -335,6 +350,20 @@ def surrogate_trajectory(spec, arch, data_dir, device, epochs=None, cache_dir="o
                 save_torch(trajectory, path)
     barrier()
     return _load_cached(path)
+
+
+def surrogate_path(view, arch, data_dir, epochs=None, cache_dir="out/cache"):
+    """(cache file of the surrogate trajectory, its epochs): IGD's 50, digits 30 unless given."""
+    if epochs is None:
+        epochs = DIGITS_SURROGATE_EPOCHS if view.name == "digits" else SURROGATE_EPOCHS
+    return _cache_path("surrogate", view, arch, data_dir, epochs, cache_dir), epochs
+
+
+def surrogate_cached(spec, arch, data_dir, epochs=None, cache_dir="out/cache"):
+    """Whether theta* for this dataset / arch needs no training: cached already, or torchvision's pretrained one."""
+    if spec.name == "imagenet" and arch == "resnet18_bn" and spec.num_classes == 1000:
+        return True
+    return os.path.exists(surrogate_path(reference_spec(spec), arch, data_dir, epochs, cache_dir)[0])
 
 
 def pretrained_resnet18(device):

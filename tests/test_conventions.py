@@ -17,7 +17,6 @@ from conftest import cli, file_hashes, one_error_line, run_cli
 from curriculum import seed_set_files
 from data import ImageSet, class_table, get_spec, load_image, normalise, resize_crop, with_view
 from export import class_folder
-from model import make_student
 
 # The peers' ImageWoof, copied from their code: MinimaxDiffusion and DD_IGD `misc/class_woof.txt` (wnids), MTT
 # `utils.py` and DD-Ranking `utils/data.py` (`imagewoof = [193, 182, ...]`, ImageNet-1K indices); MTT's comment
@@ -44,7 +43,7 @@ def test_dry_run_and_every_run_folder_list_the_classes(tmp_path, latent_prior, f
     r = run_cli("distill.py", "--dataset", "imagewoof", "--dry-run", "--json", cwd=tmp_path)
     assert r.returncode == 0 and json.loads(r.stdout)["classes"] == table
     run = tmp_path / "run"
-    argv = ["--dataset", "imagewoof", "--method", "dit", "--ipc", 1, "--steps", 2, "--data-dir", fake_woof, "--prior",
+    argv = ["--dataset", "imagewoof", "--method", "dit", "--no-preflight", "--ipc", 1, "--steps", 2, "--data-dir", fake_woof, "--prior",
             latent_prior, "--res", 16, "--out-dir", run]
     assert cli(distill.main, argv, capsys)[0] == 0
     assert json.loads((run / "classes.json").read_text()) == table

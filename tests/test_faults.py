@@ -18,7 +18,7 @@ import distill
 import evaluate
 from conftest import REPO, cli, make_fake_imagewoof, one_error_line, run_cli, tree
 
-DIT = ["--method", "dit", "--steps", 3, "--batch-size", 8]
+DIT = ["--method", "dit", "--steps", 3, "--batch-size", 8, "--no-preflight"]  # stand-in priors fail a preflight
 
 
 # ----------------------------------------------------------------------------- flags: finite and in range
@@ -125,6 +125,7 @@ def test_two_runs_at_once_into_one_folder_exactly_one_proceeds(tmp_path, latent_
     with one line naming the folder; the folder holds only the winner's images and settings."""
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     base = [sys.executable, os.path.join(REPO, "distill.py"), "--dataset", "imagewoof", "--method", "dit", "--ipc", "2",
+            "--no-preflight",
             "--steps", "30", "--data-dir", fake_woof, "--prior", latent_prior, "--res", "16", "--out-dir",
             str(tmp_path / "run")]
     procs = [subprocess.Popen(base + ["--seed", str(seed)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,

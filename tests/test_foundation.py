@@ -184,7 +184,7 @@ def test_digits_split_and_reference_classifier(digits_reference):
 
 def test_distill_dit_on_fake_imagewoof_with_tiny_prior(tmp_path, latent_prior, fake_woof):
     out = tmp_path / "run"
-    r = run_cli("distill.py", "--dataset", "imagewoof", "--method", "dit", "--ipc", 2, "--data-dir", fake_woof,
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--method", "dit", "--no-preflight", "--ipc", 2, "--data-dir", fake_woof,
                 "--prior", latent_prior, "--steps", 3, "--batch-size", 8, "--out-dir", out, "--res", 16, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     classes = sorted(os.listdir(out / "distilled"))
@@ -199,7 +199,7 @@ def test_distill_dit_on_fake_imagewoof_with_tiny_prior(tmp_path, latent_prior, f
     assert (out / "grid.png").exists()
     # a rerun skips the images already written (their bytes and times are unchanged)
     before = {p: os.stat(out / "distilled" / p).st_mtime_ns for p in ["n02086240/00000.png"]}
-    r = run_cli("distill.py", "--dataset", "imagewoof", "--method", "dit", "--ipc", 2, "--data-dir", fake_woof,
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--method", "dit", "--no-preflight", "--ipc", 2, "--data-dir", fake_woof,
                 "--prior", latent_prior, "--steps", 3, "--batch-size", 8, "--out-dir", out, "--res", 16, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert before == {p: os.stat(out / "distilled" / p).st_mtime_ns for p in before}

@@ -79,7 +79,7 @@ def test_adaptive_checkpoint_rule_on_known_cosines():
 def test_igd_and_the_papers_pipeline_end_to_end(tmp_path, latent_prior, fake_woof):
     """`--method igd` and `--method lgd --seed-set igd` on the tiny latent prior (VAE in the loop): IGD's
     chosen checkpoints are written, and stage 0 of the paper's pipeline is IGD's first increment, byte for byte."""
-    common = ["--dataset", "imagewoof", "--data-dir", fake_woof, "--prior", latent_prior, "--res", 16, "--steps", 6,
+    common = ["--dataset", "imagewoof", "--no-preflight", "--data-dir", fake_woof, "--prior", latent_prior, "--res", 16, "--steps", 6,
               "--igd-from", 1, "--igd-until", 4, "--grad-ipc", 3, "--reference-epochs", 3, "--batch-size", 10]
     r = run_cli("distill.py", *common, "--method", "igd", "--ipc", 2, "--stage-ipc", 1, "--out-dir", tmp_path / "igd",
                 cwd=tmp_path)

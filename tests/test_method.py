@@ -22,7 +22,7 @@ SPEC = get_spec("digits")
 
 def stage_kwargs(prior):
     torch.manual_seed(0)
-    reference = (make_student("convnet", SPEC).eval(), reference_spec(SPEC))
+    reference = [(make_student("convnet", SPEC).eval(), reference_spec(SPEC))]
     guide = GuidanceConfig(scale=50.0, deviation=1.0, candidates=2, guide_from=1, guide_until=4)
     return dict(prior=prior, spec=SPEC, plan=Plan(ipc=3, stage_ipc=1, seed=5, batch_size=20),
                 sampler=SamplerConfig(cfg_scale=2.0, steps=6), guide=guide,
@@ -83,7 +83,7 @@ def test_ipc_not_a_multiple_of_stage_ipc_is_an_error(pixel_prior, tmp_path):
 def test_distill_lgd_cli_on_fake_imagewoof(tmp_path, latent_prior, fake_woof):
     """The full lgd path with a latent prior (VAE decode/encode in the loop): 2 stages of 1 IPC."""
     out = tmp_path / "run"
-    r = run_cli("distill.py", "--dataset", "imagewoof", "--data-dir", fake_woof, "--prior", latent_prior,
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--no-preflight", "--data-dir", fake_woof, "--prior", latent_prior,
                 "--seed-set", "dit", "--ipc", 2, "--stage-ipc", 1, "--steps", 4, "--guide-from", 0, "--guide-until", 3, "--batch-size", 12,
                 "--student-epochs", 2, "--res", 16, "--out-dir", out, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -93,7 +93,7 @@ def test_distill_lgd_cli_on_fake_imagewoof(tmp_path, latent_prior, fake_woof):
     assert (out / "stage_1" / "student.pt").exists() and (out / "grid.png").exists()
     assert list((tmp_path / "out" / "cache").glob("surrogate_imagewoof_convnet_res16_*.pt"))  # theta* cached
     # rerunning into the same folder with different settings is refused instead of mixing two runs
-    r = run_cli("distill.py", "--dataset", "imagewoof", "--data-dir", fake_woof, "--prior", latent_prior,
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--no-preflight", "--data-dir", fake_woof, "--prior", latent_prior,
                 "--seed-set", "dit", "--ipc", 2, "--stage-ipc", 1, "--guidance-scale", 3, "--res", 16, "--out-dir", out, cwd=tmp_path)
     assert r.returncode == 1 and "different" in r.stderr and "--guidance-scale" in r.stderr
 
@@ -198,7 +198,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_images(pixel_prior, tmp_pa
     from data import load_image
     prior = load_prior(pixel_prior)
     kwargs = stage_kwargs(prior)
-    score = Learnability(make_student("convnet", SPEC, seed=1), SPEC, *kwargs["reference"], 0.5)
+    score = Learnability(make_student("convnet", SPEC, seed=1), SPEC, *kwargs["reference"][0], 0.5)
     args = (prior, SPEC)
     run = lambda folder: generate_increment(*args, str(folder / "images"), str(folder / "latents"), 2, 3, 5,  # noqa
                                             kwargs["sampler"], 20, score=score, guide=kwargs["guide"], memory={})

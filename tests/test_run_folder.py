@@ -109,7 +109,7 @@ def test_a_killed_builders_lock_is_taken_over_and_its_temporaries_go(tmp_path, c
 
 def stage_run(prior, out_dir, **kwargs):
     torch.manual_seed(0)
-    reference = (make_student("convnet", SPEC).eval(), reference_spec(SPEC))
+    reference = [(make_student("convnet", SPEC).eval(), reference_spec(SPEC))]
     guide = GuidanceConfig(scale=50.0, deviation=1.0, candidates=2, guide_from=1, guide_until=4)
     return run_stages(prior, SPEC, str(out_dir), Plan(ipc=4, stage_ipc=2, seed=5, batch_size=20),
                       SamplerConfig(cfg_scale=2.0, steps=6), guide, Students("convnet", "minimax", SPEC, epochs=2),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import REPO, file_hashes, make_fake_imagewoof, run_cli
 
-ARGS = ["--dataset", "imagewoof", "--seed-set", "dit", "--ipc", 3, "--stage-ipc", 1, "--steps", 8, "--guide-from", 0, "--guide-until", 7,
+ARGS = ["--dataset", "imagewoof", "--no-preflight", "--seed-set", "dit", "--ipc", 3, "--stage-ipc", 1, "--steps", 8, "--guide-from", 0, "--guide-until", 7,
         "--batch-size", 12, "--student-epochs", 3, "--res", 16]
 
 

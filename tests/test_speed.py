@@ -77,7 +77,7 @@ def test_taesd_guides_and_its_fidelity_is_logged(tmp_path, latent_prior, fake_wo
     prior.grad_vae = None
     assert not torch.allclose(cheap, sample(prior, labels, gens(), sampler, score, classes, None, guide))
 
-    r = run_cli("distill.py", "--dataset", "imagewoof", "--data-dir", fake_woof, "--prior", latent_prior, "--ipc", 2,
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--no-preflight", "--data-dir", fake_woof, "--prior", latent_prior, "--ipc", 2,
                 "--seed-set", "dit",
                 "--stage-ipc", 1, "--steps", 4, "--guide-from", 0, "--guide-until", 3, "--student-epochs", 1,
                 "--reference-epochs", 1, "--res", 16, "--grad-decoder", tmp_path / "taesd", "--out-dir", tmp_path / "r",

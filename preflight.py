@@ -1,0 +1,495 @@
+"""
+The first minutes of a real run: check it on the user's own weights and data, and price it, before hours are spent.
+
+Nothing here can be checked without the real DiT-XL/2, the real data and the real GPU, so it runs where they
+are: first in every non-digits run (`--no-preflight` skips it), or alone with `--preflight`.
+
+  1. prior and labels    one unguided sample per class (the first 20 of ImageNet-1K, or --preflight-classes), with
+                         the run's sampler, CFG and steps and the noise of the run's own first images. theta* (the
+                         run's, trained or cached as the run would) must recognise at least half. A class order or
+                         label map that sends class c to another ImageNet id, a VAE with the wrong scaling or a
+                         broken prior fail here. Beside it: the decoded images' mean / std / saturated share and
+                         the real data's.
+  2. guidance direction  a student trained a few epochs on those samples, then one guided batch at the stage-1
+                         settings (lambda, omega, gamma with M_c = those samples, one candidate: before selection):
+                         mean S of the guided samples must exceed that of their unguided twins from the same noise,
+                         with no non-finite fallback. If it does not, the sign, the scale or the gradient decoder is
+                         wrong on these weights.
+  3. cost                the sampler batch, the largest that fits (grown from the preset by doubling until
+                         out-of-memory or one batch per class block, bisected, then 10% back for headroom; recorded
+                         in args.json so the run starts there); seconds per unguided and guided sampler step at the
+                         batches the run will use, per student epoch, for theta* / IGD's surrogate and the
+                         evaluation; from them eta_s (the whole command), eta_stages_s (per stage) and disk_bytes.
+
+Writes DIR/preflight.json and DIR/preflight.png (row 1: the unguided samples, row 2: the guided batch; a column
+is marked `x` where theta* does not recognise the unguided sample). A failed check ends the run with one line,
+`error: preflight: ...`, naming the likely cause; the JSON is written first (distill.py drives this).
+
+Run: python distill.py --dataset imagewoof --preflight          (then the same command without --preflight)
+     python distill.py --preflight                             (the digits preset: seconds on a CPU)
+"""
+import gc
+import io
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import SALT_PREFLIGHT, UserError, derive_seed, is_main, load_json, print0, save_grid, save_json, stream_seed
+from data import ImageSet, classifier_input, load_real, resize_crop
+from curriculum import image_record, stage_views
+from guidance import (Influence, Learnability, SamplerLog, cfg_output, decode_images, guided_output, sample,
+                      weight_gradient)
+from model import make_student
+from run_folder import preflight_path
+from train_student import (IGD_ARCH, SURROGATE_EPOCHS, DIGITS_SURROGATE_EPOCHS, RECIPES, accuracy, batch_size_for,
+                           epochs_for_ipc, recipe_spec, reference_model, reference_spec, soft_label_teacher,
+                           surrogate_cached, surrogate_recipe, train_student)
+
+PASS_SHARE = 0.5        # theta* must recognise at least half of the unguided samples
+STUDENT_EPOCHS = 30     # "a few epochs" on one sample per class: enough to learn them, so S has a gradient to follow
+HEADROOM = 0.9          # the batch picked is 90% of the largest that fitted (memory varies from step to step)
+DAY = 24 * 3600
+
+
+# ----------------------------------------------------------------------------- the checks
+
+def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler):
+    """All three checks -> (result dict, (unguided samples, guided samples or None)). result["failure"] is the
+    line a failed check ends the run with (None when all pass); report() writes and prints it."""
+    start = time.time()
+    n = min(spec.num_classes, args.preflight_classes or 20)
+    classes = torch.arange(n)
+    labels = torch.tensor([spec.prior_labels[c] for c in range(n)])
+    student_view = recipe_spec(spec, args.recipe)
+    teacher = soft_label_teacher(student_view, args.recipe, data_dir, device, num_workers=args.num_workers)
+    guided_run = args.method == "lgd" and args.ipc > args.stage_ipc
+    kappa = guide.candidates if guided_run else 1
+    measured = {}
+
+    # 1. prior and labels: theta* as the run gets it (trained now and cached for the run, or loaded)
+    ref_cached = args.reference is not None or surrogate_cached(spec, args.arch, data_dir, args.reference_epochs)
+    t = time.time()
+    reference, ref_view = reference_model(spec, args.arch, data_dir, device, epochs=args.reference_epochs,
+                                          num_workers=args.num_workers, path=args.reference)
+    measured["theta_star_s"] = time.time() - t
+    noise = lambda index: [torch.Generator().manual_seed(derive_seed(args.seed, c, index, 0))  # noqa: E731
+                           for c in range(n)]
+    t = time.time()
+    z_plain = _in_chunks(lambda rows: sample(prior, labels[rows], _pick(noise(0), rows), sampler), n, args.batch_size)
+    x_plain = decode_images(prior, z_plain)  # the run's own image 0 of each class (the same noise)
+    measured["unguided_samples_s"] = time.time() - t
+    with torch.no_grad():
+        predicted = reference(classifier_input(x_plain.to(device) * 2 - 1, ref_view)).argmax(dim=1).cpu()
+    real = load_real(spec, data_dir, "train")
+    firsts = [real.labels.index(c) for c in range(n)]
+    real_x = torch.stack([resize_crop(real.load(i), spec.image_size) for i in firsts])
+    result = dict(dataset=spec.name, method=args.method, classes_checked=n, recognised=int((predicted == classes).sum()),
+                  chance=1 / spec.num_classes, recognised_per_class=(predicted == classes).tolist(),
+                  pixels=dict(generated=_pixel_stats(x_plain), real=_pixel_stats(real_x)))
+
+    # the stage-1 student of a guided run: a few epochs on those samples (8-bit, as the run's students see them)
+    score = None
+    if guided_run:
+        student = make_student(args.arch, student_view, seed=stream_seed(args.seed, SALT_PREFLIGHT, 0))
+        uint8 = (x_plain * 255).round().to(torch.uint8)
+        train_student(student, ImageSet(list(uint8), classes.tolist()), student_view, args.recipe, STUDENT_EPOCHS,
+                      seed=stream_seed(args.seed, SALT_PREFLIGHT, 1), device=device, desc="preflight student",
+                      teacher=teacher)
+        members = [(reference, ref_view)] + [reference_model(spec, arch, data_dir, device, epochs=args.reference_epochs,
+                                                             num_workers=args.num_workers)
+                                             for arch in args.reference_archs.split(",")[1:]]  # the run's ensemble
+        score = Learnability(student, student_view, [m for m, _ in members], [v for _, v in members], guide.omega,
+                             guide.views, stage_views(student_view, args.recipe, members, args.seed, 1, guide.views))
+
+    # 3a. the sampler batch that fits (before the guided batch below, which must fit too)
+    batch, largest, first_oom = pick_batch(prior, spec, sampler, guide if guided_run else None, args.batch_size,
+                                           kappa, device, score)
+
+    # 2. guidance direction: a guided batch at the stage-1 settings (M_c = the samples above) against its
+    # unguided twins from the same noise, one candidate per image (before selection)
+    x_guided, record_bytes = None, 0
+    if guided_run:
+        guided_noise = lambda: [torch.Generator().manual_seed(derive_seed(args.seed, SALT_PREFLIGHT, 2, c))  # noqa
+                                for c in range(n)]
+        memories = [z_plain[c].flatten()[None].float().cpu() for c in range(n)] if guide.deviation else None
+        log = SamplerLog(check_gradient=False)
+        x_guided = decode_images(prior, _in_chunks(lambda rows: sample(
+            prior, labels[rows], _pick(guided_noise(), rows), sampler, score, classes[rows].to(prior.device),
+            _pick(memories, rows) if memories else None, guide, log), n, batch))
+        x_twin = decode_images(prior, _in_chunks(lambda rows: sample(prior, labels[rows], _pick(guided_noise(), rows),
+                                                                      sampler), n, batch))
+        with torch.no_grad():
+            s_guided = float(score(x_guided.to(device) * 2 - 1, classes.to(device)).mean())
+            s_twin = float(score(x_twin.to(device) * 2 - 1, classes.to(device)).mean())
+        result["guidance"] = dict(s_guided=s_guided, s_twin=s_twin, gain=s_guided - s_twin,
+                                  nan_fallbacks=log.nan_fallbacks, relative_push_per_step={
+                                      str(i): float(np.mean(v)) for i, v in sorted(log.guidance.items(), reverse=True)})
+        record_bytes = _record_bytes(log, kappa, args.twins)
+    else:
+        result["guidance"] = dict(s_guided=None, s_twin=None, gain=None, nan_fallbacks=0, relative_push_per_step={},
+                                  note=f"not checked: --method {args.method} has no learnability-guided stage")
+
+    # 3b. what everything costs at that batch
+    measured.update(step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, device, score))
+    measured.update(training_times(args, spec, x_plain, device, data_dir, ref_cached, teacher))
+    result.update(sampler_batch=batch, batch_search=dict(start=args.batch_size, largest_that_fitted=largest,
+                                                         first_out_of_memory=first_oom, headroom=HEADROOM),
+                  stages=args.ipc // args.stage_ipc if args.method == "lgd" else 1,
+                  **estimate(args, spec, guide, igd_guide, batch, kappa, measured),
+                  disk_bytes=disk_bytes(args, spec, x_plain, z_plain, record_bytes, reference),
+                  measured=measured, theta_star_trained_by_preflight=not ref_cached, preflight_s=time.time() - start,
+                  device=str(device), settings=args.preflight_settings)
+    result["failure"] = verdict(result, n)
+    result["passed"] = result["failure"] is None
+    return result, (x_plain, x_guided)
+
+
+def report(result, images, spec, out_dir):
+    """Write preflight.json and preflight.png (rank 0 of a torchrun job) and print the table."""
+    if is_main():
+        save_json(result, preflight_path(out_dir))
+        save_picture(*images, result, spec, preflight_path(out_dir, "png"))
+    print0(table(result))
+
+
+def _pick(items, rows):
+    return [items[i] for i in rows]
+
+
+def _in_chunks(fn, n, batch):
+    """fn(rows) for consecutive rows of at most `batch` samples, concatenated (the preflight's own samples fit
+    in the batches the run will use)."""
+    return torch.cat([fn(list(range(i, min(n, i + batch)))) for i in range(0, n, max(1, batch))])
+
+
+def _record_bytes(log, kappa, twins):
+    """Bytes of one image's record (stage_<k>/records/), from the preflight's guided batch: kappa candidates."""
+    parts = {name: torch.zeros(1, kappa) for name in ("S", "student_ce", "reference_ce")}
+    twin = {name: torch.zeros(1) for name in parts} if twins else None
+    per_step = SamplerLog(guidance={i: v[:1] * kappa for i, v in log.guidance.items()},
+                          deviation={i: v[:1] * kappa for i, v in log.deviation.items()}, fallbacks=[0] * kappa)
+    return len(json.dumps(image_record(0, kappa, 0, parts, twin, per_step), indent=2))
+
+
+def verdict(result, n):
+    """The first failed check as the line a user reads (None when every check passes)."""
+    need = math.ceil(PASS_SHARE * n)
+    if result["recognised"] < need:
+        return (f"theta* recognises {result['recognised']}/{n} unguided samples of their class (chance "
+                f"{round(result['chance'] * n)}/{n}): check the class order / label map, the VAE and its scaling, "
+                f"the prior")
+    g = result["guidance"]
+    if g["gain"] is not None and not g["gain"] > 0:
+        return (f"guidance does not raise S on these weights (guided {g['s_guided']:.3f} vs unguided twins "
+                f"{g['s_twin']:.3f} from the same noise): check the guidance sign, its scale and the gradient decoder")
+    if g["nan_fallbacks"]:
+        return (f"{g['nan_fallbacks']} guided steps had a non-finite gradient (they fell back to the plain step): "
+                f"check --precision, the guidance scale and the gradient decoder")
+    return None
+
+
+def _pixel_stats(x):
+    """Mean, std and the share of saturated values (0 or 1 after clamping) of images in [0, 1]."""
+    x = x.float().clamp(0, 1)
+    return dict(mean=float(x.mean()), std=float(x.std()), saturated=float(((x <= 0) | (x >= 1)).float().mean()))
+
+
+# ----------------------------------------------------------------------------- the sampler batch
+
+def pick_batch(prior, spec, sampler, guide, start, step, device, score=None):
+    """(batch picked, largest that fitted, first size that did not or None).
+
+    A batch counts samples (candidates included) and is a multiple of `step` (kappa). More than one class block
+    (kappa x classes) is never used by the sampler, so that is the cap. Grown by doubling from the preset until a
+    step runs out of memory, bisected between the last fit and the first failure, then HEADROOM of it."""
+    cap = step * spec.num_classes
+    fits = lambda b: _fits(prior, spec, sampler, guide, b, device, score)  # noqa: E731
+    b = max(step, min(start, cap) // step * step)
+    while not fits(b):
+        if b <= step:
+            raise UserError(f"preflight: a sampler batch of {step} does not fit in GPU memory (try "
+                            f"--grad-checkpoint, --grad-decoder taesd or --precision bf16)")
+        b = max(step, b // 2 // step * step)
+    ok, bad = b, None
+    while ok < cap and bad is None:
+        grown = min(cap, 2 * ok)
+        if fits(grown):
+            ok = grown
+        else:
+            bad = grown
+    while bad is not None and bad - ok > step:
+        mid = (ok + bad) // 2 // step * step
+        if mid <= ok:
+            break
+        ok, bad = (mid, bad) if fits(mid) else (ok, mid)
+    picked = ok if bad is None else max(step, int(HEADROOM * ok) // step * step)
+    return picked, ok, bad
+
+
+def _probe(prior, spec, b, device):
+    """Inputs of one sampler step at batch b: noise, labels cycling over the classes, a timestep in the window."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(b, prior.channels, prior.latent_size, prior.latent_size, generator=g).to(prior.device)
+    classes = torch.arange(b) % spec.num_classes
+    labels = torch.tensor([spec.prior_labels[c] for c in classes.tolist()], device=prior.device)
+    return z, labels, classes.to(device)
+
+
+def _step(prior, spec, sampler, guide, b, device, score):
+    """One sampler step at batch b, guided when `guide` is given: the CFG pass (plus the gradient through decoder
+    and classifiers), then the scheduler step."""
+    prior.scheduler.set_timesteps(sampler.steps)
+    t = prior.scheduler.timesteps[min(len(prior.scheduler.timesteps) - 1, sampler.steps // 2)]
+    z, labels, classes = _probe(prior, spec, b, device)
+    with torch.no_grad():
+        if guide is None:
+            out = cfg_output(prior, z, t, labels, sampler)
+        else:
+            out = guided_output(prior, z, t, labels, classes, sampler, score, guide)[0]
+        prior.scheduler.step(out, t, z)
+    if prior.device.type == "cuda":
+        torch.cuda.synchronize(prior.device)
+
+
+def _fits(prior, spec, sampler, guide, b, device, score):
+    try:
+        _step(prior, spec, sampler, guide, b, device, score)
+        return True
+    except torch.OutOfMemoryError:
+        gc.collect()  # the failed step's tensors hang on its traceback until collected
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return False
+
+
+# ----------------------------------------------------------------------------- what things cost
+
+def _seconds(fn, device, repeats=2):
+    """Seconds per call after one warm-up call (allocations, kernel selection)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t) / repeats
+
+
+def run_batches(spec, batch, kappa):
+    """(classes per block, samples per guided batch, samples per unguided batch) as generate_increment cuts them."""
+    guided_classes = min(spec.num_classes, max(1, batch // kappa))
+    return guided_classes, guided_classes * kappa, min(spec.num_classes, batch)
+
+
+def step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, device, score):
+    """Seconds per sampler step at each batch the run will use."""
+    device = torch.device(device)
+    classes, guided_size, plain_size = run_batches(spec, batch, kappa)
+    plain = lambda b: _seconds(lambda: _step(prior, spec, sampler, None, b, device, None), device)  # noqa: E731
+    out = dict(unguided_step_s={str(b): plain(b) for b in sorted({plain_size, classes, guided_size})})
+    if score is not None:
+        out["guided_step_s"] = {str(guided_size): _seconds(
+            lambda: _step(prior, spec, sampler, guide, guided_size, device, score), device)}
+    if args.method == "igd" or args.seed_set == "igd":  # IGD's step: a double backward per checkpoint (weights
+        view = reference_spec(spec)                       # do not change its cost: random ones stand in)
+        nets = [make_student(IGD_ARCH, view, seed=j).to(device) for j in range(4)]
+        size = sum(p.numel() for p in nets[0].parameters())
+        targets = {}
+        influence = Influence(nets, view, lambda j, c: targets.setdefault((j, c), torch.randn(size, device=device)))
+        out["igd_step_s"] = {str(plain_size): _seconds(
+            lambda: _step(prior, spec, sampler, igd_guide, plain_size, device, influence), device)}
+        x = torch.rand(args.grad_ipc, spec.channels, view.res, view.res, device=device)
+        out["igd_real_gradient_s"] = _seconds(lambda: weight_gradient(nets[0], classifier_input(x * 2 - 1, view),
+                                                                      torch.zeros(len(x), dtype=torch.long,
+                                                                                  device=device)), device)
+    return out
+
+
+def _epoch_seconds(arch, view, recipe, images, n_classes, device, teacher=None):
+    """Seconds per training batch of `arch` on `images` (an ImageSet), from the second of two epochs, and the
+    recipe's batch size for that set."""
+    stamps = []
+    train_student(make_student(arch, view, seed=0), images, view, recipe, 2, device=device, teacher=teacher,
+                  desc="preflight timing", on_epoch=lambda e, m: stamps.append(time.perf_counter()))
+    r = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    bs = batch_size_for(r, max(1, len(images) // n_classes), n_classes, len(images))
+    return (stamps[2] - stamps[1]) / math.ceil(len(images) / bs), bs
+
+
+def training_times(args, spec, x_plain, device, data_dir, ref_cached, teacher):
+    """Seconds per batch of the per-stage students, the evaluation students, and theta* / IGD's surrogate when the
+    run still has to train them; timed on the preflight's own images repeated to a realistic batch count."""
+    uint8 = list((x_plain * 255).round().to(torch.uint8))
+    n = len(uint8)
+    view = recipe_spec(spec, args.recipe)
+    bs = batch_size_for(RECIPES[args.recipe], args.ipc, spec.num_classes, spec.num_classes * args.ipc)
+    many = ImageSet([uint8[i % n] for i in range(max(n, 4 * bs))], [i % n for i in range(max(n, 4 * bs))])
+    out = {}
+    out["student_batch_s"], _ = _epoch_seconds(args.arch, view, args.recipe, many, spec.num_classes, device, teacher)
+    if args.eval:
+        out["eval_batch_s"] = out["student_batch_s"] if args.eval_arch == args.arch else _epoch_seconds(
+            args.eval_arch, view, args.recipe, many, spec.num_classes, device, teacher)[0]
+        test = load_real(spec, data_dir, "test")
+        subset = test.subset(range(min(len(test), 512)))
+        model = make_student(args.eval_arch, view).to(device)
+        out["test_pass_s"] = _seconds(lambda: accuracy(model, subset, view, device), device, 1) * len(test) / len(subset)
+    surrogate = IGD_ARCH if (args.method == "igd" or args.seed_set == "igd") else None
+    if surrogate is not None and not (ref_cached and surrogate == args.arch):
+        ref_view = reference_spec(spec)
+        real = ImageSet([uint8[i % n] for i in range(4 * 64)], [i % n for i in range(4 * 64)])
+        out["surrogate_batch_s"], _ = _epoch_seconds(surrogate, ref_view, surrogate_recipe(spec), real,
+                                                     spec.num_classes, device)
+        out["real_train_images"] = len(load_real(spec, data_dir, "train"))
+    return out
+
+
+def estimate(args, spec, guide, igd_guide, batch, kappa, m):
+    """eta_s for the whole command and eta_stages_s per stage, from the measured seconds (the same loop structure
+    as curriculum.generate_increment and train_student: blocks of classes per slot, batches per epoch)."""
+    C, steps = spec.num_classes, args.steps
+    classes, guided_size, plain_size = run_batches(spec, batch, kappa)
+    plain = lambda b: m["unguided_step_s"][str(b)]  # noqa: E731
+    window = guide.guided_steps(steps)
+
+    def unguided_stage(images_per_class):
+        return images_per_class * math.ceil(C / plain_size) * steps * plain(plain_size)
+
+    def igd_stage(images_per_class):
+        igd_window = igd_guide.guided_steps(steps)
+        per_batch = igd_window * m["igd_step_s"][str(plain_size)] + (steps - igd_window) * plain(plain_size)
+        return images_per_class * math.ceil(C / plain_size) * per_batch + C * 4 * m["igd_real_gradient_s"]
+
+    def student_seconds(ipc, per_batch, recipe_epochs=None):
+        bs = batch_size_for(RECIPES[args.recipe], ipc, C, C * ipc)
+        epochs = recipe_epochs or epochs_for_ipc(ipc, args.recipe, spec.name)
+        return epochs * math.ceil(C * ipc / bs) * per_batch
+
+    stages = []
+    if args.method == "dit":
+        stages.append(unguided_stage(args.ipc))
+    elif args.method == "igd":
+        stages.append(igd_stage(args.ipc))
+    else:
+        K = args.ipc // args.stage_ipc
+        stages.append(igd_stage(args.stage_ipc) if args.seed_set == "igd" else
+                      0.0 if args.seed_set != "dit" else unguided_stage(args.stage_ipc))
+        for k in range(1, K):
+            blocks = args.stage_ipc * math.ceil(C / classes)
+            sampling = blocks * (window * m["guided_step_s"][str(guided_size)] + (steps - window) * plain(guided_size))
+            twins = blocks * steps * plain(classes) if args.twins else 0.0
+            student = student_seconds(k * args.stage_ipc, m["student_batch_s"], args.student_epochs)
+            stages.append(sampling + twins + student)
+    extra = {}
+    if "surrogate_batch_s" in m:  # IGD's surrogate, when it is not theta*'s cached trajectory
+        epochs = args.reference_epochs or (DIGITS_SURROGATE_EPOCHS if spec.name == "digits" else SURROGATE_EPOCHS)
+        extra["surrogate_s"] = epochs * math.ceil(m["real_train_images"] / 64) * m["surrogate_batch_s"]
+        extra["igd_checkpoint_selection_s"] = C * (epochs + 1) * m["igd_real_gradient_s"]
+    if args.eval:
+        per_run = student_seconds(args.ipc, m["eval_batch_s"], args.eval_epochs) + 100 * m["test_pass_s"]
+        extra["eval_s"] = args.eval_runs * per_run  # 100 test passes per student (the best-seen column)
+    return dict(eta_s=sum(stages) + sum(extra.values()), eta_stages_s=stages, eta_other_s=extra)
+
+
+def disk_bytes(args, spec, x_plain, z_plain, record_bytes, reference):
+    """What the run will write: per image a stage PNG, its copy in distilled/, its latent and record; per guided
+    stage a student (theta*'s size: the same architecture). theta*'s cache is written by the preflight itself."""
+    png = np.mean([len(_png_bytes(x)) for x in x_plain])
+    buffer = io.BytesIO()
+    torch.save(z_plain[0].cpu().clone(), buffer)
+    latent = buffer.tell()
+    student = sum(p.numel() * p.element_size() for p in reference.parameters())
+    images = spec.num_classes * args.ipc
+    stages = args.ipc // args.stage_ipc if args.method == "lgd" else 1
+    guided = spec.num_classes * (args.ipc - args.stage_ipc) if args.method == "lgd" else 0
+    copies = 2 if args.method == "lgd" else 1
+    return int(images * (copies * png + latent) + guided * record_bytes + (stages - 1) * student)
+
+
+def _png_bytes(x):
+    array = (x.float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    image = Image.fromarray(array[0], "L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- reading and showing it
+
+def load_passing(out_dir, settings):
+    """A passing preflight.json of these settings in out_dir (the run reuses it), else None."""
+    path = preflight_path(out_dir)
+    if not os.path.exists(path):
+        return None
+    result = load_json(path, what="preflight result")
+    return result if result.get("passed") and result.get("settings") == settings else None
+
+
+def duration(seconds):
+    if seconds >= 2 * DAY:
+        return f"{seconds / DAY:.1f} days"
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def eta_line(result):
+    """One line: what the run will cost, from a preflight."""
+    other = ", ".join(f"{k[:-2].replace('_', ' ')} {duration(v)}" for k, v in result["eta_other_s"].items())
+    return (f"ETA {duration(result['eta_s'])} on {result['device']} (stages {duration(sum(result['eta_stages_s']))}"
+            + (f", {other}" if other else "") + f"), sampler batch {result['sampler_batch']}, disk "
+            f"{size(result['disk_bytes'])}")
+
+
+def size(nbytes):
+    return f"{nbytes / 2**30:.2f} GB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MB"
+
+
+def table(result):
+    """The table the preflight prints."""
+    g, n = result["guidance"], result["classes_checked"]
+    px = result["pixels"]
+    pushes = list(g["relative_push_per_step"].values())
+    rows = [("prior + labels", f"theta* recognises {result['recognised']}/{n}",
+             f"chance {round(result['chance'] * n)}/{n}, need {math.ceil(PASS_SHARE * n)}",
+             "ok" if result["recognised"] >= math.ceil(PASS_SHARE * n) else "FAIL"),
+            ("decoded images", "mean {mean:.3f} std {std:.3f} saturated {saturated:.1%}".format(**px["generated"]),
+             "real: mean {mean:.3f} std {std:.3f} saturated {saturated:.1%}".format(**px["real"]), "")]
+    if g["gain"] is not None:
+        rows += [("guidance direction", f"S guided {g['s_guided']:.3f} vs twin {g['s_twin']:.3f}",
+                  f"gain {g['gain']:+.3f}, need > 0", "ok" if g["gain"] > 0 else "FAIL"),
+                 ("non-finite fallbacks", str(g["nan_fallbacks"]), "need 0", "ok" if not g["nan_fallbacks"] else "FAIL"),
+                 ("push per guided step", f"{np.mean(pushes):.4f} of ||z|| (mean)" if pushes else "-", "", "")]
+    else:
+        rows.append(("guidance direction", g["note"], "", "-"))
+    search = result["batch_search"]
+    rows += [("sampler batch", str(result["sampler_batch"]), f"largest that fitted {search['largest_that_fitted']}"
+              + (f", out of memory at {search['first_out_of_memory']}" if search["first_out_of_memory"] else
+                 ", none ran out of memory (capped at one class block)"), ""),
+             ("ETA", duration(result["eta_s"]), " + ".join(duration(s) for s in result["eta_stages_s"][:6]) +
+              (" ..." if len(result["eta_stages_s"]) > 6 else "") + " (stages)", ""),
+             ("disk", size(result["disk_bytes"]), "the run folder (PNGs, latents, records, students)", "")]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"preflight ({result['device']}, {result['preflight_s']:.0f} s):"]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def save_picture(x_plain, x_guided, result, spec, path):
+    """Row 1: the unguided samples (x = theta* does not recognise it); row 2: the guided twins, when guided."""
+    n = len(x_plain)
+    names = [spec.class_names()[c][-8:] + ("" if ok else " x") for c, ok in enumerate(result["recognised_per_class"])]
+    rows = [x_plain] + ([x_guided] if x_guided is not None else [])
+    save_grid(torch.cat(rows).cpu(), path, ["unguided", "guided"][:len(rows)], names[:n],
+              f"preflight: theta* recognises {result['recognised']}/{n}"
+              + (f"; S gain {result['guidance']['gain']:+.3f}" if result["guidance"]["gain"] is not None else ""))
+
+
+if __name__ == "__main__":
+    print("preflight.py holds the preflight; run it with `python distill.py ... --preflight`.")

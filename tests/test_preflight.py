@@ -1,0 +1,120 @@
+"""The preflight (preflight.py): on a prior whose samples are real digits it passes; a label map that sends class c
+elsewhere, or a guidance that lowers S, stops the run in one line; the batch it picks under a (simulated) memory
+limit is the batch the run starts at; its JSON has every key and agrees with the run that follows."""
+import json
+
+import pytest
+import torch
+
+import distill
+import guidance
+import preflight
+from conftest import cli, make_empirical_prior, one_error_line
+
+KEYS = {"recognised", "chance", "guidance", "sampler_batch", "eta_s", "eta_stages_s", "disk_bytes", "measured",
+        "passed", "stages", "pixels", "batch_search"}
+# digits, LGD at IPC 4 in 2 stages of 2, on the exact-denoiser prior ("--prior empirical" is patched in below)
+RUN = ["--prior", "empirical", "--ipc", 4, "--stage-ipc", 2, "--student-epochs", 5, "--reference-epochs", 10,
+       "--no-eval"]
+
+
+@pytest.fixture
+def empirical(monkeypatch, tmp_path):
+    """distill.py's prior loader returns the exact denoiser of 20 real digits per class (its samples are digits);
+    the test may permute which class's images a label denoises to. Runs in tmp_path (its own theta* cache)."""
+    monkeypatch.chdir(tmp_path)
+    state = {"permute": None}
+
+    def load(*args, **kwargs):
+        prior = make_empirical_prior()
+        if state["permute"] is not None:  # label y now denoises to class permute[y]'s images
+            prior.transformer.labels = torch.tensor(state["permute"])[prior.transformer.labels]
+        return prior
+    monkeypatch.setattr(distill, "load_prior", load)
+    return state
+
+
+def test_the_exact_denoiser_prior_passes_and_the_json_has_every_key(empirical, tmp_path, capsys):
+    out = []
+    assert cli(distill.main, [*RUN, "--preflight", "--out-dir", tmp_path / "run"], capsys, out)[0] == 0
+    result = json.loads((tmp_path / "run" / "preflight.json").read_text())
+    assert KEYS <= set(result) and result["passed"] and result["failure"] is None
+    assert result["recognised"] >= 8 and result["chance"] == 0.1  # real digits: theta* knows them
+    g = result["guidance"]
+    assert g["gain"] == pytest.approx(g["s_guided"] - g["s_twin"]) and g["gain"] > 0 and g["nan_fallbacks"] == 0
+    assert set(g["relative_push_per_step"]) == {str(i) for i in range(10, 46)}  # the window, one entry per step
+    assert len(result["eta_stages_s"]) == result["stages"] == 2 and result["eta_s"] >= sum(result["eta_stages_s"]) > 0
+    assert (tmp_path / "run" / "preflight.png").stat().st_size > 1000
+    assert "prior + labels" in out[0] and "next: the same command without --preflight" in out[0]
+    # --dry-run now prints the measured ETA
+    assert cli(distill.main, [*RUN, "--dry-run", "--out-dir", tmp_path / "run"], capsys, out)[0] == 0
+    assert "ETA " in out[-1] and "measured by the preflight" in out[-1]
+
+
+def test_a_permuted_label_map_stops_with_the_label_line(empirical, tmp_path, capsys):
+    empirical["permute"] = [(c + 1) % 10 for c in range(10)]  # the "class-embedding rows" moved by one
+    one_error_line(*cli(distill.main, [*RUN, "--preflight", "--out-dir", tmp_path / "run"], capsys),
+                   "error: preflight: theta* recognises", "unguided samples of their class (chance 1/10)",
+                   "check the class order / label map, the VAE and its scaling, the prior")
+    result = json.loads((tmp_path / "run" / "preflight.json").read_text())  # written first, to look at
+    assert not result["passed"] and result["recognised"] <= 2
+    assert not (tmp_path / "run" / "args.json").exists()  # no settings recorded: the fixed command may run here
+
+
+def test_a_flipped_guidance_sign_stops_with_the_direction_line(empirical, tmp_path, capsys, monkeypatch):
+    original = guidance.guided_output
+
+    def flipped(*args, **kwargs):
+        out, push, bad = original(*args, **kwargs)
+        return out, -push, bad
+    monkeypatch.setattr(guidance, "guided_output", flipped)
+    one_error_line(*cli(distill.main, [*RUN, "--preflight", "--out-dir", tmp_path / "run"], capsys),
+                   "error: preflight: guidance does not raise S on these weights",
+                   "check the guidance sign, its scale and the gradient decoder")
+    assert json.loads((tmp_path / "run" / "preflight.json").read_text())["guidance"]["gain"] < 0
+
+
+def test_the_batch_that_fits_is_picked_and_the_run_starts_at_it(empirical, tmp_path, capsys, monkeypatch):
+    """A device that holds at most 16 samples in a guided step: the search (from the preset 128, capped at one class
+    block of 30) finds 15 (multiples of kappa = 3), keeps 10% headroom (12), and the run samples at 12 without
+    ever halving."""
+    original, seen = guidance.guided_output, []
+
+    def small_device(prior, z, *args, **kwargs):
+        seen.append(len(z))
+        if len(z) > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(prior, z, *args, **kwargs)
+    monkeypatch.setattr(guidance, "guided_output", small_device)
+    monkeypatch.setattr(preflight, "guided_output", small_device)
+    out = []
+    assert cli(distill.main, [*RUN, "--preflight", "--out-dir", tmp_path / "run"], capsys, out)[0] == 0
+    result = json.loads((tmp_path / "run" / "preflight.json").read_text())
+    assert result["batch_search"]["largest_that_fitted"] == 15 and result["sampler_batch"] == 12
+    assert result["batch_search"]["first_out_of_memory"] == 18
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["batch_size"] == 12  # recorded for the run
+    seen.clear()
+    assert cli(distill.main, [*RUN, "--out-dir", tmp_path / "run"], capsys, out)[0] == 0  # the same command, run
+    assert "passed earlier" in out[-1] and "halved" not in out[-1]
+    assert max(seen) == 12  # guided batches of 4 classes x 3 candidates
+    done = json.loads((tmp_path / "run" / "stage_1" / "done.json").read_text())
+    assert done["sampler_batch"] == 12 and len(list((tmp_path / "run").glob("stage_*/done.json"))) == result["stages"]
+
+
+def test_the_preflight_count_of_classes_is_checked(tmp_path, capsys):
+    one_error_line(*cli(distill.main, ["--preflight-classes", 1, "--out-dir", tmp_path / "r"], capsys),
+                   "--preflight-classes must be at least 2")
+
+
+def test_the_batch_search_bisects_to_the_largest_fit():
+    """pick_batch on a pretend device: grow by doubling, bisect, keep 90% (in multiples of kappa)."""
+    from data import get_spec
+    spec = get_spec("imagenet", num_classes=1000)
+    for limit, expected in [(100, (87, 99, 102)), (3000, (3000, 3000, None)), (7, (3, 6, 9))]:
+        fits = lambda b: b <= limit  # noqa: E731
+        original = preflight._fits
+        preflight._fits = lambda prior, spec, sampler, guide, b, device, score: fits(b)
+        try:
+            assert preflight.pick_batch(None, spec, None, None, 24, 3, "cpu") == expected, limit
+        finally:
+            preflight._fits = original
