@@ -200,21 +200,23 @@ def redundancy_report(increments, spec, out_dir, label, **kwargs):
 
 # ----------------------------------------------------------------------------- validity
 
-def validity_report(run_dir, spec, data_dir, device, num_workers=0):
+def validity_report(run_dir, spec, data_dir, device, num_workers=0, arch=None):
     """How many of a set's images theta* (the reference model the run used) classifies as their label:
-    the "still a clean example of its class" side of learnability, per increment and overall."""
+    the "still a clean example of its class" side of learnability, per increment and overall. arch: judge with
+    theta* of another architecture (validity_<arch>.json), e.g. one judge for runs that were guided differently."""
     info = run_info(run_dir)
-    reference, view = reference_model(spec, info.get("arch", "convnet"), data_dir, device,
-                                      epochs=info.get("reference_epochs"), num_workers=num_workers,
-                                      path=info.get("reference"))
+    own = arch is None or arch == info.get("arch", "convnet")
+    arch = arch or info.get("arch", "convnet")
+    reference, view = reference_model(spec, arch, data_dir, device, epochs=info.get("reference_epochs"),
+                                      num_workers=num_workers, path=info.get("reference") if own else None)
     stage_ipc = info.get("stage_ipc") or 1
     increments = increments_of(distilled_folder(run_dir), spec, stage_ipc)
     per_increment = [accuracy(reference, inc, view, device) for inc in increments]
     result = dict(validity=float(np.mean(per_increment)), per_increment=per_increment, stage_ipc=stage_ipc,
-                  reference_arch=info.get("arch", "convnet"))
-    print0(f"theta* recognises {100 * result['validity']:.1f}% of {run_dir} (per increment: "
+                  reference_arch=arch)
+    print0(f"theta* ({arch}) recognises {100 * result['validity']:.1f}% of {run_dir} (per increment: "
            f"{' '.join(f'{100 * v:.0f}' for v in per_increment)})")
-    save_json(dict(result, git_commit=git_commit()), validity_path(run_dir))
+    save_json(dict(result, git_commit=git_commit()), validity_path(run_dir, None if own else arch))
     return result
 
 
@@ -328,7 +330,7 @@ def main(argv=None):
     if run_dir is not None:
         spec.image_size = set_image_size(distilled_folder(run_dir), spec)
     if args.validity is not None:
-        validity_report(run_dir, spec, data_dir, device, args.num_workers)
+        validity_report(run_dir, spec, data_dir, device, args.num_workers, args.arch)
         return
     view = recipe_spec(spec, recipe)
     teacher = soft_label_teacher(view, recipe, data_dir, device, num_workers=args.num_workers)

@@ -25,9 +25,12 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from common import load_json
-from run_folder import eval_path, redundancy_path, validity_path
+from common import load_json, save_json
+from data import get_spec, load_distilled, load_image, load_real, sample_real_ipc
+from run_folder import distilled_dir, distilled_folder, eval_path, redundancy_path, validity_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join("out", "results")
@@ -59,8 +62,36 @@ SWEEP = {  # seed 0 only; (lambda, gamma) pairs around the preset, plus the two 
 SWEEP.update({"lambda 125, gamma 5, omega 0": ["--guidance-scale", "125", "--deviation-scale", "5", "--omega", "0"],
               "lambda 125, gamma 5, eps form": ["--guidance-scale", "125", "--deviation-scale", "5",
                                                 "--guidance-form", "eps"]})
+# Why LGD's gain does not cross architectures: the same cells as `ablation` for DiT and LGD, beside LGD guided by
+# an MLP (the roles swapped), by either half of the window, and by S made to survive the students' augmentation
+# (--guidance-views) or a second reference (--reference-archs). Each set is scored by the ConvNet, the MLP and
+# scikit-learn's logistic regression on the pixels (a third family that guided nothing).
+VIEWS_K, VIEWS_LAMBDA = 8, 125  # picked on seed 0 by `views-sweep` (see the README)
+VIEWS = ["--guidance-views", str(VIEWS_K), "--guidance-scale", str(VIEWS_LAMBDA)]
+ENSEMBLE = ["--reference-archs", "convnet,mlp"]
+TRANSFER = {
+    "DiT": ["--method", "dit"],
+    "LGD (dit seed)": [],
+    "LGD, MLP guides (theta* and stage students)": ["--arch", "mlp"],
+    "LGD, high-noise half of the window (i 28..45)": ["--guide-from", "28"],
+    "LGD, low-noise half of the window (i 10..27)": ["--guide-until", "27"],
+    f"LGD + S over {VIEWS_K} augmented views": VIEWS,
+    "LGD + reference ensemble (ConvNet, MLP)": ENSEMBLE,
+    f"LGD + {VIEWS_K} views + ensemble": VIEWS + ENSEMBLE,
+}
+TRANSFER_IPC5 = {f"{name}, IPC 5": flags + IPC5 for name, flags in TRANSFER.items()}
+VIEWS_SWEEP = {"DiT": TRANSFER["DiT"], "LGD (dit seed)": [], **{
+    f"LGD + views {k}, lambda {scale}": ["--guidance-views", str(k), "--guidance-scale", str(scale)]
+    for k in (4, 8) for scale in (125, 250)}}
 TABLES = {"sweep": (SWEEP, (0,)), "igd-sweep": (IGD_SWEEP, (0,)), "ablation": (ABLATION, SEEDS),
-          "ablation-ipc5": (ABLATION_IPC5, SEEDS), "main": (MAIN, SEEDS)}  # (cells, seeds)
+          "ablation-ipc5": (ABLATION_IPC5, SEEDS), "main": (MAIN, SEEDS), "transfer": (TRANSFER, SEEDS),
+          "transfer-ipc5": (TRANSFER_IPC5, SEEDS), "views-sweep": (VIEWS_SWEEP, (0,))}  # (cells, seeds)
+TRANSFER_TABLES = ("transfer", "transfer-ipc5", "views-sweep")
+JUDGE = "convnet"  # validity is judged by the ConvNet theta* in every row, whichever architecture guided
+
+
+def guiding_arch(flags):
+    return flags[flags.index("--arch") + 1] if isinstance(flags, list) and "--arch" in flags else "convnet"
 
 
 def folder(name, seed):
@@ -79,11 +110,14 @@ def commands(name, flags, seed):
                 (eval_path(out, CROSS), py + base + ["--out", out, "--arch", CROSS]),
                 (redundancy_path(out), py + base + ["--out", out, "--redundancy", "real"])]
     evaluate = [os.path.join(HERE, "evaluate.py")]
+    guided_by = guiding_arch(flags)
+    cross = CROSS if guided_by == "convnet" else "convnet"  # the other family evaluates
+    judge = None if guided_by == JUDGE else JUDGE
     return [(eval_path(out), py + [os.path.join(HERE, "distill.py"), *flags, "--seed", str(seed), "--out-dir", out,
                                    "--eval"]),
-            (eval_path(out, CROSS), py + evaluate + ["--distilled", out, "--arch", CROSS]),
+            (eval_path(out, cross), py + evaluate + ["--distilled", out, "--arch", cross]),
             (redundancy_path(out), py + evaluate + ["--redundancy", out]),
-            (validity_path(out), py + evaluate + ["--validity", out])]
+            (validity_path(out, judge), py + evaluate + ["--validity", out] + (["--arch", judge] if judge else []))]
 
 
 def fill(cell, threads):
@@ -115,6 +149,112 @@ def summary(name, flags, seeds):
     return [name, pct(accs), pct(cross), per_seed(red), per_seed(valid)]
 
 
+def logreg(out, seed):
+    """Accuracy of scikit-learn's multinomial logistic regression (lbfgs, C = 1) on a set's 64 pixels, tested on the
+    360 held-out digits: a third family that took no part in any guidance, deterministic (one number per set).
+    Cached as eval_logreg.json in the cell."""
+    path = eval_path(out, "logreg")
+    if not os.path.exists(path):
+        from sklearn.linear_model import LogisticRegression  # digits only, like the embedded dataset itself
+        spec = get_spec("digits")
+        train = load_distilled(distilled_folder(out), spec) if os.path.isdir(distilled_dir(out)) else \
+            sample_real_ipc(load_real(spec, None, "train"), int(load_json(eval_path(out))["ipc"]), seed)
+        test = load_real(spec, None, "test")
+        pixels = lambda images: np.stack([images.load(i).flatten().numpy() for i in range(len(images))])  # noqa
+        model = LogisticRegression(max_iter=5000).fit(pixels(train), train.labels)
+        acc = float(model.score(pixels(test), test.labels))
+        save_json(dict(arch="logreg", runs=1, accs=[acc], acc_mean=acc, acc_std=0.0, train_images=len(train)), path)
+    return load_json(path)["accs"]
+
+
+def transfer_summary(name, flags, seeds):
+    """One row of the transfer tables: ConvNet, MLP and logistic-regression accuracy (the guiding architecture
+    marked *), redundancy, validity judged by the ConvNet theta*."""
+    guided_by = guiding_arch(flags)
+    accs = {arch: [] for arch in ("convnet", "mlp", "logreg")}
+    red, valid = [], []
+    for seed in seeds:
+        out = folder(name, seed)
+        for arch in ("convnet", "mlp"):
+            accs[arch] += load_json(eval_path(out, None if arch == guided_by else arch))["accs"]
+        accs["logreg"] += logreg(out, seed)
+        red.append(load_json(redundancy_path(out))["off_diagonal_mean"])
+        valid.append(load_json(validity_path(out, None if guided_by == JUDGE else JUDGE))["validity"])
+    pct = lambda v: f"{100 * np.mean(v):.1f} +- {100 * np.std(v):.1f} (n={len(v)})"  # noqa: E731
+    per_seed = lambda v: f"{100 * np.mean(v):.1f}" + (f" ({' / '.join(f'{100 * x:.1f}' for x in v)})"  # noqa: E731
+                                                       if len(v) > 1 else "")
+    return [name] + [pct(accs[a]) + (" *" if a == guided_by else "") for a in accs] + [per_seed(red), per_seed(valid)]
+
+
+def last_step_sigma(prior, steps=50):
+    """The standard deviation of the noise the digits prior's sampler adds at its last noisy step (DDPM posterior,
+    respaced i = 1), in [0, 1] image units: a perturbation the samples already live with."""
+    prior.scheduler.set_timesteps(steps)
+    t, t_prev = prior.scheduler.timesteps[-2], prior.scheduler.timesteps[-1]
+    abar, abar_prev = prior.scheduler.alphas_cumprod[t], prior.scheduler.alphas_cumprod[t_prev]
+    beta = 1 - abar / abar_prev
+    return float((beta * (1 - abar_prev) / (1 - abar)).sqrt() / 2)
+
+
+def perturbations(sigma):
+    """Small, label-preserving changes of images in [0, 1]: {name: [view, ...]} (S is averaged over the views)."""
+    def shift(dy, dx):
+        return lambda x: torch.roll(F.pad(x, (1, 1, 1, 1)), (dy, dx), (-2, -1))[..., 1:-1, 1:-1]
+    noise = [torch.Generator().manual_seed(s) for s in range(8)]
+    return {"as sampled (float)": [lambda x: x],
+            "8-bit PNG round trip": [lambda x: (x.clamp(0, 1) * 255).round() / 255],
+            "1-pixel shift (the students' augmentation; 8 shifts)": [
+                shift(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)],
+            f"Gaussian noise sigma {sigma:.3f} (the prior's last step; 8 draws)": [
+                (lambda g: lambda x: (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1))(g) for g in noise]}
+
+
+def robustness(suffix=""):
+    """How much of LGD's S gain over DiT survives small label-preserving changes. For every guided stage k of the
+    LGD sets (3 seeds), its kept images (their final latents: the float images before PNG) and the DiT images of the
+    same indices (re-sampled from the same noise: the DiT set before PNG), scored by that stage's student theta_k and
+    theta*: gain = mean S(LGD) - mean S(DiT), and the same for the student's CE alone."""
+    from guidance import Learnability, SamplerConfig, decode_images, sample
+    from common import derive_seed
+    from model import load_prior, make_student
+    from train_prior import digits_prior
+    from train_student import reference_model
+    torch.set_num_threads(1)  # the cells ran on one thread: the DiT images re-sampled here are theirs, bit for bit
+    spec = get_spec("digits")
+    prior, (reference, view) = load_prior(digits_prior()), reference_model(spec, "convnet", None, "cpu")
+    sampler, perts = SamplerConfig(cfg_scale=2.0, steps=50), perturbations(last_step_sigma(prior))
+    gains = {name: {"S": [], "student_ce": []} for name in perts}
+    for seed in SEEDS:
+        lgd, dit = folder("LGD (dit seed)" + suffix, seed), folder("DiT" + suffix, seed)
+        info = load_json(os.path.join(lgd, "args.json"))
+        for k in range(1, info["ipc"] // info["stage_ipc"]):
+            student = make_student("convnet", spec)
+            student.load_state_dict(torch.load(os.path.join(lgd, f"stage_{k}", "student.pt")))
+            score = Learnability(student, spec, reference, view, 0.5)
+            items = [(c, i) for i in range(k * info["stage_ipc"], (k + 1) * info["stage_ipc"]) for c in range(10)]
+            kept = torch.stack([(torch.load(os.path.join(lgd, f"stage_{k}", "latents", str(c), f"{i:05d}.pt"))
+                                 .clamp(-1, 1) + 1) / 2 for c, i in items])
+            # one index at a time, the 10 classes together: the DiT run's batches (float rounding depends on them)
+            plain = torch.cat([decode_images(prior, sample(prior, torch.arange(10), [
+                torch.Generator().manual_seed(derive_seed(seed, c, i, 0)) for c in range(10)], sampler))
+                for i in range(k * info["stage_ipc"], (k + 1) * info["stage_ipc"])])
+            stored = torch.stack([load_image(os.path.join(dit, "distilled", str(c), f"{i:05d}.png")) for c, i in items])
+            assert torch.equal((plain * 255).round() / 255, stored), "re-sampled DiT images differ from the DiT set"
+            y = torch.tensor([c for c, _ in items])
+            with torch.no_grad():
+                for name, views in perts.items():
+                    for part in ("S", "student_ce"):
+                        value = lambda x: torch.stack([score.parts(v(x) * 2 - 1, y)[part] for v in views]).mean(0)
+                        gains[name][part].append(float(value(kept).mean() - value(plain).mean()))
+    clean = next(iter(gains.values()))
+    rows = [[name, f"{np.mean(g['S']):+.3f}", f"{100 * np.mean(g['S']) / np.mean(clean['S']):.0f}%",
+             f"{np.mean(g['student_ce']):+.3f}", f"{100 * np.mean(g['student_ce']) / np.mean(clean['student_ce']):.0f}%"]
+            for name, g in gains.items()]
+    save_json(dict(gains=gains, sigma=last_step_sigma(prior)),
+              os.path.join(ROOT, "robustness_ipc5.json" if suffix else "robustness.json"))
+    return rows
+
+
 def table(rows, header):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -122,9 +262,14 @@ def table(rows, header):
 
 def main():
     p = argparse.ArgumentParser(description="Make (or reuse) the digits runs behind the README's tables and print them.")
-    p.add_argument("table", choices=list(TABLES), help="which table")
+    p.add_argument("table", choices=list(TABLES) + ["robustness", "robustness-ipc5"], help="which table")
     p.add_argument("--jobs", type=int, default=1, help="cells run at a time (each with one CPU thread when > 1)")
     args = p.parse_args()
+    if args.table.startswith("robustness"):  # reads the LGD and DiT cells of `transfer` / `transfer-ipc5`
+        rows = robustness(", IPC 5" if args.table.endswith("ipc5") else "")
+        print(table(rows, ["LGD kept images vs DiT, same indices", "S gain", "of the float gain", "student CE gain",
+                           "of the float gain"]))
+        return
     cells, seeds = TABLES[args.table]
     # every cell runs single-threaded, whatever --jobs: multi-threaded convolutions round differently, and
     # the tables must not depend on how many cells ran at once. The first cell runs alone, so the digits
@@ -135,9 +280,15 @@ def main():
     with ThreadPoolExecutor(args.jobs) as pool:
         for done in pool.map(lambda cell: fill(cell, 1), todo):
             print(f"done: {done}", flush=True)
-    header = [f"digits: {args.table}", "acc % ConvNet (guiding arch)", f"acc % {CROSS} (cross-arch)",
-              "redundancy % (5 increments)", "theta* recognises %"]
-    print(table([summary(name, flags, seeds) for name, flags in cells.items()], header))
+    if args.table in TRANSFER_TABLES:
+        header = [f"digits: {args.table}", "acc % ConvNet", "acc % MLP", "acc % logistic regression",
+                  "redundancy % (5 increments)", "ConvNet theta* recognises %"]
+        print(table([transfer_summary(name, flags, seeds) for name, flags in cells.items()], header))
+        print("\n(* = the architecture of theta* and of the per-stage students: the one that guided the sampling)")
+    else:
+        header = [f"digits: {args.table}", "acc % ConvNet (guiding arch)", f"acc % {CROSS} (cross-arch)",
+                  "redundancy % (5 increments)", "theta* recognises %"]
+        print(table([summary(name, flags, seeds) for name, flags in cells.items()], header))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
     print(f"\n(commit {commit.strip()}; accuracies: final epoch, mean +- std over {len(seeds)} distillation seed(s) x 3 "
           f"students; redundancy and validity: mean (per seed))")

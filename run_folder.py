@@ -128,8 +128,9 @@ def heatmap_path(out_dir):
     return os.path.join(out_dir, "redundancy.png")
 
 
-def validity_path(out_dir):
-    return os.path.join(out_dir, "validity.json")
+def validity_path(out_dir, arch=None):
+    """validity.json judged by the run's own theta*; validity_<arch>.json by theta* of another architecture."""
+    return os.path.join(out_dir, "validity.json" if arch is None else f"validity_{arch}.json")
 
 
 def grid_path(out_dir):

@@ -49,6 +49,10 @@ def test_the_exact_denoiser_prior_passes_and_the_json_has_every_key(empirical, t
     # --dry-run now prints the measured ETA
     assert cli(distill.main, [*RUN, "--dry-run", "--out-dir", tmp_path / "run"], capsys, out)[0] == 0
     assert "ETA " in out[-1] and "measured by the preflight" in out[-1]
+    # a run priced above a day says so in one line before it starts, and runs
+    (tmp_path / "run" / "preflight.json").write_text(json.dumps(dict(result, eta_s=3 * 86400.0)))
+    assert cli(distill.main, [*RUN, "--out-dir", tmp_path / "run"], capsys, out)[0] == 0
+    assert "note: this run is priced at 3.0 days" in out[-1] and (tmp_path / "run" / "distilled").is_dir()
 
 
 def test_a_permuted_label_map_stops_with_the_label_line(empirical, tmp_path, capsys):
