@@ -34,7 +34,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import get_device, load_json, save_json
+from common import get_device, load_json, save_json, seconds_per_call
 from data import Augment, ImageSet, get_spec, load_real, sample_real_ipc
 from guidance import GuidanceConfig, Influence, Learnability, SamplerConfig, cfg_output, guided_output
 from model import DIGITS_PRIOR, Prior, make_scheduler, make_student
@@ -65,18 +65,10 @@ def peak_memory_mb(device):
 
 
 def timed(fn, device, repeats):
-    """Seconds per call (after one warm-up call), and the FLOPs of one call."""
-    fn()  # first-call allocations and kernel selection are not the step's cost
+    """Seconds per call (after a warm-up call), and the FLOPs of one call."""
     with FlopCounterMode(display=False) as counter:
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / repeats, counter.get_total_flops()
+    return seconds_per_call(fn, device, repeats), counter.get_total_flops()
 
 
 def step_parts(prior, z, t, labels, classes, sampler, score):

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -156,6 +157,19 @@ def is_main():
 def print0(*args, **kwargs):
     if is_main():
         print(*args, **kwargs, flush=True)
+
+
+def seconds_per_call(fn, device, repeats=2):
+    """Wall seconds per call of fn() after one warm-up call (first-call allocations and kernel selection are not
+    its cost), waiting for the GPU where there is one (bench.py, preflight.py)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
 
 
 # ----------------------------------------------------------------------------- seeds

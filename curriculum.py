@@ -186,7 +186,7 @@ def train_stage_student(out_dir, spec, k, plan, students, device, ranks, teacher
         model.load_state_dict(state)
         return model.to(device).eval()
     paths, labels = union_files(out_dir, spec, k, plan.stage_ipc)
-    epochs = epochs_for_ipc(k * plan.stage_ipc, students.recipe, spec.name) if students.epochs is None else students.epochs
+    epochs = students.epochs or epochs_for_ipc(k * plan.stage_ipc, students.recipe, spec.name)
     # [choice] the evaluation recipe, the reference model's architecture, re-initialised each stage;
     # a per-stage seed keeps every student reproducible on its own. With a soft-label recipe (rded,
     # ImageNet-1K) the recipe's teacher labels the crops.
@@ -365,7 +365,8 @@ def _generate_chunk(prior, spec, dirs, chunk, index, seed, sampler, score, guide
                                                      memories, log)
         twin = None
         if twins:  # the unguided twin of every kept image: the same noise without guidance
-            twin_gens = [torch.Generator().manual_seed(derive_seed(seed, c, index, int(j))) for c, j in zip(chunk, best)]
+            twin_gens = [torch.Generator().manual_seed(derive_seed(seed, c, index, int(j)))
+                         for c, j in zip(chunk, best)]
             twin_images = decode_images(prior, sample(prior, torch.tensor([spec.prior_labels[c] for c in chunk]),
                                                       twin_gens, sampler))
             with torch.no_grad():

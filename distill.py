@@ -319,7 +319,8 @@ def print_plan(args, spec):
     print(f"{args.method} on {args.dataset}: {c} classes x {args.ipc} IPC = {c * args.ipc} images -> {args.out_dir}")
     table = class_table(spec)  # the field's class order: class c is what every peer's class c is
     print("  classes (index: folder, prior label, name): " + "; ".join(
-        f"{r['index']}: {r['wnid']}, {r['prior_label']}, {r['name']}" for r in table[:10]) + ("; ..." if c > 10 else ""))
+        f"{r['index']}: {r['wnid']}, {r['prior_label']}, {r['name']}" for r in table[:10])
+        + ("; ..." if c > 10 else ""))
     if args.method == "dit":
         print(f"  one unguided pass: {c * args.ipc} images x {args.steps} steps (CFG: 2 DiT passes per step)")
         return print_eta(args, measured)

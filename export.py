@@ -51,7 +51,8 @@ def export_set(folder, spec, layout, out, size=None):
     if os.path.abspath(out).startswith(os.path.abspath(folder) + os.sep):
         raise UserError(f"--out {out} is inside the set {folder}; export it elsewhere")
     paths, labels = list_image_folder(folder, spec.class_names(), what="distilled set")
-    by_class = [sorted((p for p, y in zip(paths, labels) if y == c), key=numeric_order) for c in range(spec.num_classes)]
+    by_class = [sorted((p for p, y in zip(paths, labels) if y == c), key=numeric_order)
+                for c in range(spec.num_classes)]
     for c, files in enumerate(by_class):
         for path in files:  # copies under their own names: the set's index order survives
             copy_file(path, os.path.join(out, class_folder(c), os.path.basename(path)))

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import SALT_PREFLIGHT, UserError, derive_seed, is_main, load_json, print0, save_grid, save_json, stream_seed
+from common import (SALT_PREFLIGHT, UserError, derive_seed, is_main, load_json, print0, save_grid, save_json,
+                    seconds_per_call, stream_seed)
 from data import ImageSet, classifier_input, load_real, resize_crop
 from curriculum import image_record, stage_views
 from guidance import (Influence, Learnability, SamplerLog, cfg_output, decode_images, guided_output, sample,
@@ -88,7 +89,8 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
     real = load_real(spec, data_dir, "train")
     firsts = [real.labels.index(c) for c in range(n)]
     real_x = torch.stack([resize_crop(real.load(i), spec.image_size) for i in firsts])
-    result = dict(dataset=spec.name, method=args.method, classes_checked=n, recognised=int((predicted == classes).sum()),
+    result = dict(dataset=spec.name, method=args.method, classes_checked=n,
+                  recognised=int((predicted == classes).sum()),
                   chance=1 / spec.num_classes, recognised_per_class=(predicted == classes).tolist(),
                   pixels=dict(generated=_pixel_stats(x_plain), real=_pixel_stats(real_x)))
 
@@ -269,19 +271,6 @@ def _fits(prior, spec, sampler, guide, b, device, score):
 
 # ----------------------------------------------------------------------------- what things cost
 
-def _seconds(fn, device, repeats=2):
-    """Seconds per call after one warm-up call (allocations, kernel selection)."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t) / repeats
-
-
 def run_batches(spec, batch, kappa):
     """(classes per block, samples per guided batch, samples per unguided batch) as generate_increment cuts them."""
     guided_classes = min(spec.num_classes, max(1, batch // kappa))
@@ -292,10 +281,10 @@ def step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, devic
     """Seconds per sampler step at each batch the run will use."""
     device = torch.device(device)
     classes, guided_size, plain_size = run_batches(spec, batch, kappa)
-    plain = lambda b: _seconds(lambda: _step(prior, spec, sampler, None, b, device, None), device)  # noqa: E731
+    plain = lambda b: seconds_per_call(lambda: _step(prior, spec, sampler, None, b, device, None), device)  # noqa: E731
     out = dict(unguided_step_s={str(b): plain(b) for b in sorted({plain_size, classes, guided_size})})
     if score is not None:
-        out["guided_step_s"] = {str(guided_size): _seconds(
+        out["guided_step_s"] = {str(guided_size): seconds_per_call(
             lambda: _step(prior, spec, sampler, guide, guided_size, device, score), device)}
     if args.method == "igd" or args.seed_set == "igd":  # IGD's step: a double backward per checkpoint (weights
         view = reference_spec(spec)                       # do not change its cost: random ones stand in)
@@ -303,12 +292,12 @@ def step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, devic
         size = sum(p.numel() for p in nets[0].parameters())
         targets = {}
         influence = Influence(nets, view, lambda j, c: targets.setdefault((j, c), torch.randn(size, device=device)))
-        out["igd_step_s"] = {str(plain_size): _seconds(
+        out["igd_step_s"] = {str(plain_size): seconds_per_call(
             lambda: _step(prior, spec, sampler, igd_guide, plain_size, device, influence), device)}
         x = torch.rand(args.grad_ipc, spec.channels, view.res, view.res, device=device)
-        out["igd_real_gradient_s"] = _seconds(lambda: weight_gradient(nets[0], classifier_input(x * 2 - 1, view),
-                                                                      torch.zeros(len(x), dtype=torch.long,
-                                                                                  device=device)), device)
+        y = torch.zeros(len(x), dtype=torch.long, device=device)
+        out["igd_real_gradient_s"] = seconds_per_call(
+            lambda: weight_gradient(nets[0], classifier_input(x * 2 - 1, view), y), device)
     return out
 
 
@@ -339,7 +328,8 @@ def training_times(args, spec, x_plain, device, data_dir, ref_cached, teacher):
         test = load_real(spec, data_dir, "test")
         subset = test.subset(range(min(len(test), 512)))
         model = make_student(args.eval_arch, view).to(device)
-        out["test_pass_s"] = _seconds(lambda: accuracy(model, subset, view, device), device, 1) * len(test) / len(subset)
+        per_subset = seconds_per_call(lambda: accuracy(model, subset, view, device), device, 1)
+        out["test_pass_s"] = per_subset * len(test) / len(subset)  # one test pass, scaled from 512 images
     surrogate = IGD_ARCH if (args.method == "igd" or args.seed_set == "igd") else None
     if surrogate is not None and not (ref_cached and surrogate == args.arch):
         ref_view = reference_spec(spec)
