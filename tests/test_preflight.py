@@ -9,7 +9,7 @@ import torch
 import distill
 import guidance
 import preflight
-from conftest import cli, make_empirical_prior, one_error_line
+from conftest import cli, make_empirical_prior, one_error_line, run_cli
 
 KEYS = {"recognised", "chance", "guidance", "sampler_batch", "eta_s", "eta_stages_s", "disk_bytes", "measured",
         "passed", "stages", "pixels", "batch_search"}
@@ -122,3 +122,21 @@ def test_the_batch_search_bisects_to_the_largest_fit():
             assert preflight.pick_batch(None, spec, None, None, 24, 3, "cpu") == expected, limit
         finally:
             preflight._fits = original
+
+
+def test_a_non_digits_run_starts_with_the_preflight(tmp_path, latent_prior, fake_woof):
+    """ImageWoof on the random tiny latent prior (VAE in the loop): the run does the preflight first by itself, every
+    part of it (IGD's seed and step priced, the evaluation priced), and stops at the label check: random weights
+    make no dog theta* recognises. --no-preflight runs without it."""
+    args = ["distill.py", "--dataset", "imagewoof", "--data-dir", fake_woof, "--prior", latent_prior, "--res", 16,
+            "--ipc", 2, "--stage-ipc", 1, "--steps", 6, "--guide-from", 0, "--guide-until", 5, "--igd-from", 1,
+            "--igd-until", 4, "--grad-ipc", 3, "--reference-epochs", 3, "--student-epochs", 2, "--eval",
+            "--eval-epochs", 2, "--eval-runs", 1]
+    r = run_cli(*args, "--out-dir", tmp_path / "run", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: preflight: theta* recognises")
+    result = json.loads((tmp_path / "run" / "preflight.json").read_text())
+    assert {"igd_step_s", "igd_real_gradient_s", "eval_batch_s", "test_pass_s"} <= set(result["measured"])
+    assert "eval_s" in result["eta_other_s"] and len(result["eta_stages_s"]) == 2 and result["eta_stages_s"][0] > 0
+    assert not (tmp_path / "run" / "args.json").exists() and not (tmp_path / "run" / "stage_0").exists()
+    r = run_cli(*args, "--eval-epochs", 1, "--no-preflight", "--out-dir", tmp_path / "run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # the same folder: a failed preflight leaves nothing to resume or refuse
