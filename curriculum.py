@@ -66,6 +66,7 @@ class Students:
     ddp: bool = True          # under torchrun, trained with DDP (off: every rank trains the same one alone)
     num_workers: int = 0
     channels_last: bool = False  # NHWC classifiers inside the guided step (faster convolutions on GPUs)
+    others: tuple = ()        # more student architectures (--student-archs; not the paper's): S averages their CE
 
 
 @dataclass
@@ -114,13 +115,14 @@ def run_stages(prior, spec, out_dir, plan, sampler, guide, students, reference, 
             fitted = generate_increment(prior, spec, images, latents, plan.stage_ipc, first, plan.seed, sampler, batch,
                                         ranks, desc="stage 0 (unguided)")
         else:
-            student = train_stage_student(out_dir, spec, k, plan, students, device, ranks, teacher)
+            stage_students = [train_stage_student(out_dir, spec, k, plan, students, device, ranks, teacher, arch)
+                              for arch in (students.arch, *students.others)]
             # S(x, y) = CE(theta_k(x), y) - omega CE(theta*(x), y): high = not learned yet, still valid
             if students.channels_last:
-                student = student.to(memory_format=torch.channels_last)
-            score = Learnability(student, students.view, [m for m, _ in reference], [v for _, v in reference],
+                stage_students = [m.to(memory_format=torch.channels_last) for m in stage_students]
+            score = Learnability(stage_students, students.view, [m for m, _ in reference], [v for _, v in reference],
                                  guide.omega, guide.views, stage_views(students.view, students.recipe, reference,
-                                                                       plan.seed, k, guide.views))
+                                                                       plan.seed, k, guide.views, len(stage_students)))
             memory = initial_memory(out_dir, spec, k, plan.stage_ipc, guide.memory_cap) if guide.deviation else None
             # T_{k+1}: kappa guided candidates per image, the highest-S one kept and added to M_c
             fitted = generate_increment(prior, spec, images, latents, plan.stage_ipc, first, plan.seed, sampler, batch,
@@ -163,7 +165,7 @@ def finish_stage(out_dir, spec, k, stage_ipc, summary):
         print0(f"stage {k}: {summary['nan_fallbacks']} samples fell back to the unguided step (non-finite gradient)")
 
 
-def stage_views(student_view, recipe, reference, seed, k, views):
+def stage_views(student_view, recipe, reference, seed, k, views, students=1):
     """The augmentations S averages over with --guidance-views K > 1 (None at K = 1): the student's recipe, and
     theta*'s (the surrogate recipe) for each reference member, drawing from one generator seeded per stage.
     The draws follow the order of the sampler's batches, so with K > 1 an image depends on its batch (one process,
@@ -171,18 +173,20 @@ def stage_views(student_view, recipe, reference, seed, k, views):
     if views == 1:
         return None
     g = torch.Generator().manual_seed(stream_seed(seed, SALT_VIEWS, k))
-    return [view_augment(student_view, recipe, g)] + [view_augment(v, SURROGATE, g) for _, v in reference]
+    return [view_augment(student_view, recipe, g) for _ in range(students)] + \
+        [view_augment(v, SURROGATE, g) for _, v in reference]
 
 
-def train_stage_student(out_dir, spec, k, plan, students, device, ranks, teacher=None):
-    """theta_k: a fresh student on D_k, saved with the list of its training files (or reloaded)."""
-    path = student_path(out_dir, k)
+def train_stage_student(out_dir, spec, k, plan, students, device, ranks, teacher=None, arch=None):
+    """theta_k: a fresh student on D_k, saved with the list of its training files (or reloaded). arch: one of
+    --student-archs after the first (student_<arch>.pt; the same seeds)."""
+    path, arch = student_path(out_dir, k, None if arch in (None, students.arch) else arch), arch or students.arch
     view = students.view
     # resume: the student is a deterministic function of (seed, k, D_k), so reloading equals retraining, and a
     # damaged student.pt is simply trained again
     state = load_or_none(path, f"stage {k}'s student") if os.path.exists(path) else None
     if state is not None:
-        model = make_student(students.arch, view)
+        model = make_student(arch, view)
         model.load_state_dict(state)
         return model.to(device).eval()
     paths, labels = union_files(out_dir, spec, k, plan.stage_ipc)
@@ -190,15 +194,15 @@ def train_stage_student(out_dir, spec, k, plan, students, device, ranks, teacher
     # [choice] the evaluation recipe, the reference model's architecture, re-initialised each stage;
     # a per-stage seed keeps every student reproducible on its own. With a soft-label recipe (rded,
     # ImageNet-1K) the recipe's teacher labels the crops.
-    model = make_student(students.arch, view, seed=stream_seed(plan.seed, SALT_STAGE_INIT, k))
+    model = make_student(arch, view, seed=stream_seed(plan.seed, SALT_STAGE_INIT, k))
     ddp = students.ddp and ranks.world > 1
     model = train_student(model, ImageSet(paths, labels, channels=spec.channels), view, students.recipe, epochs,
                           seed=stream_seed(plan.seed, SALT_STAGE_TRAIN, k), device=device, desc=f"stage {k} student",
                           rank=ranks.rank if ddp else 0, world=ranks.world if ddp else 1,
                           num_workers=students.num_workers, teacher=teacher)
     if is_main():  # the file list makes "trained on exactly D_k" checkable after the fact (and is tested)
-        save_json(dict(stage=k, arch=students.arch, recipe=students.recipe, epochs=epochs, train_files=paths),
-                  os.path.join(stage_dir(out_dir, k), "student.json"))
+        save_json(dict(stage=k, arch=arch, recipe=students.recipe, epochs=epochs, train_files=paths),
+                  path[:-len(".pt")] + ".json")
         save_torch(model.state_dict(), path)
     barrier()
     return model

@@ -85,7 +85,8 @@ RESULT_ARGS = {"dataset": "--dataset", "method": "--method", "ipc": "--ipc", "st
                "reference_epochs": "--reference-epochs", "igd_scale": "--igd-scale", "igd_deviation": "--igd-deviation",
                "igd_from": "--igd-from", "igd_until": "--igd-until", "grad_ipc": "--grad-ipc",
                "igd_checkpoints": "--igd-checkpoints", "igd_threshold": "--igd-threshold",
-               "grad_decoder": "--grad-decoder", "views": "--guidance-views", "reference_archs": "--reference-archs"}
+               "grad_decoder": "--grad-decoder", "views": "--guidance-views", "reference_archs": "--reference-archs",
+               "student_archs": "--student-archs"}
 
 
 def get_parser():
@@ -141,6 +142,9 @@ def get_parser():
     p.add_argument("--guidance-views", dest="views", type=int, default=None,
                    help="K: S averaged over K random views of x0_hat from each classifier's training augmentation "
                         "(1 = the image, the paper's S; not the paper's when > 1)")
+    p.add_argument("--student-archs", default=None,
+                   help="per-stage students as an ensemble, e.g. convnet,mlp: the student term of S is the mean of "
+                        "their CEs (default: --arch alone, the paper's)")
     p.add_argument("--reference-archs", default=None,
                    help="theta* as an ensemble, e.g. convnet,mlp: the reference term is the mean of their CEs "
                         "(default: --arch alone, the paper's)")
@@ -219,8 +223,10 @@ def resolve_args(args):
     require(args.memory_cap >= 1, f"--memory-cap must be at least 1, got {args.memory_cap}")
     require(args.views >= 1, f"--guidance-views must be at least 1, got {args.views}")
     args.reference_archs = args.reference_archs or args.arch  # theta*'s architecture(s), the first one theta*
-    require(all(a in ARCHS for a in args.reference_archs.split(",")),
-            f"--reference-archs must be architectures from {', '.join(ARCHS)}, got {args.reference_archs}")
+    args.student_archs = args.student_archs or args.arch  # the per-stage students', the first one theta_k
+    for flag, value in (("--reference-archs", args.reference_archs), ("--student-archs", args.student_archs)):
+        require(all(a in ARCHS for a in value.split(",")), f"{flag} must be architectures from {', '.join(ARCHS)}, "
+                f"got {value}")
     require(args.reference is None or "," not in args.reference_archs,
             "--reference gives one theta*; it cannot be combined with --reference-archs")
     require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
@@ -503,8 +509,9 @@ def distill(args, spec, device, ranks, on_stage_start=None, prior=None):
                                      num_workers=args.num_workers, path=args.reference)
                      for arch in args.reference_archs.split(",")]
         teacher = soft_label_teacher(student_view, args.recipe, data_dir, device, num_workers=args.num_workers)
-        students = Students(args.arch, args.recipe, student_view, args.student_epochs, args.student_ddp,
-                            args.num_workers, args.channels_last)
+        first, *others = args.student_archs.split(",")
+        students = Students(first, args.recipe, student_view, args.student_epochs, args.student_ddp,
+                            args.num_workers, args.channels_last, tuple(others))
         seed_stage = (lambda images, latents, records, batch: igd(images, latents, args.stage_ipc, batch, records)) \
             if args.seed_set == "igd" else None
         batch = run_stages(prior, spec, out, plan, sampler, guidance_config(args), students, reference, ranks,

@@ -111,27 +111,29 @@ class Learnability:
     right (x is still a valid example of y). Each classifier sees x through the view it was trained with
     (data.classifier_input: resize, crop, normalise), exactly as at test time.
 
-    Two options that are not the paper's (off by default, each the paper's S when off):
-      reference ensemble  reference / reference_view may be lists: the reference term is the mean of the members'
-                          CE, so a push must keep x valid for theta* of several architectures (--reference-archs)
+    Options that are not the paper's (off by default, each the paper's S when off):
+      ensembles           student, and reference / reference_view, may be lists: each term is the mean of its
+                          members' CE, so a push must work on students of several architectures (--student-archs)
+                          and keep x valid for theta* of several (--reference-archs)
       views = K > 1       each CE is the mean over K random views of x drawn from that classifier's training
-                          augmentation (augments[m](x in [0, 1]) -> views at its resolution, m = 0 the student,
-                          1.. the reference members): S's gradient is then the mean of the per-view gradients, so
+                          augmentation (augments[m](x in [0, 1]) -> views at its resolution; m counts the students,
+                          then the reference members): S's gradient is then the mean of the per-view gradients, so
                           a push that only one view rewards (a pixel pattern) averages away: an expectation over
                           transformations (--guidance-views). K = 1 is the image itself.
     """
 
     def __init__(self, student, student_view, reference, reference_view, omega, views=1, augments=None):
+        students = list(student) if isinstance(student, (list, tuple)) else [student]
         members = list(zip(reference, reference_view)) if isinstance(reference, (list, tuple)) else \
             [(reference, reference_view)]
-        for model in [student] + [m for m, _ in members]:
+        for model in students + [m for m, _ in members]:
             model.eval().requires_grad_(False)  # important! eval mode (no norm statistics drift), input grads only
-        self.student, self.student_view = student, student_view
+        self.students, self.student_view = students, student_view
         self.members, self.omega = members, omega
-        self.reference, self.reference_view = members[0]  # theta* (the first member)
+        self.student, (self.reference, self.reference_view) = students[0], members[0]  # theta_k and theta*
         self.views, self.augments = views, augments
-        if views > 1 and (augments is None or len(augments) != 1 + len(members)):
-            raise ValueError("views > 1 needs one augmentation per classifier (the student, then each reference)")
+        if views > 1 and (augments is None or len(augments) != len(students) + len(members)):
+            raise ValueError("views > 1 needs one augmentation per classifier (the students, then each reference)")
 
     def _ce(self, m, model, view, images, classes):
         """CE of classifier m on x, or its mean over K random views of x."""
@@ -144,13 +146,19 @@ class Learnability:
 
     def parts(self, images, classes):
         """images (N, C, H, W) in [-1, 1] -> {"S", "student_ce", "reference_ce"}, each (N,)."""
-        student_ce = self._ce(0, self.student, self.student_view, images, classes)  # high: not learned yet
-        ces = [self._ce(1 + j, model, view, images, classes) for j, (model, view) in enumerate(self.members)]
-        reference_ce = ces[0] if len(ces) == 1 else torch.stack(ces).mean(dim=0)  # low: a valid example
+        classifiers = [(m, self.student_view) for m in self.students] + self.members
+        ces = [self._ce(j, model, view, images, classes) for j, (model, view) in enumerate(classifiers)]
+        student_ce = _mean(ces[:len(self.students)])  # high: not learned yet
+        reference_ce = _mean(ces[len(self.students):])  # low: a valid example
         return dict(S=student_ce - self.omega * reference_ce, student_ce=student_ce, reference_ce=reference_ce)
 
     def __call__(self, images, classes):
         return self.parts(images, classes)["S"]
+
+
+def _mean(values):
+    """The mean of per-sample tensors; one is returned as it is (bit for bit the paper's single-model term)."""
+    return values[0] if len(values) == 1 else torch.stack(values).mean(dim=0)
 
 
 # ----------------------------------------------------------------------------- IGD's influence score

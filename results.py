@@ -28,9 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import load_json, save_json
-from data import get_spec, load_distilled, load_image, load_real, sample_real_ipc
-from run_folder import distilled_dir, distilled_folder, eval_path, redundancy_path, validity_path
+from common import SALT_STAGE_INIT, SALT_STAGE_TRAIN, derive_seed, load_json, save_json, stream_seed
+from data import ImageSet, get_spec, load_distilled, load_image, load_real, sample_real_ipc
+from guidance import Learnability, SamplerConfig, decode_images, sample
+from model import load_prior, make_student
+from run_folder import distilled_dir, distilled_folder, eval_path, redundancy_path, union_files, validity_path
+from train_prior import digits_prior
+from train_student import epochs_for_ipc, reference_model, train_student
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join("out", "results")
@@ -81,6 +85,9 @@ TRANSFER = {
     f"LGD + views {VIEWS_K}, lambda {VIEWS_LAMBDA}": VIEWS,  # the name of its views-sweep cell: seed 0 is reused
     "LGD + reference ensemble (ConvNet, MLP)": ENSEMBLE,
     f"LGD + views {VIEWS_K} + ensemble": VIEWS + ENSEMBLE,
+    # what the diagnosis points to (an MLP student sees half the ConvNet student's gain): the student term
+    # averaged over a ConvNet and an MLP student of the same stage
+    "LGD + student ensemble (ConvNet, MLP)": ["--student-archs", "convnet,mlp"],
 }
 TRANSFER_IPC5 = {f"{name}, IPC 5": flags + IPC5 for name, flags in TRANSFER.items()}
 VIEWS_SWEEP = {"DiT": TRANSFER["DiT"], "LGD (dit seed)": [], **{
@@ -94,7 +101,17 @@ JUDGE = "convnet"  # validity is judged by the ConvNet theta* in every row, whic
 
 
 def guiding_arch(flags):
+    """The run's own architecture (--arch: theta* and the first per-stage student)."""
     return flags[flags.index("--arch") + 1] if isinstance(flags, list) and "--arch" in flags else "convnet"
+
+
+def guiding_archs(flags):
+    """Every architecture that took part in steering the sampling (student or theta*)."""
+    archs = {guiding_arch(flags)}
+    for flag in ("--student-archs", "--reference-archs"):
+        if isinstance(flags, list) and flag in flags:
+            archs.update(flags[flags.index(flag) + 1].split(","))
+    return archs
 
 
 def folder(name, seed):
@@ -186,30 +203,34 @@ def transfer_summary(name, flags, seeds):
     pct = lambda v: f"{100 * np.mean(v):.1f} +- {100 * np.std(v):.1f} (n={len(v)})"  # noqa: E731
     per_seed = lambda v: f"{100 * np.mean(v):.1f}" + (f" ({' / '.join(f'{100 * x:.1f}' for x in v)})"  # noqa: E731
                                                        if len(v) > 1 else "")
-    return [name] + [pct(accs[a]) + (" *" if a == guided_by else "") for a in accs] + [per_seed(red), per_seed(valid)]
+    return [name] + [pct(accs[a]) + (" *" if a in guiding_archs(flags) else "") for a in accs] + \
+        [per_seed(red), per_seed(valid)]
 
 
-def last_step_sigma(prior, steps=50):
-    """The standard deviation of the noise the digits prior's sampler adds at its last noisy step (DDPM posterior,
-    respaced i = 1), in [0, 1] image units: a perturbation the samples already live with."""
+def step_sigma(prior, i, steps=50):
+    """The standard deviation of the noise the digits prior's sampler adds at respaced step i (DDPM posterior; i = 1
+    is its last noisy step), in [0, 1] image units: a perturbation the samples are made to live with."""
     prior.scheduler.set_timesteps(steps)
-    t, t_prev = prior.scheduler.timesteps[-2], prior.scheduler.timesteps[-1]
+    t, t_prev = prior.scheduler.timesteps[-1 - i], prior.scheduler.timesteps[-i]
     abar, abar_prev = prior.scheduler.alphas_cumprod[t], prior.scheduler.alphas_cumprod[t_prev]
     beta = 1 - abar / abar_prev
     return float((beta * (1 - abar_prev) / (1 - abar)).sqrt() / 2)
 
 
-def perturbations(sigma):
+def perturbations(prior):
     """Small, label-preserving changes of images in [0, 1]: {name: [view, ...]} (S is averaged over the views)."""
     def shift(dy, dx):
         return lambda x: torch.roll(F.pad(x, (1, 1, 1, 1)), (dy, dx), (-2, -1))[..., 1:-1, 1:-1]
-    noise = [torch.Generator().manual_seed(s) for s in range(8)]
+
+    def noise(sigma):
+        gens = [torch.Generator().manual_seed(s) for s in range(8)]
+        return [(lambda g: lambda x: (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1))(g) for g in gens]
     return {"as sampled (float)": [lambda x: x],
             "8-bit PNG round trip": [lambda x: (x.clamp(0, 1) * 255).round() / 255],
             "1-pixel shift (the students' augmentation; 8 shifts)": [
                 shift(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)],
-            f"Gaussian noise sigma {sigma:.3f} (the prior's last step; 8 draws)": [
-                (lambda g: lambda x: (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1))(g) for g in noise]}
+            **{f"Gaussian noise sigma {step_sigma(prior, i):.3f} (the prior's step i = {i}; 8 draws)":
+               noise(step_sigma(prior, i)) for i in (1, 5)}}
 
 
 def robustness(suffix=""):
@@ -217,16 +238,12 @@ def robustness(suffix=""):
     LGD sets (3 seeds), its kept images (their final latents: the float images before PNG) and the DiT images of the
     same indices (re-sampled from the same noise: the DiT set before PNG), scored by that stage's student theta_k and
     theta*: gain = mean S(LGD) - mean S(DiT), and the same for the student's CE alone."""
-    from guidance import Learnability, SamplerConfig, decode_images, sample
-    from common import derive_seed
-    from model import load_prior, make_student
-    from train_prior import digits_prior
-    from train_student import reference_model
     torch.set_num_threads(1)  # the cells ran on one thread: the DiT images re-sampled here are theirs, bit for bit
     spec = get_spec("digits")
     prior, (reference, view) = load_prior(digits_prior()), reference_model(spec, "convnet", None, "cpu")
-    sampler, perts = SamplerConfig(cfg_scale=2.0, steps=50), perturbations(last_step_sigma(prior))
-    gains = {name: {"S": [], "student_ce": []} for name in perts}
+    sampler, perts = SamplerConfig(cfg_scale=2.0, steps=50), perturbations(prior)
+    other = "an MLP student on the same D_k (a family that did not guide)"
+    gains = {name: {"S": [], "student_ce": []} for name in [*perts, other]}
     for seed in SEEDS:
         lgd, dit = folder("LGD (dit seed)" + suffix, seed), folder("DiT" + suffix, seed)
         info = load_json(os.path.join(lgd, "args.json"))
@@ -244,16 +261,26 @@ def robustness(suffix=""):
             stored = torch.stack([load_image(os.path.join(dit, "distilled", str(c), f"{i:05d}.png")) for c, i in items])
             assert torch.equal((plain * 255).round() / 255, stored), "re-sampled DiT images differ from the DiT set"
             y = torch.tensor([c for c, _ in items])
+            # the same stage student in another family: trained on D_k as theta_k was (recipe, seeds), but an MLP
+            paths, labels = union_files(lgd, spec, k, info["stage_ipc"])
+            mlp = train_student(make_student("mlp", spec, seed=stream_seed(seed, SALT_STAGE_INIT, k)),
+                                ImageSet(paths, labels, channels=1), spec, "minimax",
+                                epochs_for_ipc(k * info["stage_ipc"], "minimax", "digits"),
+                                seed=stream_seed(seed, SALT_STAGE_TRAIN, k))
             with torch.no_grad():
                 for name, views in perts.items():
                     for part in ("S", "student_ce"):
                         value = lambda x: torch.stack([score.parts(v(x) * 2 - 1, y)[part] for v in views]).mean(0)
                         gains[name][part].append(float(value(kept).mean() - value(plain).mean()))
+                mlp_score = Learnability(mlp, spec, reference, view, 0.5)
+                for part in ("S", "student_ce"):
+                    value = lambda x: mlp_score.parts(x * 2 - 1, y)[part]  # noqa: E731
+                    gains[other][part].append(float(value(kept).mean() - value(plain).mean()))
     clean = next(iter(gains.values()))
     rows = [[name, f"{np.mean(g['S']):+.3f}", f"{100 * np.mean(g['S']) / np.mean(clean['S']):.0f}%",
              f"{np.mean(g['student_ce']):+.3f}", f"{100 * np.mean(g['student_ce']) / np.mean(clean['student_ce']):.0f}%"]
             for name, g in gains.items()]
-    save_json(dict(gains=gains, sigma=last_step_sigma(prior)),
+    save_json(dict(gains=gains),
               os.path.join(ROOT, "robustness_ipc5.json" if suffix else "robustness.json"))
     return rows
 
@@ -287,7 +314,7 @@ def main():
         header = [f"digits: {args.table}", "acc % ConvNet", "acc % MLP", "acc % logistic regression",
                   "redundancy % (5 increments)", "ConvNet theta* recognises %"]
         print(table([transfer_summary(name, flags, seeds) for name, flags in cells.items()], header))
-        print("\n(* = the architecture of theta* and of the per-stage students: the one that guided the sampling)")
+        print("\n(* = an architecture that steered the sampling: theta*, a per-stage student or an ensemble member)")
     else:
         header = [f"digits: {args.table}", "acc % ConvNet (guiding arch)", f"acc % {CROSS} (cross-arch)",
                   "redundancy % (5 increments)", "theta* recognises %"]

@@ -76,8 +76,9 @@ def stage_records(out_dir, k):
     return os.path.join(stage_dir(out_dir, k), "records")
 
 
-def student_path(out_dir, k):
-    return os.path.join(stage_dir(out_dir, k), "student.pt")
+def student_path(out_dir, k, arch=None):
+    """theta_k (student.pt; with --student-archs the further ones student_<arch>.pt), its file list beside it."""
+    return os.path.join(stage_dir(out_dir, k), "student.pt" if arch is None else f"student_{arch}.pt")
 
 
 def stage_log_path(out_dir, k):

@@ -1,6 +1,7 @@
 """Guidance that cannot be adversarial, as switches that are off by default (results.py `transfer`): S averaged
-over K random training views (--guidance-views), and the reference term averaged over several theta*
-(--reference-archs). With K = 1 and one member the run is today's, byte for byte."""
+over K random training views (--guidance-views), the reference term averaged over several theta*
+(--reference-archs), the student term over per-stage students of several architectures (--student-archs). With
+K = 1 and one member each the run is today's, byte for byte."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,13 @@ def test_the_reference_term_of_an_ensemble_is_the_mean_of_its_members():
     one = Learnability(student, SPEC, [convnet], [REF], 0.5).parts(x, y)
     today = Learnability(student, SPEC, convnet, REF, 0.5).parts(x, y)
     assert all(torch.equal(one[k], today[k]) for k in today)  # one member is theta* itself, bit for bit
+    # students too (--student-archs): the student term is the mean of the students' CE
+    other = make_student("mlp", SPEC, seed=4).eval()
+    both = Learnability([student, other], SPEC, convnet, REF, 0.5).parts(x, y)
+    student_ce = lambda model: F.cross_entropy(model(classifier_input(x, SPEC)), y, reduction="none")  # noqa: E731
+    assert torch.allclose(both["student_ce"], (student_ce(student) + student_ce(other)) / 2)
+    assert torch.allclose(both["S"], both["student_ce"] - 0.5 * ce(convnet))
+    assert all(torch.equal(Learnability([student], SPEC, convnet, REF, 0.5).parts(x, y)[k], today[k]) for k in today)
 
 
 def test_one_view_and_one_member_are_todays_bytes_and_views_are_reproducible(tmp_path, pixel_prior):
@@ -72,7 +80,7 @@ def test_one_view_and_one_member_are_todays_bytes_and_views_are_reproducible(tmp
             "--guide-from", 0, "--guide-until", 5, "--student-epochs", 2, "--reference-epochs", 2, "--no-eval"]
     runs = {"today": [], "explicit": ["--guidance-views", 1, "--reference-archs", "convnet"],
             "views": ["--guidance-views", 3], "views again": ["--guidance-views", 3],
-            "ensemble": ["--reference-archs", "convnet,mlp"]}
+            "ensemble": ["--reference-archs", "convnet,mlp"], "students": ["--student-archs", "convnet,mlp"]}
     hashes = {}
     for name, flags in runs.items():
         r = run_cli(*base, *flags, "--out-dir", tmp_path / name.replace(" ", "_"), cwd=tmp_path)
@@ -82,4 +90,6 @@ def test_one_view_and_one_member_are_todays_bytes_and_views_are_reproducible(tmp
     assert hashes["views"] == hashes["views again"]  # seeded: the same views, the same images
     stage_1 = lambda h: {k: v for k, v in h.items() if k.endswith("00001.png")}  # noqa: E731 (the guided stage)
     assert stage_1(hashes["views"]) != stage_1(hashes["today"]) != stage_1(hashes["ensemble"])
+    assert stage_1(hashes["students"]) != stage_1(hashes["today"])
+    assert (tmp_path / "students" / "stage_1" / "student_mlp.pt").exists()  # each student saved, reloadable
     assert SURROGATE["augment"] == "minimax"  # theta*'s own augmentation is what its views are drawn from
