@@ -212,11 +212,13 @@ def pick_batch(prior, spec, sampler, guide, start, step, device, score=None):
     cap = step * spec.num_classes
     fits = lambda b: _fits(prior, spec, sampler, guide, b, device, score)  # noqa: E731
     b = max(step, min(start, cap) // step * step)
+    # 1. the start must fit: halve it until it does (a preset made for a bigger GPU)
     while not fits(b):
         if b <= step:
             raise UserError(f"preflight: a sampler batch of {step} does not fit in GPU memory (try "
                             f"--grad-checkpoint, --grad-decoder taesd or --precision bf16)")
         b = max(step, b // 2 // step * step)
+    # 2. double until a step runs out of memory (or the cap: a bigger batch would never be used)
     ok, bad = b, None
     while ok < cap and bad is None:
         grown = min(cap, 2 * ok)
@@ -224,11 +226,14 @@ def pick_batch(prior, spec, sampler, guide, start, step, device, score=None):
             ok = grown
         else:
             bad = grown
+    # 3. bisect between the last size that fitted and the first that did not, in steps of kappa
     while bad is not None and bad - ok > step:
         mid = (ok + bad) // 2 // step * step
         if mid <= ok:
             break
         ok, bad = (mid, bad) if fits(mid) else (ok, mid)
+    # 4. headroom only where memory was the limit: peak memory varies with the step and with fragmentation, and
+    # a batch that fits exactly once may not fit for a whole stage (the run would then halve it mid-stage)
     picked = ok if bad is None else max(step, int(HEADROOM * ok) // step * step)
     return picked, ok, bad
 
@@ -246,6 +251,7 @@ def _step(prior, spec, sampler, guide, b, device, score):
     """One sampler step at batch b, guided when `guide` is given: the CFG pass (plus the gradient through decoder
     and classifiers), then the scheduler step."""
     prior.scheduler.set_timesteps(sampler.steps)
+    # mid-schedule: memory and time per step do not depend on t, and a timestep must come from the schedule
     t = prior.scheduler.timesteps[min(len(prior.scheduler.timesteps) - 1, sampler.steps // 2)]
     z, labels, classes = _probe(prior, spec, b, device)
     with torch.no_grad():
@@ -259,6 +265,7 @@ def _step(prior, spec, sampler, guide, b, device, score):
 
 
 def _fits(prior, spec, sampler, guide, b, device, score):
+    """Whether one step at batch b runs; out-of-memory is the answer no, and the memory it held is given back."""
     try:
         _step(prior, spec, sampler, guide, b, device, score)
         return True
@@ -315,6 +322,8 @@ def _epoch_seconds(arch, view, recipe, images, n_classes, device, teacher=None):
 def training_times(args, spec, x_plain, device, data_dir, ref_cached, teacher):
     """Seconds per batch of the per-stage students, the evaluation students, and theta* / IGD's surrogate when the
     run still has to train them; timed on the preflight's own images repeated to a realistic batch count."""
+    # the preflight's samples stand in for the run's images (the same size and channels; their content does not
+    # change the cost), repeated by reference to four batches, so a per-batch time is measured on full batches
     uint8 = list((x_plain * 255).round().to(torch.uint8))
     n = len(uint8)
     view = recipe_spec(spec, args.recipe)
@@ -344,19 +353,21 @@ def estimate(args, spec, guide, igd_guide, batch, kappa, m):
     """eta_s for the whole command and eta_stages_s per stage, from the measured seconds (the same loop structure
     as curriculum.generate_increment and train_student: blocks of classes per slot, batches per epoch)."""
     C, steps = spec.num_classes, args.steps
+    # the batches the run will really use: a guided batch holds kappa candidates of `classes` classes, an unguided
+    # one up to `batch` classes (never more than the dataset has)
     classes, guided_size, plain_size = run_batches(spec, batch, kappa)
     plain = lambda b: m["unguided_step_s"][str(b)]  # noqa: E731
     window = guide.guided_steps(steps)
 
-    def unguided_stage(images_per_class):
+    def unguided_stage(images_per_class):  # one sampler pass per slot and class block
         return images_per_class * math.ceil(C / plain_size) * steps * plain(plain_size)
 
-    def igd_stage(images_per_class):
+    def igd_stage(images_per_class):  # IGD's window steps are double backwards; + each class's real gradients
         igd_window = igd_guide.guided_steps(steps)
         per_batch = igd_window * m["igd_step_s"][str(plain_size)] + (steps - igd_window) * plain(plain_size)
         return images_per_class * math.ceil(C / plain_size) * per_batch + C * 4 * m["igd_real_gradient_s"]
 
-    def student_seconds(ipc, per_batch, recipe_epochs=None):
+    def student_seconds(ipc, per_batch, recipe_epochs=None):  # epochs x batches per epoch x seconds per batch
         bs = batch_size_for(RECIPES[args.recipe], ipc, C, C * ipc)
         epochs = recipe_epochs or epochs_for_ipc(ipc, args.recipe, spec.name)
         return epochs * math.ceil(C * ipc / bs) * per_batch
@@ -370,7 +381,7 @@ def estimate(args, spec, guide, igd_guide, batch, kappa, m):
         K = args.ipc // args.stage_ipc
         stages.append(igd_stage(args.stage_ipc) if args.seed_set == "igd" else
                       0.0 if args.seed_set != "dit" else unguided_stage(args.stage_ipc))
-        for k in range(1, K):
+        for k in range(1, K):  # a guided stage: its student, kappa candidates per image, each kept image's twin
             blocks = args.stage_ipc * math.ceil(C / classes)
             sampling = blocks * (window * m["guided_step_s"][str(guided_size)] + (steps - window) * plain(guided_size))
             twins = blocks * steps * plain(classes) if args.twins else 0.0
