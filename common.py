@@ -159,17 +159,20 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def seconds_per_call(fn, device, repeats=2):
+def seconds_per_call(fn, device, repeats=2, median=False):
     """Wall seconds per call of fn() after one warm-up call (first-call allocations and kernel selection are not
-    its cost), waiting for the GPU where there is one (bench.py, preflight.py)."""
+    its cost), waiting for the GPU where there is one (bench.py, preflight.py). median: of the repeats, so one
+    hiccup of a busy machine does not price the call (millisecond calls on a CPU); else the mean."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     fn()
     sync()
-    start = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-    sync()
-    return (time.perf_counter() - start) / repeats
+        sync()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) if median else sum(times) / repeats
 
 
 # ----------------------------------------------------------------------------- seeds

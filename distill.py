@@ -313,8 +313,8 @@ def resolved_config(args, spec):
 
 def print_plan(args, spec):
     """--dry-run: what the run will do, in images and DiT forward passes."""
-    measured = preflight_path(args.out_dir)
-    measured = load_json(measured, what="preflight result") if os.path.exists(measured) else None
+    path = preflight_path(args.out_dir)
+    measured = load_json(path, what="preflight result") if os.path.exists(path) else None
     if args.json:
         print(json.dumps(dict(resolved_config(args, spec), preflight=measured), indent=2))
         return

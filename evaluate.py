@@ -26,6 +26,7 @@ Run:
   python evaluate.py --redundancy real --dataset digits --real-ipc 10     # the same for random real images
   python evaluate.py --validity out/digits_lgd_ipc10_seed0                # share theta* recognises
   python evaluate.py --compare out/digits_lgd_ipc10_seed0 out/digits_dit_ipc10_seed0 out/digits_real_ipc10
+  python evaluate.py --export out/imagewoof_lgd_ipc100_seed0 --layout ddranking --out out/woof_ddranking  # export.py
 """
 import argparse
 import json
@@ -37,12 +38,12 @@ from PIL import Image, ImageDraw
 from common import (SALT_EVAL_INIT, SALT_EVAL_TRAIN, SALT_REDUNDANCY_INIT, SALT_REDUNDANCY_TRAIN, HelpFormatter,
                     UserError, atomic_write, check_writable, get_device, git_commit, load_json, print0, require,
                     run_cli, save_json, stream_seed)
-from export import LAYOUTS, class_folder, export_set
-from run_folder import (check_classes, check_not_busy, cross_eval_paths, default_real_dir, distilled_folder, eval_path,
-                        heatmap_path, redundancy_path, run_info, set_image_size, validity_path)
 from data import (ImageSet, class_table, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir,
                   sample_real_ipc)
+from export import LAYOUTS, class_folder, export_set
 from model import ARCHS, make_student
+from run_folder import (check_classes, check_not_busy, cross_eval_paths, default_real_dir, distilled_folder, eval_path,
+                        heatmap_path, redundancy_path, run_info, set_image_size, validity_path)
 from train_student import (RECIPES, accuracy, epochs_for_ipc, recipe_spec, reference_model, soft_label_teacher,
                            train_student)
 

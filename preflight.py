@@ -41,8 +41,8 @@ from PIL import Image
 
 from common import (SALT_PREFLIGHT, UserError, derive_seed, is_main, load_json, print0, save_grid, save_json,
                     seconds_per_call, stream_seed)
-from data import ImageSet, classifier_input, load_real, resize_crop
 from curriculum import image_record, stage_views
+from data import ImageSet, classifier_input, load_real, resize_crop
 from guidance import (Influence, Learnability, SamplerLog, cfg_output, decode_images, guided_output, sample,
                       weight_gradient)
 from model import make_student
@@ -55,6 +55,8 @@ PASS_SHARE = 0.5        # theta* must recognise at least half of the unguided sa
 STUDENT_EPOCHS = 30     # "a few epochs" on one sample per class: enough to learn them, so S has a gradient to follow
 HEADROOM = 0.9          # the batch picked is 90% of the largest that fitted (memory varies from step to step)
 DAY = 24 * 3600
+REPEATS = 5             # timed calls per measurement, their median priced (a busy machine's hiccups do not count)
+EPOCHS_TIMED = 6        # epochs of a timed student: the first decodes the set, the median of the others is priced
 
 
 # ----------------------------------------------------------------------------- the checks
@@ -288,11 +290,12 @@ def step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, devic
     """Seconds per sampler step at each batch the run will use."""
     device = torch.device(device)
     classes, guided_size, plain_size = run_batches(spec, batch, kappa)
-    plain = lambda b: seconds_per_call(lambda: _step(prior, spec, sampler, None, b, device, None), device)  # noqa: E731
+    plain = lambda b: seconds_per_call(lambda: _step(prior, spec, sampler, None, b, device, None), device,  # noqa
+                                       REPEATS, median=True)
     out = dict(unguided_step_s={str(b): plain(b) for b in sorted({plain_size, classes, guided_size})})
     if score is not None:
         out["guided_step_s"] = {str(guided_size): seconds_per_call(
-            lambda: _step(prior, spec, sampler, guide, guided_size, device, score), device)}
+            lambda: _step(prior, spec, sampler, guide, guided_size, device, score), device, REPEATS, median=True)}
     if args.method == "igd" or args.seed_set == "igd":  # IGD's step: a double backward per checkpoint (weights
         view = reference_spec(spec)                       # do not change its cost: random ones stand in)
         nets = [make_student(IGD_ARCH, view, seed=j).to(device) for j in range(4)]
@@ -300,23 +303,23 @@ def step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, devic
         targets = {}
         influence = Influence(nets, view, lambda j, c: targets.setdefault((j, c), torch.randn(size, device=device)))
         out["igd_step_s"] = {str(plain_size): seconds_per_call(
-            lambda: _step(prior, spec, sampler, igd_guide, plain_size, device, influence), device)}
+            lambda: _step(prior, spec, sampler, igd_guide, plain_size, device, influence), device, REPEATS, median=True)}
         x = torch.rand(args.grad_ipc, spec.channels, view.res, view.res, device=device)
         y = torch.zeros(len(x), dtype=torch.long, device=device)
         out["igd_real_gradient_s"] = seconds_per_call(
-            lambda: weight_gradient(nets[0], classifier_input(x * 2 - 1, view), y), device)
+            lambda: weight_gradient(nets[0], classifier_input(x * 2 - 1, view), y), device, REPEATS, median=True)
     return out
 
 
-def _epoch_seconds(arch, view, recipe, images, n_classes, device, teacher=None):
-    """Seconds per training batch of `arch` on `images` (an ImageSet), from the second of two epochs, and the
-    recipe's batch size for that set."""
+def _epoch_seconds(arch, view, recipe, images, n_classes, device, teacher=None, epochs=EPOCHS_TIMED):
+    """Seconds per training batch of `arch` on `images` (an ImageSet): the median epoch after the first (which also
+    decodes the set), over its batches; and the recipe's batch size for that set."""
     stamps = []
-    train_student(make_student(arch, view, seed=0), images, view, recipe, 2, device=device, teacher=teacher,
+    train_student(make_student(arch, view, seed=0), images, view, recipe, epochs, device=device, teacher=teacher,
                   desc="preflight timing", on_epoch=lambda e, m: stamps.append(time.perf_counter()))
     r = RECIPES[recipe] if isinstance(recipe, str) else recipe
     bs = batch_size_for(r, max(1, len(images) // n_classes), n_classes, len(images))
-    return (stamps[2] - stamps[1]) / math.ceil(len(images) / bs), bs
+    return float(np.median(np.diff(stamps[1:]))) / math.ceil(len(images) / bs), bs
 
 
 def training_times(args, spec, x_plain, device, data_dir, ref_cached, teacher):
@@ -337,7 +340,7 @@ def training_times(args, spec, x_plain, device, data_dir, ref_cached, teacher):
         test = load_real(spec, data_dir, "test")
         subset = test.subset(range(min(len(test), 512)))
         model = make_student(args.eval_arch, view).to(device)
-        per_subset = seconds_per_call(lambda: accuracy(model, subset, view, device), device, 1)
+        per_subset = seconds_per_call(lambda: accuracy(model, subset, view, device), device, REPEATS, median=True)
         out["test_pass_s"] = per_subset * len(test) / len(subset)  # one test pass, scaled from 512 images
     surrogate = IGD_ARCH if (args.method == "igd" or args.seed_set == "igd") else None
     if surrogate is not None and not (ref_cached and surrogate == args.arch):

@@ -201,7 +201,8 @@ def owned_folders(out_dir):
     """The folders a run writes into: the only places its stale temporaries may be removed from."""
     if not os.path.isdir(out_dir):
         return []
-    inner = [os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith("stage_") or d in ("distilled", "latents")]
+    inner = [os.path.join(out_dir, d) for d in os.listdir(out_dir)
+             if d.startswith("stage_") or d in ("distilled", "latents")]
     return [out_dir] + [d for d in inner if os.path.isdir(d)]
 
 

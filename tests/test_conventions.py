@@ -43,8 +43,8 @@ def test_dry_run_and_every_run_folder_list_the_classes(tmp_path, latent_prior, f
     r = run_cli("distill.py", "--dataset", "imagewoof", "--dry-run", "--json", cwd=tmp_path)
     assert r.returncode == 0 and json.loads(r.stdout)["classes"] == table
     run = tmp_path / "run"
-    argv = ["--dataset", "imagewoof", "--method", "dit", "--no-preflight", "--ipc", 1, "--steps", 2, "--data-dir", fake_woof, "--prior",
-            latent_prior, "--res", 16, "--out-dir", run]
+    argv = ["--dataset", "imagewoof", "--method", "dit", "--no-preflight", "--ipc", 1, "--steps", 2, "--data-dir",
+            fake_woof, "--prior", latent_prior, "--res", 16, "--out-dir", run]
     assert cli(distill.main, argv, capsys)[0] == 0
     assert json.loads((run / "classes.json").read_text()) == table
     # a run folder whose classes are numbered otherwise (say, sorted) is refused by evaluate.py and by a resume

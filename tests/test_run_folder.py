@@ -73,7 +73,8 @@ def test_two_lgd_runs_at_once_train_theta_star_once(tmp_path, pixel_prior):
     assert entry.startswith("surrogate_digits_convnet") and entry.endswith(".pt")
 
 
-HOLD = ("import sys, time\nfrom run_folder import Lock\nlock = Lock(sys.argv[1])\nlock.acquire()\nprint('held', flush=True)\n"
+HOLD = ("import sys, time\nfrom run_folder import Lock\nlock = Lock(sys.argv[1])\nlock.acquire()\n"
+        "print('held', flush=True)\n"
         "time.sleep(float(sys.argv[2]))\n"
         "import os\nos.makedirs(sys.argv[3], exist_ok=True)\nlock.release()\n")
 
