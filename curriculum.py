@@ -39,7 +39,7 @@ from guidance import (Influence, Learnability, SamplerLog, add_to_memory, best_o
                       select_checkpoints, weight_gradient)
 from model import make_student
 from run_folder import (check_stage_files, distilled_dir, done_path, igd_path, image_path, latent_path, load_or_none,
-                        load_stage_file, record_path, stage_dir, stage_files, stage_images, stage_latents,
+                        load_saved, load_stage_file, record_path, stage_dir, stage_files, stage_images, stage_latents,
                         stage_log_path, stage_records, student_path, union_files)
 from train_student import (IGD_ARCH, SURROGATE, epochs_for_ipc, reference_spec, surrogate_trajectory, train_student,
                            view_augment)
@@ -342,11 +342,7 @@ def generate_increment(prior, spec, images_dir, latents_dir, slots, first_index,
 def _load_latent(path, png):
     """A latent of the stage being generated; a damaged one names itself and its image (deleting both makes the
     rerun sample that slot again, from the same seeded noise)."""
-    try:
-        return torch.load(path, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 -- a truncated file: one line, not the unpickler's traceback
-        raise UserError(f"{path} is damaged ({e.__class__.__name__}); delete it and {png}, then rerun the same "
-                        f"command to sample that image again") from None
+    return load_saved(path, f"delete it and {png}, then rerun the same command to sample that image again")
 
 
 def _generate_chunk(prior, spec, dirs, chunk, index, seed, sampler, score, guide, memory, twins, first_batch):

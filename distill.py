@@ -44,7 +44,7 @@ from run_folder import (changed_settings, check_classes, check_run_folder, claim
                         distilled_dir, eval_path, grid_path, preflight_path, record_args, run_latents, stage_summary,
                         update_args, write_classes)
 from train_prior import digits_prior
-from train_student import RECIPES, recipe_spec, reference_model, reference_spec, soft_label_teacher
+from train_student import RECIPES, recipe_spec, reference_model, reference_models, reference_spec, soft_label_teacher
 
 PAPER = asdict(GuidanceConfig())  # the paper's constants: one home (guidance.GuidanceConfig)
 
@@ -505,9 +505,8 @@ def distill(args, spec, device, ranks, on_stage_start=None, prior=None):
     else:
         # theta*, trained once per dataset/arch/view and cached under out/cache (or the user's file); an ensemble
         # of such models with --reference-archs
-        reference = [reference_model(spec, arch, data_dir, device, epochs=args.reference_epochs,
-                                     num_workers=args.num_workers, path=args.reference)
-                     for arch in args.reference_archs.split(",")]
+        reference = reference_models(spec, args.reference_archs, data_dir, device, args.reference_epochs,
+                                     args.num_workers, args.reference)
         teacher = soft_label_teacher(student_view, args.recipe, data_dir, device, num_workers=args.num_workers)
         first, *others = args.student_archs.split(",")
         students = Students(first, args.recipe, student_view, args.student_epochs, args.student_ddp,

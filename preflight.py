@@ -48,7 +48,7 @@ from guidance import (Influence, Learnability, SamplerLog, cfg_output, decode_im
 from model import make_student
 from run_folder import preflight_path
 from train_student import (IGD_ARCH, SURROGATE_EPOCHS, DIGITS_SURROGATE_EPOCHS, RECIPES, accuracy, batch_size_for,
-                           epochs_for_ipc, recipe_spec, reference_model, reference_spec, soft_label_teacher,
+                           epochs_for_ipc, recipe_spec, reference_models, reference_spec, soft_label_teacher,
                            surrogate_cached, surrogate_recipe, train_student)
 
 PASS_SHARE = 0.5        # theta* must recognise at least half of the unguided samples
@@ -77,8 +77,9 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
     # 1. prior and labels: theta* as the run gets it (trained now and cached for the run, or loaded)
     ref_cached = args.reference is not None or surrogate_cached(spec, args.arch, data_dir, args.reference_epochs)
     t = time.time()
-    reference, ref_view = reference_model(spec, args.arch, data_dir, device, epochs=args.reference_epochs,
-                                          num_workers=args.num_workers, path=args.reference)
+    members = reference_models(spec, args.reference_archs, data_dir, device, args.reference_epochs, args.num_workers,
+                               args.reference)  # the run's theta* (and its ensemble, --reference-archs)
+    reference, ref_view = members[0]
     measured["theta_star_s"] = time.time() - t
     noise = lambda index: [torch.Generator().manual_seed(derive_seed(args.seed, c, index, 0))  # noqa: E731
                            for c in range(n)]
@@ -104,9 +105,6 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
         train_student(student, ImageSet(list(uint8), classes.tolist()), student_view, args.recipe, STUDENT_EPOCHS,
                       seed=stream_seed(args.seed, SALT_PREFLIGHT, 1), device=device, desc="preflight student",
                       teacher=teacher)
-        members = [(reference, ref_view)] + [reference_model(spec, arch, data_dir, device, epochs=args.reference_epochs,
-                                                             num_workers=args.num_workers)
-                                             for arch in args.reference_archs.split(",")[1:]]  # the run's ensemble
         score = Learnability(student, student_view, [m for m, _ in members], [v for _, v in members], guide.omega,
                              guide.views, stage_views(student_view, args.recipe, members, args.seed, 1, guide.views))
 

@@ -452,15 +452,19 @@ def check_stage_files(out_dir, spec, k, stage_ipc):
                             f"{stage_dir(out_dir, k)} and the later stages to regenerate them")
 
 
-def load_stage_file(path, out_dir, k):
-    """A saved tensor of stage k (a latent of the memory M_c), or one line naming the damaged file and the way out.
-
-    A latent is where its image came from: it cannot be regenerated alone, so the stage goes."""
+def load_saved(path, remedy):
+    """A file a run saved with torch.save, or one line naming it as damaged and what to do (`remedy`)."""
     try:
         return torch.load(path, map_location="cpu")
     except Exception as e:  # noqa: BLE001 -- truncated / foreign file: one line, not the unpickler's traceback
-        raise UserError(f"{path} is damaged ({e.__class__.__name__}); delete {stage_dir(out_dir, k)} and the later "
-                        f"stages, then rerun the same command to regenerate them") from None
+        raise UserError(f"{path} is damaged ({e.__class__.__name__}); {remedy}") from None
+
+
+def load_stage_file(path, out_dir, k):
+    """A saved tensor of a finished stage k (a latent of the memory M_c). A latent is where its image came from: it
+    cannot be regenerated alone, so the stage goes."""
+    return load_saved(path, f"delete {stage_dir(out_dir, k)} and the later stages, then rerun the same command to "
+                            f"regenerate them")
 
 
 def load_or_none(path, what):

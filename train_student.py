@@ -46,7 +46,7 @@ from common import UserError, barrier, get_device, is_main, print0, require, run
 from data import (Augment, cutmix, get_spec, load_real, normalise, resolve_data_dir, resize_crop, sample_real_ipc,
                   storage_size, with_view)
 from model import ARCHS, make_student
-from run_folder import cache_entry
+from run_folder import cache_entry, load_saved
 
 RECIPES = {
     "minimax": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="multistep",
@@ -279,11 +279,8 @@ def _cache_path(kind, spec, arch, data_dir, epochs, cache_dir):
 
 
 def _load_cached(path):
-    try:
-        return torch.load(path, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 -- a truncated or foreign file: one line and the way out
-        raise UserError(f"cached model {path} is damaged ({e.__class__.__name__}); remove it and rerun to "
-                        f"retrain it") from None
+    """A cached model (ours, never a user's file): damaged, it says to remove it, and a rerun rebuilds it."""
+    return load_saved(path, "it is a cache: remove it and rerun to retrain it")
 
 
 def load_user_weights(model, path, fits, flag="--reference"):
@@ -359,11 +356,15 @@ def surrogate_path(view, arch, data_dir, epochs=None, cache_dir="out/cache"):
     return _cache_path("surrogate", view, arch, data_dir, epochs, cache_dir), epochs
 
 
+def pretrained_reference(spec, arch):
+    """[choice] theta* of ImageNet-1K with resnet18_bn: torchvision's pretrained ResNet-18 (trained on it already)."""
+    return spec.name == "imagenet" and arch == "resnet18_bn" and spec.num_classes == 1000
+
+
 def surrogate_cached(spec, arch, data_dir, epochs=None, cache_dir="out/cache"):
     """Whether theta* for this dataset / arch needs no training: cached already, or torchvision's pretrained one."""
-    if spec.name == "imagenet" and arch == "resnet18_bn" and spec.num_classes == 1000:
-        return True
-    return os.path.exists(surrogate_path(reference_spec(spec), arch, data_dir, epochs, cache_dir)[0])
+    return pretrained_reference(spec, arch) or \
+        os.path.exists(surrogate_path(reference_spec(spec), arch, data_dir, epochs, cache_dir)[0])
 
 
 def pretrained_resnet18(device):
@@ -380,7 +381,7 @@ def reference_model(spec, arch, data_dir, device, epochs=None, cache_dir="out/ca
     pretrained ResNet-18 (trained on the full real set already), at its own view (224, ImageNet statistics).
     """
     view = reference_spec(spec)
-    if path is None and spec.name == "imagenet" and arch == "resnet18_bn" and spec.num_classes == 1000:
+    if path is None and pretrained_reference(spec, arch):
         return pretrained_resnet18(device), recipe_spec(spec, "rded")
     model = make_student(arch, view, seed=0)
     if path is not None:
@@ -388,6 +389,13 @@ def reference_model(spec, arch, data_dir, device, epochs=None, cache_dir="out/ca
     else:
         model.load_state_dict(surrogate_trajectory(view, arch, data_dir, device, epochs, cache_dir, num_workers)[-1])
     return model.to(device).eval(), view
+
+
+def reference_models(spec, archs, data_dir, device, epochs=None, num_workers=0, path=None):
+    """[(theta*, its view)] for each architecture of --reference-archs (one: the paper's theta*); path: the user's
+    file for the first (a single theta*)."""
+    return [reference_model(spec, arch, data_dir, device, epochs=epochs, num_workers=num_workers,
+                            path=path if j == 0 else None) for j, arch in enumerate(archs.split(","))]
 
 
 def soft_label_teacher(spec, recipe, data_dir, device, cache_dir="out/cache", num_workers=0):
