@@ -48,8 +48,8 @@ from guidance import (Influence, Learnability, SamplerLog, cfg_output, decode_im
 from model import make_student
 from run_folder import preflight_path
 from train_student import (IGD_ARCH, SURROGATE_EPOCHS, DIGITS_SURROGATE_EPOCHS, RECIPES, accuracy, batch_size_for,
-                           epochs_for_ipc, recipe_spec, reference_models, reference_spec, soft_label_teacher,
-                           surrogate_cached, surrogate_recipe, train_student)
+                           epochs_for_ipc, recipe_settings, recipe_spec, reference_models, reference_spec,
+                           soft_label_teacher, surrogate_cached, surrogate_recipe, train_student)
 
 PASS_SHARE = 0.5        # theta* must recognise at least half of the unguided samples
 STUDENT_EPOCHS = 30     # "a few epochs" on one sample per class: enough to learn them, so S has a gradient to follow
@@ -315,7 +315,7 @@ def _epoch_seconds(arch, view, recipe, images, n_classes, device, teacher=None, 
     stamps = []
     train_student(make_student(arch, view, seed=0), images, view, recipe, epochs, device=device, teacher=teacher,
                   desc="preflight timing", on_epoch=lambda e, m: stamps.append(time.perf_counter()))
-    r = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    r = recipe_settings(recipe)
     bs = batch_size_for(r, max(1, len(images) // n_classes), n_classes, len(images))
     return float(np.median(np.diff(stamps[1:]))) / math.ceil(len(images) / bs), bs
 

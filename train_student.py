@@ -174,6 +174,11 @@ def batches(images, size, order, batch_size, num_workers, crop_ratio=1.0):
                               num_workers=num_workers)
 
 
+def recipe_settings(recipe):
+    """A recipe's settings: by name (RECIPES) or a recipe dict itself (SURROGATE)."""
+    return RECIPES[recipe] if isinstance(recipe, str) else recipe
+
+
 def recipe_augment(spec, r, generator):
     """The recipe's training augmentation in view `spec` (digits: the 1-pixel shift), drawing from `generator`."""
     return Augment(spec, "shift" if spec.name == "digits" else r["augment"], generator)
@@ -187,7 +192,7 @@ def training_size(spec, r):
 def view_augment(spec, recipe, generator):
     """x in [0, 1] (any size) -> random views as a classifier trained with `recipe` in view `spec` saw its images:
     the recipe's first resize, then its augmentation, unnormalised, at spec.res (guidance.Learnability's views)."""
-    r = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    r = recipe_settings(recipe)
     augment, size = recipe_augment(spec, r, generator), training_size(spec, r)
     return lambda x: augment.views(resize_crop(x, size))
 
@@ -201,7 +206,7 @@ def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, 
     and after the last (Minimax evaluates 100 times; the best of those is what peers report).
     on_epoch(epoch, model): called with epoch 0 (the initialisation) and after every epoch (trajectories).
     """
-    r = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    r = recipe_settings(recipe)
     if r["temperature"] is not None and teacher is None:
         raise UserError(f"recipe {recipe} trains on soft labels and needs a teacher model")
     if teacher is not None:
