@@ -34,7 +34,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import get_device, load_json, save_json, seconds_per_call
+from common import ArgumentParser, UserError, check_writable, get_device, load_json, require, run_cli, save_json, seconds_per_call
 from data import Augment, ImageSet, get_spec, load_real, sample_real_ipc
 from guidance import GuidanceConfig, Influence, Learnability, SamplerConfig, cfg_output, guided_output
 from model import DIGITS_PRIOR, Prior, make_scheduler, make_student
@@ -205,7 +205,7 @@ def bench_eta(device, extra=()):
         start = time.perf_counter()
         done = subprocess.run(command + step, capture_output=True, text=True)
         if done.returncode:
-            raise SystemExit(f"{' '.join(command + step)} failed:\n{done.stderr[-2000:]}")
+            raise UserError(f"{' '.join(command + step)} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
         seconds = time.perf_counter() - start
         if step:
             preflight_s = seconds
@@ -216,7 +216,7 @@ def bench_eta(device, extra=()):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Where a learnability-guided sampling step's time goes.")
+    p = ArgumentParser(description="Where a learnability-guided sampling step's time goes.")
     p.add_argument("--size", default="tiny", choices=["tiny", "xl"], help="digits prior or DiT-XL/2 256 + SD VAE")
     p.add_argument("--batch-size", type=int, nargs="+", default=None, help="images per step (tiny 128, xl 1 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default: tiny 10, xl 2)")
@@ -228,6 +228,11 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", default=None, help="also write everything as JSON here")
     args = p.parse_args(argv)
+    require(args.batch_size is None or min(args.batch_size) >= 1, f"--batch-size must be at least 1, got "
+            f"{args.batch_size}")
+    require(args.repeats is None or args.repeats >= 1, f"--repeats must be at least 1, got {args.repeats}")
+    if args.json:
+        check_writable(os.path.dirname(os.path.abspath(args.json)))
     device = get_device(args.device)
     if args.eta:
         result = dict(device=str(device), threads=torch.get_num_threads(), eta=bench_eta(device))
@@ -240,8 +245,8 @@ def main(argv=None):
         for name, value in result["student"].items():
             print(f"{name:<55} {value:10.1f}")
     else:
-        args.batch_size = args.batch_size or ([128] if args.size == "tiny" else [1, 2])
-        args.repeats = args.repeats or (10 if args.size == "tiny" else 2)
+        args.batch_size = args.batch_size if args.batch_size is not None else ([128] if args.size == "tiny" else [1, 2])
+        args.repeats = args.repeats if args.repeats is not None else (10 if args.size == "tiny" else 2)
         result = dict(vars(args), device=str(device), threads=torch.get_num_threads(), runs=[])
         for batch in args.batch_size:
             run = bench_sampler(args, device, batch)
@@ -262,4 +267,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

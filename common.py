@@ -92,6 +92,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes (an unknown flag, a bad choice, a non-number) are UserErrors: one `error:` line and
+    exit code 1 through run_cli, like every other refused input (plain argparse prints its usage and exits 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 # ----------------------------------------------------------------------------- device & torchrun
 
 def get_device(name="auto"):
@@ -100,11 +112,18 @@ def get_device(name="auto"):
         try:
             device = torch.device(name)
         except RuntimeError:
-            raise UserError(f"unknown --device '{name}' (auto, cpu, cuda, cuda:N, mps)") from None
+            device = None
+        if device is None or device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: nothing to compute on
+            raise UserError(f"unknown --device '{name}' (auto, cpu, cuda, cuda:N, mps)")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available on this machine (use --device auto or cpu)")
         if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise UserError(f"--device {name}: MPS is not available on this machine (use --device auto or cpu)")
+        try:  # tried, not only parsed: cuda:7 on a 2-GPU machine fails here, before anything is written
+            (torch.ones(2, device=device) * 2).sum().item()
+        except (RuntimeError, AssertionError) as e:
+            raise UserError(f"--device {name} does not run on this machine ({(str(e).splitlines() or [''])[0]})") \
+                from None
         return device
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -218,19 +237,65 @@ def temporary_path(path):
     return os.path.join(folder, f".{name}.lgd-tmp-{os.getpid()}")
 
 
-def atomic_write(path, write):
+# How a write that ran out of room shows itself: ENOSPC (a full disk), EFBIG (a file-size limit, `ulimit -f`),
+# EDQUOT (a quota); torch.save's zip writer turns them into a RuntimeError that names no errno at all.
+DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "No space left")
+
+
+def is_disk_full(e):
+    """Whether an exception raised while writing means "no room for the file" (see DISK_ERRNOS)."""
+    if isinstance(e, OSError):
+        return e.errno in DISK_ERRNOS
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in TORCH_WRITE_FAILURES)
+
+
+def disk_full(path):
+    """The one exception every out-of-room write becomes: run_cli prints it as `error: disk full: <path>`."""
+    return OSError(errno.ENOSPC, "disk full", os.path.abspath(path))
+
+
+def atomic_write(path, write, verify=False):
     """Write via `write(tmp_path)` then rename: readers see the old file or the whole new one.
 
-    On any failure (disk full, Ctrl-C) the temporary is removed before the error goes on.
+    On any failure (disk full, Ctrl-C) the temporary is removed before the error goes on; a write that ran out of
+    room (however the OS or torch reports it) becomes `disk full: <path>`. verify: if `path` exists already, the new
+    bytes must equal it (a resumed run recomputing a file it wrote before); they are compared and the old file is
+    kept, and a difference is a UserError naming the file.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = temporary_path(path)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as e:  # noqa: BLE001 -- sorted: out of room -> one line; anything else goes on as it is
+            if is_disk_full(e):
+                raise disk_full(path) from None
+            raise
+        if verify and os.path.exists(path):
+            same = _same_bytes(tmp, path)
+            remove_path(tmp)
+            if not same:
+                raise Mismatch(path)
+            return
         os.replace(tmp, path)
     except BaseException:
         remove_path(tmp)
         raise
+
+
+class Mismatch(UserError):
+    """A file a resumed run recomputed differs from the one on disk (a damaged or foreign file)."""
+
+    def __init__(self, path):
+        self.path = path
+        super().__init__(f"{path} is not what this run computes for it (damaged, edited, or written on another "
+                         f"machine or thread count)")
+
+
+def _same_bytes(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
 
 
 def remove_path(path):
@@ -256,31 +321,31 @@ def copy_file(source, path):
     atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
-def save_json(obj, path):
+def save_json(obj, path, verify=False):
     """Strict JSON (a NaN or inf is an error here, not a bare `NaN` no JSON reader accepts), atomically."""
     text = json.dumps(obj, indent=2, allow_nan=False)
 
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
-    atomic_write(path, write)
+    atomic_write(path, write, verify)
 
 
-def load_json(path, what="file"):
-    """A JSON file, or one clear line naming it if it is damaged."""
+def load_json(path, what="file", remedy=None):
+    """A JSON file, or one clear line naming it if it is damaged (with `remedy`: what to do about it)."""
     try:
         with open(path) as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{what} {path} is not valid JSON ({e.__class__.__name__}); it was damaged or not "
-                        f"written by lgd") from None
+        raise UserError(f"{what} {path} is not valid JSON ({e.__class__.__name__}); " +
+                        (remedy or "it was damaged or not written by lgd")) from None
 
 
-def save_torch(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def save_torch(obj, path, verify=False):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), verify)
 
 
-def save_png(image, path):
+def save_png(image, path, verify=False):
     """image: (C, H, W) float tensor in [0, 1] (C = 1 or 3) -> 8-bit PNG, atomically.
 
     A non-finite image (NaN from a bad scale) is refused: clamping would silently write solid black.
@@ -290,7 +355,7 @@ def save_png(image, path):
                         f"scales")
     array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     pil = Image.fromarray(array[0], "L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0), "RGB")
-    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"), verify)
 
 
 def save_grid(images, path, row_names, col_names, title="", cell=None):

@@ -27,18 +27,20 @@ describes every image of the stage however many starts it took.
 Run: `python distill.py` (digits, LGD, IPC 10 in 5 stages of 2).
 """
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from common import (SALT_STAGE_INIT, SALT_STAGE_TRAIN, SALT_VIEWS, UserError, all_gather, barrier, copy_file,
+from common import (SALT_STAGE_INIT, SALT_STAGE_TRAIN, SALT_VIEWS, Mismatch, UserError, all_gather, barrier, copy_file,
                     derive_seed, is_main, load_json, print0, save_grid, save_json, save_png, save_torch, stream_seed)
 from data import ImageSet, classifier_input, list_image_folder, load_image, load_real, numeric_order, resize_crop
 from guidance import (Influence, Learnability, SamplerLog, add_to_memory, best_of_candidates, decode_images, sample,
                       select_checkpoints, weight_gradient)
 from model import make_student
-from run_folder import (check_stage_files, distilled_dir, done_path, igd_path, image_path, latent_path, load_or_none,
+from run_folder import (check_stage_files, distilled_dir, done_path, igd_path, image_header, image_path,
+                        increment_folder, latent_path, load_or_none,
                         load_saved, load_stage_file, record_path, stage_dir, stage_files, stage_images, stage_latents,
                         stage_log_path, stage_records, student_path, union_files)
 from train_student import (IGD_ARCH, SURROGATE, epochs_for_ipc, reference_spec, surrogate_trajectory, train_student,
@@ -54,6 +56,12 @@ class Plan:
     batch_size: int = 32      # samples per sampler batch (candidates included)
     seed_set: str = "dit"     # stage 0: "dit" (unguided), or a folder <class>/*.png
     twins: bool = True        # log the unguided twin of every kept image (one more unguided sample each)
+
+
+def uses_igd(method, seed_set):
+    """Whether a run samples with IGD's influence score: --method igd, or LGD with T_1 from IGD (the paper's pipeline).
+    A --method dit run samples no IGD increment, whatever a preset's seed set says, and builds nothing for it."""
+    return method == "igd" or (method == "lgd" and seed_set == "igd")
 
 
 @dataclass
@@ -150,9 +158,10 @@ def finish_stage(out_dir, spec, k, stage_ipc, summary):
                   guided)
     if k:
         expected = spec.num_classes * stage_ipc
-        if summary["images_logged"] < expected:  # images written by a version of lgd without per-image records
-            print0(f"stage {k}: log.json covers {summary['images_logged']} of {expected} images (the others have no "
-                   f"record in {stage_records(out_dir, k)})")
+        if summary["images_logged"] != expected:  # generate_increment leaves no image without its record
+            raise UserError(f"stage {k}: {summary['images_logged']} of {expected} images have a record in "
+                            f"{stage_records(out_dir, k)}; delete {stage_dir(out_dir, k)} and the later stages to "
+                            f"sample them again")
         save_json(summary, stage_log_path(out_dir, k))
         print0(log_line(k, summary))
     save_json(dict(stage=k, indices=[first, first + stage_ipc], sampler_batch=summary["sampler_batch"],
@@ -221,14 +230,23 @@ def initial_memory(out_dir, spec, k, stage_ipc, cap):
 
 def seed_set_files(seed_dir, spec, stage_ipc):
     """[choice] `--seed-set PATH`: the first stage_ipc images per class of a user's set, in numeric name order
-    (IGD writes `0.png .. 99.png` unpadded; plain sorting would take 0, 1, 10, 11, ...). Every file taken is
-    read once here, so a bad seed set is refused before a run folder is claimed. Returns [[path] per class]."""
+    (IGD writes `0.png .. 99.png` unpadded; plain sorting would take 0, 1, 10, 11, ...). Images of another colour mode
+    than the dataset's, or of another size than the set's own, are not its images: named in one notice and passed
+    over. Every file taken is read once here, so a bad seed set is refused before a run folder is claimed. Returns
+    [[path] per class]."""
     paths, labels = list_image_folder(seed_dir, spec.class_names(), what="seed set")
+    headers = {p: image_header(p) for p in paths}
+    side = Counter(h[:2] for h in headers.values()).most_common(1)[0][0]  # the set's own size
+    odd = [p for p in paths if headers[p] != (*side, spec.channels)]
+    if odd:
+        print0(f"note: {len(odd)} images of seed set {seed_dir} are not {side[0]}x{side[1]} "
+               f"{'grey' if spec.channels == 1 else 'colour'} like the rest and are passed over: "
+               + ", ".join(os.path.relpath(p, seed_dir) for p in odd[:5]) + (", ..." if len(odd) > 5 else ""))
     chosen = []
     for c in range(spec.num_classes):
-        mine = sorted((p for p, y in zip(paths, labels) if y == c), key=numeric_order)
+        mine = sorted((p for p, y in zip(paths, labels) if y == c and p not in set(odd)), key=numeric_order)
         if len(mine) < stage_ipc:
-            raise UserError(f"seed set {seed_dir} has {len(mine)} images of class {spec.class_names()[c]}, "
+            raise UserError(f"seed set {seed_dir} has {len(mine)} usable images of class {spec.class_names()[c]}, "
                             f"needs --stage-ipc {stage_ipc}")
         for path in mine[:stage_ipc]:
             load_image(path, spec.channels)  # unreadable: one line naming the file
@@ -264,7 +282,7 @@ def write_union(out_dir, spec, num_stages, stage_ipc):
     """D_K -> out_dir/distilled/<class>/<index>.png (atomic copies), the evaluator's input."""
     if is_main():
         for k in range(num_stages):
-            check_stage_files(out_dir, spec, k, stage_ipc)
+            check_stage_files(out_dir, spec, k, stage_ipc, notice=False)  # still whole (named at the start)
             for path, c in zip(*stage_files(out_dir, spec, k, stage_ipc)):
                 target = os.path.join(distilled_dir(out_dir), spec.class_names()[c], os.path.basename(path))
                 if not os.path.exists(target):
@@ -296,13 +314,22 @@ def generate_increment(prior, spec, images_dir, latents_dir, slots, first_index,
     Classes are cut into fixed blocks of batch_size // kappa classes, dealt round-robin to the ranks,
     so which images share a batch does not depend on the number of ranks. On out-of-memory the batch
     is halved and the block retried (images are seeded one by one, so the set is unchanged up to
-    float rounding). Existing PNGs are kept (resume). records_dir: where each guided image's record goes
-    (what guidance did for it; None: not recorded). Returns the batch size that fitted.
+    float rounding). records_dir: where each guided image's record goes (what guidance did for it; None: not
+    recorded). Returns the batch size that fitted.
+
+    Resume: a sample depends (in its last float bits) on the batch it was computed in, so a rerun recomputes an
+    unfinished chunk exactly as the uninterrupted run cut it (the same classes, in the same order) and writes only
+    the files that are missing; those already on disk must come out the same bytes (common.atomic_write, verify),
+    else the folder is named as damaged. A chunk whose every file is there is skipped, unless the score draws
+    random views (--guidance-views > 1): their generator runs through the stage batch by batch, so the whole
+    stage is recomputed and checked.
     """
     kappa = guide.candidates if (guide is not None and score is not None) else 1
     per_block = max(1, batch_size // kappa)
     blocks = [list(range(c, min(c + per_block, spec.num_classes))) for c in range(0, spec.num_classes, per_block)]
     my_blocks = blocks[ranks.rank::ranks.world]
+    replay = getattr(score, "draws_views", False)  # a stage-long random stream: nothing can be skipped
+    dirs = (images_dir, latents_dir, records_dir if score is not None else None)
     batch = batch_size
     bar = tqdm(total=slots * sum(map(len, my_blocks)), desc=desc, unit="img", disable=not is_main(), mininterval=2)
     # block by block, then slot by slot: M_c depends only on class c's earlier slots, so the order of blocks
@@ -311,14 +338,16 @@ def generate_increment(prior, spec, images_dir, latents_dir, slots, first_index,
         for slot in range(slots):
             index = first_index + slot
             while True:
-                todo = [c for c in block if not os.path.exists(image_path(images_dir, spec, c, index))]
                 per_chunk = max(1, batch // kappa)
                 try:
-                    for j in range(0, len(todo), per_chunk):
+                    for j in range(0, len(block), per_chunk):
+                        chunk = block[j:j + per_chunk]  # as the uninterrupted run cuts it, whatever is on disk
+                        if not replay and all(image_complete(dirs, spec, c, index) for c in chunk):
+                            continue
                         # a cheap gradient decoder is checked against the exact one on the stage's first batch
                         first_batch = slot == 0 and block is my_blocks[0] and j == 0
-                        _generate_chunk(prior, spec, (images_dir, latents_dir, records_dir), todo[j:j + per_chunk],
-                                        index, seed, sampler, score, guide, memory, twins, first_batch)
+                        _generate_chunk(prior, spec, dirs, chunk, index, seed, sampler, score, guide, memory, twins,
+                                        first_batch)
                     break
                 except torch.OutOfMemoryError:
                     if per_chunk == 1:
@@ -327,6 +356,9 @@ def generate_increment(prior, spec, images_dir, latents_dir, slots, first_index,
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     print(f"out of memory: sampler batch halved to {batch} (same images, seeded one by one)")
+                except Mismatch as e:  # a file this run wrote earlier is not what it computes now
+                    raise UserError(f"{e}; rerun where it was written, or delete {increment_folder(images_dir)} to "
+                                    f"sample it again") from None
             if memory is not None:  # the kept latents of this slot join M_c, read back from disk
                 for c in block:
                     path = latent_path(latents_dir, spec, c, index)
@@ -339,15 +371,26 @@ def generate_increment(prior, spec, images_dir, latents_dir, slots, first_index,
     return batch
 
 
+def image_complete(dirs, spec, c, index):
+    """Every file of image (c, index) is on disk: its PNG, its latent and its record (where they are kept)."""
+    paths = [image_path(dirs[0], spec, c, index)]
+    if dirs[1] is not None:
+        paths.append(latent_path(dirs[1], spec, c, index))
+    if dirs[2] is not None:
+        paths.append(record_path(dirs[2], spec, c, index))
+    return all(os.path.exists(p) for p in paths)
+
+
 def _load_latent(path, png):
     """A latent of the stage being generated; a damaged one names itself and its image (deleting both makes the
-    rerun sample that slot again, from the same seeded noise)."""
+    rerun sample that slot again, from the same seeded noise and in the same batch: the same bytes)."""
     return load_saved(path, f"delete it and {png}, then rerun the same command to sample that image again")
 
 
 def _generate_chunk(prior, spec, dirs, chunk, index, seed, sampler, score, guide, memory, twins, first_batch):
     """Sample the images of `chunk` (classes) at slot `index`, keep the best candidates, write for each image its
-    latent, its record (what guidance did) and last its PNG: a PNG on disk means the image is complete."""
+    latent, its record (what guidance did) and last its PNG: a PNG on disk means the image is complete. Files
+    already on disk (a resumed chunk) are checked to be the same bytes instead of written."""
     images_dir, latents_dir, records_dir = dirs
     kappa = guide.candidates if score is not None else 1
     items = [(c, j) for c in chunk for j in range(kappa)]  # (class, candidate), the candidates of an image adjacent
@@ -374,10 +417,10 @@ def _generate_chunk(prior, spec, dirs, chunk, index, seed, sampler, score, guide
         records = [image_record(n, kappa, int(best[n]), parts, twin, log) for n in range(len(chunk))]
     for c, z, image, record in zip(chunk, z0, images, records):
         if latents_dir is not None:
-            save_torch(z.detach().cpu().clone(), latent_path(latents_dir, spec, c, index))
+            save_torch(z.detach().cpu().clone(), latent_path(latents_dir, spec, c, index), verify=True)
         if records_dir is not None and record is not None:
-            save_json(record, record_path(records_dir, spec, c, index))
-        save_png(image, image_path(images_dir, spec, c, index))
+            save_json(record, record_path(records_dir, spec, c, index), verify=True)
+        save_png(image, image_path(images_dir, spec, c, index), verify=True)
 
 
 def image_record(n, kappa, kept, parts, twin, log):
@@ -399,8 +442,10 @@ def summarise_records(records_dir, spec, indices, batch):
     """A stage's log.json from its image records, in image order (index, then class): means of the kept
     candidates' scores, of the rejected ones', of the unguided twins', which candidate was kept, and per guided
     step the mean relative push (||push|| / ||z_{t-1}||) of guidance and of deviation."""
-    records = [load_json(path, what="image record") for index in indices for c in range(spec.num_classes)
-               for path in [record_path(records_dir, spec, c, index)] if os.path.exists(path)]
+    remedy = "delete it and rerun the same command: its image is sampled again in the same batch and checked"
+    records = [load_json(path, what="image record", remedy=remedy) for index in indices
+               for c in range(spec.num_classes) for path in [record_path(records_dir, spec, c, index)]
+               if os.path.exists(path)]
     mean = lambda values: float(torch.tensor(values).mean()) if values else None  # noqa: E731
 
     def merged(tables):  # [{key: values}] -> {key: all values, in order}

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torchvision.datasets import Imagenette
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.models import ResNet18_Weights
 from torchvision.transforms.v2 import functional as TF
@@ -49,9 +48,10 @@ IMAGENETTE = {"n01440764": 0, "n02102040": 217, "n02979186": 482, "n03000684": 4
               "n03394916": 566, "n03417042": 569, "n03425413": 571, "n03445777": 574, "n03888257": 701}
 IMAGEWOOF = {"n02096294": 193, "n02093754": 182, "n02111889": 258, "n02088364": 162, "n02086240": 155,
              "n02089973": 167, "n02087394": 159, "n02115641": 273, "n02099601": 207, "n02105641": 229}
-DOWNLOADS = {  # public archives for users with internet; `--data-dir` skips them
-    "imagenette": "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2.tgz",  # via torchvision.datasets.Imagenette
-    "imagewoof": "https://s3.amazonaws.com/fast-ai-imageclas/imagewoof2.tgz",
+DOWNLOADS = {  # public archives for users with internet (url, approximate size, md5 or None); `--data-dir` skips them
+    "imagenette": ("https://s3.amazonaws.com/fast-ai-imageclas/imagenette2.tgz", "1.5 GB",
+                   "fe2fc210e6bb7c5664d602c3cd71e612"),  # the md5 torchvision.datasets.Imagenette checks
+    "imagewoof": ("https://s3.amazonaws.com/fast-ai-imageclas/imagewoof2.tgz", "1.3 GB", None),
 }
 
 
@@ -223,23 +223,33 @@ def _check_tree(root, spec):
 
 def download_target(spec, root):
     """Where the public archive of ImageNette/ImageWoof lands (known before downloading)."""
-    return os.path.abspath(os.path.join(root, os.path.basename(DOWNLOADS[spec.name])[:-len(".tgz")]))
+    return os.path.abspath(os.path.join(root, os.path.basename(DOWNLOADS[spec.name][0])[:-len(".tgz")]))
 
 
 def download(spec, root):
-    """Download + extract the public archive of ImageNette/ImageWoof into root; return the tree path."""
+    """Download + extract the public archive of ImageNette/ImageWoof into root; return the tree path.
+
+    The archive is fetched and unpacked in a temporary folder and renamed into place whole, under the cache's lock
+    (lab-style: one process downloads, another started meanwhile waits and reuses it), so a killed download leaves
+    nothing a later run would take for a dataset."""
+    from common import temporary_path, remove_path  # noqa: I001 -- plumbing of the download only
+    from run_folder import cache_entry
     tree = download_target(spec, root)
-    if os.path.isdir(os.path.join(tree, "val")):
-        return tree  # already there
-    try:
-        if spec.name == "imagenette":
-            for split in ("train", "val"):
-                Imagenette(root, split=split, size="full", download=not os.path.isdir(tree))
-        else:
-            download_and_extract_archive(DOWNLOADS[spec.name], download_root=root)
-    except Exception as e:  # offline, proxy, disk full: one line, and how to do without the download
-        raise UserError(f"could not download {spec.name} ({e.__class__.__name__}); pass --data-dir "
-                        f"pointing at a tree train/<wnid>/*.JPEG, val/<wnid>/*.JPEG") from None
+    url, size, md5 = DOWNLOADS[spec.name]
+    with cache_entry(tree, f"the {spec.name} download") as missing:
+        if missing:
+            print(f"downloading {spec.name} ({url}, about {size}) to {tree}")
+            tmp = temporary_path(tree)
+            try:
+                download_and_extract_archive(url, download_root=tmp, md5=md5)
+                os.rename(os.path.join(tmp, os.path.basename(tree)), tree)
+            except Exception as e:  # noqa: BLE001 -- offline, proxy, disk full: one line, and the way around it
+                raise UserError(f"could not download {spec.name} from {url} (about {size}; "
+                                f"{e.__class__.__name__}); download it where there is internet and pass --data-dir "
+                                f"DIR with DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/*.JPEG (the unpacked archive, "
+                                f"or ILSVRC-2012 itself)") from None
+            finally:
+                remove_path(tmp)
     return tree
 
 
@@ -268,14 +278,6 @@ def load_real(spec, data_dir, split):
         return load_digits_split(split)
     folder = os.path.join(data_dir, "train" if split == "train" else "val")
     paths, labels = list_image_folder(folder, spec.class_names(), what="data split")
-    return ImageSet(paths, labels, channels=spec.channels)
-
-
-def load_distilled(folder, spec):
-    """A distilled ImageFolder (`<class>/*.png`) as an ImageSet; every class must be present."""
-    if not os.path.isdir(folder):
-        raise UserError(f"distilled set {folder} does not exist (expected {folder}/<class>/*.png)")
-    paths, labels = list_image_folder(folder, spec.class_names(), what="distilled set")
     return ImageSet(paths, labels, channels=spec.channels)
 
 

@@ -26,25 +26,29 @@ import argparse
 import json
 import math
 import os
+import re
+import shlex
+import sys
 import time
 from dataclasses import asdict, fields
 
 import torch
 
-from common import HelpFormatter, UserError, all_gather, all_reduce_sum, barrier, get_device, is_main, load_json, \
-    print0, require, run_cli, setup_distributed
+from common import ArgumentParser, UserError, all_gather, all_reduce_sum, barrier, get_device, is_main, print0, \
+    require, run_cli, setup_distributed
 from curriculum import Plan, Ranks, Students, generate_increment, influence_score, run_stages, save_set_grid, \
-    seed_set_files
+    seed_set_files, uses_igd
 from data import class_table, get_spec, resolve_data_dir
 from evaluate import evaluate_folder
 from guidance import GuidanceConfig, SamplerConfig, igd_guidance
 from model import ARCHS, DEFAULT_PRIOR, DIGITS_SCHEDULE, load_prior
-from preflight import DAY, duration, eta_line, load_passing, report, run_preflight
+from preflight import DAY, duration, eta_line, load_passing, load_preflight, report, run_preflight
 from run_folder import (changed_settings, check_classes, check_run_folder, claim_run_folder, default_run_dir,
                         distilled_dir, eval_path, grid_path, preflight_path, record_args, run_latents, stage_summary,
                         update_args, write_classes)
 from train_prior import digits_prior
-from train_student import RECIPES, recipe_spec, reference_model, reference_models, reference_spec, soft_label_teacher
+from train_student import (IGD_ARCH, RECIPES, recipe_spec, reference_model, reference_models, reference_spec,
+                           soft_label_teacher, surrogate_cached, surrogate_epochs)
 
 PAPER = asdict(GuidanceConfig())  # the paper's constants: one home (guidance.GuidanceConfig)
 
@@ -90,8 +94,7 @@ RESULT_ARGS = {"dataset": "--dataset", "method": "--method", "ipc": "--ipc", "st
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Distil a dataset with learnability-guided diffusion (LGD).",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description="Distil a dataset with learnability-guided diffusion (LGD).")
     p.add_argument("--dataset", default="digits", help="digits | imagenette | imagewoof | imagenet")
     p.add_argument("--method", default="lgd", choices=["lgd", "dit", "igd"],
                    help="LGD stage loop, unguided DiT, or influence-guided IGD")
@@ -250,8 +253,14 @@ def resolve_args(args):
     _finite("igd-threshold", args.igd_threshold, -1.0)
     require(0 <= args.igd_from <= args.igd_until, "--igd-from must be >= 0 and not exceed --igd-until")
     require(args.grad_ipc >= 1, f"--grad-ipc must be at least 1, got {args.grad_ipc}")
-    require(args.igd_checkpoints == "auto" or all(p.strip().isdigit() for p in args.igd_checkpoints.split(",")),
-           f"--igd-checkpoints must be 'auto' or indices like 0,5,16,40, got {args.igd_checkpoints}")
+    require(args.igd_checkpoints == "auto" or all(re.fullmatch(r"[0-9]+", p.strip()) for p in
+                                                  args.igd_checkpoints.split(",")),
+            f"--igd-checkpoints must be 'auto' or indices like 0,5,16,40, got {args.igd_checkpoints}")
+    if args.igd_checkpoints != "auto":  # the surrogate's trajectory: the init and one snapshot per epoch
+        last = surrogate_epochs(args.dataset, args.reference_epochs)
+        require(max(int(p) for p in args.igd_checkpoints.split(",")) <= last,
+                f"--igd-checkpoints {args.igd_checkpoints}: the surrogate's trajectory has snapshots 0..{last} "
+                f"(--reference-epochs {last})")
     require(args.seed_set in ("dit", "igd") or os.path.isdir(args.seed_set),
            f"--seed-set {args.seed_set} is not a folder (or 'dit', 'igd')")
     require(args.reference is None or os.path.isfile(args.reference), f"--reference {args.reference} is not a file")
@@ -261,7 +270,7 @@ def resolve_args(args):
     windows = []
     if args.method == "lgd" and args.ipc > args.stage_ipc:
         windows.append(("--guide-from", "--guide-until", guidance_config(args)))
-    if args.method == "igd" or (args.method == "lgd" and args.seed_set == "igd"):
+    if uses_igd(args.method, args.seed_set):
         windows.append(("--igd-from", "--igd-until", igd_config(args)))
     for start, end, guide in windows:
         require(guide.guided_steps(args.steps) > 0,
@@ -311,12 +320,38 @@ def resolved_config(args, spec):
         guided_steps=guide.guided_steps(args.steps), sampler=asdict(sampler_config(args)), classes=class_table(spec))
 
 
-def print_plan(args, spec):
+def builds(args, spec, data_dir):
+    """What the run trains besides sampling, each with whether it is cached already: only what its method uses (a
+    DiT set needs no theta*, no IGD surrogate and no stage students)."""
+    items = []
+    cached = lambda arch: "cached" if surrogate_cached(spec, arch, data_dir, args.reference_epochs) else "not cached"  # noqa
+    epochs = surrogate_epochs(spec.name, args.reference_epochs)
+    if args.method == "lgd":
+        if args.reference is not None:
+            items.append(f"theta*: your --reference {args.reference}")
+        else:
+            items += [f"theta* {arch} ({epochs} epochs on the real train split; {cached(arch)})"
+                      for arch in args.reference_archs.split(",")]
+        if RECIPES[args.recipe]["temperature"] is not None:
+            items.append("the soft-label teacher (resnet18_bn)")
+        stages = args.ipc // args.stage_ipc
+        items.append(f"{(stages - 1) * len(args.student_archs.split(','))} stage students ({args.student_archs})")
+    if uses_igd(args.method, args.seed_set):
+        shared = args.method == "lgd" and args.reference is None and IGD_ARCH in args.reference_archs.split(",")
+        items.append("IGD's checkpoint selection on theta*'s trajectory" if shared else
+                     f"IGD's surrogate trajectory {IGD_ARCH} ({epochs} epochs; {cached(IGD_ARCH)}) and its checkpoint "
+                     f"selection")
+    if args.eval:
+        items.append(f"{args.eval_runs} evaluation students ({args.eval_arch})")
+    return items
+
+
+def print_plan(args, spec, data_dir=None):
     """--dry-run: what the run will do, in images and DiT forward passes."""
-    path = preflight_path(args.out_dir)
-    measured = load_json(path, what="preflight result") if os.path.exists(path) else None
+    measured = load_preflight(args.out_dir)
     if args.json:
-        print(json.dumps(dict(resolved_config(args, spec), preflight=measured), indent=2))
+        print(json.dumps(dict(resolved_config(args, spec), builds=builds(args, spec, data_dir), preflight=measured),
+                         indent=2))
         return
     c, stages = spec.num_classes, (args.ipc // args.stage_ipc if args.method == "lgd" else 1)
     window, igd_window = guidance_config(args).guided_steps(args.steps), igd_config(args).guided_steps(args.steps)
@@ -327,6 +362,7 @@ def print_plan(args, spec):
     print("  classes (index: folder, prior label, name): " + "; ".join(
         f"{r['index']}: {r['wnid']}, {r['prior_label']}, {r['name']}" for r in table[:10])
         + ("; ..." if c > 10 else ""))
+    print("  trains: " + ("; ".join(builds(args, spec, data_dir)) or "nothing (sampling only)"))
     if args.method == "dit":
         print(f"  one unguided pass: {c * args.ipc} images x {args.steps} steps (CFG: 2 DiT passes per step)")
         return print_eta(args, measured)
@@ -375,12 +411,16 @@ def claim(out_dir):
 
 
 def main(argv=None, on_stage_start=None):
-    args = resolve_args(get_parser().parse_args(argv))
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    args = get_parser().parse_args(argv)
+    batch_given = args.batch_size is not None  # a --batch-size the user typed is never replaced by the preflight's
+    args = resolve_args(args)
     spec = get_spec(args.dataset, res=args.res)
-    # a given --data-dir is validated now; a download only says where it will land until the folder is ours
+    # a given --data-dir is validated now; a download happens below, once every cheap check has passed
     data_dir = resolve_data_dir(spec, args.data_dir, fetch=False)
     if args.dry_run:
-        print_plan(args, spec)
+        check_inputs(args, spec, torch.device("cpu"))  # what the run would refuse, the plan refuses too
+        print_plan(args, spec, data_dir)
         return
     device = get_device(args.device)
     if args.precision == "bf16" and device.type != "cuda":
@@ -392,35 +432,49 @@ def main(argv=None, on_stage_start=None):
     rank, world = setup_distributed(device)
     record = dict(vars(args), data_dir=data_dir, out_dir=os.path.abspath(args.out_dir), world_size=world,
                   student_world=world if (args.method == "lgd" and args.student_ddp) else 1)
-    # a passing preflight of these settings in the folder is reused: the run starts at the batch it picked
-    args.preflight_settings = {key: record[key] for key in RESULT_ARGS if key != "batch_size"}
-    passed = load_passing(args.out_dir, args.preflight_settings)
-    if passed is not None:
-        args.batch_size = record["batch_size"] = passed["sampler_batch"]
     # every input is checked before the folder is claimed, so a refused start leaves the folder as it was:
     # the folder itself and the settings of a run already in it (read only), a given prior (loading it is
     # the check), the seed set and the reference model. The digits prior is our own cache, built after the claim.
     check_run_folder(args.out_dir)
+    earlier = changed_settings(args.out_dir, record, {k: v for k, v in RESULT_ARGS.items() if k != "batch_size"})
+    # the sampler batch: the user's, else the run's own (a resume, or a preflight of a run that exists), else a
+    # passing preflight's of these settings, else the preset's
+    args.preflight_settings = {key: record[key] for key in RESULT_ARGS if key != "batch_size"}
+    passed = load_passing(args.out_dir, args.preflight_settings)
+    if not batch_given and earlier:
+        args.batch_size = earlier.get("batch_size", args.batch_size)
+    elif not batch_given and passed is not None:
+        args.batch_size = passed["sampler_batch"]
+    args.batch_fixed = batch_given or bool(earlier)  # the preflight checks this batch instead of searching one
+    record["batch_size"] = args.batch_size
     changed_settings(args.out_dir, record, RESULT_ARGS)
     check_classes(args.out_dir, class_table(spec), resume=True)
     prior = load_run_prior(args, spec, device) if args.prior is not None else None
     check_inputs(args, spec, device)
+    if is_main():  # ImageNette / ImageWoof without --data-dir: fetched (once, shared) before the folder is claimed
+        resolve_data_dir(spec, args.data_dir)
+    barrier()
+    record["command"] = shlex.join(["python", "distill.py", *argv])  # what finishes this run (evaluate/export say it)
     release = claim(args.out_dir)
     try:
         wanted = args.preflight if args.preflight is not None else args.dataset != "digits"
-        if wanted and passed is None:  # before args.json: a failed preflight leaves no settings to resume
+        if wanted and passed is None:  # before args.json: a failed one leaves no settings to resume
             prior = prior or load_run_prior(args, spec, device)
             passed = preflight(args, spec, prior, device)
-            args.batch_size = record["batch_size"] = passed["sampler_batch"]
-        elif passed is not None:  # its batch is the run's
+            if not args.batch_fixed:
+                args.batch_size = record["batch_size"] = passed["sampler_batch"]
+        elif passed is not None:  # its checks stand for this run
             print0(f"preflight: passed earlier ({preflight_path(args.out_dir)}), reused: {eta_line(passed)}")
+        if passed is not None and args.batch_size != passed["sampler_batch"]:
+            print0(f"sampler batch {args.batch_size} ({'--batch-size' if batch_given else 'the run in ' + args.out_dir}"
+                   f"), not the preflight's {passed['sampler_batch']}")
         if is_main():
             record_args(args.out_dir, record, RESULT_ARGS)
             write_classes(args.out_dir, class_table(spec))  # what class c is, for every reader of the folder
         barrier()  # important! no rank writes before rank 0 has tidied the folder and checked the settings
         if args.preflight:
             print0(f"preflight passed: {eta_line(passed)}\nnext: the same command without --preflight (it starts at "
-                   f"sampler batch {passed['sampler_batch']}; {preflight_path(args.out_dir, 'png')} shows the samples)")
+                   f"sampler batch {args.batch_size}; {preflight_path(args.out_dir, 'png')} shows the samples)")
             return
         if passed is not None and passed["eta_s"] > DAY:  # said, not refused: the user may mean it
             print0(f"note: this run is priced at {duration(passed['eta_s'])} ({preflight_path(args.out_dir)})")
@@ -488,7 +542,7 @@ def distill(args, spec, device, ranks, on_stage_start=None, prior=None):
     plan = Plan(args.ipc, args.stage_ipc, args.seed, args.batch_size, args.seed_set, args.twins)
     student_view = recipe_spec(spec, args.recipe)
     influence = None
-    if args.method == "igd" or args.seed_set == "igd":  # IGD's surrogate trajectory, checkpoints, real gradients
+    if uses_igd(args.method, args.seed_set):  # IGD's surrogate trajectory, checkpoints, real gradients
         influence = influence_score(spec, data_dir, device, out, args.grad_ipc, args.igd_checkpoints,
                                     args.igd_threshold, args.reference_epochs, args.num_workers)
 

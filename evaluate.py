@@ -28,22 +28,20 @@ Run:
   python evaluate.py --compare out/digits_lgd_ipc10_seed0 out/digits_dit_ipc10_seed0 out/digits_real_ipc10
   python evaluate.py --export out/imagewoof_lgd_ipc100_seed0 --layout ddranking --out out/woof_ddranking  # export.py
 """
-import argparse
 import json
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import (SALT_EVAL_INIT, SALT_EVAL_TRAIN, SALT_REDUNDANCY_INIT, SALT_REDUNDANCY_TRAIN, HelpFormatter,
+from common import (SALT_EVAL_INIT, SALT_EVAL_TRAIN, SALT_REDUNDANCY_INIT, SALT_REDUNDANCY_TRAIN, ArgumentParser,
                     UserError, atomic_write, check_writable, get_device, git_commit, load_json, print0, require,
                     run_cli, save_json, stream_seed)
-from data import (ImageSet, class_table, get_spec, list_image_folder, load_distilled, load_real, resolve_data_dir,
-                  sample_real_ipc)
+from data import ImageSet, class_table, get_spec, load_real, resolve_data_dir, sample_real_ipc
 from export import LAYOUTS, class_folder, export_set
 from model import ARCHS, make_student
 from run_folder import (check_classes, check_not_busy, cross_eval_paths, default_real_dir, distilled_folder, eval_path,
-                        heatmap_path, redundancy_path, run_info, set_image_size, validity_path)
+                        heatmap_path, redundancy_path, run_info, set_files, validity_path)
 from train_student import (RECIPES, accuracy, epochs_for_ipc, recipe_spec, reference_model, soft_label_teacher,
                            train_student)
 
@@ -82,13 +80,11 @@ def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epo
     own = arch == info.get("arch", "convnet")
     out = out or eval_path(run_dir, None if own else arch)
     check_writable(os.path.dirname(os.path.abspath(out)))  # before the training, not after it
-    folder = distilled_folder(run_dir)
-    note_extra_folders(folder, spec)
-    train_set = load_distilled(folder, spec)
-    spec.image_size = set_image_size(folder, spec)
+    paths, labels, spec.image_size = set_files(run_dir, spec)  # the run's set, complete, and nothing else
+    train_set = ImageSet(paths, labels, channels=spec.channels)
     view = recipe_spec(spec, recipe)
     test_set = load_real(spec, data_dir, "test")
-    counts = train_set.counts(spec.num_classes)  # every class has >= 1 image (load_distilled refuses empty ones)
+    counts = train_set.counts(spec.num_classes)  # every class has >= 1 image (set_files refuses empty ones)
     if len(set(counts)) > 1:
         print0(f"note: {run_dir} holds different numbers of images per class: {counts}")
     print0(f"evaluating {run_dir}: {len(train_set)} images, {runs} x {arch} ({recipe} recipe)")
@@ -102,14 +98,6 @@ def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epo
     return result
 
 
-def note_extra_folders(folder, spec):
-    """A set folder with folders that are not the dataset's classes (`10/`, `cats/`): they are not read; say so."""
-    extra = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith(".")
-                   and d not in set(spec.class_names()))
-    if extra:
-        print0(f"note: {folder} holds folders that are not {spec.name} classes, not read: {', '.join(extra)}")
-
-
 def write_eval(result, path):
     """Print the numbers, then write them: a failed write (disk full, read-only) loses no result."""
     print0(f"acc {result['acc_mean']:.4f} +- {result['acc_std']:.4f} (final epoch; best-seen "
@@ -121,9 +109,11 @@ def write_eval(result, path):
 
 # ----------------------------------------------------------------------------- redundancy (paper Fig. 2)
 
-def increments_of(folder, spec, stage_ipc):
-    """Cut a distilled ImageFolder into increments of stage_ipc images per class, in index order."""
-    paths, labels = list_image_folder(folder, spec.class_names(), what="distilled set")
+def increments_of(run_dir, spec, stage_ipc):
+    """Cut the set of a run folder (or a bare ImageFolder) into increments of stage_ipc images per class, in index
+    order."""
+    paths, labels, _ = set_files(run_dir, spec)
+    folder = distilled_folder(run_dir)
     # names are zero-padded global indices, so sorted order = generation order = stage order
     by_class = [[p for p, y in zip(paths, labels) if y == c] for c in range(spec.num_classes)]
     ipc = min(len(files) for files in by_class)
@@ -211,7 +201,7 @@ def validity_report(run_dir, spec, data_dir, device, num_workers=0, arch=None):
     reference, view = reference_model(spec, arch, data_dir, device, epochs=info.get("reference_epochs"),
                                       num_workers=num_workers, path=info.get("reference") if own else None)
     stage_ipc = info.get("stage_ipc") or 1
-    increments = increments_of(distilled_folder(run_dir), spec, stage_ipc)
+    increments = increments_of(run_dir, spec, stage_ipc)
     per_increment = [accuracy(reference, inc, view, device) for inc in increments]
     result = dict(validity=float(np.mean(per_increment)), per_increment=per_increment, stage_ipc=stage_ipc,
                   reference_arch=arch)
@@ -260,8 +250,7 @@ def compare(run_dirs, markdown_path):
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate distilled sets: accuracy, redundancy, comparison.",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description="Evaluate distilled sets: accuracy, redundancy, comparison.")
     p.add_argument("--dataset", default=None, help="digits | imagenette | imagewoof | imagenet (default: from args.json)")
     p.add_argument("--data-dir", default=None, help="ImageFolder root with train/ and val/ (default: from args.json)")
     p.add_argument("--distilled", default=None, help="a distill.py run folder or a bare <class>/*.png folder")
@@ -315,6 +304,9 @@ def main(argv=None):
     if run_dir is not None:  # a run still writing its folder would be read half-done (and written into)
         check_not_busy(run_dir)
     info = run_info(run_dir) if run_dir else {}
+    if args.dataset and info.get("dataset") and args.dataset != info["dataset"]:  # before any data is looked for
+        raise UserError(f"{run_dir} is a {info['dataset']} run (its args.json), not {args.dataset}: drop --dataset "
+                        f"(a run folder knows its own)")
     # a run folder remembers its dataset, resolution, recipe, arch and (resolved) data dir: flags override them
     spec = get_spec(args.dataset or info.get("dataset", "digits"), res=args.res or info.get("res"))
     # an export reads the set only: a data tree is checked if given (ImageNet-1K's wnids come from it), never fetched
@@ -322,14 +314,14 @@ def main(argv=None):
     if run_dir is not None:  # class c of the run must be class c here (an older ImageWoof run numbered them sorted)
         check_classes(run_dir, class_table(spec))
     if args.export is not None:
-        n = export_set(distilled_folder(run_dir), spec, args.layout, args.out, args.size)
+        n = export_set(run_dir, spec, args.layout, args.out, args.size)
         print0(f"exported {n} images of {run_dir} for {args.layout}: {args.out} (class c in folder "
                f"{class_folder(0)[:-1]}c, the field's class order; see {args.out}/export.json)")
         return
     arch, recipe = args.arch or info.get("arch") or "convnet", args.recipe or info.get("recipe") or "minimax"
     device = get_device(args.device)
     if run_dir is not None:
-        spec.image_size = set_image_size(distilled_folder(run_dir), spec)
+        spec.image_size = set_files(run_dir, spec, quiet=True)[2]  # the reader below names what it leaves out
     if args.validity is not None:
         validity_report(run_dir, spec, data_dir, device, args.num_workers, args.arch)
         return
@@ -358,7 +350,7 @@ def main(argv=None):
         stage_ipc = args.stage_ipc or info.get("stage_ipc")
         if not stage_ipc:
             raise UserError("--redundancy needs --stage-ipc (the run has no args.json)")
-        increments = increments_of(distilled_folder(run_dir), spec, stage_ipc)
+        increments = increments_of(run_dir, spec, stage_ipc)
         redundancy_report(increments, view, args.out or run_dir, f"{info.get('method', run_dir)}", **kwargs)
     else:
         evaluate_folder(run_dir, spec, data_dir, arch, args.runs, recipe, args.epochs, args.seed, device,

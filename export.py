@@ -9,9 +9,12 @@ ImageNet-1K). Each evaluator finds class c by its own rule, and the layout has t
                 their class lists (`find_subclasses` over `misc/class_woof.txt`), so no export is needed
   rded          `00000/`, `00001/`, ...: RDED `validation/utils.py` opens folder `str(c).zfill(5)` as class c
                 (its real val split must be laid out the same way, class c = the field's class c)
-  ddranking     `00000/`, `00001/`, ...: DD-Ranking reads a synthetic folder with torchvision's ImageFolder,
-                which numbers folders by sorted name (wnid folders would not sort in ImageWoof's order), and
-                labels its test split by its own class list (= the field's order). Beside them, for its tensor
+  ddranking     `00000/`, `00001/`, ...: DD-Ranking 0.2.0 reads a synthetic folder with torchvision's ImageFolder
+                (`metrics/hard_label.py`), which numbers folders by sorted name (wnid folders would not sort in
+                ImageWoof's order), and labels its test split by its own class list (= the field's order). It
+                applies to that folder only the `custom_train_trans` its user passes (its test split gets
+                ToTensor, Normalize, Resize(im_size), CenterCrop(im_size)), so the images are written at its
+                im_size (`--size`), resized and centre-cropped as its test images are. Beside them, for its tensor
                 API `compute_metrics(image_tensor=..., hard_labels=...)`, images.pt and labels.pt: DD-Ranking
                 hands that tensor to the network as it is (a TensorDataset, no transform), so it holds what its
                 test images look like: float32, ImageNet mean / std, Resize + CenterCrop to its im_size (default
@@ -26,9 +29,9 @@ import os
 
 import torch
 
-from common import UserError, copy_file, git_commit, print0, save_json, save_torch
-from data import IMAGENET_MEAN, IMAGENET_STD, class_table, list_image_folder, load_image, normalise, numeric_order, \
-    resize_crop, with_view
+from common import UserError, copy_file, git_commit, print0, save_json, save_png, save_torch
+from data import IMAGENET_MEAN, IMAGENET_STD, class_table, load_image, normalise, numeric_order, resize_crop, with_view
+from run_folder import distilled_folder, set_files
 
 LAYOUTS = ("rded", "ddranking")
 DDRANKING_SIZE = {"imagenette": 128, "imagewoof": 128, "imagenet": 224}  # DD-Ranking's default im_size
@@ -40,26 +43,37 @@ def class_folder(c):
     return f"{c:05d}"
 
 
-def export_set(folder, spec, layout, out, size=None):
-    """Copy the set in `folder` (`<class name>/*.png`) to `out` in `layout`; returns the number of images."""
+def export_set(run_dir, spec, layout, out, size=None):
+    """Copy the set of a run folder (or a bare `<class name>/*.png` folder) to `out` in `layout`; returns the number
+    of images. ddranking: the class folders hold the images at `size` (default DD-Ranking's im_size), resized and
+    centre-cropped as its own test split is (Resize + CenterCrop), beside images.pt / labels.pt."""
     if layout not in LAYOUTS:
         raise UserError(f"unknown --layout {layout} (choose from {', '.join(LAYOUTS)})")
     if layout == "ddranking" and spec.name not in DDRANKING_SIZE:
         raise UserError(f"DD-Ranking has no {spec.name} dataset (it knows ImageNette, ImageWoof, ImageNet-1K)")
+    if layout == "rded" and size is not None:  # RDED's loader crops and resizes by itself: a copy keeps the images
+        raise UserError("--size applies to --layout ddranking only (RDED resizes the images itself, so --layout rded "
+                        "copies them as they are)")
+    folder = distilled_folder(run_dir)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"--out {out} exists and is not an empty folder (an export never writes over anything)")
     if os.path.abspath(out).startswith(os.path.abspath(folder) + os.sep):
         raise UserError(f"--out {out} is inside the set {folder}; export it elsewhere")
-    paths, labels = list_image_folder(folder, spec.class_names(), what="distilled set")
+    paths, labels, _ = set_files(run_dir, spec)  # the run's whole set, and only it
     by_class = [sorted((p for p, y in zip(paths, labels) if y == c), key=numeric_order)
                 for c in range(spec.num_classes)]
+    size = size or DDRANKING_SIZE.get(spec.name)
     for c, files in enumerate(by_class):
-        for path in files:  # copies under their own names: the set's index order survives
-            copy_file(path, os.path.join(out, class_folder(c), os.path.basename(path)))
+        for path in files:  # under their own names: the set's index order survives
+            target = os.path.join(out, class_folder(c), os.path.basename(path))
+            if layout == "rded":
+                copy_file(path, target)
+            else:  # at the size DD-Ranking reads, so its ImageFolder needs no resize of its own
+                save_png(resize_crop(load_image(path, spec.channels), size), target)
     info = dict(layout=layout, source=os.path.abspath(folder), images=len(paths), git_commit=git_commit(),
                 class_folders="00000.. = class index (the field's order)", classes=class_table(spec))
     if layout == "ddranking":
-        size = size or DDRANKING_SIZE[spec.name]
+        info.update(folder_images=dict(im_size=size, transform=f"Resize({size}) + CenterCrop({size}), 8-bit PNG"))
         nbytes = len(paths) * spec.channels * size * size * 4
         if nbytes > MAX_TENSOR_BYTES:  # the folders still serve DD-Ranking's image_path API
             print0(f"note: images.pt not written ({nbytes / 2**30:.0f} GB as float32); give DD-Ranking the folder")

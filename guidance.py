@@ -144,6 +144,11 @@ class Learnability:
         ce = F.cross_entropy(model(normalise(x, view)), classes.repeat(k), reduction="none")
         return ce.view(k, n).mean(dim=0)
 
+    @property
+    def draws_views(self):
+        """Whether S draws random views: its value then depends on the views drawn before (one stream per stage)."""
+        return self.views > 1
+
     def parts(self, images, classes):
         """images (N, C, H, W) in [-1, 1] -> {"S", "student_ce", "reference_ce"}, each (N,)."""
         classifiers = [(m, self.student_view) for m in self.students] + self.members

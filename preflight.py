@@ -41,13 +41,13 @@ from PIL import Image
 
 from common import (SALT_PREFLIGHT, UserError, derive_seed, is_main, load_json, print0, save_grid, save_json,
                     seconds_per_call, stream_seed)
-from curriculum import image_record, stage_views
+from curriculum import image_record, stage_views, uses_igd
 from data import ImageSet, classifier_input, load_real, resize_crop
 from guidance import (Influence, Learnability, SamplerLog, cfg_output, decode_images, guided_output, sample,
                       weight_gradient)
 from model import make_student
 from run_folder import preflight_path
-from train_student import (IGD_ARCH, SURROGATE_EPOCHS, DIGITS_SURROGATE_EPOCHS, RECIPES, accuracy, batch_size_for,
+from train_student import (IGD_ARCH, RECIPES, accuracy, batch_size_for, surrogate_epochs,
                            epochs_for_ipc, recipe_settings, recipe_spec, reference_models, reference_spec,
                            soft_label_teacher, surrogate_cached, surrogate_recipe, train_student)
 
@@ -74,12 +74,15 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
     kappa = guide.candidates if guided_run else 1
     measured = {}
 
-    # 1. prior and labels: theta* as the run gets it (trained now and cached for the run, or loaded)
+    # 1. prior and labels: theta* as the run gets it (trained now and cached for the run, or loaded). A DiT set
+    # uses no theta*: it is not trained for this check (only read when it is there, or given)
     ref_cached = args.reference is not None or surrogate_cached(spec, args.arch, data_dir, args.reference_epochs)
+    members, reference = None, None
     t = time.time()
-    members = reference_models(spec, args.reference_archs, data_dir, device, args.reference_epochs, args.num_workers,
-                               args.reference)  # the run's theta* (and its ensemble, --reference-archs)
-    reference, ref_view = members[0]
+    if args.method != "dit" or ref_cached:
+        members = reference_models(spec, args.reference_archs, data_dir, device, args.reference_epochs,
+                                   args.num_workers, args.reference)  # the run's theta* (and --reference-archs)
+        reference, ref_view = members[0]
     measured["theta_star_s"] = time.time() - t
     noise = lambda index: [torch.Generator().manual_seed(derive_seed(args.seed, c, index, 0))  # noqa: E731
                            for c in range(n)]
@@ -87,14 +90,17 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
     z_plain = _in_chunks(lambda rows: sample(prior, labels[rows], _pick(noise(0), rows), sampler), n, args.batch_size)
     x_plain = decode_images(prior, z_plain)  # the run's own image 0 of each class (the same noise)
     measured["unguided_samples_s"] = time.time() - t
-    with torch.no_grad():
-        predicted = reference(classifier_input(x_plain.to(device) * 2 - 1, ref_view)).argmax(dim=1).cpu()
+    recognised = None
+    if reference is not None:
+        with torch.no_grad():
+            predicted = reference(classifier_input(x_plain.to(device) * 2 - 1, ref_view)).argmax(dim=1).cpu()
+        recognised = (predicted == classes).tolist()
     real = load_real(spec, data_dir, "train")
     firsts = [real.labels.index(c) for c in range(n)]
     real_x = torch.stack([resize_crop(real.load(i), spec.image_size) for i in firsts])
     result = dict(dataset=spec.name, method=args.method, classes_checked=n,
-                  recognised=int((predicted == classes).sum()),
-                  chance=1 / spec.num_classes, recognised_per_class=(predicted == classes).tolist(),
+                  recognised=None if recognised is None else sum(recognised),
+                  chance=1 / spec.num_classes, recognised_per_class=recognised,
                   pixels=dict(generated=_pixel_stats(x_plain), real=_pixel_stats(real_x)))
 
     # the stage-1 student of a guided run: a few epochs on those samples (8-bit, as the run's students see them)
@@ -110,7 +116,7 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
 
     # 3a. the sampler batch that fits (before the guided batch below, which must fit too)
     batch, largest, first_oom = pick_batch(prior, spec, sampler, guide if guided_run else None, args.batch_size,
-                                           kappa, device, score)
+                                           kappa, device, score, fixed=getattr(args, "batch_fixed", False))
 
     # 2. guidance direction: a guided batch at the stage-1 settings (M_c = the samples above) against its
     # unguided twins from the same noise, one candidate per image (before selection)
@@ -181,7 +187,7 @@ def _record_bytes(log, kappa, twins):
 def verdict(result, n):
     """The first failed check as the line a user reads (None when every check passes)."""
     need = math.ceil(PASS_SHARE * n)
-    if result["recognised"] < need:
+    if result["recognised"] is not None and result["recognised"] < need:
         return (f"theta* recognises {result['recognised']}/{n} unguided samples of their class (chance "
                 f"{round(result['chance'] * n)}/{n}): check the class order / label map, the VAE and its scaling, "
                 f"the prior")
@@ -203,15 +209,22 @@ def _pixel_stats(x):
 
 # ----------------------------------------------------------------------------- the sampler batch
 
-def pick_batch(prior, spec, sampler, guide, start, step, device, score=None):
+def pick_batch(prior, spec, sampler, guide, start, step, device, score=None, fixed=False):
     """(batch picked, largest that fitted, first size that did not or None).
 
     A batch counts samples (candidates included) and is a multiple of `step` (kappa). More than one class block
     (kappa x classes) is never used by the sampler, so that is the cap. Grown by doubling from the preset until a
-    step runs out of memory, bisected between the last fit and the first failure, then HEADROOM of it."""
+    step runs out of memory, bisected between the last fit and the first failure, then HEADROOM of it.
+    fixed: the batch is the user's --batch-size or the run's own (a run folder that exists): only checked."""
     cap = step * spec.num_classes
     fits = lambda b: _fits(prior, spec, sampler, guide, b, device, score)  # noqa: E731
     b = max(step, min(start, cap) // step * step)
+    if fixed:
+        if not fits(b):
+            raise UserError(f"preflight: the sampler batch {start} (--batch-size, or the run's own) does not fit in "
+                            f"GPU memory (give a smaller --batch-size in a new --out-dir, or try --grad-checkpoint, "
+                            f"--grad-decoder taesd or --precision bf16)")
+        return start, b, None
     # 1. the start must fit: halve it until it does (a preset made for a bigger GPU)
     while not fits(b):
         if b <= step:
@@ -294,7 +307,7 @@ def step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, devic
     if score is not None:
         out["guided_step_s"] = {str(guided_size): seconds_per_call(
             lambda: _step(prior, spec, sampler, guide, guided_size, device, score), device, REPEATS, median=True)}
-    if args.method == "igd" or args.seed_set == "igd":  # IGD's step: a double backward per checkpoint (weights
+    if uses_igd(args.method, args.seed_set):  # IGD's step: a double backward per checkpoint (weights
         view = reference_spec(spec)                       # do not change its cost: random ones stand in)
         nets = [make_student(IGD_ARCH, view, seed=j).to(device) for j in range(4)]
         size = sum(p.numel() for p in nets[0].parameters())
@@ -340,7 +353,7 @@ def training_times(args, spec, x_plain, device, data_dir, ref_cached, teacher):
         model = make_student(args.eval_arch, view).to(device)
         per_subset = seconds_per_call(lambda: accuracy(model, subset, view, device), device, REPEATS, median=True)
         out["test_pass_s"] = per_subset * len(test) / len(subset)  # one test pass, scaled from 512 images
-    surrogate = IGD_ARCH if (args.method == "igd" or args.seed_set == "igd") else None
+    surrogate = IGD_ARCH if uses_igd(args.method, args.seed_set) else None
     if surrogate is not None and not (ref_cached and surrogate == args.arch):
         ref_view = reference_spec(spec)
         real = ImageSet([uint8[i % n] for i in range(4 * 64)], [i % n for i in range(4 * 64)])
@@ -390,7 +403,7 @@ def estimate(args, spec, guide, igd_guide, batch, kappa, m):
             stages.append(sampling + twins + student)
     extra = {}
     if "surrogate_batch_s" in m:  # IGD's surrogate, when it is not theta*'s cached trajectory
-        epochs = args.reference_epochs or (DIGITS_SURROGATE_EPOCHS if spec.name == "digits" else SURROGATE_EPOCHS)
+        epochs = surrogate_epochs(spec.name, args.reference_epochs)
         extra["surrogate_s"] = epochs * math.ceil(m["real_train_images"] / 64) * m["surrogate_batch_s"]
         extra["igd_checkpoint_selection_s"] = C * (epochs + 1) * m["igd_real_gradient_s"]
     if args.eval:
@@ -406,7 +419,7 @@ def disk_bytes(args, spec, x_plain, z_plain, record_bytes, reference):
     buffer = io.BytesIO()
     torch.save(z_plain[0].cpu().clone(), buffer)
     latent = buffer.tell()
-    student = sum(p.numel() * p.element_size() for p in reference.parameters())
+    student = sum(p.numel() * p.element_size() for p in reference.parameters()) if reference is not None else 0
     images = spec.num_classes * args.ipc
     stages = args.ipc // args.stage_ipc if args.method == "lgd" else 1
     guided = spec.num_classes * (args.ipc - args.stage_ipc) if args.method == "lgd" else 0
@@ -424,13 +437,31 @@ def _png_bytes(x):
 
 # ----------------------------------------------------------------------------- reading and showing it
 
-def load_passing(out_dir, settings):
-    """A passing preflight.json of these settings in out_dir (the run reuses it), else None."""
+# what a run and --dry-run read from preflight.json, with the type each must have
+PREFLIGHT_KEYS = {"passed": bool, "settings": dict, "sampler_batch": int, "eta_s": (int, float), "eta_stages_s": list,
+                  "eta_other_s": dict, "disk_bytes": int, "device": str}
+
+
+def load_preflight(out_dir):
+    """out_dir's preflight.json, or None; a file that is not one the preflight wrote (hand-edited, truncated) is one
+    line naming it and the way out (the preflight simply runs again)."""
     path = preflight_path(out_dir)
     if not os.path.exists(path):
         return None
-    result = load_json(path, what="preflight result")
-    return result if result.get("passed") and result.get("settings") == settings else None
+    remedy = "delete it and rerun: the preflight runs again"
+    result = load_json(path, what="preflight result", remedy=remedy)
+    wrong = [k for k, kind in PREFLIGHT_KEYS.items() if not isinstance(result, dict) or
+             not isinstance(result.get(k), kind)] if isinstance(result, dict) else ["a JSON object"]
+    if wrong:
+        raise UserError(f"preflight result {path} is not one the preflight wrote (missing or wrong: "
+                        f"{', '.join(wrong)}); {remedy}")
+    return result
+
+
+def load_passing(out_dir, settings):
+    """A passing preflight.json of these settings in out_dir (the run reuses it), else None."""
+    result = load_preflight(out_dir)
+    return result if result is not None and result["passed"] and result["settings"] == settings else None
 
 
 def duration(seconds):
@@ -458,11 +489,16 @@ def table(result):
     g, n = result["guidance"], result["classes_checked"]
     px = result["pixels"]
     pushes = list(g["relative_push_per_step"].values())
-    rows = [("prior + labels", f"theta* recognises {result['recognised']}/{n}",
-             f"chance {round(result['chance'] * n)}/{n}, need {math.ceil(PASS_SHARE * n)}",
-             "ok" if result["recognised"] >= math.ceil(PASS_SHARE * n) else "FAIL"),
-            ("decoded images", "mean {mean:.3f} std {std:.3f} saturated {saturated:.1%}".format(**px["generated"]),
-             "real: mean {mean:.3f} std {std:.3f} saturated {saturated:.1%}".format(**px["real"]), "")]
+    if result["recognised"] is None:
+        rows = [("prior + labels", "not checked: a DiT set trains no theta*", "give --reference FILE, or preflight "
+                 "an LGD run first (it caches theta*)", "-")]
+    else:
+        rows = [("prior + labels", f"theta* recognises {result['recognised']}/{n}",
+                 f"chance {round(result['chance'] * n)}/{n}, need {math.ceil(PASS_SHARE * n)}",
+                 "ok" if result["recognised"] >= math.ceil(PASS_SHARE * n) else "FAIL")]
+    rows += [
+             ("decoded images", "mean {mean:.3f} std {std:.3f} saturated {saturated:.1%}".format(**px["generated"]),
+              "real: mean {mean:.3f} std {std:.3f} saturated {saturated:.1%}".format(**px["real"]), "")]
     if g["gain"] is not None:
         rows += [("guidance direction", f"S guided {g['s_guided']:.3f} vs twin {g['s_twin']:.3f}",
                   f"gain {g['gain']:+.3f}, need > 0", "ok" if g["gain"] > 0 else "FAIL"),
@@ -486,10 +522,12 @@ def table(result):
 def save_picture(x_plain, x_guided, result, spec, path):
     """Row 1: the unguided samples (x = theta* does not recognise it); row 2: the guided twins, when guided."""
     n = len(x_plain)
-    names = [spec.class_names()[c][-8:] + ("" if ok else " x") for c, ok in enumerate(result["recognised_per_class"])]
+    marks = result["recognised_per_class"] or [True] * n  # not judged: no marks
+    names = [spec.class_names()[c][-8:] + ("" if ok else " x") for c, ok in enumerate(marks)]
     rows = [x_plain] + ([x_guided] if x_guided is not None else [])
     save_grid(torch.cat(rows).cpu(), path, ["unguided", "guided"][:len(rows)], names[:n],
-              f"preflight: theta* recognises {result['recognised']}/{n}"
+              (f"preflight: theta* recognises {result['recognised']}/{n}" if result["recognised"] is not None else
+               "preflight: unguided samples (not judged)")
               + (f"; S gain {result['guidance']['gain']:+.3f}" if result["guidance"]["gain"] is not None else ""))
 
 

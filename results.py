@@ -17,7 +17,6 @@ Cells live in out/results/<name>_seed<S>/; a cell whose files exist is not recom
 interrupted run of this script resumes. Student seeds are the same for every cell (paired), and every
 cell runs on one CPU thread, so the numbers do not depend on --jobs.
 """
-import argparse
 import os
 import re
 import subprocess
@@ -28,11 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import SALT_STAGE_INIT, SALT_STAGE_TRAIN, derive_seed, load_json, save_json, stream_seed
-from data import ImageSet, get_spec, load_distilled, load_image, load_real, sample_real_ipc
+from common import (SALT_STAGE_INIT, SALT_STAGE_TRAIN, ArgumentParser, UserError, derive_seed, load_json, require,
+                    run_cli, save_json, stream_seed)
+from data import ImageSet, get_spec, load_image, load_real, sample_real_ipc
 from guidance import Learnability, SamplerConfig, decode_images, sample
 from model import load_prior, make_student
-from run_folder import distilled_dir, distilled_folder, eval_path, redundancy_path, union_files, validity_path
+from run_folder import distilled_dir, eval_path, redundancy_path, set_files, union_files, validity_path
 from train_prior import digits_prior
 from train_student import epochs_for_ipc, reference_model, train_student
 
@@ -147,7 +147,7 @@ def fill(cell, threads):
         if not os.path.exists(target):
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             if done.returncode:
-                raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+                raise UserError(f"{' '.join(command)} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     return f"{cell[0]} seed {cell[2]}"
 
 
@@ -177,7 +177,7 @@ def logreg(out, seed):
     if not os.path.exists(path):
         from sklearn.linear_model import LogisticRegression  # digits only, like the embedded dataset itself
         spec = get_spec("digits")
-        train = load_distilled(distilled_folder(out), spec) if os.path.isdir(distilled_dir(out)) else \
+        train = ImageSet(*set_files(out, spec)[:2], channels=1) if os.path.isdir(distilled_dir(out)) else \
             sample_real_ipc(load_real(spec, None, "train"), int(load_json(eval_path(out))["ipc"]), seed)
         test = load_real(spec, None, "test")
         pixels = lambda images: np.stack([images.load(i).flatten().numpy() for i in range(len(images))])  # noqa
@@ -290,13 +290,20 @@ def table(rows, header):
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def main():
-    p = argparse.ArgumentParser(description="Make (or reuse) the digits runs behind the README's tables and print them.")
+def main(argv=None):
+    p = ArgumentParser(description="Make (or reuse) the digits runs behind the README's tables and print them.")
     p.add_argument("table", choices=list(TABLES) + ["robustness", "robustness-ipc5"], help="which table")
     p.add_argument("--jobs", type=int, default=1, help="cells run at a time (each with one CPU thread when > 1)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    require(args.jobs >= 1, f"--jobs must be at least 1, got {args.jobs}")
     if args.table.startswith("robustness"):  # reads the LGD and DiT cells of `transfer` / `transfer-ipc5`
-        rows = robustness(", IPC 5" if args.table.endswith("ipc5") else "")
+        suffix = ", IPC 5" if args.table.endswith("ipc5") else ""
+        source = "transfer-ipc5" if suffix else "transfer"
+        missing = [folder(name + suffix, seed) for name in ("LGD (dit seed)", "DiT") for seed in SEEDS
+                   if not os.path.exists(eval_path(folder(name + suffix, seed)))]
+        require(not missing, f"robustness reads the DiT and LGD cells of `{source}`, and {missing[0]} is not made "
+                f"yet: run `python results.py {source}` first")
+        rows = robustness(suffix)
         print(table(rows, ["LGD kept images vs DiT, same indices", "S gain", "of the float gain", "student CE gain",
                            "of the float gain"]))
         return
@@ -325,4 +332,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

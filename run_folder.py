@@ -31,11 +31,13 @@ import json
 import os
 import socket
 import time
+from collections import Counter
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from common import TEMPORARY, UserError, git_commit, is_main, load_json, print0, remove_path, save_json
-from data import list_image_folder, load_image
+from data import list_image_folder
 
 LOCK = ".lgd-lock"      # held while a run works in the folder (an flock on this file)
 ARGS = "args.json"      # the settings of the run; its presence marks an lgd run folder
@@ -92,6 +94,16 @@ def distilled_dir(out_dir):
 def run_latents(out_dir):
     """The final latents of a one-pass method's set (--method igd): its memory M_c reads them back."""
     return os.path.join(out_dir, "latents")
+
+
+def increment_folder(images_dir):
+    """What to delete so that an increment is sampled again: its stage folder with the later stages (they were
+    built on it), or the set of a one-pass method (with its latents)."""
+    parent, name = os.path.split(os.path.normpath(images_dir))
+    if name == "images" and os.path.basename(parent).startswith("stage_"):
+        return f"{parent} and the later stages"
+    latents = run_latents(parent)
+    return f"{images_dir} and {latents}" if os.path.isdir(latents) else images_dir
 
 
 def args_path(out_dir):
@@ -156,15 +168,77 @@ def distilled_folder(run_dir):
     inner = distilled_dir(run_dir)
     if os.path.isdir(inner) or not is_run_folder(run_dir):
         return inner if os.path.isdir(inner) else run_dir
-    raise UserError(f"run folder {run_dir} has no distilled/ yet: the run has not finished (rerun its distill.py "
-                    f"command to finish it)")
+    raise UserError(f"run folder {run_dir} has no distilled/ yet: the run has not finished ({finish_hint(run_dir)})")
 
 
-def set_image_size(folder, spec):
-    """The side of the images in a set folder (the igd recipe evaluates at the generated size); the folder must
-    hold the dataset's class folders (checked first, so a wrong set is one line naming what is missing)."""
-    paths, _ = list_image_folder(folder, spec.class_names(), what="distilled set")
-    return load_image(paths[0]).shape[-1]
+def finish_hint(run_dir):
+    """The command that finishes a run folder's set (recorded in its args.json)."""
+    command = run_info(run_dir).get("command")
+    return f"finish it with: {command}" if command else "rerun the distill.py command that made it to finish it"
+
+
+def image_header(path):
+    """(width, height, channels) of an image file, read from its header (nothing decoded)."""
+    try:
+        with Image.open(path) as im:
+            return im.width, im.height, 1 if im.mode in ("1", "L", "I", "F", "I;16") else 3
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {e.__class__.__name__}") from None
+
+
+def _describe(header):
+    w, h, c = header
+    return f"{w}x{h} {'grey' if c == 1 else 'colour'}"
+
+
+def set_files(run_dir, spec, quiet=False):
+    """(paths, labels, image side) of the set a run folder (or a bare ImageFolder) holds, as evaluate and export read it.
+
+    A run folder knows its set: `distilled/<class>/<index>.png` for index < --ipc (args.json). A missing image means
+    the run has not finished: refused with the command that finishes it. An image of the plan that is not the run's
+    (another size than the others, or grey in a colour set) is refused with its remedy; files that are not in the
+    plan (an extra `00099.png`) are named in one notice and left out. A bare ImageFolder has no plan: every image is
+    taken, except those of another size or colour mode than the set's, named in one notice and left out.
+    quiet: the same answer without the notices (a caller that only needs the image side before the real read).
+    """
+    folder = distilled_folder(run_dir)
+    info = run_info(run_dir)
+    paths, labels = list_image_folder(folder, spec.class_names(), what="distilled set")
+    if not quiet:
+        note_extra_folders(folder, spec)
+    headers = {p: image_header(p) for p in paths}
+    if info.get("ipc"):
+        planned = {image_path(folder, spec, c, i): c for c in range(spec.num_classes) for i in range(info["ipc"])}
+        missing = [p for p in planned if p not in headers]
+        if missing:
+            raise UserError(f"{run_dir} holds {len(planned) - len(missing)} of the {len(planned)} images of its set "
+                            f"(no {os.path.relpath(missing[0], folder)}, ...): the run has not finished; "
+                            f"{finish_hint(run_dir)}")
+        extra = sorted(p for p in headers if p not in planned)
+        wanted = [(p, c) for p, c in planned.items()]
+    else:
+        extra, wanted = [], list(zip(paths, labels))
+    side = Counter(headers[p][:2] for p, _ in wanted).most_common(1)[0][0]  # the set's own size
+    odd = [p for p, _ in wanted if headers[p] != (*side, spec.channels)]
+    if odd and info.get("ipc"):
+        raise UserError(f"{odd[0]} is {_describe(headers[odd[0]])}, not {_describe((*side, spec.channels))} like the "
+                        f"rest of the run's set ({len(odd)} such files): delete them and rerun the run's command to "
+                        f"write them again ({finish_hint(run_dir)})")
+    left_out = extra + odd
+    if left_out and not quiet:
+        print0(f"note: {len(left_out)} files in {folder} are not the set's and are left out: " +
+               ", ".join(f"{os.path.relpath(p, folder)} ({'not in the plan' if p in extra else _describe(headers[p])})"
+                         for p in left_out[:5]) + (", ..." if len(left_out) > 5 else ""))
+    kept = [(p, c) for p, c in wanted if p not in set(odd)]
+    return [p for p, _ in kept], [c for _, c in kept], side[0]
+
+
+def note_extra_folders(folder, spec):
+    """A set folder with folders that are not the dataset's classes (`10/`, `cats/`): they are not read; say so."""
+    extra = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith(".")
+                   and d not in set(spec.class_names()))
+    if extra:
+        print0(f"note: {folder} holds folders that are not {spec.name} classes, not read: {', '.join(extra)}")
 
 
 def run_info(run_dir):
@@ -444,12 +518,24 @@ def write_classes(folder, table):
 
 # ----------------------------------------------------------------------------- damage
 
-def check_stage_files(out_dir, spec, k, stage_ipc):
-    """A stage marked done must still hold every image (a deleted file would break the union and students)."""
-    for path in stage_files(out_dir, spec, k, stage_ipc)[0]:
+def check_stage_files(out_dir, spec, k, stage_ipc, notice=True):
+    """A stage marked done must still hold every image, each the run's size and colour mode (a deleted, resized or
+    recoloured file would silently change the union, the students and the set); files that are not the stage's
+    (an extra PNG) are named in one notice: nothing reads them."""
+    remedy = f"restore it, or delete {stage_dir(out_dir, k)} and the later stages to regenerate them"
+    planned = stage_files(out_dir, spec, k, stage_ipc)[0]
+    for path in planned:
         if not os.path.exists(path):
-            raise UserError(f"stage {k} is marked done but {path} is missing; restore it, or delete "
-                            f"{stage_dir(out_dir, k)} and the later stages to regenerate them")
+            raise UserError(f"stage {k} is marked done but {path} is missing; {remedy}")
+        header = image_header(path)
+        if header != (spec.image_size, spec.image_size, spec.channels):
+            raise UserError(f"stage {k}: {path} is {_describe(header)}, not the run's "
+                            f"{_describe((spec.image_size, spec.image_size, spec.channels))}; {remedy}")
+    images = stage_images(out_dir, k)
+    extra = sorted(set(list_image_folder(images, spec.class_names(), what=f"stage {k}")[0]) - set(planned))
+    if extra and notice:
+        print0(f"note: {len(extra)} files in {images} are not stage {k}'s and are not used: "
+               + ", ".join(os.path.relpath(p, images) for p in extra[:5]) + (", ..." if len(extra) > 5 else ""))
 
 
 def load_saved(path, remedy):

@@ -11,7 +11,6 @@ in diffusers format, so it loads through the same `from_pretrained` path as DiT-
 Run: `python train_prior.py` trains (or loads) the prior, writes a labelled sample grid, and prints how
 many of its unguided samples theta* (trained on the real digits) recognises.
 """
-import argparse
 import math
 import os
 
@@ -20,8 +19,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 from tqdm import tqdm
 
-from common import (barrier, derive_seed, get_device, is_main, print0, remove_path, run_cli, save_grid, save_torch,
-                    temporary_path)
+from common import (ArgumentParser, barrier, check_writable, derive_seed, get_device, is_main, print0, remove_path,
+                    require, run_cli, save_grid, save_torch, temporary_path)
 from data import classifier_input, get_spec, load_digits_split
 from guidance import SamplerConfig, decode_images, sample
 from model import DIGITS_PRIOR, DIGITS_SCHEDULE, load_prior
@@ -103,13 +102,18 @@ def digits_prior(cache_dir="out/cache", steps=4000):
     return path
 
 
-def main():
+def main(argv=None):
     """Train (or load) the digits prior and check it: the share of its unguided samples that theta* recognises."""
-    parser = argparse.ArgumentParser(description="Train/load the digits prior and measure its sample quality.")
+    parser = ArgumentParser(description="Train/load the digits prior and measure its sample quality.")
     parser.add_argument("--per-class", type=int, default=20, help="samples per class to classify")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (digits preset)")
     parser.add_argument("--out", default="out/digits_prior_check.png", help="where to write the sample grid")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # checked before the prior trains (minutes when nothing is cached), not after
+    require(args.per_class >= 1, f"--per-class must be at least 1, got {args.per_class}")
+    require(math.isfinite(args.cfg_scale) and args.cfg_scale >= 1,
+            f"--cfg-scale must be a finite number >= 1, got {args.cfg_scale}")
+    check_writable(os.path.dirname(os.path.abspath(args.out)))
     device, spec = get_device(), get_spec("digits")
     prior = load_prior(digits_prior(), device=device)
     reference, view = reference_model(spec, "convnet", None, device)

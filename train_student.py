@@ -31,10 +31,10 @@ each global batch of the same permutation.
 Run: `python train_student.py --dataset digits --real-ipc 10` trains one student on 10 random real
 digits per class and prints its test accuracy.
 """
-import argparse
 import hashlib
 import math
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common import UserError, barrier, get_device, is_main, print0, require, run_cli, save_torch
+from common import ArgumentParser, UserError, barrier, get_device, is_main, print0, require, run_cli, save_torch
 from data import (Augment, cutmix, get_spec, load_real, normalise, resolve_data_dir, resize_crop, sample_real_ipc,
                   storage_size, with_view)
 from model import ARCHS, make_student
@@ -323,11 +323,52 @@ def load_user_weights(model, path, fits, flag="--reference"):
                 obj = obj[key]
                 break
         obj = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+        obj = _our_names(obj, model)
     try:
         model.load_state_dict(obj)
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise UserError(f"{where} does not fit {fits}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{where} does not fit {fits}: {_layout_difference(obj, model) or str(e).splitlines()[0]}") \
+            from None
     return model
+
+
+# Other repositories' names for the same tensors (MinimaxDiffusion `train_models/convnet.py` keeps its layers in a
+# ModuleDict of lists: layers.conv.<d>, layers.norm.<d>; ours (MTT's) are one Sequential of 4 modules per block).
+KEY_RENAMES = [(re.compile(r"^layers\.conv\.(\d+)\."), lambda m: f"features.{4 * int(m.group(1))}."),
+               (re.compile(r"^layers\.norm\.(\d+)\."), lambda m: f"features.{4 * int(m.group(1)) + 1}.")]
+
+
+def _our_names(state, model):
+    """A state dict in another repository's key layout -> ours: first the known renames (Minimax's ConvNet); if the
+    names still differ but the tensors line up one for one in order with the same shapes (Minimax / IDC
+    ResNetAP-10 and ResNet-18: layer0.conv1 ... fc, the same modules in the same order), by position."""
+    ours = model.state_dict()
+    if set(state) == set(ours):
+        return state
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replace in KEY_RENAMES:
+            key = pattern.sub(replace, key)
+        renamed[key] = value
+    if set(renamed) == set(ours):
+        return renamed
+    theirs = [(k, v) for k, v in state.items() if torch.is_tensor(v)]
+    if len(theirs) == len(ours) and all(tuple(v.shape) == tuple(o.shape) for (_, v), o in zip(theirs, ours.values())):
+        return {name: value for name, (_, value) in zip(ours, theirs)}
+    return state  # load_state_dict names the difference
+
+
+def _layout_difference(state, model):
+    """One phrase: what the model expected against what the file holds (the first differing key and shape)."""
+    ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    theirs = [(k, tuple(v.shape) if torch.is_tensor(v) else type(v).__name__) for k, v in state.items()]
+    for (k1, s1), (k2, s2) in zip(ours, theirs):
+        if (k1, s1) != (k2, s2):
+            return (f"expected {len(ours)} tensors starting {ours[0][0]} {ours[0][1]}, found {len(theirs)}; the first "
+                    f"difference: expected {k1} {s1}, found {k2} {s2}")
+    if len(ours) != len(theirs):
+        return f"expected {len(ours)} tensors, found {len(theirs)} (the first {min(len(ours), len(theirs))} agree)"
+    return None
 
 
 def surrogate_trajectory(spec, arch, data_dir, device, epochs=None, cache_dir="out/cache", num_workers=0):
@@ -354,10 +395,15 @@ def surrogate_trajectory(spec, arch, data_dir, device, epochs=None, cache_dir="o
     return _load_cached(path)
 
 
+def surrogate_epochs(dataset, epochs=None):
+    """The surrogate's training length: the given epochs, else IGD's 50 (digits 30). Its trajectory holds epochs + 1
+    snapshots (the init, then one per epoch)."""
+    return epochs or (DIGITS_SURROGATE_EPOCHS if dataset == "digits" else SURROGATE_EPOCHS)
+
+
 def surrogate_path(view, arch, data_dir, epochs=None, cache_dir="out/cache"):
-    """(cache file of the surrogate trajectory, its epochs): IGD's 50, digits 30 unless given."""
-    if epochs is None:
-        epochs = DIGITS_SURROGATE_EPOCHS if view.name == "digits" else SURROGATE_EPOCHS
+    """(cache file of the surrogate trajectory, its epochs)."""
+    epochs = surrogate_epochs(view.name, epochs)
     return _cache_path("surrogate", view, arch, data_dir, epochs, cache_dir), epochs
 
 
@@ -418,7 +464,7 @@ def soft_label_teacher(spec, recipe, data_dir, device, cache_dir="out/cache", nu
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Train one student on K random real images per class.")
+    parser = ArgumentParser(description="Train one student on K random real images per class.")
     parser.add_argument("--dataset", default="digits", choices=["digits", "imagenette", "imagewoof", "imagenet"],
                         help="benchmark")
     parser.add_argument("--data-dir", default=None, help="ImageFolder root with train/ and val/ (not for digits)")

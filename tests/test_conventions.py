@@ -75,6 +75,11 @@ def test_exports_give_class_c_exactly_the_images_of_class_c(tmp_path, capsys, la
     assert cli(evaluate.main, ["--export", source, "--dataset", "imagewoof", "--layout", layout, "--out", out],
                capsys)[0] == 0
     assert file_hashes(source) == before  # a copy: nothing moved, nothing written into the source
+    if layout == "ddranking":  # the images at DD-Ranking's im_size (128), resized and cropped as its test split
+        for path in before:
+            save_png(resize_crop(load_image(str(source / path)), 128), str(tmp_path / "resized" / path))
+        before = file_hashes(tmp_path / "resized")
+        assert torchvision.datasets.ImageFolder(str(out))[0][0].size == (128, 128)
     hashes = file_hashes(out, ".png")
     folder = torchvision.datasets.ImageFolder(str(out))
     for c, wnid in enumerate(FIELD_WOOF):

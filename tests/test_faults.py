@@ -196,15 +196,20 @@ def test_evaluate_refuses_a_distilled_set_with_an_empty_class(tmp_path, capsys):
                    "class '4' has no images")
 
 
-def test_an_rgb_png_in_a_digits_set_is_read_as_grey(tmp_path, capsys):
+def test_a_png_of_another_mode_or_size_in_a_bare_set_is_named_and_left_out(tmp_path, capsys):
     from PIL import Image
     for c in range(10):
         common.save_png(torch.rand(1, 8, 8), str(tmp_path / "set" / str(c) / "00000.png"))
-    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "set" / "3" / "00001.png")
-    code, _ = cli(evaluate.main, ["--distilled", tmp_path / "set", "--runs", 1, "--epochs", 1], capsys)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "set" / "3" / "00001.png")  # recoloured
+    common.save_png(torch.rand(1, 9, 9), str(tmp_path / "set" / "5" / "00001.png"))  # resized
+    out = []
+    code, _ = cli(evaluate.main, ["--distilled", tmp_path / "set", "--runs", 1, "--epochs", 1], capsys, out)
     assert code == 0
+    notes = [line for line in out[0].splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "2 files" in notes[0] and "3/00001.png (8x8 colour)" in notes[0] and \
+        "5/00001.png (9x9 grey)" in notes[0]
     result = json.loads((tmp_path / "set" / "eval.json").read_text())
-    assert result["images_per_class"] == [1, 1, 1, 2, 1, 1, 1, 1, 1, 1] and result["ipc"] == 1
+    assert result["images_per_class"] == [1] * 10 and result["ipc"] == 1
 
 
 def test_redundancy_needs_two_increments(tmp_path, capsys):

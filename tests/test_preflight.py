@@ -2,6 +2,7 @@
 elsewhere, or a guidance that lowers S, stops the run in one line; the batch it picks under a (simulated) memory
 limit is the batch the run starts at; its JSON has every key and agrees with the run that follows."""
 import json
+import os
 
 import pytest
 import torch
@@ -140,3 +141,50 @@ def test_a_non_digits_run_starts_with_the_preflight(tmp_path, latent_prior, fake
     assert not (tmp_path / "run" / "args.json").exists() and not (tmp_path / "run" / "stage_0").exists()
     r = run_cli(*args, "--eval-epochs", 1, "--no-preflight", "--out-dir", tmp_path / "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr  # the same folder: a failed preflight leaves nothing to resume or refuse
+
+
+@pytest.mark.parametrize("damage", [lambda r: [r], lambda r: {k: v for k, v in r.items() if k != "settings"},
+                                    lambda r: dict(r, eta_s="soon")])
+def test_a_hand_edited_preflight_json_is_one_line_with_its_remedy(empirical, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    assert cli(distill.main, [*RUN, "--preflight", "--out-dir", run], capsys)[0] == 0
+    path = run / "preflight.json"
+    path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+    for flags in (["--dry-run"], []):  # the plan and the run both read it
+        one_error_line(*cli(distill.main, [*RUN, *flags, "--out-dir", run], capsys),
+                       f"preflight result {path} is not one the preflight wrote", "delete it and rerun")
+    os.remove(path)
+    assert cli(distill.main, [*RUN, "--out-dir", run], capsys)[0] == 0  # the way out works
+
+
+def test_a_typed_batch_size_is_never_replaced_by_the_preflights(empirical, tmp_path, capsys):
+    """The preflight would pick 30 here (one class block); a --batch-size the user typed is checked, not replaced."""
+    run = tmp_path / "run"
+    assert cli(distill.main, [*RUN, "--preflight", "--batch-size", 7, "--out-dir", run], capsys)[0] == 0
+    assert json.loads((run / "preflight.json").read_text())["sampler_batch"] == 7
+    assert json.loads((run / "args.json").read_text())["batch_size"] == 7
+    assert cli(distill.main, [*RUN, "--batch-size", 7, "--out-dir", run], capsys)[0] == 0
+    assert json.loads((run / "stage_1" / "done.json").read_text())["sampler_batch"] == 7
+    assert cli(distill.main, [*RUN, "--preflight", "--out-dir", tmp_path / "fresh"], capsys)[0] == 0
+    assert json.loads((tmp_path / "fresh" / "args.json").read_text())["batch_size"] == 30  # not typed: the search
+
+
+def test_a_preflight_of_a_run_that_exists_reports_at_the_runs_batch(empirical, tmp_path, capsys):
+    """The README's order: a run first (no preflight on digits), then `--preflight` on the same folder."""
+    run = tmp_path / "run"
+    assert cli(distill.main, [*RUN, "--out-dir", run], capsys)[0] == 0
+    before = json.loads((run / "args.json").read_text())["batch_size"]
+    out = []
+    assert cli(distill.main, [*RUN, "--preflight", "--out-dir", run], capsys, out)[0] == 0
+    assert json.loads((run / "preflight.json").read_text())["sampler_batch"] == before == 128
+    assert json.loads((run / "args.json").read_text())["batch_size"] == 128
+
+
+def test_a_dit_preflight_trains_no_theta_star(empirical, tmp_path, capsys):
+    """A DiT set uses no theta*: its preflight does not train one (the label check says why it was not made)."""
+    out = []
+    assert cli(distill.main, ["--method", "dit", *RUN, "--preflight", "--out-dir", tmp_path / "run"], capsys,
+               out)[0] == 0
+    result = json.loads((tmp_path / "run" / "preflight.json").read_text())
+    assert result["recognised"] is None and result["passed"] and "not checked: a DiT set trains no theta*" in out[0]
+    assert not (tmp_path / "out" / "cache").exists()

@@ -14,7 +14,7 @@ import torch
 import curriculum
 import distill
 import evaluate
-from common import save_png
+from common import UserError, save_png
 from conftest import REPO, cli, file_hashes, one_error_line, tree
 from curriculum import Plan, Students, run_stages
 from data import get_spec
@@ -244,6 +244,42 @@ def test_a_bad_reference_is_about_the_users_file_and_refused_before_the_claim(tm
     one_error_line(code, lines, f"--reference {tmp_path / 'notes.txt'} is not a PyTorch weights file")
     assert "remove" not in lines[-1] and "cache" not in lines[-1]  # the user's file is not ours to delete
     assert {p: (run / p).read_bytes() for p in tree(run)} == before
+    # the plan refuses what the run refuses: --dry-run loads the file too
+    one_error_line(*cli(distill.main, [*LGD, "--prior", pixel_prior, "--reference", tmp_path / "notes.txt", "--dry-run",
+                                       "--out-dir", run], capsys), "is not a PyTorch weights file")
+
+
+def minimax_names(state):
+    """Our ConvNet's state dict under MinimaxDiffusion `train_models/convnet.py`'s names, in its order (a ModuleDict
+    of lists: every conv first, then every norm), inside DD_IGD's checkpoint dict with DataParallel prefixes."""
+    convs = {k.replace(f"features.{k.split('.')[1]}", f"layers.conv.{int(k.split('.')[1]) // 4}"): v
+             for k, v in state.items() if k.startswith("features.") and int(k.split(".")[1]) % 4 == 0}
+    norms = {k.replace(f"features.{k.split('.')[1]}", f"layers.norm.{int(k.split('.')[1]) // 4}"): v
+             for k, v in state.items() if k.startswith("features.") and int(k.split(".")[1]) % 4 == 1}
+    rest = {k: v for k, v in state.items() if not k.startswith("features.")}
+    return {"state_dict": {f"module.{k}": v for k, v in {**convs, **norms, **rest}.items()}, "epoch": 50}
+
+
+def test_minimaxs_key_layouts_are_read_and_a_misfit_names_what_it_expected(tmp_path):
+    """Minimax's ConvNet names its tensors layers.conv.<d> / layers.norm.<d>; its ResNetAP-10 layer0.conv1 ...
+    layer4.0.downsample.2, fc (the same tensors as ours, in the same order). Both load, with the same outputs."""
+    from train_student import reference_model
+    view = reference_spec(SPEC)
+    theirs = make_student("convnet", view, seed=7)
+    torch.save(minimax_names(theirs.state_dict()), tmp_path / "convnet.pth.tar")
+    model, _ = reference_model(SPEC, "convnet", None, "cpu", path=str(tmp_path / "convnet.pth.tar"))
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(model(x), theirs.eval()(x))
+    resnet = make_student("resnetap10", view, seed=3)
+    renamed = {f"layer{n}.{k}": v for n, (k, v) in enumerate(resnet.state_dict().items())}  # other names, same order
+    torch.save(renamed, tmp_path / "resnetap.pt")
+    model, _ = reference_model(SPEC, "resnetap10", None, "cpu", path=str(tmp_path / "resnetap.pt"))
+    assert torch.equal(model(x), resnet.eval()(x))
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match=r"does not fit --arch convnet at 8 px: expected 10 tensors starting "
+                                        r"features.0.weight \(128, 1, 3, 3\), found 1; the first difference: "
+                                        r"expected features.0.weight \(128, 1, 3, 3\), found conv.weight \(3, 3\)"):
+        reference_model(SPEC, "convnet", None, "cpu", path=str(tmp_path / "other.pt"))
 
 
 def test_igds_replay_buffer_is_a_reference_as_it_is(tmp_path):
