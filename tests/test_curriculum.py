@@ -137,3 +137,18 @@ def test_a_seed_set_image_of_another_mode_or_size_is_passed_over(tmp_path, capsy
     assert [os.path.basename(p) for p in chosen[5]] == ["0.png", "2.png"]
     note = capsys.readouterr().out
     assert "2 images of seed set" in note and "2/0.png" in note and "5/1.png" in note
+
+
+def test_with_random_views_a_rerun_recomputes_the_whole_stage_and_ends_in_the_same_bytes(uninterrupted, pixel_prior,
+                                                                                         tmp_path, monkeypatch, capsys):
+    """--guidance-views 2 draws its views from one stream per stage, batch after batch: a rerun cannot skip the
+    batches already written (the stream would start elsewhere), so it recomputes them and checks their bytes."""
+    monkeypatch.chdir(uninterrupted)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert cli(distill.main, lgd_argv(pixel_prior, ref, "--guidance-views", 2, "--batch-size", 9), capsys)[0] == 0
+    shutil.copytree(ref, run)
+    cut(run, STAGE_1_UNFINISHED)  # slot 2 written (in 4 batches of 3 classes), slot 3 not
+    assert cli(distill.main, lgd_argv(pixel_prior, run, "--guidance-views", 2, "--batch-size", 9), capsys)[0] == 0
+    mine = ("args.json", "stage_1/student.json")
+    assert {k: v for k, v in file_hashes(run).items() if k not in mine} == \
+        {k: v for k, v in file_hashes(ref).items() if k not in mine}
