@@ -34,7 +34,8 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import ArgumentParser, UserError, check_writable, get_device, load_json, require, run_cli, save_json, seconds_per_call
+from lab.common import (ArgumentParser, UserError, check_writable, get_device, load_json, require, run_cli,
+                        save_json, seconds_per_call)
 from data import Augment, ImageSet, get_spec, load_real, sample_real_ipc
 from guidance import GuidanceConfig, Influence, Learnability, SamplerConfig, cfg_output, guided_output
 from model import DIGITS_PRIOR, Prior, make_scheduler, make_student
@@ -216,7 +217,7 @@ def bench_eta(device, extra=()):
 
 
 def main(argv=None):
-    p = ArgumentParser(description="Where a learnability-guided sampling step's time goes.")
+    p = ArgumentParser(prog="bench.py", description="Where a learnability-guided sampling step's time goes.")
     p.add_argument("--size", default="tiny", choices=["tiny", "xl"], help="digits prior or DiT-XL/2 256 + SD VAE")
     p.add_argument("--batch-size", type=int, nargs="+", default=None, help="images per step (tiny 128, xl 1 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default: tiny 10, xl 2)")

@@ -33,7 +33,8 @@ from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.models import ResNet18_Weights
 from torchvision.transforms.v2 import functional as TF
 
-from common import UserError
+from lab.common import UserError, remove_path, temporary_path
+from lab.locks import cache_entry
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -229,11 +230,9 @@ def download_target(spec, root):
 def download(spec, root):
     """Download + extract the public archive of ImageNette/ImageWoof into root; return the tree path.
 
-    The archive is fetched and unpacked in a temporary folder and renamed into place whole, under the cache's lock
-    (lab-style: one process downloads, another started meanwhile waits and reuses it), so a killed download leaves
-    nothing a later run would take for a dataset."""
-    from common import temporary_path, remove_path  # noqa: I001 -- plumbing of the download only
-    from run_folder import cache_entry
+    The archive is fetched and unpacked in a temporary folder and renamed into place whole, under a cache lock (one
+    process downloads, another started meanwhile waits and reuses it), so a killed download leaves nothing a later
+    run would take for a dataset."""
     tree = download_target(spec, root)
     url, size, md5 = DOWNLOADS[spec.name]
     with cache_entry(tree, f"the {spec.name} download") as missing:
@@ -243,7 +242,7 @@ def download(spec, root):
             try:
                 download_and_extract_archive(url, download_root=tmp, md5=md5)
                 os.rename(os.path.join(tmp, os.path.basename(tree)), tree)
-            except Exception as e:  # noqa: BLE001 -- offline, proxy, disk full: one line, and the way around it
+            except Exception as e:  # offline, proxy, disk full: one line, and the way around it
                 raise UserError(f"could not download {spec.name} from {url} (about {size}; "
                                 f"{e.__class__.__name__}); download it where there is internet and pass --data-dir "
                                 f"DIR with DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/*.JPEG (the unpacked archive, "
@@ -344,11 +343,6 @@ def classifier_input(x, spec):
     x = resize_crop((x[None] if single else x) * 0.5 + 0.5, spec.res, spec.crop_ratio)  # [-1,1] -> [0,1]
     x = normalise(x, spec)
     return x[0] if single else x
-
-
-def test_transform(spec):
-    """One [0, 1] image -> the classifier's test input (see classifier_input)."""
-    return lambda x: classifier_input(x * 2 - 1, spec)
 
 
 # ----------------------------------------------------------------------------- training augmentation

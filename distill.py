@@ -1,20 +1,21 @@
 """
-Distil a dataset with a class-conditional diffusion prior: LGD (the stage loop of curriculum.py with
-the learnability-guided sampler of guidance.py), or a baseline sampler of the paper's tables.
+Distil a dataset with a class-conditional diffusion prior: LGD (the stage loop of curriculum.py with the
+learnability-guided sampler of guidance.py), or a baseline sampler of the paper's tables.
 
-  --method lgd   the paper's method: a seed increment, then per stage a fresh student and a
-                 learnability-guided increment; the union of the increments is the set.
+  --method lgd   the paper's method: a seed increment, then per stage a fresh student and a learnability-guided
+                 increment; the union of the increments is the set.
   --method dit   plain class-conditional DiT sampling with CFG: the "DiT" row of every table.
-  --method igd   influence-guided sampling (IGD, Chen et al., ICLR 2025), the paper's seed increment and
-                 main baseline; `--method lgd --seed-set igd` is the paper's pipeline (T_1 from IGD).
+  --method igd   influence-guided sampling (IGD, Chen et al., ICLR 2025), the paper's seed increment and main
+                 baseline; `--method lgd --seed-set igd` is the paper's pipeline (T_1 from IGD).
 
-Every method writes DIR/distilled/<class>/<index>.png (an ImageFolder any evaluator reads),
-DIR/args.json (with the git commit), DIR/grid.png, and with --eval DIR/eval.json (evaluate.py).
+Every method writes DIR/distilled/<class>/<index>.png (an ImageFolder any evaluator reads), DIR/args.json (the
+settings, the git commit and the command of every start), DIR/grid.png, and with --eval DIR/eval.json
+(evaluate.py). Defaults reproduce the paper per dataset (PRESETS below, on the paper's constants in
+guidance.GuidanceConfig); `python distill.py` with no arguments is the embedded CPU run: digits, LGD, IPC 10 in 5
+stages of 2, a small pixel-space DiT prior trained once and cached under out/cache, then evaluated.
 
-Defaults reproduce the paper per dataset (PRESETS below, built on the paper's constants in
-guidance.GuidanceConfig); `python distill.py` with no arguments is the embedded CPU run: digits, LGD,
-IPC 10 in 5 stages of 2, a small pixel-space DiT prior trained once and cached under out/cache, then
-evaluated.
+This file is the command line: the presets, the flags, and main. What keeps a run safe (the checks, the run
+folder and its lock, resuming, the preflight, --dry-run) is in lab/.
 
 Run:
   python distill.py                                          # digits, LGD, a few minutes on a CPU
@@ -23,32 +24,27 @@ Run:
   torchrun --nproc_per_node=8 distill.py --dataset imagenet --data-dir /data/imagenet --ipc 50
 """
 import argparse
-import json
-import math
 import os
-import re
-import shlex
 import sys
 import time
 from dataclasses import asdict, fields
 
 import torch
 
-from common import ArgumentParser, UserError, all_gather, all_reduce_sum, barrier, get_device, is_main, print0, \
-    require, run_cli, setup_distributed
-from curriculum import Plan, Ranks, Students, generate_increment, influence_score, run_stages, save_set_grid, \
-    seed_set_files, uses_igd
-from data import class_table, get_spec, resolve_data_dir
+from curriculum import IGDSeed, Plan, Students, generate_increment, igd_increment, run_stages, uses_igd
+from data import get_spec, resolve_data_dir
 from evaluate import evaluate_folder
 from guidance import GuidanceConfig, SamplerConfig, igd_guidance
-from model import ARCHS, DEFAULT_PRIOR, DIGITS_SCHEDULE, load_prior
-from preflight import DAY, duration, eta_line, load_passing, load_preflight, report, run_preflight
-from run_folder import (changed_settings, check_classes, check_run_folder, claim_run_folder, default_run_dir,
-                        distilled_dir, eval_path, grid_path, preflight_path, record_args, run_latents, stage_summary,
-                        update_args, write_classes)
+from lab.checks import check_args
+from lab.common import ArgumentParser, UserError, get_device, is_main, print0, run_cli, setup_distributed
+from lab.dry_run import print_plan
+from lab.folder import default_run_dir, distilled_dir, eval_path, preflight_path
+from lab.preflight import DAY, duration, eta_line
+from lab.run import Run
+from lab.start import check_inputs, start_run
+from model import ARCHS, DEFAULT_PRIOR, load_prior
 from train_prior import digits_prior
-from train_student import (IGD_ARCH, RECIPES, recipe_spec, reference_model, reference_models, reference_spec,
-                           soft_label_teacher, surrogate_cached, surrogate_epochs)
+from train_student import RECIPES, recipe_spec, reference_models, soft_label_teacher
 
 PAPER = asdict(GuidanceConfig())  # the paper's constants: one home (guidance.GuidanceConfig)
 
@@ -74,27 +70,8 @@ PRESETS = {
 _IGD = igd_guidance()  # IGD's own constants: one home, guidance.igd_guidance
 IGD = dict(igd_scale=_IGD.scale, igd_from=_IGD.guide_from, igd_until=_IGD.guide_until, grad_ipc=200)
 
-# settings that change the images: a rerun into the same folder must use the same ones (the data tree,
-# the precision, the sampler batch (float rounding) and the number of ranks a DDP student trains on
-# included). {argparse dest: the flag a user recognises}
-RESULT_ARGS = {"dataset": "--dataset", "method": "--method", "ipc": "--ipc", "stage_ipc": "--stage-ipc",
-               "seed": "--seed", "prior": "--prior", "vae": "--vae", "sampler": "--sampler", "steps": "--steps",
-               "cfg_scale": "--cfg-scale", "three_channels": "--cfg-three-channels", "arch": "--arch",
-               "recipe": "--recipe", "student_epochs": "--student-epochs", "scale": "--guidance-scale",
-               "omega": "--omega", "c0": "--c0", "deviation": "--deviation-scale", "candidates": "--candidates",
-               "guide_from": "--guide-from", "guide_until": "--guide-until", "form": "--guidance-form",
-               "through_dit": "--grad-through-dit", "memory_cap": "--memory-cap", "seed_set": "--seed-set",
-               "res": "--res", "data_dir": "--data-dir", "precision": "--precision", "batch_size": "--batch-size",
-               "student_ddp": "--student-ddp", "student_world": "ranks of a DDP student", "reference": "--reference",
-               "reference_epochs": "--reference-epochs", "igd_scale": "--igd-scale", "igd_deviation": "--igd-deviation",
-               "igd_from": "--igd-from", "igd_until": "--igd-until", "grad_ipc": "--grad-ipc",
-               "igd_checkpoints": "--igd-checkpoints", "igd_threshold": "--igd-threshold",
-               "grad_decoder": "--grad-decoder", "views": "--guidance-views", "reference_archs": "--reference-archs",
-               "student_archs": "--student-archs"}
-
-
 def get_parser():
-    p = ArgumentParser(description="Distil a dataset with learnability-guided diffusion (LGD).")
+    p = ArgumentParser(prog="distill.py", description="Distil a dataset with learnability-guided diffusion (LGD).")
     p.add_argument("--dataset", default="digits", help="digits | imagenette | imagewoof | imagenet")
     p.add_argument("--method", default="lgd", choices=["lgd", "dit", "igd"],
                    help="LGD stage loop, unguided DiT, or influence-guided IGD")
@@ -126,7 +103,7 @@ def get_parser():
     # learnability guidance (the paper's score and guided sampler); defaults: guidance.GuidanceConfig, then the preset
     p.add_argument("--guidance-scale", dest="scale", type=float, default=None,
                    help=f"lambda: learnability guidance scale (paper {PAPER['scale']:g})")
-    p.add_argument("--omega", "--lambda-ref", dest="omega", type=float, default=None,
+    p.add_argument("--omega", dest="omega", type=float, default=None,
                    help=f"omega: weight of the reference CE in S (paper {PAPER['omega']:g})")
     p.add_argument("--c0", type=float, default=None, help=f"constant inside rho_t (IGD's {PAPER['c0']:g})")
     p.add_argument("--deviation-scale", dest="deviation", type=float, default=None,
@@ -185,7 +162,7 @@ def get_parser():
                    "(default: 8 with CUDA, else 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=None,
-                   help="check the run on these weights and data and price it (preflight.py), then stop; "
+                   help="check the run on these weights and data and price it (lab/preflight.py), then stop; "
                         "default: every non-digits run does it first (reused once passed); --no-preflight skips it")
     p.add_argument("--preflight-classes", type=int, default=None,
                    help="classes the preflight samples (default: all, at most 20)")
@@ -194,14 +171,8 @@ def get_parser():
     return p
 
 
-def _finite(name, value, low, inclusive=True):
-    """A float flag must be a finite number in range (NaN passes every comparison but this one)."""
-    ok = math.isfinite(value) and (value >= low if inclusive else value > low)
-    require(ok, f"--{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, got {value}")
-
-
 def resolve_args(args):
-    """Fill unset flags from the dataset preset and the paper's constants; check everything before any write."""
+    """Fill unset flags from the dataset preset and the paper's constants; check every one before any write."""
     if args.dataset not in PRESETS:
         raise UserError(f"unknown dataset '{args.dataset}' (choose from {', '.join(PRESETS)})")
     for key, value in {**PAPER, **IGD, "eval": False, "seed_set": "dit", **PRESETS[args.dataset]}.items():
@@ -212,71 +183,11 @@ def resolve_args(args):
         args.igd_deviation = 50.0 if igd_ipc <= 10 else 120.0
     if args.method != "lgd":  # no stages; stage_ipc only says how evaluate.py --redundancy cuts the set
         args.stage_ipc = min(args.stage_ipc, args.ipc) if args.ipc > 0 else args.stage_ipc
-    require(args.ipc > 0, f"--ipc must be positive, got {args.ipc}")
-    require(args.stage_ipc > 0, f"--stage-ipc must be positive, got {args.stage_ipc}")
-    require(args.method == "dit" or args.ipc % args.stage_ipc == 0,
-           f"--ipc {args.ipc} is not a multiple of --stage-ipc {args.stage_ipc}")
-    require(args.steps > 0, f"--steps must be positive, got {args.steps}")
-    require(args.prior is not None or args.steps <= DIGITS_SCHEDULE["num_train_timesteps"],
-           f"--steps {args.steps} is outside 1..{DIGITS_SCHEDULE['num_train_timesteps']} (the prior's schedule)")
-    require(args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
-    require(args.candidates >= 1, f"--candidates must be at least 1, got {args.candidates}")
-    require(args.guide_from >= 0, f"--guide-from must be >= 0, got {args.guide_from}")
-    require(args.guide_from <= args.guide_until, "--guide-from must not exceed --guide-until")
-    require(args.memory_cap >= 1, f"--memory-cap must be at least 1, got {args.memory_cap}")
-    require(args.views >= 1, f"--guidance-views must be at least 1, got {args.views}")
     args.reference_archs = args.reference_archs or args.arch  # theta*'s architecture(s), the first one theta*
     args.student_archs = args.student_archs or args.arch  # the per-stage students', the first one theta_k
-    for flag, value in (("--reference-archs", args.reference_archs), ("--student-archs", args.student_archs)):
-        require(all(a in ARCHS for a in value.split(",")), f"{flag} must be architectures from {', '.join(ARCHS)}, "
-                f"got {value}")
-    require(args.reference is None or "," not in args.reference_archs,
-            "--reference gives one theta*; it cannot be combined with --reference-archs")
-    require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
-    require(args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}")
-    require(args.student_epochs is None or args.student_epochs >= 1,
-           f"--student-epochs must be at least 1, got {args.student_epochs}")
-    require(args.reference_epochs is None or args.reference_epochs >= 1,
-           f"--reference-epochs must be at least 1, got {args.reference_epochs}")
-    require(args.eval_epochs is None or args.eval_epochs >= 1, f"--eval-epochs must be at least 1, got {args.eval_epochs}")
-    require(args.eval_runs >= 1, f"--eval-runs must be at least 1, got {args.eval_runs}")
-    require(args.num_workers is None or args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
-    require(args.preflight_classes is None or args.preflight_classes >= 2,
-            f"--preflight-classes must be at least 2, got {args.preflight_classes}")
-    _finite("cfg-scale", args.cfg_scale, 1.0)  # 1 = the conditional model alone; below 1 leans unconditional
-    _finite("guidance-scale", args.scale, 0.0)
-    _finite("omega", args.omega, 0.0)
-    _finite("deviation-scale", args.deviation, 0.0)
-    _finite("c0", args.c0, 0.0, inclusive=False)
-    _finite("igd-scale", args.igd_scale, 0.0)
-    _finite("igd-deviation", args.igd_deviation, 0.0)
-    _finite("igd-threshold", args.igd_threshold, -1.0)
-    require(0 <= args.igd_from <= args.igd_until, "--igd-from must be >= 0 and not exceed --igd-until")
-    require(args.grad_ipc >= 1, f"--grad-ipc must be at least 1, got {args.grad_ipc}")
-    require(args.igd_checkpoints == "auto" or all(re.fullmatch(r"[0-9]+", p.strip()) for p in
-                                                  args.igd_checkpoints.split(",")),
-            f"--igd-checkpoints must be 'auto' or indices like 0,5,16,40, got {args.igd_checkpoints}")
-    if args.igd_checkpoints != "auto":  # the surrogate's trajectory: the init and one snapshot per epoch
-        last = surrogate_epochs(args.dataset, args.reference_epochs)
-        require(max(int(p) for p in args.igd_checkpoints.split(",")) <= last,
-                f"--igd-checkpoints {args.igd_checkpoints}: the surrogate's trajectory has snapshots 0..{last} "
-                f"(--reference-epochs {last})")
-    require(args.seed_set in ("dit", "igd") or os.path.isdir(args.seed_set),
-           f"--seed-set {args.seed_set} is not a folder (or 'dit', 'igd')")
-    require(args.reference is None or os.path.isfile(args.reference), f"--reference {args.reference} is not a file")
+    check_args(args, guidance_config(args), igd_config(args), uses_igd(args.method, args.seed_set))
     if args.prior is None and args.dataset != "digits":
         args.prior = DEFAULT_PRIOR
-    # a guided sampler whose window holds no sampling step would run "LGD" (or IGD) without one guided step
-    windows = []
-    if args.method == "lgd" and args.ipc > args.stage_ipc:
-        windows.append(("--guide-from", "--guide-until", guidance_config(args)))
-    if uses_igd(args.method, args.seed_set):
-        windows.append(("--igd-from", "--igd-until", igd_config(args)))
-    for start, end, guide in windows:
-        require(guide.guided_steps(args.steps) > 0,
-                f"the guidance window {start} {guide.guide_from} .. {end} {guide.guide_until} holds none of the "
-                f"{args.steps} sampling steps (respaced indices {args.steps - 1} .. 0): nothing would be guided; use "
-                f"more --steps or a window inside 0 .. {args.steps - 1}")
     # paths are stored resolved, so evaluate.py finds them from any working directory
     for key in ("data_dir", "prior", "seed_set", "reference"):
         value = getattr(args, key)
@@ -300,128 +211,16 @@ def sampler_config(args):
     return SamplerConfig(**{f.name: getattr(args, f.name) for f in fields(SamplerConfig)})
 
 
-def resolved_config(args, spec):
-    """--dry-run --json: every setting after presets, plus what they imply (views, transforms, schedule)."""
-    student = recipe_spec(spec, args.recipe)
-    reference = reference_spec(spec)
-    r = RECIPES[args.recipe]
-    guide = guidance_config(args)
-    view = lambda s: dict(res=s.res, test=f"Resize({round(s.res / s.crop_ratio)}) + CenterCrop({s.res})",  # noqa: E731
-                          mean=list(s.mean), std=list(s.std))
-    return dict(
-        {k: v for k, v in vars(args).items() if k not in ("dry_run", "json")},
-        student_view=view(student), reference_view=view(reference),
-        student_train_transform=("pad 1 + random 8x8 crop" if spec.name == "digits" else
-                                 ("Resize + CenterCrop, " if r["pre_crop"] else "") +
-                                 f"RandomResizedCrop({student.res}, 0.5-1), flip" +
-                                 (", ColorJitter 0.4, Lighting 0.1" if r["augment"] == "minimax" else "")),
-        student_norm="batch norm (torchvision)" if args.arch == "resnet18_bn" else "instance norm",
-        recipe_settings={k: v for k, v in r.items()}, guidance=asdict(guide), igd_guidance=asdict(igd_config(args)),
-        guided_steps=guide.guided_steps(args.steps), sampler=asdict(sampler_config(args)), classes=class_table(spec))
-
-
-def builds(args, spec, data_dir):
-    """What the run trains besides sampling, each with whether it is cached already: only what its method uses (a
-    DiT set needs no theta*, no IGD surrogate and no stage students)."""
-    items = []
-    cached = lambda arch: "cached" if surrogate_cached(spec, arch, data_dir, args.reference_epochs) else "not cached"  # noqa
-    epochs = surrogate_epochs(spec.name, args.reference_epochs)
-    if args.method == "lgd":
-        if args.reference is not None:
-            items.append(f"theta*: your --reference {args.reference}")
-        else:
-            items += [f"theta* {arch} ({epochs} epochs on the real train split; {cached(arch)})"
-                      for arch in args.reference_archs.split(",")]
-        if RECIPES[args.recipe]["temperature"] is not None:
-            items.append("the soft-label teacher (resnet18_bn)")
-        stages = args.ipc // args.stage_ipc
-        items.append(f"{(stages - 1) * len(args.student_archs.split(','))} stage students ({args.student_archs})")
-    if uses_igd(args.method, args.seed_set):
-        shared = args.method == "lgd" and args.reference is None and IGD_ARCH in args.reference_archs.split(",")
-        items.append("IGD's checkpoint selection on theta*'s trajectory" if shared else
-                     f"IGD's surrogate trajectory {IGD_ARCH} ({epochs} epochs; {cached(IGD_ARCH)}) and its checkpoint "
-                     f"selection")
-    if args.eval:
-        items.append(f"{args.eval_runs} evaluation students ({args.eval_arch})")
-    return items
-
-
-def print_plan(args, spec, data_dir=None):
-    """--dry-run: what the run will do, in images and DiT forward passes."""
-    measured = load_preflight(args.out_dir)
-    if args.json:
-        print(json.dumps(dict(resolved_config(args, spec), builds=builds(args, spec, data_dir), preflight=measured),
-                         indent=2))
-        return
-    c, stages = spec.num_classes, (args.ipc // args.stage_ipc if args.method == "lgd" else 1)
-    window, igd_window = guidance_config(args).guided_steps(args.steps), igd_config(args).guided_steps(args.steps)
-    through = ("DiT + " if args.through_dit else "") + ("" if args.dataset == "digits" else "VAE decoder + ")
-    done = dict(stage_summary(args.out_dir)) if os.path.isdir(args.out_dir) else {}
-    print(f"{args.method} on {args.dataset}: {c} classes x {args.ipc} IPC = {c * args.ipc} images -> {args.out_dir}")
-    table = class_table(spec)  # the field's class order: class c is what every peer's class c is
-    print("  classes (index: folder, prior label, name): " + "; ".join(
-        f"{r['index']}: {r['wnid']}, {r['prior_label']}, {r['name']}" for r in table[:10])
-        + ("; ..." if c > 10 else ""))
-    print("  trains: " + ("; ".join(builds(args, spec, data_dir)) or "nothing (sampling only)"))
-    if args.method == "dit":
-        print(f"  one unguided pass: {c * args.ipc} images x {args.steps} steps (CFG: 2 DiT passes per step)")
-        return print_eta(args, measured)
-    if args.method == "igd":
-        print(f"  the surrogate trajectory of theta* (cached), checkpoints {args.igd_checkpoints}, then "
-              f"{c * args.ipc} images x {args.steps} steps ({igd_window} guided: a double backward per checkpoint)")
-        return print_eta(args, measured)
-    for k in range(stages):
-        n = c * args.stage_ipc
-        status = " [done, will be skipped]" if done.get(k) else ""
-        if k == 0 and args.seed_set == "igd":
-            print(f"  stage 0: IGD's increment, {n} images x {args.steps} steps ({igd_window} influence-guided){status}")
-        elif k == 0:
-            print(f"  stage 0: seed set ({args.seed_set}), {n} images x {args.steps} unguided steps{status}")
-        else:
-            print(f"  stage {k}: train a {args.arch} student on {k * args.stage_ipc} IPC, then {n} images x "
-                  f"{args.candidates} candidates x {args.steps} steps ({window} guided: backward through "
-                  f"{through}2 classifiers){status}")
-    # image-steps: stage 0 samples each slot once, guided stages kappa times (the best candidate is kept)
-    total = c * args.stage_ipc * args.steps * (1 + (stages - 1) * args.candidates)
-    print(f"  total: {total} sampler image-steps, {(stages - 1) * c * args.stage_ipc * args.candidates * window} "
-          f"of them guided; {stages - 1} student trainings")
-    print_eta(args, measured)
-
-
-def print_eta(args, measured):
-    """The measured price of the run (from its folder's preflight.json), or how to get one."""
-    if measured is not None and measured.get("passed"):
-        print(f"  {eta_line(measured)} (measured by the preflight in {args.out_dir})")
-    else:
-        print("  ETA: not measured; add --preflight to this command to measure it on this machine (minutes on a "
-              "GPU: it also checks labels, guidance direction and the batch that fits)")
-
-
-def claim(out_dir):
-    """Rank 0 claims the run folder (curriculum.claim_run_folder); every rank learns whether it may go on."""
-    release, error = (lambda: None), None
-    if is_main():
-        try:
-            release = claim_run_folder(out_dir)
-        except (UserError, OSError) as e:
-            error = e
-    if all_reduce_sum(int(error is not None)):  # all ranks stop together instead of waiting at a barrier
-        raise error if error is not None else UserError(f"rank 0 could not claim {out_dir}")
-    return release
-
-
-def main(argv=None, on_stage_start=None):
+def main(argv=None):
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = get_parser().parse_args(argv)
     batch_given = args.batch_size is not None  # a --batch-size the user typed is never replaced by the preflight's
     args = resolve_args(args)
     spec = get_spec(args.dataset, res=args.res)
-    # a given --data-dir is validated now; a download happens below, once every cheap check has passed
-    data_dir = resolve_data_dir(spec, args.data_dir, fetch=False)
+    data_dir = resolve_data_dir(spec, args.data_dir, fetch=False)  # a given tree is checked now, a download later
     if args.dry_run:
         check_inputs(args, spec, torch.device("cpu"))  # what the run would refuse, the plan refuses too
-        print_plan(args, spec, data_dir)
-        return
+        return print_plan(args, spec, data_dir, guidance_config(args), igd_config(args), sampler_config(args))
     device = get_device(args.device)
     if args.precision == "bf16" and device.type != "cuda":
         raise UserError(f"--precision bf16 is CUDA autocast; this run is on {device.type} (use --precision fp32)")
@@ -430,77 +229,55 @@ def main(argv=None, on_stage_start=None):
     if args.channels_last is None:
         args.channels_last = device.type == "cuda"
     rank, world = setup_distributed(device)
-    record = dict(vars(args), data_dir=data_dir, out_dir=os.path.abspath(args.out_dir), world_size=world,
-                  student_world=world if (args.method == "lgd" and args.student_ddp) else 1)
-    # every input is checked before the folder is claimed, so a refused start leaves the folder as it was:
-    # the folder itself and the settings of a run already in it (read only), a given prior (loading it is
-    # the check), the seed set and the reference model. The digits prior is our own cache, built after the claim.
-    check_run_folder(args.out_dir)
-    earlier = changed_settings(args.out_dir, record, {k: v for k, v in RESULT_ARGS.items() if k != "batch_size"})
-    # the sampler batch: the user's, else the run's own (a resume, or a preflight of a run that exists), else a
-    # passing preflight's of these settings, else the preset's
-    args.preflight_settings = {key: record[key] for key in RESULT_ARGS if key != "batch_size"}
-    passed = load_passing(args.out_dir, args.preflight_settings)
-    if not batch_given and earlier:
-        args.batch_size = earlier.get("batch_size", args.batch_size)
-    elif not batch_given and passed is not None:
-        args.batch_size = passed["sampler_batch"]
-    args.batch_fixed = batch_given or bool(earlier)  # the preflight checks this batch instead of searching one
-    record["batch_size"] = args.batch_size
-    changed_settings(args.out_dir, record, RESULT_ARGS)
-    check_classes(args.out_dir, class_table(spec), resume=True)
-    prior = load_run_prior(args, spec, device) if args.prior is not None else None
-    check_inputs(args, spec, device)
-    if is_main():  # ImageNette / ImageWoof without --data-dir: fetched (once, shared) before the folder is claimed
-        resolve_data_dir(spec, args.data_dir)
-    barrier()
-    record["command"] = shlex.join(["python", "distill.py", *argv])  # what finishes this run (evaluate/export say it)
-    release = claim(args.out_dir)
-    try:
-        wanted = args.preflight if args.preflight is not None else args.dataset != "digits"
-        if wanted and passed is None:  # before args.json: a failed one leaves no settings to resume
-            prior = prior or load_run_prior(args, spec, device)
-            passed = preflight(args, spec, prior, device)
-            if not args.batch_fixed:
-                args.batch_size = record["batch_size"] = passed["sampler_batch"]
-        elif passed is not None:  # its checks stand for this run
-            print0(f"preflight: passed earlier ({preflight_path(args.out_dir)}), reused: {eta_line(passed)}")
-        if passed is not None and args.batch_size != passed["sampler_batch"]:
-            print0(f"sampler batch {args.batch_size} ({'--batch-size' if batch_given else 'the run in ' + args.out_dir}"
-                   f"), not the preflight's {passed['sampler_batch']}")
-        if is_main():
-            record_args(args.out_dir, record, RESULT_ARGS)
-            write_classes(args.out_dir, class_table(spec))  # what class c is, for every reader of the folder
-        barrier()  # important! no rank writes before rank 0 has tidied the folder and checked the settings
+    configs = (guidance_config(args), igd_config(args), sampler_config(args))
+    # the folder is claimed, the inputs checked, the preflight run or reused (lab/start.py); released whatever happens
+    with start_run(args, spec, device, argv, world, batch_given, load_run_prior, configs) as (prior, passed):
         if args.preflight:
             print0(f"preflight passed: {eta_line(passed)}\nnext: the same command without --preflight (it starts at "
                    f"sampler batch {args.batch_size}; {preflight_path(args.out_dir, 'png')} shows the samples)")
             return
         if passed is not None and passed["eta_s"] > DAY:  # said, not refused: the user may mean it
             print0(f"note: this run is priced at {duration(passed['eta_s'])} ({preflight_path(args.out_dir)})")
-        distill(args, spec, device, Ranks(rank, world), on_stage_start, prior)
-    finally:
-        release()
+        distill(args, spec, device, rank, world, prior)
 
 
-def preflight(args, spec, prior, device):
-    """The preflight (preflight.py) on every rank; the batch every rank fits, one report, one verdict for all ranks."""
-    result, images = run_preflight(args, spec, prior, device, resolve_data_dir(spec, args.data_dir),
-                                   guidance_config(args), igd_config(args), sampler_config(args))
-    result["sampler_batch"] = min(all_gather(result["sampler_batch"]))
-    failures = [f for f in all_gather(result["failure"]) if f is not None]
-    report(result, images, spec, args.out_dir)
-    if failures:  # every rank stops with the same line
-        raise UserError(f"preflight: {failures[0]}")
-    return result
-
-
-def check_inputs(args, spec, device):
-    """The user's files, read before anything is written: every seed-set image the run will take, the reference."""
-    if args.method == "lgd" and args.seed_set not in ("dit", "igd"):
-        seed_set_files(args.seed_set, spec, args.stage_ipc)
-    if args.reference is not None:
-        reference_model(spec, args.arch, None, device, path=args.reference)
+def distill(args, spec, device, rank, world, prior=None):
+    """The run itself, once the folder is ours and the settings are recorded."""
+    start = time.time()
+    data_dir = resolve_data_dir(spec, args.data_dir)
+    if prior is None:  # the digits prior: trained once into the shared cache (waiting if another run builds it)
+        prior = load_run_prior(args, spec, device)
+    sampler, out = sampler_config(args), args.out_dir
+    plan = Plan(args.ipc, args.stage_ipc, args.seed, args.batch_size, args.seed_set, args.twins)
+    run = Run(out, spec, plan, rank, world)
+    igd = IGDSeed(igd_config(args), data_dir, args.grad_ipc, args.igd_checkpoints, args.igd_threshold,
+                  args.reference_epochs, args.num_workers) if uses_igd(args.method, args.seed_set) else None
+    student_view = recipe_spec(spec, args.recipe)
+    if args.method == "dit":
+        generate_increment(run, run.one_pass(latents=False), prior, plan, sampler, desc="dit sampling")
+    elif args.method == "igd":
+        igd_increment(run, run.one_pass(latents=True), prior, plan, sampler, igd)
+    else:
+        # theta*, trained once per dataset/arch/view and cached under out/cache (or the user's file); an ensemble
+        # of such models with --reference-archs
+        reference = reference_models(spec, args.reference_archs, data_dir, device, args.reference_epochs,
+                                     args.num_workers, args.reference)
+        teacher = soft_label_teacher(student_view, args.recipe, data_dir, device, num_workers=args.num_workers)
+        first, *others = args.student_archs.split(",")
+        students = Students(first, args.recipe, student_view, args.student_epochs, args.student_ddp,
+                            args.num_workers, args.channels_last, tuple(others), device)
+        run_stages(run, prior, plan, sampler, guidance_config(args), students, reference, teacher, igd)
+    run.finish(args.method, guided=range(args.stage_ipc, args.ipc) if plan.stages > 1 and args.method == "lgd"
+               else ())
+    print0(f"wrote {spec.num_classes * args.ipc} images to {distilled_dir(out)} in {time.time() - start:.0f} s "
+           f"(grid: {out}/grid.png)")
+    if args.eval and is_main():  # evaluation is single-process: N small students, not worth sharding
+        evaluate_folder(out, spec, data_dir, args.eval_arch, args.eval_runs, args.recipe, args.eval_epochs,
+                        args.seed, device, num_workers=args.num_workers)
+        print0(f"next: python evaluate.py --redundancy {out}   (cross-increment redundancy), or "
+               f"python evaluate.py --compare {out} <other runs>")
+    elif is_main():
+        print0(f"next: python evaluate.py --distilled {out}   (-> {eval_path(out)})")
 
 
 def load_run_prior(args, spec, device):
@@ -530,60 +307,6 @@ def load_run_prior(args, spec, device):
         raise UserError(f"prior {prior_path} knows {prior.null_label} classes; {args.dataset} needs label "
                         f"{max(spec.prior_labels)}")
     return prior
-
-
-def distill(args, spec, device, ranks, on_stage_start=None, prior=None):
-    """The run itself, once the folder is ours and the settings are recorded."""
-    start = time.time()
-    data_dir = resolve_data_dir(spec, args.data_dir)  # downloads ImageNette/ImageWoof if no --data-dir
-    if prior is None:  # the digits prior: trained once into the shared cache (waiting if another run builds it)
-        prior = load_run_prior(args, spec, device)
-    sampler, out = sampler_config(args), args.out_dir
-    plan = Plan(args.ipc, args.stage_ipc, args.seed, args.batch_size, args.seed_set, args.twins)
-    student_view = recipe_spec(spec, args.recipe)
-    influence = None
-    if uses_igd(args.method, args.seed_set):  # IGD's surrogate trajectory, checkpoints, real gradients
-        influence = influence_score(spec, data_dir, device, out, args.grad_ipc, args.igd_checkpoints,
-                                    args.igd_threshold, args.reference_epochs, args.num_workers)
-
-    def igd(images_dir, latents_dir, slots, batch, records_dir=None):
-        """IGD's sampler: influence-guided, deviation from this run's earlier samples of the class (M_c starts
-        empty), one sample per image. Returns the sampler batch that fitted."""
-        return generate_increment(prior, spec, images_dir, latents_dir, slots, 0, args.seed, sampler, batch, ranks,
-                                  influence, igd_config(args), {}, desc="IGD sampling", records_dir=records_dir)
-    if args.method == "dit":
-        batch = generate_increment(prior, spec, distilled_dir(out), None, args.ipc, 0, args.seed, sampler,
-                                   args.batch_size, ranks, desc="dit sampling")
-    elif args.method == "igd":
-        batch = igd(distilled_dir(out), run_latents(out), args.ipc, args.batch_size)
-    else:
-        # theta*, trained once per dataset/arch/view and cached under out/cache (or the user's file); an ensemble
-        # of such models with --reference-archs
-        reference = reference_models(spec, args.reference_archs, data_dir, device, args.reference_epochs,
-                                     args.num_workers, args.reference)
-        teacher = soft_label_teacher(student_view, args.recipe, data_dir, device, num_workers=args.num_workers)
-        first, *others = args.student_archs.split(",")
-        students = Students(first, args.recipe, student_view, args.student_epochs, args.student_ddp,
-                            args.num_workers, args.channels_last, tuple(others))
-        seed_stage = (lambda images, latents, records, batch: igd(images, latents, args.stage_ipc, batch, records)) \
-            if args.seed_set == "igd" else None
-        batch = run_stages(prior, spec, out, plan, sampler, guidance_config(args), students, reference, ranks,
-                           device, teacher, seed_stage, on_stage_start=on_stage_start)
-    update_args(out, sampler_batch_used=batch)
-    stages = args.ipc // args.stage_ipc if args.method == "lgd" else 1
-    save_set_grid(distilled_dir(out), spec, range(args.ipc), grid_path(out),
-                  f"{args.method}: {args.ipc} images per class (* = guided); rows = classes",
-                  guided=range(args.stage_ipc, args.ipc) if stages > 1 else ())
-    print0(f"wrote {spec.num_classes * args.ipc} images to {distilled_dir(out)} in {time.time() - start:.0f} s "
-           f"(grid: {grid_path(out)})")
-
-    if args.eval and is_main():  # evaluation is single-process: N small students, not worth sharding
-        evaluate_folder(out, spec, data_dir, args.eval_arch, args.eval_runs, args.recipe, args.eval_epochs,
-                        args.seed, device, num_workers=args.num_workers)
-        print0(f"next: python evaluate.py --redundancy {out}   (cross-increment redundancy), or "
-               f"python evaluate.py --compare {out} <other runs>")
-    elif is_main():
-        print0(f"next: python evaluate.py --distilled {out}   (-> {eval_path(out)})")
 
 
 if __name__ == "__main__":

@@ -34,13 +34,13 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import (SALT_EVAL_INIT, SALT_EVAL_TRAIN, SALT_REDUNDANCY_INIT, SALT_REDUNDANCY_TRAIN, ArgumentParser,
+from lab.common import (SALT_EVAL_INIT, SALT_EVAL_TRAIN, SALT_REDUNDANCY_INIT, SALT_REDUNDANCY_TRAIN, ArgumentParser,
                     UserError, atomic_write, check_writable, get_device, git_commit, load_json, print0, require,
                     run_cli, save_json, stream_seed)
 from data import ImageSet, class_table, get_spec, load_real, resolve_data_dir, sample_real_ipc
-from export import LAYOUTS, class_folder, export_set
+from lab.export import LAYOUTS, class_folder, export_set
 from model import ARCHS, make_student
-from run_folder import (check_classes, check_not_busy, cross_eval_paths, default_real_dir, distilled_folder, eval_path,
+from lab.folder import (check_classes, check_not_busy, cross_eval_paths, default_real_dir, distilled_folder, eval_path,
                         heatmap_path, redundancy_path, run_info, set_files, validity_path)
 from train_student import (RECIPES, accuracy, epochs_for_ipc, recipe_spec, reference_model, soft_label_teacher,
                            train_student)
@@ -250,7 +250,7 @@ def compare(run_dirs, markdown_path):
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
-    p = ArgumentParser(description="Evaluate distilled sets: accuracy, redundancy, comparison.")
+    p = ArgumentParser(prog="evaluate.py", description="Evaluate distilled sets: accuracy, redundancy, comparison.")
     p.add_argument("--dataset", default=None, help="digits | imagenette | imagewoof | imagenet (default: from args.json)")
     p.add_argument("--data-dir", default=None, help="ImageFolder root with train/ and val/ (default: from args.json)")
     p.add_argument("--distilled", default=None, help="a distill.py run folder or a bare <class>/*.png folder")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torchvision
 from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 
-from common import UserError
+from lab.common import UserError
 
 DEFAULT_PRIOR = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # IGD/MGD3 decode DiT latents with ft-mse (the hub repo ships ft-ema)

@@ -42,11 +42,13 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common import ArgumentParser, UserError, barrier, get_device, is_main, print0, require, run_cli, save_torch
-from data import (Augment, cutmix, get_spec, load_real, normalise, resolve_data_dir, resize_crop, sample_real_ipc,
-                  storage_size, with_view)
+from data import (Augment, classifier_input, cutmix, get_spec, load_real, normalise, resolve_data_dir, resize_crop,
+                  sample_real_ipc, storage_size, with_view)
+from guidance import Influence, select_checkpoints, weight_gradient
+from lab.common import (ArgumentParser, UserError, barrier, get_device, is_main, load_saved, print0, require, run_cli,
+                        save_torch)
+from lab.locks import cache_entry
 from model import ARCHS, make_student
-from run_folder import cache_entry, load_saved
 
 RECIPES = {
     "minimax": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="multistep",
@@ -463,8 +465,50 @@ def soft_label_teacher(spec, recipe, data_dir, device, cache_dir="out/cache", nu
     return model.to(device).eval()
 
 
+# ----------------------------------------------------------------------------- IGD's score for a dataset
+
+def influence_score(spec, data_dir, device, grad_ipc=200, checkpoints="auto", threshold=0.7, epochs=None,
+                    num_workers=0):
+    """IGD's influence score (guidance.Influence) for a dataset -> (the score, what was chosen, for igd.json): the
+    trajectory of IGD's surrogate (ConvNet-6 whatever the evaluation network; with --arch convnet the very training
+    theta* is the last snapshot of, cached), the chosen checkpoints (IGD's adaptive rule, DD_IGD
+    `test_ckpts_grad_sim.py`, or a given list) and real-gradient targets over the first grad_ipc real images per
+    class."""
+    arch, view = IGD_ARCH, reference_spec(spec)
+    trajectory = surrogate_trajectory(view, arch, data_dir, device, epochs, num_workers=num_workers)
+    real = load_real(spec, data_dir, "train")
+    members = [[i for i, y in enumerate(real.labels) if y == c][:grad_ipc] for c in range(spec.num_classes)]
+
+    def inputs(c):  # IGD's real view: the first grad_ipc images of the class, sorted by name, at 256 px, 0.5/0.5
+        x = torch.stack([resize_crop(real.load(i), view.res) for i in members[c]]).to(device)
+        return classifier_input(x * 2 - 1, view), torch.full((len(x),), c, device=device)
+
+    def model_at(j):
+        model = make_student(arch, view)
+        model.load_state_dict(trajectory[j])
+        return model.to(device).eval()
+
+    if checkpoints == "auto":  # class by class (the gradients of all classes need not fit in memory)
+        similarity = torch.zeros(len(trajectory), len(trajectory))
+        for c in tqdm(range(spec.num_classes), desc="IGD checkpoint selection", disable=not is_main()):
+            x, y = inputs(c)
+            grads = torch.stack([weight_gradient(model_at(j), x, y) for j in range(len(trajectory))])
+            grads = torch.nn.functional.normalize(grads.cpu(), dim=1)
+            similarity += grads @ grads.T / spec.num_classes
+        chosen = select_checkpoints(similarity, threshold)
+        info = dict(rule=f"adaptive, threshold {threshold}", similarity_to_previous_kept=[
+            float(similarity[a, b]) for a, b in zip(chosen, chosen[1:])])
+    else:  # the range was checked against the trajectory's length before the run started
+        chosen = [int(j) for j in checkpoints.split(",")]
+        info = dict(rule="given")
+    print0(f"IGD checkpoints {chosen} of 0..{len(trajectory) - 1} ({info['rule']})")
+    models = [model_at(j) for j in chosen]
+    score = Influence(models, view, lambda j, c: weight_gradient(models[j], *inputs(c)))
+    return score, dict(info, checkpoints=chosen, trajectory_length=len(trajectory), grad_ipc=grad_ipc, arch=arch)
+
+
 def main():
-    parser = ArgumentParser(description="Train one student on K random real images per class.")
+    parser = ArgumentParser(prog="train_student.py", description="Train one student on K random real images per class.")
     parser.add_argument("--dataset", default="digits", choices=["digits", "imagenette", "imagewoof", "imagenet"],
                         help="benchmark")
     parser.add_argument("--data-dir", default=None, help="ImageFolder root with train/ and val/ (not for digits)")

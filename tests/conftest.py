@@ -13,7 +13,18 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from data import IMAGEWOOF  # noqa: E402
+from data import IMAGEWOOF
+
+# The peers' ImageWoof, copied from their code: MinimaxDiffusion and DD_IGD `misc/class_woof.txt` (wnids), MTT
+# `utils.py` and DD-Ranking `utils/data.py` (`imagewoof = [193, 182, ...]`, ImageNet-1K indices); MTT's comment
+# names them. The repo's table must be exactly this; a set made here must be labelled by it everywhere.
+FIELD_WOOF = ["n02096294", "n02093754", "n02111889", "n02088364", "n02086240", "n02089973", "n02087394", "n02115641",
+              "n02099601", "n02105641"]
+FIELD_WOOF_IDS = [193, 182, 258, 162, 155, 167, 159, 273, 207, 229]
+
+
+FIELD_WOOF_NAMES = ["Australian terrier", "Border terrier", "Samoyed", "beagle", "Shih-Tzu", "English foxhound",
+                    "Rhodesian ridgeback", "dingo", "golden retriever", "Old English sheepdog"]
 
 
 def make_tiny_latent_prior(path):
@@ -98,6 +109,7 @@ class EmpiricalDiT(torch.nn.Module):
 def make_empirical_prior(per_class=20):
     """A Prior whose DiT is EmpiricalDiT over `per_class` real training digits per class."""
     from diffusers import DDPMScheduler
+
     from data import load_digits_split, sample_real_ipc
     from model import DIGITS_SCHEDULE, Prior, make_scheduler
     real = sample_real_ipc(load_digits_split("train"), per_class, seed=0)
@@ -153,7 +165,7 @@ def file_hashes(folder, suffix=""):
 def cli(main, argv, capsys, stdout=None):
     """Run a CLI main exactly as `python X.py` does (common.run_cli) in-process: (exit code, stderr lines).
     stdout: a list the captured standard output is appended to."""
-    from common import run_cli as run_main
+    from lab.common import run_cli as run_main
     with pytest.raises(SystemExit) as exit_info:
         run_main(lambda: main([str(a) for a in argv]))
         raise SystemExit(0)
@@ -177,3 +189,31 @@ def one_error_line(code, lines, *fragments):
 def tree(folder):
     """Every file under folder, relative, sorted."""
     return sorted(os.path.relpath(os.path.join(r, f), folder) for r, _, files in os.walk(folder) for f in files)
+
+# a digits LGD run on a stand-in prior in seconds (2 stages of 1 IPC, a few steps, one-epoch students and theta*)
+LGD = ["--dataset", "digits", "--ipc", 2, "--stage-ipc", 1, "--steps", 4, "--guide-from", 0, "--guide-until", 3,
+       "--student-epochs", 1, "--reference-epochs", 1, "--no-eval"]
+
+
+def digits_set(folder, ipc=2, classes=range(10)):
+    """A bare <class>/<index>.png digits set of random images (every image different)."""
+    from lab.common import save_png
+    for n, c in enumerate(classes):
+        for i in range(ipc):
+            save_png(torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(10 * n + i)),
+                     str(folder / str(c) / f"{i:05d}.png"))
+    return folder
+
+
+def dit_argv(prior, out, ipc=4):
+    return ["--dataset", "digits", "--method", "dit", "--prior", prior, "--ipc", ipc, "--steps", 3, "--no-eval",
+            "--out-dir", out]
+
+
+@pytest.fixture(scope="session")
+def dit_run(pixel_prior, tmp_path_factory):
+    """A finished --method dit digits run (40 images), on the stand-in prior."""
+    import distill
+    out = tmp_path_factory.mktemp("dit") / "run"
+    assert distill.main([str(a) for a in dit_argv(pixel_prior, out)]) is None
+    return out

@@ -1,23 +1,44 @@
-"""Every flag of every CLI (distill, evaluate, results, train_prior, bench) is checked before any work: one `error:` line,
-exit code 1, nothing written, nothing trained."""
+"""The command lines as a user meets them: every flag of every CLI checked before any work (one `error:` line, exit 1),
+the dry run, Ctrl-C, bench, and the README's quick start run top to bottom."""
 import json
 import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
 import bench
+import curriculum
 import distill
 import evaluate
-import results
 import train_prior
-from conftest import cli, one_error_line
+import train_student as ts
+from conftest import (
+    FIELD_WOOF,
+    FIELD_WOOF_IDS,
+    FIELD_WOOF_NAMES,
+    REPO,
+    cli,
+    make_empirical_prior,
+    one_error_line,
+    run_cli,
+    tree,
+)
+from data import get_spec
+from lab import preflight, results
+from model import make_student
 
 
 @pytest.mark.parametrize("main,argv,fragment", [
     (results.main, ["ablation", "--jobs", "0"], "--jobs must be at least 1, got 0"),
     (results.main, ["ablation", "--jobs", "-3"], "--jobs must be at least 1, got -3"),
     (results.main, ["nosuchtable"], "invalid choice: 'nosuchtable'"),
-    (results.main, ["robustness"], "run `python results.py transfer` first"),
+    (results.main, ["robustness"], "run `python -m lab.results transfer` first"),
     (train_prior.main, ["--per-class", "0"], "--per-class must be at least 1, got 0"),
     (train_prior.main, ["--per-class", "-5"], "--per-class must be at least 1, got -5"),
     (train_prior.main, ["--cfg-scale", "nan"], "--cfg-scale must be a finite number >= 1, got nan"),
@@ -37,19 +58,189 @@ def test_every_cli_refuses_bad_flags_before_any_work(tmp_path, monkeypatch, caps
     assert os.listdir(tmp_path) == []  # nothing written, nothing trained (no out/cache, no out/results)
 
 
-def test_a_failed_download_names_its_url_size_and_layout_and_the_fix_runs_in_the_same_folder(
-        tmp_path, monkeypatch, capsys, latent_prior, fake_woof):
-    import data
-
-    def offline(url, download_root, md5=None):
-        raise OSError("no route to host")
-    monkeypatch.setattr(data, "download_and_extract_archive", offline)
+@pytest.mark.parametrize("flags,fragment", [
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number >= 1"),
+    (["--cfg-scale", "0.5"], "--cfg-scale"),
+    (["--deviation-scale", "nan"], "--deviation-scale must be a finite number"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+    (["--guidance-scale", "-1"], "--guidance-scale"),
+    (["--omega", "inf"], "--omega must be a finite number"),
+    (["--c0", "0"], "--c0 must be a finite number > 0"),
+    (["--res", "0"], "--res must be at least 8"),
+    (["--memory-cap", "0"], "--memory-cap must be at least 1"),
+    (["--memory-cap", "-3"], "--memory-cap must be at least 1"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--student-epochs", "0"], "--student-epochs must be at least 1"),
+    (["--student-epochs", "-5"], "--student-epochs must be at least 1"),
+    (["--eval-epochs", "0"], "--eval-epochs must be at least 1"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0"),
+    (["--steps", "100000"], "--steps 100000 is outside 1..1000"),
+    (["--guide-from", "-1"], "--guide-from must be >= 0"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--precision", "bf16", "--device", "cpu"], "--precision bf16 is CUDA autocast"),
+    (["--igd-scale", "nan"], "--igd-scale must be a finite number"),
+    (["--grad-ipc", "0"], "--grad-ipc must be at least 1"),
+    (["--igd-checkpoints", "0,five"], "--igd-checkpoints must be 'auto' or indices"),
+    (["--seed-set", "nowhere"], "--seed-set nowhere is not a folder"),
+    # a guided run whose window holds no sampling step would be unguided under its name
+    (["--steps", "1"], "--guide-from 10 .. --guide-until 45 holds none of the 1 sampling steps"),
+    (["--steps", "40", "--guide-from", "45", "--guide-until", "49"], "holds none of the 40 sampling steps"),
+    (["--method", "igd", "--steps", "20"], "--igd-from 30 .. --igd-until 45 holds none of the 20"),
+    (["--seed-set", "igd", "--steps", "25"], "--igd-from 30"),
+])
+def test_out_of_range_flags_are_refused_before_any_write(tmp_path, monkeypatch, capsys, flags, fragment):
     monkeypatch.chdir(tmp_path)
-    argv = ["--dataset", "imagewoof", "--method", "dit", "--no-preflight", "--ipc", 1, "--steps", 2, "--prior",
-            latent_prior, "--res", 16, "--out-dir", tmp_path / "run"]
-    one_error_line(*cli(distill.main, argv, capsys), "could not download imagewoof from "
-                   "https://s3.amazonaws.com/fast-ai-imageclas/imagewoof2.tgz (about 1.3 GB",
-                   "--data-dir DIR with DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/*.JPEG")
-    assert not (tmp_path / "run").exists() and not os.listdir(tmp_path / "out" / "data")  # no args.json, no debris
-    assert cli(distill.main, argv + ["--data-dir", fake_woof], capsys)[0] == 0  # the corrected command, same folder
-    assert json.loads((tmp_path / "run" / "args.json").read_text())["data_dir"] == str(fake_woof)
+    code, lines = cli(distill.main, flags + ["--out-dir", tmp_path / "run"], capsys)
+    one_error_line(code, lines, fragment)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()  # nothing written, nothing trained
+
+
+def test_steps_beyond_a_loaded_priors_schedule_is_one_line(tmp_path, latent_prior, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_error_line(*cli(distill.main, ["--dataset", "digits", "--method", "dit", "--prior", latent_prior, "--steps",
+                                       100000, "--out-dir", tmp_path / "r"], capsys), "--steps 100000 is outside 1..1000")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    one_error_line(*cli(distill.main, ["--device", "cuda", "--out-dir", tmp_path / "run"], capsys), "CUDA is not available")
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path, pixel_prior):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    args = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 3, "--stage-ipc", 1, "--steps", 6, "--guide-from", 0,
+            "--guide-until", 5, "--student-epochs", 30, "--reference-epochs", 1, "--no-eval", "--out-dir", tmp_path / "r"]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "distill.py"), *map(str, args)], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "r" / "stage_0" / "done.json").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
+    assert not (tmp_path / "r" / ".lgd-lock").exists()
+    r = run_cli("distill.py", *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert len(tree(tmp_path / "r" / "distilled")) == 30
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "cifar"], "unknown dataset"),
+    (["--dataset", "imagewoof", "--data-dir", "/does/not/exist"], "does not exist"),
+    (["--dataset", "imagenet"], "needs --data-dir"),
+    (["--ipc", "0"], "--ipc must be positive"),
+    (["--ipc", "-3", "--method", "dit"], "--ipc must be positive"),
+    (["--ipc", "10", "--stage-ipc", "3"], "not a multiple"),
+    (["--stage-ipc", "0"], "--stage-ipc must be positive"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    out = tmp_path / "never"
+    r = run_cli("distill.py", *args, "--out-dir", out, cwd=tmp_path)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists() and not (tmp_path / "out").exists()  # nothing written
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    r = run_cli("distill.py", "--dry-run", "--out-dir", tmp_path / "plan", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "stage 4" in r.stdout and "100 images" in r.stdout
+    assert not (tmp_path / "plan").exists() and not (tmp_path / "out").exists()
+
+
+def test_dry_run_json_is_the_resolved_configuration(tmp_path):
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--dry-run", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    config = json.loads(r.stdout)
+    assert config["student_view"] == dict(res=224, test="Resize(224) + CenterCrop(224)", mean=[0.485, 0.456, 0.406],
+                                          std=[0.229, 0.224, 0.225])
+    assert config["reference_view"]["res"] == 256 and config["reference_view"]["mean"] == [0.5] * 3
+    assert config["guidance"]["form"] == "z" and config["guidance"]["scale"] == 15.0 and config["batch_size"] == 24
+    assert config["guided_steps"] == 36 and config["student_norm"] == "instance norm"
+    assert config["seed_set"] == "igd"  # the paper's pipeline: T_1 from IGD
+    assert config["recipe_settings"]["lr"] == 0.01 and "RandomResizedCrop(224, 0.5-1)" in config["student_train_transform"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_users_reference_model_replaces_the_trained_one(pixel_prior, tmp_path):
+    from train_student import reference_spec as view_of
+    theta = make_student("convnet", view_of(get_spec("digits")), seed=3)
+    torch.save(theta.state_dict(), tmp_path / "theta.pt")
+    r = run_cli("distill.py", "--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 4,
+                "--guide-from", 0, "--guide-until", 3, "--student-epochs", 1, "--no-eval", "--reference", tmp_path / "theta.pt", "--out-dir", tmp_path / "r",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "out" / "cache").exists()  # nothing trained on the real data
+    assert json.loads((tmp_path / "r" / "args.json").read_text())["reference"] == str(tmp_path / "theta.pt")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pt")
+    r = run_cli("distill.py", "--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 4,
+                "--guide-from", 0, "--guide-until", 3, "--reference", tmp_path / "bad.pt", "--out-dir", tmp_path / "r2", cwd=tmp_path)
+    assert r.returncode == 1 and "does not fit --arch convnet" in r.stderr.strip().splitlines()[-1]
+
+
+def test_dry_run_and_every_run_folder_list_the_classes(tmp_path, latent_prior, fake_woof, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    table = [dict(index=c, wnid=w, prior_label=i, name=n)
+             for c, (w, i, n) in enumerate(zip(FIELD_WOOF, FIELD_WOOF_IDS, FIELD_WOOF_NAMES))]
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--dry-run", "--json", cwd=tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout)["classes"] == table
+    run = tmp_path / "run"
+    argv = ["--dataset", "imagewoof", "--method", "dit", "--no-preflight", "--ipc", 1, "--steps", 2, "--data-dir",
+            fake_woof, "--prior", latent_prior, "--res", 16, "--out-dir", run]
+    assert cli(distill.main, argv, capsys)[0] == 0
+    assert json.loads((run / "classes.json").read_text()) == table
+    # a run folder whose classes are numbered otherwise (say, sorted) is refused by evaluate.py and by a resume
+    (run / "classes.json").write_text(json.dumps([dict(r, index=c) for c, r in enumerate(
+        sorted(table, key=lambda r: r["wnid"]))]))
+    for main, flags in ((evaluate.main, ["--distilled", run, "--runs", 1]), (distill.main, argv)):
+        one_error_line(*cli(main, flags, capsys), "numbers its classes differently", "class 0 is ('n02086240', 155)")
+    os.remove(run / "classes.json")  # a folder from before classes.json: its stages number ImageWoof sorted
+    one_error_line(*cli(distill.main, argv, capsys), "before lgd numbered this dataset in the field's class order")
+
+
+def test_bench_tiny_reports_parts_flops_and_ratios(tmp_path):
+    import bench
+    result = bench.main(["--size", "tiny", "--batch-size", "4", "--repeats", "1", "--json", str(tmp_path / "b.json")])
+    run = result["runs"][0]
+    assert [r["variant"] for r in run["rows"]] == ["unguided", "guided", "guided-z0", "igd"]
+    assert run["rows"][0]["ratio"] == 1.0 and all(r["step_s"] > 0 and r["gflops"] > 0 for r in run["rows"])
+    parts = {c["part"]: c for c in run["components"]}
+    # the guided step's FLOPs are at least the DiT forward + its input-backward + the classifiers'
+    assert run["rows"][1]["gflops"] * 1e9 >= 0.99 * (parts["DiT CFG forward, with grad"]["flops"] +
+                                                    parts["DiT input-backward"]["flops"])
+    assert run["exact_parts_sum_s"] > 0 and json.loads((tmp_path / "b.json").read_text())["runs"][0]["batch"] == 4
+
+
+MAINS = {"distill.py": distill.main, "evaluate.py": evaluate.main, "results.py": results.main,
+         "train_prior.py": train_prior.main, "bench.py": bench.main}
+
+
+def quick_start_commands():
+    text = open(os.path.join(REPO, "README.md")).read()
+    block = re.search(r"## CPU quick start.*?```bash\n(.*?)```", text, re.S).group(1)
+    return [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+def test_the_quick_start_block_is_what_this_test_runs():
+    commands = quick_start_commands()
+    assert commands[0] == ["python", "distill.py"] and len(commands) >= 5
+    assert all(c[0] == "python" and c[1] in MAINS for c in commands)
+
+
+def test_the_readme_quick_start_runs_top_to_bottom_in_a_fresh_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(distill, "digits_prior", lambda *a, **k: "the embedded prior (a stand-in here)")
+    monkeypatch.setattr(distill, "load_prior", lambda *a, **k: make_empirical_prior())
+    short = lambda ipc, recipe="minimax", dataset=None: 10  # noqa: E731
+    for module in (curriculum, evaluate, preflight, ts):
+        monkeypatch.setattr(module, "epochs_for_ipc", short)
+    for command in quick_start_commands():
+        out = []
+        code, lines = cli(MAINS[command[1]], command[2:], capsys, out)
+        assert code == 0, (command, lines[-3:])
+    assert os.path.exists(tmp_path / "out" / "digits_lgd_ipc10_seed0" / "eval.json")
+    assert os.path.exists(tmp_path / "out" / "digits_lgd_ipc10_seed0" / "preflight.json")

@@ -1,14 +1,266 @@
-"""The stage loop (curriculum.py) as a run lives it: killed at any moment and rerun, it ends in the very files of a run
-that was never killed."""
+"""The stage loop (curriculum.py) as a run lives it: T_1, then per stage a student on D_k and a guided increment;
+killed at any moment and rerun, it ends in the very files of a run that was never killed; the paper's pipeline,
+DDP ranks, out-of-memory."""
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from PIL import Image
 
+import curriculum
 import distill
-from conftest import cli, file_hashes, one_error_line, tree
+from conftest import LGD, REPO, cli, file_hashes, one_error_line, run_cli, tree
+from curriculum import Plan, Students, run_stages
+from data import IMAGEWOOF, get_spec
+from guidance import (
+    GuidanceConfig,
+    Learnability,
+    SamplerConfig,
+    sample,
+)
+from lab.common import UserError, load_json
+from lab.run import Increment, Run
+from model import load_prior, make_student
+from train_student import SURROGATE, reference_spec
+
+SPEC = get_spec("digits")
+
+
+def stage_loop(prior, out_dir, ipc=3, stage_ipc=1, **kwargs):
+    """The stage loop on the stand-in prior, as distill.py calls it: a run folder (lab.run.Run) for a small plan."""
+    torch.manual_seed(0)
+    reference = [(make_student("convnet", SPEC).eval(), reference_spec(SPEC))]
+    guide = GuidanceConfig(scale=50.0, deviation=1.0, candidates=2, guide_from=1, guide_until=4)
+    plan = Plan(ipc=ipc, stage_ipc=stage_ipc, seed=5, batch_size=20)
+    spec = get_spec("digits")
+    spec.image_size = prior.image_size
+    run_stages(Run(str(out_dir), spec, plan), prior, plan, SamplerConfig(cfg_scale=2.0, steps=6), guide,
+               Students("convnet", "minimax", SPEC, epochs=2), reference, **kwargs)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_stage_loop_three_stages_kill_and_resume(pixel_prior, tmp_path, monkeypatch):
+    prior = load_prior(pixel_prior)
+    run = str(tmp_path / "run")
+    stage_student = curriculum.stage_student
+
+    def killed_at_stage_2(run, k, *args, **kwargs):
+        if k == 2:
+            raise Killed()
+        return stage_student(run, k, *args, **kwargs)
+    monkeypatch.setattr(curriculum, "stage_student", killed_at_stage_2)
+    with pytest.raises(Killed):
+        stage_loop(prior, run)
+    assert os.path.exists(f"{run}/stage_1/done.json") and not os.path.exists(f"{run}/stage_2")
+    before = {k: file_hashes(f"{run}/stage_{k}") for k in (0, 1)}
+    monkeypatch.setattr(curriculum, "stage_student", stage_student)
+
+    stage_loop(prior, run)  # the rerun resumes at stage 2 and completes
+    for k in (0, 1):
+        assert file_hashes(f"{run}/stage_{k}") == before[k]  # finished stages untouched
+    plan = Plan(ipc=3, stage_ipc=1, seed=5)
+    for k in range(3):
+        d_k = curriculum.union(Run(run, SPEC, plan), k + 1)[0]  # D_{k+1}: its last 10 files are stage k's
+        files = sorted(os.path.relpath(p, f"{run}/stage_{k}/images") for p in d_k[-10:])
+        assert files == [f"{c}/{k:05d}.png" for c in range(10)]  # stage k holds index k of every class
+        assert os.path.exists(f"{run}/stage_{k}/grid.png") and os.path.exists(f"{run}/stage_{k}/done.json")
+    # the student of stage k was trained on exactly the union of stages < k
+    for k in (1, 2):
+        trained_on = sorted(load_json(f"{run}/stage_{k}/student.json")["train_files"])
+        union = sorted(f"{run}/stage_{j}/images/{c}/{j:05d}.png" for j in range(k) for c in range(10))
+        assert trained_on == union
+    assert not os.path.exists(f"{run}/stage_0/student.pt")  # the seed stage has no student
+    # the union is the distilled set: 3 images per class, indices 0..2
+    for c in range(10):
+        assert sorted(os.listdir(f"{run}/distilled/{c}")) == ["00000.png", "00001.png", "00002.png"]
+
+
+def test_stage_zero_is_the_unguided_dit_increment(pixel_prior, tmp_path):
+    """Paired comparison: LGD's seed stage equals the first images of --method dit with the same seed."""
+    prior = load_prior(pixel_prior)
+    stage_loop(prior, tmp_path / "lgd", ipc=1)
+    plan = Plan(ipc=1, stage_ipc=1, seed=5, batch_size=20)
+    run = Run(str(tmp_path / "dit"), SPEC, plan)
+    curriculum.generate_increment(run, run.one_pass(latents=False), prior, plan, SamplerConfig(cfg_scale=2.0, steps=6))
+    assert file_hashes(tmp_path / "lgd" / "distilled") == file_hashes(tmp_path / "dit" / "distilled")
+
+
+def test_ipc_not_a_multiple_of_stage_ipc_is_an_error(pixel_prior, tmp_path):
+    with pytest.raises(UserError, match="not a multiple"):
+        stage_loop(load_prior(pixel_prior), tmp_path, ipc=4, stage_ipc=3)
+
+
+def test_distill_lgd_cli_on_fake_imagewoof(tmp_path, latent_prior, fake_woof):
+    """The full lgd path with a latent prior (VAE decode/encode in the loop): 2 stages of 1 IPC."""
+    out = tmp_path / "run"
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--no-preflight", "--data-dir", fake_woof, "--prior", latent_prior,
+                "--seed-set", "dit", "--ipc", 2, "--stage-ipc", 1, "--steps", 4, "--guide-from", 0, "--guide-until", 3, "--batch-size", 12,
+                "--student-epochs", 2, "--res", 16, "--out-dir", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for wnid in sorted(os.listdir(out / "distilled")):
+        assert sorted(os.listdir(out / "distilled" / wnid)) == ["00000.png", "00001.png"]
+    assert json.loads((out / "stage_1" / "done.json").read_text())["indices"] == [1, 2]
+    assert (out / "stage_1" / "student.pt").exists() and (out / "grid.png").exists()
+    assert list((tmp_path / "out" / "cache").glob("surrogate_imagewoof_convnet_res16_*.pt"))  # theta* cached
+    # rerunning into the same folder with different settings is refused instead of mixing two runs
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--no-preflight", "--data-dir", fake_woof, "--prior", latent_prior,
+                "--seed-set", "dit", "--ipc", 2, "--stage-ipc", 1, "--guidance-scale", 3, "--res", 16, "--out-dir", out, cwd=tmp_path)
+    assert r.returncode == 1 and "different" in r.stderr and "--guidance-scale" in r.stderr
+
+
+def test_stages_save_final_latents_and_a_log_of_what_guidance_did(pixel_prior, tmp_path):
+    prior = load_prior(pixel_prior)
+    run = tmp_path / "run"
+    stage_loop(prior, run)
+    for k in range(3):
+        for c in range(10):
+            latent = torch.load(run / f"stage_{k}" / "latents" / str(c) / f"{k:05d}.pt")
+            from data import load_image
+            image = load_image(str(run / f"stage_{k}" / "images" / str(c) / f"{k:05d}.png"), 1)
+            # pixel space: the saved final latent is the image before clamping and 8-bit rounding
+            assert latent.shape == (1, 8, 8)
+            assert (((latent.clamp(-1, 1) + 1) / 2 - image).abs() <= 0.5 / 255 + 1e-6).all()
+    assert not (run / "stage_0" / "log.json").exists()  # the seed stage is not guided
+    for k in (1, 2):
+        log = json.loads((run / f"stage_{k}" / "log.json").read_text())
+        assert log["images_logged"] == 10 and sum(log["kept_candidate_counts"]) == 10
+        assert log["kept"]["S"] >= log["rejected"]["S"]  # the kept candidate has the highest S of its slot
+        assert set(log["twin"]) == {"S", "student_ce", "reference_ce"}
+        assert sorted(map(int, log["relative_guidance_per_step"])) == [1, 2, 3, 4]  # the window only
+        assert all(v > 0 for v in log["relative_guidance_per_step"].values())
+        assert json.loads((run / f"stage_{k}" / "done.json").read_text())["sampler_batch"] == 20
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_images(pixel_prior, tmp_path, monkeypatch, capsys):
+    """A batch that does not fit raises OutOfMemoryError: the block is retried at half the batch, and the
+    images are those of an unconstrained run (each is seeded on its own; equal up to float rounding)."""
+    from data import load_image
+    prior = load_prior(pixel_prior)
+    torch.manual_seed(0)
+    score = Learnability(make_student("convnet", SPEC, seed=1), SPEC, make_student("convnet", SPEC).eval(),
+                         reference_spec(SPEC), 0.5)
+    guide = GuidanceConfig(scale=50.0, deviation=1.0, candidates=2, guide_from=1, guide_until=4)
+    plan = Plan(ipc=5, stage_ipc=5, seed=5, batch_size=20)
+
+    def run(folder):  # slots 3 and 4 of every class, guided, M_c starting empty; returns the batch that fitted
+        out = Run(str(folder), SPEC, plan)
+        inc = Increment(SPEC, str(folder / "images"), str(folder / "latents"), None, range(3, 5))
+        curriculum.generate_increment(out, inc, prior, plan, SamplerConfig(cfg_scale=2.0, steps=6), score, guide, {})
+        return out.batch
+    straight = run(tmp_path / "straight")
+    original = curriculum.best_of_candidates
+
+    def small_device(prior, labels, *rest, **kw):
+        if len(labels) > 4:  # "the GPU" holds 4 samples
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(prior, labels, *rest, **kw)
+    monkeypatch.setattr(curriculum, "best_of_candidates", small_device)
+    halved = run(tmp_path / "halved")
+    assert straight == 20 and halved == 5  # 20 -> 10 -> 5 (two classes x two candidates)
+    assert capsys.readouterr().out.count("sampler batch halved") == 2  # said once per halving
+    for c in range(10):
+        for index in (3, 4):
+            a, b = (load_image(str(tmp_path / d / "images" / str(c) / f"{index:05d}.png"), 1)
+                    for d in ("straight", "halved"))
+            assert (a - b).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_distill_dit_on_fake_imagewoof_with_tiny_prior(tmp_path, latent_prior, fake_woof):
+    out = tmp_path / "run"
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--method", "dit", "--no-preflight", "--ipc", 2, "--data-dir", fake_woof,
+                "--prior", latent_prior, "--steps", 3, "--batch-size", 8, "--out-dir", out, "--res", 16, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    classes = sorted(os.listdir(out / "distilled"))
+    assert classes == sorted(IMAGEWOOF)
+    for wnid in classes:
+        files = sorted(os.listdir(out / "distilled" / wnid))
+        assert files == ["00000.png", "00001.png"]
+        with Image.open(out / "distilled" / wnid / files[0]) as im:
+            assert im.size == (16, 16) and im.mode == "RGB"
+    args = json.loads((out / "args.json").read_text())
+    assert args["method"] == "dit" and args["ipc"] == 2 and "git_commit" in args
+    assert (out / "grid.png").exists()
+    # the ImageWoof preset's seed set is IGD's, but a DiT set samples no IGD increment: nothing was trained for it
+    assert not (tmp_path / "out" / "cache").exists() and not (out / "igd.json").exists()
+    # a rerun skips the images already written (their bytes and times are unchanged)
+    before = {p: os.stat(out / "distilled" / p).st_mtime_ns for p in ["n02086240/00000.png"]}
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--method", "dit", "--no-preflight", "--ipc", 2, "--data-dir", fake_woof,
+                "--prior", latent_prior, "--steps", 3, "--batch-size", 8, "--out-dir", out, "--res", 16, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert before == {p: os.stat(out / "distilled" / p).st_mtime_ns for p in before}
+
+
+def test_igd_and_the_papers_pipeline_end_to_end(tmp_path, latent_prior, fake_woof):
+    """`--method igd` and `--method lgd --seed-set igd` on the tiny latent prior (VAE in the loop): IGD's
+    chosen checkpoints are written, and stage 0 of the paper's pipeline is IGD's first increment, byte for byte."""
+    common = ["--dataset", "imagewoof", "--no-preflight", "--data-dir", fake_woof, "--prior", latent_prior, "--res", 16, "--steps", 6,
+              "--igd-from", 1, "--igd-until", 4, "--grad-ipc", 3, "--reference-epochs", 3, "--batch-size", 10]
+    r = run_cli("distill.py", *common, "--method", "igd", "--ipc", 2, "--stage-ipc", 1, "--out-dir", tmp_path / "igd",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    info = json.loads((tmp_path / "igd" / "igd.json").read_text())
+    assert info["checkpoints"][0] == 0 and info["trajectory_length"] == 4 and info["grad_ipc"] == 3
+    assert len(file_hashes(tmp_path / "igd" / "distilled", ".png")) == 20 and (tmp_path / "igd" / "latents").is_dir()
+    r = run_cli("distill.py", *common, "--seed-set", "igd", "--ipc", 2, "--stage-ipc", 1, "--guide-from", 1,
+                "--guide-until", 4, "--student-epochs", 2, "--out-dir", tmp_path / "lgd", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    igd_first = {k: v for k, v in file_hashes(tmp_path / "igd" / "distilled", ".png").items() if k.endswith("00000.png")}
+    assert file_hashes(tmp_path / "lgd" / "stage_0" / "images", ".png") == igd_first
+    assert len(file_hashes(tmp_path / "lgd" / "distilled", ".png")) == 20
+    # a hard-coded list, as IGD's released sampler uses, instead of the rule
+    r = run_cli("distill.py", *common, "--method", "igd", "--ipc", 1, "--igd-checkpoints", "0,3",
+                "--out-dir", tmp_path / "list", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "list" / "igd.json").read_text())["checkpoints"] == [0, 3]
+    r = run_cli("distill.py", *common, "--method", "igd", "--ipc", 1, "--igd-checkpoints", "0,52",
+                "--out-dir", tmp_path / "bad", cwd=tmp_path)  # IGD's released 1K list names a snapshot that does not exist
+    assert r.returncode == 1 and "snapshots 0..3" in r.stderr.strip().splitlines()[-1]
+
+
+def test_one_view_and_one_member_are_todays_bytes_and_views_are_reproducible(tmp_path, pixel_prior):
+    base = ["distill.py", "--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 6,
+            "--guide-from", 0, "--guide-until", 5, "--student-epochs", 2, "--reference-epochs", 2, "--no-eval"]
+    runs = {"today": [], "explicit": ["--guidance-views", 1, "--reference-archs", "convnet"],
+            "views": ["--guidance-views", 3], "views again": ["--guidance-views", 3],
+            "ensemble": ["--reference-archs", "convnet,mlp"], "students": ["--student-archs", "convnet,mlp"]}
+    hashes = {}
+    for name, flags in runs.items():
+        r = run_cli(*base, *flags, "--out-dir", tmp_path / name.replace(" ", "_"), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        hashes[name] = file_hashes(tmp_path / name.replace(" ", "_") / "distilled", ".png")
+    assert len(hashes["today"]) == 20 and hashes["explicit"] == hashes["today"]
+    assert hashes["views"] == hashes["views again"]  # seeded: the same views, the same images
+    stage_1 = lambda h: {k: v for k, v in h.items() if k.endswith("00001.png")}  # noqa: E731 (the guided stage)
+    assert stage_1(hashes["views"]) != stage_1(hashes["today"]) != stage_1(hashes["ensemble"])
+    assert stage_1(hashes["students"]) != stage_1(hashes["today"])
+    assert (tmp_path / "students" / "stage_1" / "student_mlp.pt").exists()  # each student saved, reloadable
+    assert SURROGATE["augment"] == "minimax"  # theta*'s own augmentation is what its views are drawn from
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile's CPU backend needs a C compiler; none on this machine")
+def test_compiled_prior_samples_the_same_images(pixel_prior):
+    """--compile: the DiT compiled (inductor, CPU here) gives the same guided samples up to float rounding."""
+    prior = load_prior(pixel_prior)
+    spec = get_spec("digits")
+    torch.manual_seed(0)
+    score = Learnability(make_student("convnet", spec), spec, make_student("convnet", spec), spec, 0.5)
+    labels, sampler = torch.arange(4), SamplerConfig(cfg_scale=2.0, steps=4)
+    guide = GuidanceConfig(scale=30.0, deviation=0.0, candidates=1, guide_from=0, guide_until=3)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(4)]  # noqa: E731
+    eager = sample(prior, labels, gens(), sampler, score, labels, None, guide)
+    prior.compile()
+    compiled = sample(prior, labels, gens(), sampler, score, labels, None, guide)
+    assert (compiled - eager).norm() <= 1e-4 * eager.norm()
 
 
 def lgd_argv(prior, out, *extra):
@@ -41,6 +293,8 @@ def cut(run, spec):
 
 
 CLASS_FILES = ["images/{c}/{i:05d}.png", "latents/{c}/{i:05d}.pt", "records/{c}/{i:05d}.json"]
+
+
 STAGE_1_UNFINISHED = ["stage_1/done.json", "stage_1/log.json", "stage_1/grid.png", "distilled", "grid.png"] + \
     [f"stage_1/{f.format(c=c, i=3)}" for c in range(10) for f in CLASS_FILES]
 
@@ -113,7 +367,7 @@ def test_a_damaged_record_names_its_way_out_and_a_deleted_one_is_recomputed(unin
 
 def test_a_finished_stages_image_that_is_not_the_runs_is_refused(uninterrupted, pixel_prior, tmp_path, monkeypatch,
                                                                  capsys):
-    from common import save_png
+    from lab.common import save_png
     monkeypatch.chdir(uninterrupted)
     run = tmp_path / "run"
     shutil.copytree(uninterrupted / "ref", run)
@@ -124,9 +378,9 @@ def test_a_finished_stages_image_that_is_not_the_runs_is_refused(uninterrupted, 
 
 
 def test_a_seed_set_image_of_another_mode_or_size_is_passed_over(tmp_path, capsys):
-    from common import save_png
     from curriculum import seed_set_files
     from data import get_spec
+    from lab.common import save_png
     for c in range(10):
         for i in range(3):
             save_png(torch.rand(1, 8, 8), str(tmp_path / "seed" / str(c) / f"{i}.png"))
@@ -152,3 +406,145 @@ def test_with_random_views_a_rerun_recomputes_the_whole_stage_and_ends_in_the_sa
     mine = ("args.json", "stage_1/student.json")
     assert {k: v for k, v in file_hashes(run).items() if k not in mine} == \
         {k: v for k, v in file_hashes(ref).items() if k not in mine}
+
+
+def stage_run(prior, out_dir):
+    stage_loop(prior, out_dir, ipc=4, stage_ipc=2)
+
+
+@pytest.fixture(scope="module")
+def straight(pixel_prior, tmp_path_factory):
+    """An uninterrupted 2-stage run: the logs every restarted run must reproduce."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    stage_run(load_prior(pixel_prior), out)
+    return out
+
+
+def test_a_stage_killed_mid_sampling_logs_every_image_after_the_rerun(straight, pixel_prior, tmp_path, monkeypatch):
+    prior, original, calls = load_prior(pixel_prior), curriculum.sample_images, []
+
+    def dies_in_stage_1(prior, spec, classes, index, *args, **kwargs):  # slot 2 of stage 1 is written, then the kill
+        if index == 3:
+            raise Killed()
+        return original(prior, spec, classes, index, *args, **kwargs)
+    monkeypatch.setattr(curriculum, "sample_images", dies_in_stage_1)
+    with pytest.raises(Killed):
+        stage_run(prior, tmp_path / "run")
+    assert len(file_hashes(tmp_path / "run" / "stage_1" / "images")) == 10  # half the stage
+    monkeypatch.setattr(curriculum, "sample_images", original)
+    stage_run(prior, tmp_path / "run")
+    log = json.loads((tmp_path / "run" / "stage_1" / "log.json").read_text())
+    assert log["images_logged"] == 20 and sum(log["kept_candidate_counts"]) == 20
+    assert log == json.loads((straight / "stage_1" / "log.json").read_text())  # as if it had never died
+
+
+def test_a_stage_rerun_from_its_images_rewrites_the_same_log(straight, pixel_prior, tmp_path):
+    import shutil
+    run = shutil.copytree(straight, tmp_path / "run")
+    os.remove(run / "stage_1" / "done.json")  # every image is there; the stage is finished again from disk
+    before = (run / "stage_1" / "log.json").read_bytes()
+    os.remove(run / "stage_1" / "log.json")
+    stage_run(load_prior(pixel_prior), run)
+    assert (run / "stage_1" / "log.json").read_bytes() == before
+    assert json.loads(before)["images_logged"] == 20 and json.loads(before)["kept"]["S"] is not None
+
+
+@pytest.fixture
+def finished(tmp_path, pixel_prior, capsys, monkeypatch):
+    """A finished 3-stage LGD run folder (argv, folder)."""
+    monkeypatch.chdir(tmp_path)
+    argv = [*LGD, "--ipc", 3, "--prior", pixel_prior, "--out-dir", tmp_path / "run"]
+    assert cli(distill.main, argv, capsys)[0] == 0
+    return argv, tmp_path / "run"
+
+
+def test_a_damaged_latent_of_a_finished_stage_names_the_stages_to_delete(finished, capsys):
+    argv, run = finished
+    latent = run / "stage_0" / "latents" / "3" / "00000.pt"
+    latent.write_bytes(latent.read_bytes()[:40])  # truncated
+    os.remove(run / "stage_2" / "done.json")  # stage 2 builds its memory from stages 0 and 1 again
+    one_error_line(*cli(distill.main, argv, capsys), f"{latent} is damaged", f"delete {run / 'stage_0'}")
+
+
+def test_a_damaged_student_is_trained_again(finished, capsys):
+    argv, run = finished
+    student = run / "stage_1" / "student.pt"
+    saved = torch.load(student)
+    student.write_bytes(student.read_bytes()[:100])
+    os.remove(run / "stage_1" / "done.json")
+    out = []
+    assert cli(distill.main, argv, capsys, out)[0] == 0
+    assert f"stage 1's student {student} is damaged (" in out[0] and "regenerating it" in out[0]
+    again = torch.load(student)
+    assert all(torch.equal(saved[k], again[k]) for k in saved)  # the same student: seeded, deterministic
+
+
+def test_a_done_stage_with_a_deleted_image_is_one_line(tmp_path, pixel_prior, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 4, "--student-epochs",
+            1, "--reference-epochs", 1, "--no-eval", "--guide-from", 0, "--guide-until", 3, "--out-dir", tmp_path / "r"]
+    assert cli(distill.main, argv, capsys)[0] == 0
+    os.remove(tmp_path / "r" / "stage_0" / "images" / "7" / "00000.png")
+    one_error_line(*cli(distill.main, argv, capsys), "stage 0 is marked done", "7/00000.png", "delete")
+
+
+ARGS = ["--dataset", "imagewoof", "--no-preflight", "--seed-set", "dit", "--ipc", 3, "--stage-ipc", 1, "--steps", 8, "--guide-from", 0, "--guide-until", 7,
+        "--batch-size", 12, "--student-epochs", 3, "--res", 16]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, latent_prior, fake_woof):
+    """One uninterrupted single-process lgd run: the reference every other run must reproduce."""
+    cwd = tmp_path_factory.mktemp("straight")
+    r = run_cli("distill.py", *ARGS, "--data-dir", fake_woof, "--prior", latent_prior, "--out-dir", cwd / "run", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    return cwd / "run"
+
+
+def torchrun(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           os.path.join(REPO, "distill.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path, straight_run, latent_prior, fake_woof):
+    """Generation is sharded by global image index: the same bytes whatever the number of ranks.
+    With --no-student-ddp every rank trains the identical per-stage student, so the whole set is
+    byte-identical; with the default DDP student the seed stage is identical and the run completes
+    (a DDP student sees other batches/augmentations, so later stages differ in their images)."""
+    r = torchrun(*ARGS, "--data-dir", fake_woof, "--prior", latent_prior, "--out-dir", tmp_path / "nd",
+                 "--no-student-ddp", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert file_hashes(tmp_path / "nd" / "distilled", ".png") == file_hashes(straight_run / "distilled", ".png")
+    assert len(file_hashes(straight_run / "distilled", ".png")) == 30
+
+    r = torchrun(*ARGS, "--data-dir", fake_woof, "--prior", latent_prior, "--out-dir", tmp_path / "ddp", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert file_hashes(tmp_path / "ddp" / "stage_0", ".png") == file_hashes(straight_run / "stage_0", ".png")
+    assert len(file_hashes(tmp_path / "ddp" / "distilled", ".png")) == 30
+    assert json.loads((tmp_path / "ddp" / "args.json").read_text())["world_size"] == 2
+
+
+def test_kill_minus_nine_then_resume(tmp_path, straight_run, latent_prior, fake_woof):
+    """A process killed mid-stage: the rerun finishes, finished files are untouched, and the final set is
+    byte-identical to an uninterrupted run (memories are rebuilt from disk, students reloaded)."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "distill.py"), *map(str, ARGS), "--data-dir", fake_woof,
+                             "--prior", latent_prior, "--out-dir", str(out)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "stage_1" / "student.pt").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # mid stage 1: its student is saved, its images are being generated
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "stage_2").exists() and (out / "stage_0" / "done.json").exists()
+    stage0 = {p: os.stat(out / "stage_0" / p).st_mtime_ns for p in file_hashes(out / "stage_0", ".png")}
+
+    r = run_cli("distill.py", *ARGS, "--data-dir", fake_woof, "--prior", latent_prior, "--out-dir", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert stage0 == {p: os.stat(out / "stage_0" / p).st_mtime_ns for p in stage0}  # not rewritten
+    assert file_hashes(out / "distilled", ".png") == file_hashes(straight_run / "distilled", ".png")
+    leftovers = [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
+    assert not leftovers  # no half-written file survives a rerun's reads

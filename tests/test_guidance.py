@@ -1,17 +1,41 @@
-"""Learnability guidance (the paper's score and guided sampler): the equations, where they act, their direction
-and limits."""
+"""The method's equations (guidance.py): the learnability score S, the DDPM sampler against DiT's and diffusers',
+the guided step (rho_t, the push, its sign), deviation guidance, candidate selection, IGD's influence score, the
+views and ensembles of S, the cheap gradient decoder, and the guided step's numerics."""
+import json
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_empirical_prior
-from data import classifier_input, get_spec
-from guidance import (GuidanceConfig, Learnability, SamplerConfig, SamplerLog, add_to_memory, best_of_candidates,
-                      cfg_output, decode_images, deviation_gradient, guided_output, sample)
+from conftest import make_empirical_prior, run_cli
+from data import (
+    classifier_input,
+    get_spec,
+    with_view,
+)
+from guidance import (
+    GuidanceConfig,
+    Influence,
+    Learnability,
+    SamplerConfig,
+    SamplerLog,
+    add_to_memory,
+    best_of_candidates,
+    cfg_output,
+    decode_images,
+    deviation_gradient,
+    guided_output,
+    sample,
+    select_checkpoints,
+    weight_gradient,
+)
 from model import load_prior, make_student
-from train_student import reference_spec
+from train_student import reference_spec, view_augment
 
 SPEC = get_spec("digits")
+
+
 SAMPLER = SamplerConfig(cfg_scale=2.0, steps=20)
 
 
@@ -240,3 +264,396 @@ def test_memory_keeps_the_newest_final_latents():
     for i in range(6):
         add_to_memory(memory, 3, torch.full((1, 1, 8, 8), float(i)), cap=4)
     assert memory[3].shape == (4, 64) and memory[3][:, 0].tolist() == [2.0, 3.0, 4.0, 5.0]
+
+
+def generators(n, seed=0):
+    return [torch.Generator().manual_seed(seed * 100 + i) for i in range(n)]
+
+
+def test_ddpm_sampler_matches_manual_scheduler_loop(latent_prior):
+    """Our sampler (guidance off) == stepping the diffusers DDPM scheduler by hand, learned variance and all."""
+    prior = load_prior(latent_prior)
+    labels = torch.tensor([3, 155, 999])
+    ours = sample(prior, labels, generators(3), SamplerConfig(cfg_scale=4.0, steps=5))
+
+    from diffusers.utils.torch_utils import randn_tensor
+    scheduler, gens = prior.scheduler, generators(3)
+    scheduler.set_timesteps(5)
+    z = randn_tensor((3, 4, 8, 8), generator=gens)
+    null = torch.full_like(labels, 1000)
+    for t in scheduler.timesteps:
+        with torch.no_grad():
+            out = prior.transformer(torch.cat([z, z]), timestep=t.expand(6), class_labels=torch.cat([labels, null])).sample
+        cond, uncond = out.chunk(2)
+        eps = uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4])
+        z = scheduler.step(torch.cat([eps, cond[:, 4:]], 1), t, z, generator=gens).prev_sample
+    assert (ours - z).norm() <= 1e-5 * z.norm()  # relative: these random-weight latents are large
+
+
+def dit_respacing(num_timesteps=1000, steps=50):
+    """DiT's `space_timesteps(1000, "50")`: evenly strided indices with a fractional stride, rounded."""
+    stride = (num_timesteps - 1) / (steps - 1)
+    return [round(i * stride) for i in range(steps)]  # 0, 20, 41, ..., 999
+
+
+def test_sampler_step_equals_dit_learned_range_p_sample(latent_prior):
+    """The project's 50-step sampler against DiT's own maths, re-derived here in float64 (DiT's
+    `diffusion/respace.py` + `gaussian_diffusion.py:p_sample` with learn_sigma, clip_denoised=False):
+
+      kept t_i (respacing), betas_i = 1 - abar(t_i) / abar(t_{i-1}), posterior variance and mean of q(x_{i-1}|x_i, x0),
+      log var = frac * log(beta_i) + (1 - frac) * log(clipped posterior var), frac = (v + 1) / 2,
+      x_{i-1} = mean + exp(log var / 2) * noise (no noise at i = 0).
+    A wrong spacing ("leading"), a swapped variance or a clipped x0 breaks the equality.
+    """
+    prior = load_prior(latent_prior)
+    prior.scheduler.set_timesteps(50)
+    kept = dit_respacing()
+    assert prior.scheduler.timesteps.tolist() == kept[::-1]
+
+    abar_all = prior.scheduler.alphas_cumprod.double()
+    abar = abar_all[kept]                                                   # (50,) respaced abar
+    abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+    betas = 1 - abar / abar_prev
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]]))    # DiT clips the first entry
+    coef_x0, coef_xt = betas * abar_prev.sqrt() / (1 - abar), (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
+
+    labels, gens, c = torch.tensor([3, 155, 999]), generators(3), prior.channels
+    sampler = SamplerConfig(cfg_scale=4.0, steps=50)
+    ours = sample(prior, labels, gens, sampler)
+    gens = generators(3)
+    z = torch.cat([torch.randn((1, c, 8, 8), generator=g) for g in gens]).double()
+    for i in reversed(range(50)):
+        with torch.no_grad():
+            out = cfg_output(prior, z.float(), torch.tensor(kept[i]), labels, sampler).double()
+        eps, v = out[:, :c], out[:, c:]
+        x0 = (z - (1 - abar[i]).sqrt() * eps) / abar[i].sqrt()
+        mean = coef_x0[i] * x0 + coef_xt[i] * z
+        frac = (v + 1) / 2
+        log_var = frac * torch.log(betas[i]) + (1 - frac) * post_log_var[i]
+        noise = torch.cat([torch.randn((1, c, 8, 8), generator=g) for g in gens]).double() if i > 0 else 0
+        z = mean + (torch.exp(0.5 * log_var) * noise if i > 0 else 0)
+    assert (ours.double() - z).norm() <= 1e-4 * z.norm()
+
+
+class FakeDiT(torch.nn.Module):
+    """Returns 1 for every conditional output channel and 0 for the unconditional branch."""
+    device = torch.device("cpu")  # as a diffusers model exposes it
+
+    def __init__(self, null_label):
+        super().__init__()
+        self.null_label = null_label
+
+    def forward(self, z, timestep, class_labels):
+        cond = (class_labels != self.null_label).float().view(-1, 1, 1, 1)
+        return type("Out", (), {"sample": cond.expand(-1, 8, *z.shape[2:]).clone()})
+
+
+def test_ddim_sampler_matches_diffusers_dit_pipeline(latent_prior):
+    """With DDIM (deterministic), the images equal diffusers' DiTPipeline from the same initial noise."""
+    from diffusers import DiTPipeline
+    prior = load_prior(latent_prior, sampler="ddim")
+    labels = [7, 500]
+    ours = decode_images(prior, sample(prior, torch.tensor(labels), generators(2), SamplerConfig(cfg_scale=3.0, steps=6)))
+    pipe = DiTPipeline(transformer=prior.transformer, vae=prior.vae, scheduler=prior.scheduler)
+    theirs = pipe(labels, guidance_scale=3.0, generator=generators(2), num_inference_steps=6, output_type="np").images
+    assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() < 1e-4
+
+
+def test_cfg_is_applied_to_every_latent_channel(latent_prior):
+    prior = load_prior(latent_prior)
+    prior.transformer = FakeDiT(prior.null_label)
+    z, t, labels = torch.zeros(2, 4, 8, 8), torch.tensor(500), torch.tensor([1, 2])
+    out = cfg_output(prior, z, t, labels, SamplerConfig(cfg_scale=4.0))  # eps = 0 + 4 * (1 - 0) on each channel
+    assert out.shape == (2, 8, 8, 8)
+    assert torch.all(out[:, :4] == 4.0) and torch.all(out[:, 4:] == 1.0)  # variance from the cond branch
+    quirk = cfg_output(prior, z, t, labels, SamplerConfig(cfg_scale=4.0, three_channels=True))
+    assert torch.all(quirk[:, :3] == 4.0) and torch.all(quirk[:, 3] == 1.0)  # DiT's 3-of-4 channel variant
+
+
+def test_same_seed_same_images_and_batch_size_independent(latent_prior):
+    prior = load_prior(latent_prior)
+    labels = torch.tensor([1, 2, 3, 4])
+    four = SamplerConfig(steps=4)
+    a = sample(prior, labels, generators(4), four)
+    b = sample(prior, labels, generators(4), four)
+    assert torch.equal(a, b)
+    # image 2 alone, with its own generator, is the same image as in the batch of 4
+    alone = sample(prior, labels[2:3], generators(4)[2:3], four)
+    # equal up to float rounding, which depends on the batch and the CPU: compare relative to the magnitude
+    # (these random-weight latents reach ~900, so an absolute tolerance would test one machine's rounding)
+    assert (alone[0] - a[2]).norm() <= 1e-5 * a[2].norm()
+    other_seed = sample(prior, labels, generators(4, seed=1), four)
+    assert (other_seed - a).abs().mean() > 0.1
+
+
+IDENTITY = with_view(get_spec("digits"), mean=(0.0,), std=(1.0,))  # the classifier sees x * 0.5 + 0.5 as it is
+
+
+def linear(weight):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+    model[1].weight.data.copy_(weight)
+    return model.double()
+
+
+def test_influence_against_the_closed_form_of_a_linear_classifier():
+    """For f(x) = W x, grad_W CE(f(x), y) = (softmax(W x) - e_y) x^T, so with two checkpoints W_1, W_2:
+    I(x, y) = (cos(vec((p_1 - e_y) u^T), g_1) + cos(vec((p_2 - e_y) u^T), g_2)) / 2 - 1, u = x * 0.5 + 0.5."""
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(10, 64, generator=g, dtype=torch.float64) for _ in range(2)]
+    targets = {(j, c): torch.randn(640, generator=g, dtype=torch.float64) for j in range(2) for c in range(10)}
+    score = Influence([linear(w) for w in weights], IDENTITY, lambda j, c: targets[(j, c)])
+    x = torch.rand(3, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.tensor([0, 4, 9])
+    expected = []
+    for n in range(3):
+        u = (x[n] * 0.5 + 0.5).flatten()
+        cosines = []
+        for j, w in enumerate(weights):
+            p = torch.softmax(w @ u, dim=0)
+            grad = torch.outer(p - F.one_hot(y[n], 10).double(), u).flatten()
+            cosines.append(torch.dot(grad, targets[(j, int(y[n]))]) / grad.norm() / targets[(j, int(y[n]))].norm())
+        expected.append(sum(cosines) / 2 - 1)
+    assert torch.allclose(score(x, y), torch.stack(expected), rtol=1e-10)
+
+
+def test_influence_gradient_against_finite_differences():
+    """The double backward: dI/dx by autograd equals a central finite difference (float64, smooth net)."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 10)).double() for _ in range(2)]
+    targets = {(j, c): torch.randn(sum(p.numel() for p in nets[0].parameters()), dtype=torch.float64)
+               for j in range(2) for c in range(10)}
+    score = Influence(nets, IDENTITY, lambda j, c: targets[(j, c)])
+    x = (torch.rand(2, 1, 8, 8, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    y = torch.tensor([1, 7])
+    grad = torch.autograd.grad(score(x, y).sum(), x)[0]
+    direction, h = torch.randn_like(x), 1e-6
+    with torch.no_grad():
+        fd = (score(x + h * direction, y) - score(x - h * direction, y)) / (2 * h)
+    assert torch.allclose(fd, (grad * direction).flatten(1).sum(dim=1), rtol=1e-5)
+
+
+def test_weight_gradient_is_the_gradient_of_the_mean_loss_whatever_the_batches():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).double()
+    x, y = torch.randn(130, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (130,))
+    full = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    assert torch.allclose(weight_gradient(model, x, y, batch=50), torch.cat([g.flatten() for g in full]))
+
+
+def test_adaptive_checkpoint_rule_on_known_cosines():
+    """IGD's rule: keep snapshot 0 (the random init), then each snapshot whose class-averaged cosine to the
+    last kept one falls below 0.7 -- compared with the last kept, not with its predecessor."""
+    cos = torch.eye(7)
+    pairs = {(0, 1): 0.9, (0, 2): 0.75, (0, 3): 0.69, (3, 4): 0.95, (3, 5): 0.71, (3, 6): 0.3,
+             (1, 2): 0.1, (4, 5): 0.2}  # low cosines to non-kept snapshots must not matter
+    for (a, b), v in pairs.items():
+        cos[a, b] = cos[b, a] = v
+    assert select_checkpoints(cos, 0.7) == [0, 3, 6]
+    assert select_checkpoints(cos, 0.8) == [0, 2, 3, 5, 6]  # unrelated snapshots (cosine 0) are all kept
+
+
+REF = reference_spec(SPEC)  # theta*'s view: mean = std = 0.5
+
+
+def nets(seed=0):
+    torch.manual_seed(seed)
+    return make_student("convnet", SPEC).eval(), make_student("convnet", REF).eval(), make_student("mlp", REF).eval()
+
+
+def test_k_views_average_s_and_its_gradient_over_the_views():
+    """With K known views (a fixed transform per view), S is the mean of the per-view S and its gradient the mean of
+    the per-view gradients: the push follows what survives all K views."""
+    student, reference, _ = nets()
+    n, transforms = 4, [lambda x: torch.roll(x, 1, -1), lambda x: x * 0.8 + 0.1, lambda x: x.flip(-1)]
+
+    def views(x):  # rows k*n .. (k+1)*n - 1 are view k of the n images
+        return torch.cat([t(x[k * n:(k + 1) * n]) for k, t in enumerate(transforms)])
+    averaged = Learnability(student, SPEC, reference, REF, 0.5, views=3, augments=[views, views])
+    plain = Learnability(student, SPEC, reference, REF, 0.5)
+    x = (torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1).requires_grad_(True)
+    y = torch.tensor([0, 3, 5, 9])
+    s = averaged(x, y)
+    per_view = [plain(t(x * 0.5 + 0.5) * 2 - 1, y) for t in transforms]
+    assert torch.allclose(s, torch.stack(per_view).mean(dim=0), rtol=1e-5, atol=1e-6)
+    grad = torch.autograd.grad(s.sum(), x)[0]
+    per_view_grads = [torch.autograd.grad(v.sum(), x)[0] for v in per_view]
+    assert torch.allclose(grad, torch.stack(per_view_grads).mean(dim=0), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(grad, per_view_grads[0], rtol=1e-2)  # and not any single view's
+
+
+@pytest.mark.parametrize("dataset,channels,res", [("digits", 1, 8), ("imagewoof", 3, 32)])
+def test_training_views_are_random_seeded_and_differentiable(dataset, channels, res):
+    """The views are the recipe's own augmentation (digits: the 1-pixel shift; Minimax: crop, flip, jitter,
+    lighting), drawn from a seeded generator, and gradients flow through them."""
+    from train_student import recipe_spec
+    spec = recipe_spec(get_spec(dataset, res=res), "minimax")
+    x = torch.rand(6, channels, res, res, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    draw = lambda seed: view_augment(spec, "minimax", torch.Generator().manual_seed(seed))(x)  # noqa: E731
+    a, b, c = draw(1), draw(1), draw(2)
+    assert a.shape == (6, channels, spec.res, spec.res) and torch.equal(a, b) and not torch.equal(a, c)
+    grad = torch.autograd.grad(a.sum(), x)[0]
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_the_reference_term_of_an_ensemble_is_the_mean_of_its_members():
+    student, convnet, mlp = nets()
+    x, y = torch.rand(5, 1, 8, 8) * 2 - 1, torch.tensor([1, 2, 3, 4, 5])
+    parts = Learnability(student, SPEC, [convnet, mlp], [REF, REF], 0.5).parts(x, y)
+    ce = lambda model: F.cross_entropy(model(classifier_input(x, REF)), y, reduction="none")  # noqa: E731
+    assert torch.allclose(parts["reference_ce"], (ce(convnet) + ce(mlp)) / 2)
+    assert torch.allclose(parts["S"], parts["student_ce"] - 0.5 * (ce(convnet) + ce(mlp)) / 2)
+    one = Learnability(student, SPEC, [convnet], [REF], 0.5).parts(x, y)
+    today = Learnability(student, SPEC, convnet, REF, 0.5).parts(x, y)
+    assert all(torch.equal(one[k], today[k]) for k in today)  # one member is theta* itself, bit for bit
+    # students too (--student-archs): the student term is the mean of the students' CE
+    other = make_student("mlp", SPEC, seed=4).eval()
+    both = Learnability([student, other], SPEC, convnet, REF, 0.5).parts(x, y)
+    student_ce = lambda model: F.cross_entropy(model(classifier_input(x, SPEC)), y, reduction="none")  # noqa: E731
+    assert torch.allclose(both["student_ce"], (student_ce(student) + student_ce(other)) / 2)
+    assert torch.allclose(both["S"], both["student_ce"] - 0.5 * ce(convnet))
+    assert all(torch.equal(Learnability([student], SPEC, convnet, REF, 0.5).parts(x, y)[k], today[k]) for k in today)
+
+
+WOOF = get_spec("imagewoof", res=16)
+
+
+def tiny_taesd(path):
+    """A random AutoencoderTiny with TAESD's interface (4 latent channels, 8x upsampling: 8 -> 16 px needs 2 x 2)."""
+    from diffusers import AutoencoderTiny
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(path)
+    return str(path)
+
+
+def woof_score(seed=0):
+    torch.manual_seed(seed)
+    return Learnability(make_student("convnet", WOOF), WOOF, make_student("convnet", WOOF), WOOF, 0.5)
+
+
+def test_taesd_decodes_the_dits_latents_as_they_are_into_minus_one_one(tmp_path, latent_prior):
+    """TAESD's scaling factor is 1.0 (it takes the DiT's latents as they are; the SD VAE divides them by its
+    factor) and diffusers' wrapper maps the decoder's [0, 1] to [-1, 1] like AutoencoderKL: checked against the
+    decoder's own layers, not against either sentence."""
+    prior = load_prior(latent_prior, grad_decoder=tiny_taesd(tmp_path / "taesd"))
+    assert prior.grad_vae is not None and prior.grad_vae.config.scaling_factor == 1.0
+    z = torch.randn(2, 4, 8, 8) * 3
+    decoder = prior.grad_vae.decoder
+    with torch.no_grad():
+        expected = decoder.layers(torch.tanh(z / 3) * 3) * 2 - 1  # DecoderTiny: clamp, layers in [0, 1] -> [-1, 1]
+        assert torch.allclose(prior.decode_for_gradient(z), expected, atol=1e-6)
+        assert prior.decode_for_gradient(z).shape == prior.decode(z).shape == (2, 3, 16, 16)
+    assert not torch.allclose(prior.decode_for_gradient(z), prior.decode(z))  # the final images keep the VAE
+
+
+def test_the_exact_path_is_the_gradient_through_the_vae(latent_prior):
+    """--grad-decoder vae: g = grad_{z_t} S(VAE.decode(z0_hat / scaling)), re-derived here independently."""
+    prior = load_prior(latent_prior)
+    prior.scheduler.set_timesteps(10)
+    score, sampler = woof_score(), SamplerConfig(cfg_scale=4.0)
+    z, labels, classes, t = torch.randn(2, 4, 8, 8), torch.tensor([155, 159]), torch.tensor([0, 1]), prior.scheduler.timesteps[4]
+    out, push, _ = guided_output(prior, z, t, labels, classes, sampler, score, GuidanceConfig(scale=1.0))
+    z_in = z.clone().requires_grad_(True)
+    null = torch.full_like(labels, 1000)
+    both = prior.transformer(torch.cat([z_in, z_in]), timestep=t.expand(4), class_labels=torch.cat([labels, null])).sample
+    eps = both[2:, :4] + 4.0 * (both[:2, :4] - both[2:, :4])
+    abar = prior.scheduler.alphas_cumprod[t]
+    x0 = prior.vae.decode((z_in - (1 - abar).sqrt() * eps) / abar.sqrt() / prior.vae.config.scaling_factor).sample
+    g = torch.autograd.grad(score(x0, classes).sum(), z_in)[0]
+    rho = 0.0015 * (1 - abar).sqrt() * eps.detach().flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1)
+    assert torch.allclose(push, rho.view(-1, 1, 1, 1) * g, rtol=1e-4, atol=1e-9)
+
+
+def test_taesd_guides_and_its_fidelity_is_logged(tmp_path, latent_prior, fake_woof):
+    """On the tiny stand-ins: guided samples differ from the exact path's, and each guided stage's done.json
+    holds the cosine of the cheap gradient to the exact one over its first guided batch."""
+    prior = load_prior(latent_prior, grad_decoder=tiny_taesd(tmp_path / "taesd"))
+    labels, classes = torch.tensor([155, 159, 162]), torch.tensor([0, 1, 2])
+    guide = GuidanceConfig(scale=50.0, deviation=0.0, candidates=1, guide_from=0, guide_until=3)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
+    sampler, score, log = SamplerConfig(cfg_scale=4.0, steps=4), woof_score(), SamplerLog()
+    cheap = sample(prior, labels, gens(), sampler, score, classes, None, guide, log)
+    assert sorted(log.gradient_cosine) == [0, 1, 2, 3] and all(len(v) == 3 for v in log.gradient_cosine.values())
+    assert all(-1 <= c <= 1 for v in log.gradient_cosine.values() for c in v) and not log.check_gradient
+    sample(prior, labels, gens(), sampler, score, classes, None, guide, log)
+    assert all(len(v) == 3 for v in log.gradient_cosine.values())  # checked once: the first guided batch only
+    prior.grad_vae = None
+    assert not torch.allclose(cheap, sample(prior, labels, gens(), sampler, score, classes, None, guide))
+
+    r = run_cli("distill.py", "--dataset", "imagewoof", "--no-preflight", "--data-dir", fake_woof, "--prior", latent_prior, "--ipc", 2,
+                "--seed-set", "dit",
+                "--stage-ipc", 1, "--steps", 4, "--guide-from", 0, "--guide-until", 3, "--student-epochs", 1,
+                "--reference-epochs", 1, "--res", 16, "--grad-decoder", tmp_path / "taesd", "--out-dir", tmp_path / "r",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    done = json.loads((tmp_path / "r" / "stage_1" / "done.json").read_text())
+    assert -1 <= done["grad_decoder_cosine"] <= 1
+    assert json.loads((tmp_path / "r" / "stage_0" / "done.json").read_text())["grad_decoder_cosine"] is None
+    assert "cheap gradient decoder vs exact, cosine" in r.stdout
+
+
+def test_no_graph_outside_the_window_and_no_weight_gradients(pixel_prior):
+    """The guided code is the only place with autograd on, and it never touches a weight gradient: after a
+    guided run every DiT and classifier parameter is frozen with no .grad, and DiT calls outside the window
+    run without a graph."""
+    prior = load_prior(pixel_prior)
+    spec = get_spec("digits")
+    torch.manual_seed(0)
+    student, reference = make_student("convnet", spec), make_student("convnet", spec)
+    score = Learnability(student, spec, reference, spec, 0.5)
+    with_grad, forward = [], prior.transformer.forward
+
+    def recording(z, timestep, class_labels):
+        with_grad.append(torch.is_grad_enabled())
+        return forward(z, timestep=timestep, class_labels=class_labels)
+    prior.transformer.forward = recording
+    labels = torch.arange(3)
+    guide = GuidanceConfig(scale=30.0, deviation=1.0, candidates=1, guide_from=2, guide_until=4)
+    sample(prior, labels, [torch.Generator().manual_seed(i) for i in range(3)], SamplerConfig(cfg_scale=2.0, steps=8),
+           score, labels, [torch.randn(2, 64)] * 3, guide)
+    prior.transformer.forward = forward
+    assert with_grad == [False] * 3 + [True] * 3 + [False] * 2  # steps i = 7..0: the window 2..4 only
+    for model in (prior.transformer, student, reference):
+        assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_non_finite_guidance_gradient_falls_back_to_the_unguided_step(pixel_prior):
+    from guidance import GuidanceConfig, SamplerConfig, guided_output
+    from model import load_prior
+    prior = load_prior(pixel_prior)
+    prior.scheduler.set_timesteps(10)
+    t = prior.scheduler.timesteps[3]
+    z, labels = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
+
+    def score(x, y):  # sample 1 divides by zero: an infinite learnability and gradient
+        return x.flatten(1).sum(dim=1) / torch.tensor([1.0, 0.0, 1.0])
+    out, push, bad = guided_output(prior, z, t, labels, labels, SamplerConfig(cfg_scale=2.0), score,
+                                   GuidanceConfig(scale=15.0))
+    assert bad.tolist() == [False, True, False]  # per sample: only the one with the infinite S
+    assert torch.all(push[1] == 0)  # the NaN sample takes the unguided step
+    assert push[0].abs().sum() > 0 and torch.isfinite(push).all() and torch.isfinite(out).all()
+
+
+def test_bf16_autocast_path_returns_float32_close_to_fp32(latent_prior):
+    """--precision bf16 runs DiT, VAE and classifiers under autocast; the sampler and the guidance maths stay in float32.
+    (Exercised on CPU autocast here; on CUDA distill.py turns it on.)"""
+    from data import get_spec
+    from guidance import GuidanceConfig, Learnability, SamplerConfig, guided_output
+    from model import load_prior, make_student
+    spec = get_spec("imagewoof", res=16)
+    prior = load_prior(latent_prior)
+    prior.scheduler.set_timesteps(10)
+    torch.manual_seed(0)
+    score = Learnability(make_student("convnet", spec), spec, make_student("convnet", spec), spec, 0.5)
+    z, labels, classes = torch.randn(2, 4, 8, 8), torch.tensor([155, 159]), torch.tensor([0, 1])
+    t, sampler = prior.scheduler.timesteps[4], SamplerConfig(cfg_scale=4.0)
+    full = guided_output(prior, z, t, labels, classes, sampler, score, GuidanceConfig())[1]
+    prior.autocast = True
+    half = guided_output(prior, z, t, labels, classes, sampler, score, GuidanceConfig())[1]
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert not torch.equal(half, full)  # bf16 really ran
+    # push = lambda rho_t g is a normalised gradient: bf16 may bend its direction a little, not more
+    assert (F.cosine_similarity(half.flatten(1), full.flatten(1), dim=1) > 0.95).all()
+    assert torch.allclose(half.flatten(1).norm(dim=1), full.flatten(1).norm(dim=1), rtol=0.05)

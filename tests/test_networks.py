@@ -1,13 +1,24 @@
-"""The field's evaluation networks and recipes, checked against the public code they are re-written from
-(MinimaxDiffusion / IDC `train_models/`, `data.py:transform_imagenet`, `train.py`; RDED `validation/`)."""
+"""The networks (model.py) and how students are trained (ts.py): the prior loaded through from_pretrained,
+the field's evaluation networks against their sources, the recipes, augmentation and CutMix, soft labels, theta*'s
+and IGD's surrogate, and a user's weights in the field's formats."""
 import math
 
 import pytest
 import torch
 
-from data import Augment, classifier_input, cutmix, get_spec, with_view
-from model import ConvNet, make_student
-from train_student import RECIPES, batch_size_for, epochs_for_ipc, make_optimizer, recipe_spec, train_student
+import train_student as ts
+from data import Augment, ImageSet, classifier_input, cutmix, get_spec, load_real, with_view
+from lab.common import UserError
+from model import ARCHS, ConvNet, load_prior, make_student
+from train_student import (
+    RECIPES,
+    batch_size_for,
+    epochs_for_ipc,
+    make_optimizer,
+    recipe_spec,
+    reference_spec,
+    train_student,
+)
 
 
 def count(model):
@@ -32,6 +43,8 @@ def test_parameter_counts_match_the_source_definitions(arch, res, classes, expec
     assert count(model) == expected
     with torch.no_grad():
         assert model(torch.randn(1, 3, res, res)).shape == (1, classes)
+
+
 
 
 def test_network_shapes_match_the_sources():
@@ -129,3 +142,181 @@ def test_the_best_column_is_taken_over_100_checkpoints():
     calls = []
     train_student(make_student("convnet", spec, seed=0), data, spec, "minimax", 200, on_eval=lambda m: calls.append(1))
     assert len(calls) == 100  # every 2 epochs, the last included (Minimax evaluates epochs / 100 apart)
+
+
+def test_prior_loads_through_from_pretrained(latent_prior):
+    from diffusers import DiTTransformer2DModel
+    prior = load_prior(latent_prior)
+    reference = DiTTransformer2DModel.from_pretrained(latent_prior, subfolder="transformer")
+    for (name, a), b in zip(prior.transformer.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert prior.vae is not None and prior.learned_variance
+    assert prior.image_size == 16 and prior.null_label == 1000
+    assert prior.scaling_factor == prior.vae.config.scaling_factor  # taken from the config, not 0.18215
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dataset,res", [("digits", 8), ("imagewoof", 224), ("imagenette", 224), ("imagenet", 224)])
+def test_student_output_shapes(arch, dataset, res):
+    spec = get_spec(dataset)
+    model = make_student(arch, spec).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, spec.channels, res, res))
+    assert spec.res == res and out.shape == (2, spec.num_classes)
+
+
+def test_convnet_depth_follows_resolution():
+    from model import convnet_depth
+    assert convnet_depth(224) == 6 and convnet_depth(256) == 6 and convnet_depth(8) == 2
+
+
+def test_soft_label_recipe_learns_the_teachers_labels():
+    """RDED recipe: targets are the teacher's softened predictions, not the hard labels."""
+    from data import sample_real_ipc
+    from lab.common import UserError
+    from train_student import train_student
+
+    class Always3(torch.nn.Module):  # a constructed teacher that calls every image a 3
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.full((len(x),), 3), 10).float() * 20.0
+    spec = get_spec("digits")
+    train = sample_real_ipc(load_real(spec, None, "train"), 5, seed=0)
+    with pytest.raises(UserError, match="needs a teacher"):
+        train_student(make_student("convnet", spec), train, spec, "rded", epochs=1)
+    model = train_student(make_student("convnet", spec, seed=0), train, spec, "rded", epochs=15, teacher=Always3())
+    with torch.no_grad():
+        x = classifier_input(torch.stack([train.load(i) for i in range(len(train))]) * 2 - 1, spec)
+        predicted = model(x).argmax(dim=1)
+    assert (predicted == 3).float().mean() >= 0.9  # the teacher's label, not the 10 true classes
+
+
+def test_a_distilled_set_is_decoded_once_not_every_epoch(monkeypatch, tmp_path):
+    """Students train from uint8 images held in memory: 20 PNGs x 30 epochs read 20 files, not 600."""
+    import data
+    from lab.common import save_png
+    from train_student import train_student
+    spec = get_spec("digits")
+    paths = []
+    for i in range(20):
+        paths.append(str(tmp_path / f"{i}.png"))
+        save_png(torch.rand(1, 8, 8), paths[-1])
+    reads, load = [], data.load_image
+    monkeypatch.setattr(data, "load_image", lambda *a, **k: reads.append(1) or load(*a, **k))
+    train_student(make_student("convnet", spec, seed=0), data.ImageSet(paths, [i % 10 for i in range(20)], channels=1),
+                  spec, "minimax", 30)
+    assert len(reads) == 20
+
+
+class Stop(Exception):
+    pass
+
+
+def test_igds_surrogate_is_convnet6_with_minimaxs_large_class_settings(monkeypatch, tmp_path):
+    """DD_IGD's define_model builds ConvNet-6 whatever the evaluation network; MinimaxDiffusion `argument.py` trains
+    ImageNet with more than 100 classes at lr 0.1, wd 1e-4, batch >= 128 (and everything smaller at 0.01 / 5e-4 / 64)."""
+    imagenet, woof = get_spec("imagenet"), get_spec("imagewoof")
+    big = ts.surrogate_recipe(imagenet)
+    assert (big["lr"], big["weight_decay"], big["batch_size"]) == (0.1, 1e-4, 128) and big["momentum"] == 0.9
+    assert ts.surrogate_recipe(woof) == ts.SURROGATE
+    assert (ts.SURROGATE["lr"], ts.SURROGATE["weight_decay"]) == (0.01, 5e-4)
+    seen = {}
+
+    def trajectory(view, arch, *args, **kwargs):
+        seen["arch"] = arch
+        raise Stop()
+    surrogate_trajectory = ts.surrogate_trajectory
+    monkeypatch.setattr(ts, "surrogate_trajectory", trajectory)
+    with pytest.raises(Stop):
+        ts.influence_score(imagenet, None, "cpu")
+    assert seen["arch"] == "convnet"
+
+    def training(model, data, spec, recipe, *args, **kwargs):  # what surrogate_trajectory trains ImageNet-1K with
+        seen["recipe"], seen["model"] = recipe, model
+        raise Stop()
+    monkeypatch.setattr(ts, "train_student", training)
+    monkeypatch.setattr(ts, "load_real", lambda *a: ImageSet([], []))
+    with pytest.raises(Stop):
+        surrogate_trajectory(with_view(imagenet, res=32), "convnet", None, "cpu", 1, cache_dir=str(tmp_path))
+    assert seen["recipe"] == big and isinstance(seen["model"], torch.nn.Module)
+
+
+def test_digits_prior_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """The prior's training is resumable: interrupted after a checkpoint, the rerun ends with the same EMA weights."""
+    from data import load_digits_split
+    from train_prior import train_digits_prior
+    train = load_digits_split("train")
+    images, labels = torch.stack(train.items[:64]), train.labels[:64]
+    small = dict(steps=6, batch_size=8, save_every=3)
+    train_digits_prior(str(tmp_path / "straight"), images, labels, **small)
+
+    calls, step = {"n": 0}, torch.optim.AdamW.step
+
+    def dying_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the checkpoint at step 3
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_digits_prior(str(tmp_path / "resumed"), images, labels, **small)
+    assert (tmp_path / "resumed.partial" / "train_state.pt").exists()
+    assert not (tmp_path / "resumed").exists()  # the prior appears only whole (renamed into place)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train_digits_prior(str(tmp_path / "resumed"), images, labels, **small)
+    a, b = load_prior(str(tmp_path / "straight")), load_prior(str(tmp_path / "resumed"))
+    for (name, x), y in zip(a.transformer.state_dict().items(), b.transformer.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert not (tmp_path / "resumed.partial").exists()  # the training state is gone once the prior is in place
+    assert a.vae is None and a.image_size == 8 and not a.learned_variance  # pixel space, fixed variance
+
+
+SPEC = get_spec("digits")
+
+
+def test_igds_replay_buffer_is_a_reference_as_it_is(tmp_path):
+    """IGD saves its surrogate as MTT-style replay buffers ([trajectory][epoch][parameters]): the last epoch of the
+    first trajectory is theta*."""
+    from train_student import reference_model
+    view = reference_spec(SPEC)
+    snapshots = [[p.detach().clone() for p in make_student("convnet", view, seed=s).parameters()] for s in range(3)]
+    torch.save([snapshots, snapshots[:1]], tmp_path / "replay_buffer_0.pt")
+    model, _ = reference_model(SPEC, "convnet", None, "cpu", path=str(tmp_path / "replay_buffer_0.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), snapshots[-1]))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in make_student("convnet", view, seed=7).state_dict().items()},
+                "epoch": 50}, tmp_path / "checkpoint.pth.tar")  # DD_IGD train.py's checkpoint, DataParallel names
+    model, _ = reference_model(SPEC, "convnet", None, "cpu", path=str(tmp_path / "checkpoint.pth.tar"))
+    expected = make_student("convnet", view, seed=7).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
+def minimax_names(state):
+    """Our ConvNet's state dict under MinimaxDiffusion `train_models/convnet.py`'s names, in its order (a ModuleDict
+    of lists: every conv first, then every norm), inside DD_IGD's checkpoint dict with DataParallel prefixes."""
+    convs = {k.replace(f"features.{k.split('.')[1]}", f"layers.conv.{int(k.split('.')[1]) // 4}"): v
+             for k, v in state.items() if k.startswith("features.") and int(k.split(".")[1]) % 4 == 0}
+    norms = {k.replace(f"features.{k.split('.')[1]}", f"layers.norm.{int(k.split('.')[1]) // 4}"): v
+             for k, v in state.items() if k.startswith("features.") and int(k.split(".")[1]) % 4 == 1}
+    rest = {k: v for k, v in state.items() if not k.startswith("features.")}
+    return {"state_dict": {f"module.{k}": v for k, v in {**convs, **norms, **rest}.items()}, "epoch": 50}
+
+
+def test_minimaxs_key_layouts_are_read_and_a_misfit_names_what_it_expected(tmp_path):
+    """Minimax's ConvNet names its tensors layers.conv.<d> / layers.norm.<d>; its ResNetAP-10 layer0.conv1 ...
+    layer4.0.downsample.2, fc (the same tensors as ours, in the same order). Both load, with the same outputs."""
+    from train_student import reference_model
+    view = reference_spec(SPEC)
+    theirs = make_student("convnet", view, seed=7)
+    torch.save(minimax_names(theirs.state_dict()), tmp_path / "convnet.pth.tar")
+    model, _ = reference_model(SPEC, "convnet", None, "cpu", path=str(tmp_path / "convnet.pth.tar"))
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(model(x), theirs.eval()(x))
+    resnet = make_student("resnetap10", view, seed=3)
+    renamed = {f"layer{n}.{k}": v for n, (k, v) in enumerate(resnet.state_dict().items())}  # other names, same order
+    torch.save(renamed, tmp_path / "resnetap.pt")
+    model, _ = reference_model(SPEC, "resnetap10", None, "cpu", path=str(tmp_path / "resnetap.pt"))
+    assert torch.equal(model(x), resnet.eval()(x))
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match=r"does not fit --arch convnet at 8 px: expected 10 tensors starting "
+                                        r"features.0.weight \(128, 1, 3, 3\), found 1; the first difference: "
+                                        r"expected features.0.weight \(128, 1, 3, 3\), found conv.weight \(3, 3\)"):
+        reference_model(SPEC, "convnet", None, "cpu", path=str(tmp_path / "other.pt"))

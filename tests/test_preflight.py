@@ -9,8 +9,8 @@ import torch
 
 import distill
 import guidance
-import preflight
 from conftest import cli, make_empirical_prior, one_error_line, run_cli
+from lab import preflight
 
 KEYS = {"recognised", "chance", "guidance", "sampler_batch", "eta_s", "eta_stages_s", "disk_bytes", "measured",
         "passed", "stages", "pixels", "batch_search"}

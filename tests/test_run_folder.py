@@ -1,8 +1,10 @@
-"""Nothing lost, round two (run_folder.py): the shared cache built once while other runs wait, stage logs that
-describe every image across restarts, evaluate.py refusing a folder a live run holds, every input checked before
-the folder is claimed, and damaged files named (or regenerated) in one line."""
+"""The machinery behind lab/: the run folder and its lock, the shared cache, settings kept across a resume, damaged
+files named with their remedy, and every write whole (a full disk named by the file)."""
+import errno
 import json
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,23 +13,23 @@ import time
 import pytest
 import torch
 
-import curriculum
 import distill
-import evaluate
-from common import UserError, save_png
-from conftest import REPO, cli, file_hashes, one_error_line, tree
-from curriculum import Plan, Students, run_stages
-from data import get_spec
-from guidance import GuidanceConfig, SamplerConfig
-from model import load_prior, make_student
-from run_folder import LOCK, Lock, cache_entry
-from train_student import reference_spec
+from conftest import (
+    LGD,
+    REPO,
+    cli,
+    digits_set,
+    one_error_line,
+    tree,
+)
+from lab import common
+from lab.locks import LOCK, cache_entry
+from model import load_prior
 
-SPEC = get_spec("digits")
 ENV = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+
+
 # a small guided LGD run on the random pixel prior (the window must hold a step of the 4)
-LGD = ["--dataset", "digits", "--ipc", 2, "--stage-ipc", 1, "--steps", 4, "--guide-from", 0, "--guide-until", 3,
-       "--student-epochs", 1, "--reference-epochs", 1, "--no-eval"]
 
 
 def python(code, *args):
@@ -35,8 +37,6 @@ def python(code, *args):
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
-
-# ----------------------------------------------------------------------------- the shared cache
 
 def test_two_first_runs_at_once_train_the_digits_prior_once(tmp_path):
     """Both processes ask for the prior at the same moment: one trains it, the other says it waits (naming the
@@ -73,7 +73,7 @@ def test_two_lgd_runs_at_once_train_theta_star_once(tmp_path, pixel_prior):
     assert entry.startswith("surrogate_digits_convnet") and entry.endswith(".pt")
 
 
-HOLD = ("import sys, time\nfrom run_folder import Lock\nlock = Lock(sys.argv[1])\nlock.acquire()\n"
+HOLD = ("import sys, time\nfrom lab.locks import Lock\nlock = Lock(sys.argv[1])\nlock.acquire()\n"
         "print('held', flush=True)\n"
         "time.sleep(float(sys.argv[2]))\n"
         "import os\nos.makedirs(sys.argv[3], exist_ok=True)\nlock.release()\n")
@@ -105,108 +105,6 @@ def test_a_killed_builders_lock_is_taken_over_and_its_temporaries_go(tmp_path, c
     assert "waiting" not in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["notes.lgd-tmp"]  # the dead builder's temporary went, nothing else
 
-
-# ----------------------------------------------------------------------------- stage logs that survive restarts
-
-def stage_run(prior, out_dir, **kwargs):
-    torch.manual_seed(0)
-    reference = [(make_student("convnet", SPEC).eval(), reference_spec(SPEC))]
-    guide = GuidanceConfig(scale=50.0, deviation=1.0, candidates=2, guide_from=1, guide_until=4)
-    return run_stages(prior, SPEC, str(out_dir), Plan(ipc=4, stage_ipc=2, seed=5, batch_size=20),
-                      SamplerConfig(cfg_scale=2.0, steps=6), guide, Students("convnet", "minimax", SPEC, epochs=2),
-                      reference, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def straight(pixel_prior, tmp_path_factory):
-    """An uninterrupted 2-stage run: the logs every restarted run must reproduce."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    stage_run(load_prior(pixel_prior), out)
-    return out
-
-
-class Killed(Exception):
-    pass
-
-
-def test_a_stage_killed_mid_sampling_logs_every_image_after_the_rerun(straight, pixel_prior, tmp_path, monkeypatch):
-    prior, original, calls = load_prior(pixel_prior), curriculum._generate_chunk, []
-
-    def dies_in_stage_1(*args, **kwargs):  # the first slot's chunk of stage 1 is written, then the process dies
-        if any("stage_1" in str(a) for a in args):
-            calls.append(1)
-            if len(calls) == 2:
-                raise Killed()
-        return original(*args, **kwargs)
-    monkeypatch.setattr(curriculum, "_generate_chunk", dies_in_stage_1)
-    with pytest.raises(Killed):
-        stage_run(prior, tmp_path / "run")
-    assert len(file_hashes(tmp_path / "run" / "stage_1" / "images")) == 10  # half the stage
-    monkeypatch.setattr(curriculum, "_generate_chunk", original)
-    stage_run(prior, tmp_path / "run")
-    log = json.loads((tmp_path / "run" / "stage_1" / "log.json").read_text())
-    assert log["images_logged"] == 20 and sum(log["kept_candidate_counts"]) == 20
-    assert log == json.loads((straight / "stage_1" / "log.json").read_text())  # as if it had never died
-
-
-def test_a_stage_rerun_from_its_images_rewrites_the_same_log(straight, pixel_prior, tmp_path):
-    import shutil
-    run = shutil.copytree(straight, tmp_path / "run")
-    os.remove(run / "stage_1" / "done.json")  # every image is there; the stage is finished again from disk
-    before = (run / "stage_1" / "log.json").read_bytes()
-    os.remove(run / "stage_1" / "log.json")
-    stage_run(load_prior(pixel_prior), run)
-    assert (run / "stage_1" / "log.json").read_bytes() == before
-    assert json.loads(before)["images_logged"] == 20 and json.loads(before)["kept"]["S"] is not None
-
-
-# ----------------------------------------------------------------------------- evaluate.py and a busy folder
-
-def digits_set(folder, ipc=2, classes=range(10)):
-    for n, c in enumerate(classes):
-        for i in range(ipc):
-            save_png(torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(10 * n + i)),
-                     str(folder / str(c) / f"{i:05d}.png"))
-    return folder
-
-
-@pytest.mark.parametrize("flag", ["--distilled", "--redundancy", "--validity"])
-def test_evaluate_refuses_a_folder_a_live_run_holds(tmp_path, capsys, flag):
-    run = tmp_path / "run"
-    digits_set(run / "distilled")
-    (run / "args.json").write_text(json.dumps(dict(dataset="digits", method="dit", stage_ipc=1, arch="convnet")))
-    lock = Lock(str(run / LOCK))
-    assert lock.acquire()  # a run "in progress" (this process, through another file descriptor)
-    try:
-        one_error_line(*cli(evaluate.main, [flag, run, "--runs", 1, "--epochs", 1], capsys),
-                       f"{run} is being written by a run (pid {os.getpid()}")
-    finally:
-        lock.release()
-    assert not any(f.startswith(("eval", "redundancy", "validity")) for f in os.listdir(run))  # nothing written
-    # released (the run finished): the same command reads the set
-    assert cli(evaluate.main, ["--distilled", run, "--runs", 1, "--epochs", 1], capsys)[0] == 0
-
-
-def test_extra_class_folders_are_named_in_one_notice(tmp_path, capsys):
-    folder = digits_set(tmp_path / "set")
-    digits_set(tmp_path / "set", classes=["10", "cats"])
-    out = []
-    assert cli(evaluate.main, ["--distilled", folder, "--runs", 1, "--epochs", 1], capsys, out)[0] == 0
-    notes = [line for line in out[0].splitlines() if line.startswith("note:")]
-    assert len(notes) == 1 and notes[0].endswith("not read: 10, cats")
-
-
-def test_evaluate_on_folders_that_are_not_a_set_is_one_line(tmp_path, capsys):
-    letters = digits_set(tmp_path / "letters", classes="abcdefghij")
-    one_error_line(*cli(evaluate.main, ["--distilled", letters, "--runs", 1], capsys), "has no folder '0'")
-    run = tmp_path / "unfinished"
-    digits_set(run / "stage_0" / "images")
-    (run / "args.json").write_text(json.dumps(dict(dataset="digits", method="lgd", stage_ipc=1)))
-    for flag in ("--distilled", "--redundancy", "--validity"):
-        one_error_line(*cli(evaluate.main, [flag, run, "--runs", 1], capsys), "has no distilled/ yet")
-
-
-# ----------------------------------------------------------------------------- a refused start writes nothing
 
 def broken_seed_set(root, case):
     """A seed set that must be refused, and what the refusal names: a class folder missing, a file PIL cannot
@@ -249,82 +147,185 @@ def test_a_bad_reference_is_about_the_users_file_and_refused_before_the_claim(tm
                                        "--out-dir", run], capsys), "is not a PyTorch weights file")
 
 
-def minimax_names(state):
-    """Our ConvNet's state dict under MinimaxDiffusion `train_models/convnet.py`'s names, in its order (a ModuleDict
-    of lists: every conv first, then every norm), inside DD_IGD's checkpoint dict with DataParallel prefixes."""
-    convs = {k.replace(f"features.{k.split('.')[1]}", f"layers.conv.{int(k.split('.')[1]) // 4}"): v
-             for k, v in state.items() if k.startswith("features.") and int(k.split(".")[1]) % 4 == 0}
-    norms = {k.replace(f"features.{k.split('.')[1]}", f"layers.norm.{int(k.split('.')[1]) // 4}"): v
-             for k, v in state.items() if k.startswith("features.") and int(k.split(".")[1]) % 4 == 1}
-    rest = {k: v for k, v in state.items() if not k.startswith("features.")}
-    return {"state_dict": {f"module.{k}": v for k, v in {**convs, **norms, **rest}.items()}, "epoch": 50}
+DIT = ["--method", "dit", "--steps", 3, "--batch-size", 8, "--no-preflight"]  # stand-in priors fail a preflight
 
 
-def test_minimaxs_key_layouts_are_read_and_a_misfit_names_what_it_expected(tmp_path):
-    """Minimax's ConvNet names its tensors layers.conv.<d> / layers.norm.<d>; its ResNetAP-10 layer0.conv1 ...
-    layer4.0.downsample.2, fc (the same tensors as ours, in the same order). Both load, with the same outputs."""
-    from train_student import reference_model
-    view = reference_spec(SPEC)
-    theirs = make_student("convnet", view, seed=7)
-    torch.save(minimax_names(theirs.state_dict()), tmp_path / "convnet.pth.tar")
-    model, _ = reference_model(SPEC, "convnet", None, "cpu", path=str(tmp_path / "convnet.pth.tar"))
-    x = torch.randn(4, 1, 8, 8)
-    assert torch.equal(model(x), theirs.eval()(x))
-    resnet = make_student("resnetap10", view, seed=3)
-    renamed = {f"layer{n}.{k}": v for n, (k, v) in enumerate(resnet.state_dict().items())}  # other names, same order
-    torch.save(renamed, tmp_path / "resnetap.pt")
-    model, _ = reference_model(SPEC, "resnetap10", None, "cpu", path=str(tmp_path / "resnetap.pt"))
-    assert torch.equal(model(x), resnet.eval()(x))
-    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
-    with pytest.raises(UserError, match=r"does not fit --arch convnet at 8 px: expected 10 tensors starting "
-                                        r"features.0.weight \(128, 1, 3, 3\), found 1; the first difference: "
-                                        r"expected features.0.weight \(128, 1, 3, 3\), found conv.weight \(3, 3\)"):
-        reference_model(SPEC, "convnet", None, "cpu", path=str(tmp_path / "other.pt"))
-
-
-def test_igds_replay_buffer_is_a_reference_as_it_is(tmp_path):
-    """IGD saves its surrogate as MTT-style replay buffers ([trajectory][epoch][parameters]): the last epoch of the
-    first trajectory is theta*."""
-    from train_student import reference_model
-    view = reference_spec(SPEC)
-    snapshots = [[p.detach().clone() for p in make_student("convnet", view, seed=s).parameters()] for s in range(3)]
-    torch.save([snapshots, snapshots[:1]], tmp_path / "replay_buffer_0.pt")
-    model, _ = reference_model(SPEC, "convnet", None, "cpu", path=str(tmp_path / "replay_buffer_0.pt"))
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), snapshots[-1]))
-    torch.save({"state_dict": {f"module.{k}": v for k, v in make_student("convnet", view, seed=7).state_dict().items()},
-                "epoch": 50}, tmp_path / "checkpoint.pth.tar")  # DD_IGD train.py's checkpoint, DataParallel names
-    model, _ = reference_model(SPEC, "convnet", None, "cpu", path=str(tmp_path / "checkpoint.pth.tar"))
-    expected = make_student("convnet", view, seed=7).state_dict()
-    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
-
-
-# ----------------------------------------------------------------------------- damaged files: one line, or regenerated
-
-@pytest.fixture
-def finished(tmp_path, pixel_prior, capsys, monkeypatch):
-    """A finished 3-stage LGD run folder (argv, folder)."""
+def test_user_temporaries_survive_and_only_our_stale_temporaries_go(tmp_path, latent_prior, fake_woof, capsys,
+                                                                     monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = [*LGD, "--ipc", 3, "--prior", pixel_prior, "--out-dir", tmp_path / "run"]
+    run = tmp_path / "run"
+    argv = ["--dataset", "imagewoof", *DIT, "--ipc", 1, "--data-dir", fake_woof, "--prior", latent_prior, "--res", 16,
+            "--out-dir", run]
     assert cli(distill.main, argv, capsys)[0] == 0
-    return argv, tmp_path / "run"
+    users = [run / "notes.tmp1", run / "photos" / "2024" / "edit.tmp2024", run / "distilled" / "mine.tmp7"]
+    ours = [run / ".args.json.lgd-tmp-99999", run / "distilled" / "n02086240" / ".00000.png.lgd-tmp-123"]
+    for path in users + ours:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    assert cli(distill.main, argv, capsys)[0] == 0  # a rerun (resume: nothing to do) tidies the folder
+    assert all(p.exists() for p in users) and not any(p.exists() for p in ours)
 
 
-def test_a_damaged_latent_of_a_finished_stage_names_the_stages_to_delete(finished, capsys):
-    argv, run = finished
-    latent = run / "stage_0" / "latents" / "3" / "00000.pt"
-    latent.write_bytes(latent.read_bytes()[:40])  # truncated
-    os.remove(run / "stage_2" / "done.json")  # stage 2 builds its memory from stages 0 and 1 again
-    one_error_line(*cli(distill.main, argv, capsys), f"{latent} is damaged", f"delete {run / 'stage_0'}")
+def test_a_non_empty_folder_that_is_not_a_run_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.tmp2024").write_text("precious")
+    one_error_line(*cli(distill.main, ["--out-dir", tmp_path / "photos"], capsys), "not an lgd run folder")
+    assert tree(tmp_path / "photos") == ["holiday.tmp2024"]
+    (tmp_path / "file").write_text("x")
+    one_error_line(*cli(distill.main, ["--out-dir", tmp_path / "file"], capsys), "is a file")
 
 
-def test_a_damaged_student_is_trained_again(finished, capsys):
-    argv, run = finished
-    student = run / "stage_1" / "student.pt"
-    saved = torch.load(student)
-    student.write_bytes(student.read_bytes()[:100])
-    os.remove(run / "stage_1" / "done.json")
-    out = []
-    assert cli(distill.main, argv, capsys, out)[0] == 0
-    assert f"stage 1's student {student} is damaged (" in out[0] and "regenerating it" in out[0]
-    again = torch.load(student)
-    assert all(torch.equal(saved[k], again[k]) for k in saved)  # the same student: seeded, deterministic
+def test_two_runs_at_once_into_one_folder_exactly_one_proceeds(tmp_path, latent_prior, fake_woof):
+    """Different settings, started together: one claims the folder (O_EXCL lock) and finishes, the other stops
+    with one line naming the folder; the folder holds only the winner's images and settings."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    base = [sys.executable, os.path.join(REPO, "distill.py"), "--dataset", "imagewoof", "--method", "dit", "--ipc", "2",
+            "--no-preflight",
+            "--steps", "30", "--data-dir", fake_woof, "--prior", latent_prior, "--res", "16", "--out-dir",
+            str(tmp_path / "run")]
+    procs = [subprocess.Popen(base + ["--seed", str(seed)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], results
+    loser = next(err for code, err in results if code == 1)
+    assert "Traceback" not in loser and str(tmp_path / "run") in loser.strip().splitlines()[-1]
+    winner_seed = (1, 2)[[code for code, _ in results].index(0)]
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["seed"] == winner_seed
+    assert not (tmp_path / "run" / ".lgd-lock").exists()  # released at the end
+
+
+def test_a_killed_runs_lock_is_taken_over(tmp_path):
+    from lab.folder import claim_run_folder
+    from lab.locks import LOCK
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "args.json").write_text("{}")
+    (tmp_path / "run" / LOCK).write_text(json.dumps(dict(pid=dead.pid, host=os.uname().nodename)))
+    release = claim_run_folder(str(tmp_path / "run"))  # the dead pid's lock is stale: taken over
+    assert json.loads((tmp_path / "run" / LOCK).read_text())["pid"] == os.getpid()
+    with pytest.raises(common.UserError, match="in use by another run"):
+        claim_run_folder(str(tmp_path / "run"))  # a live owner (this process) is respected
+    release()
+    assert not (tmp_path / "run" / LOCK).exists()
+
+
+def test_resume_with_another_data_dir_is_refused(tmp_path, latent_prior, fake_woof, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dataset", "imagewoof", *DIT, "--ipc", 1, "--prior", latent_prior, "--res", 16, "--out-dir", tmp_path / "r"]
+    assert cli(distill.main, argv + ["--data-dir", fake_woof], capsys)[0] == 0
+    other = shutil.copytree(fake_woof, tmp_path / "woof_copy")
+    one_error_line(*cli(distill.main, argv + ["--data-dir", other], capsys), "different --data-dir")
+    one_error_line(*cli(distill.main, argv + ["--data-dir", fake_woof, "--batch-size", 4], capsys),
+                   "different --batch-size")
+
+
+def test_corrupt_args_json_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "args.json").write_text("{ not json")
+    one_error_line(*cli(distill.main, ["--method", "dit", "--out-dir", tmp_path / "run"], capsys), "not valid JSON",
+                   "args.json")
+
+
+def test_full_disk_while_saving_a_student_says_disk_full(tmp_path, pixel_prior, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "student.pt" in str(path):
+            open(path, "wb").write(b"partial")  # the bytes that fit, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", full_disk)
+    argv = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 4, "--guide-from", 0,
+            "--guide-until", 3, "--student-epochs", 1, "--reference-epochs", 1, "--no-eval", "--out-dir", tmp_path / "r"]
+    code, lines = cli(distill.main, argv, capsys)
+    one_error_line(code, lines, "disk full", "student.pt")
+    assert not [f for f in tree(tmp_path / "r") if "lgd-tmp" in f]  # the half-written temporary is gone
+    monkeypatch.setattr(torch, "save", save)
+    assert cli(distill.main, argv, capsys)[0] == 0  # with room again, the rerun completes
+
+
+def test_unwritable_out_dir_fails_before_the_prior_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(tmp_path / "ro") in str(path) and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", read_only)
+    (tmp_path / "ro").mkdir()
+    code, lines = cli(distill.main, ["--method", "dit", "--out-dir", tmp_path / "ro"], capsys)
+    one_error_line(code, lines, "Permission denied", str(tmp_path / "ro"))
+    assert not (tmp_path / "out").exists()  # the digits prior was not even trained
+
+
+def test_broken_prior_config_is_one_line(tmp_path, latent_prior, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    broken = shutil.copytree(latent_prior, tmp_path / "prior")
+    config = json.loads((broken / "transformer" / "config.json").read_text())
+    (broken / "transformer" / "config.json").write_text(json.dumps(dict(config, num_layers="four")))
+    one_error_line(*cli(distill.main, ["--dataset", "digits", *DIT, "--prior", broken, "--out-dir", tmp_path / "r"],
+                        capsys), "could not load prior")
+
+
+def test_a_broken_digits_prior_cache_says_how_to_remove_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "cache" / "digits_prior" / "transformer").mkdir(parents=True)  # weights never written
+    code, lines = cli(distill.main, [*DIT, "--ipc", 1, "--out-dir", tmp_path / "r"], capsys)
+    one_error_line(code, lines, "cached digits prior is broken", "rm -r out/cache/digits_prior")
+
+
+def test_save_png_refuses_a_non_finite_image_and_json_is_strict(tmp_path):
+    with pytest.raises(common.UserError, match="not finite"):
+        common.save_png(torch.full((1, 4, 4), float("nan")), str(tmp_path / "x.png"))
+    with pytest.raises(ValueError):  # allow_nan=False: a NaN is an error, never a bare `NaN` token
+        common.save_json({"x": float("nan")}, str(tmp_path / "x.json"))
+    assert os.listdir(tmp_path) == []  # and no temporary is left behind
+
+
+def test_out_of_memory_becomes_a_batch_size_hint(capsys):
+    from lab.common import run_cli as cli
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    with pytest.raises(SystemExit) as exit_info:
+        cli(oom)
+    assert exit_info.value.code == 1
+    assert "--batch-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("write", [
+    lambda path: common.save_torch(torch.randn(100_000), path),                      # torch's zip writer
+    lambda path: common.save_png(torch.rand(3, 400, 400), path),                       # PIL
+    lambda path: common.save_json({"x": "y" * 400_000}, path),                         # text
+    lambda path: common.save_grid(torch.rand(4, 3, 200, 200), path, ["a", "b"], ["0", "1"]),
+])
+@pytest.mark.parametrize("limit", [300 * 1024, 100])  # the issue's `ulimit -f 300`, and a limit below any header
+def test_every_write_that_runs_out_of_room_says_disk_full_and_names_the_file(tmp_path, write, limit):
+    path = str(tmp_path / "sub" / "file.bin")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with pytest.raises(OSError) as info:
+            write(path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == path
+    assert common.os_error_line(info.value) == f"disk full: {path}"
+    assert os.listdir(tmp_path / "sub") == []  # no temporary, no half file
+
+
+def test_a_verified_write_keeps_equal_bytes_and_names_a_difference(tmp_path):
+    path = str(tmp_path / "x.pt")
+    common.save_torch(torch.arange(5.0), path)
+    before = os.stat(path).st_mtime_ns
+    common.save_torch(torch.arange(5.0), path, verify=True)  # the same bytes: nothing rewritten
+    assert os.stat(path).st_mtime_ns == before
+    with pytest.raises(common.Mismatch, match="x.pt is not what this run computes"):
+        common.save_torch(torch.arange(5.0) + 1e-7, path, verify=True)
+    assert torch.equal(torch.load(path), torch.arange(5.0)) and os.listdir(tmp_path) == ["x.pt"]

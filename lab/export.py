@@ -29,9 +29,9 @@ import os
 
 import torch
 
-from common import UserError, copy_file, git_commit, print0, save_json, save_png, save_torch
 from data import IMAGENET_MEAN, IMAGENET_STD, class_table, load_image, normalise, numeric_order, resize_crop, with_view
-from run_folder import distilled_folder, set_files
+from lab.common import UserError, copy_file, git_commit, print0, save_json, save_png, save_torch
+from lab.folder import distilled_folder, set_files
 
 LAYOUTS = ("rded", "ddranking")
 DDRANKING_SIZE = {"imagenette": 128, "imagewoof": 128, "imagenet": 224}  # DD-Ranking's default im_size
@@ -89,8 +89,3 @@ def export_set(run_dir, spec, layout, out, size=None):
                                     transform=f"Resize({size}) + CenterCrop({size}), normalised"))
     save_json(info, os.path.join(out, "export.json"))
     return len(paths)
-
-
-if __name__ == "__main__":
-    print("export.py holds the export layouts; run it with `python evaluate.py --export DIR --layout rded|ddranking "
-          "--out OUT`.")

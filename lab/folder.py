@@ -1,11 +1,8 @@
 """
-A folder a run owns: the run folder of distill.py, and the entries of the shared cache (out/cache).
+A folder a run owns: the run folder of distill.py. This file is the only one that knows its layout; the stage
+loop reaches it through lab/run.py, evaluate.py and the other tools through the functions below.
 
-None of this is the method; it is what lets a many-hour run die at any moment and resume, and what
-keeps two runs from writing into each other. This file is the only one that knows the run folder's
-layout: curriculum.py, distill.py and evaluate.py ask it for every path.
-
-  DIR/args.json                              the settings (+ git commit of every start); marks a run folder
+  DIR/args.json                              the settings (+ git commit and command of every start); marks a run
   DIR/classes.json                           class index -> wnid, prior label, readable name (data.class_table)
   DIR/stage_<k>/images/<class>/<index>.png   T_{k+1}: indices k*stage_ipc .. (k+1)*stage_ipc - 1
   DIR/stage_<k>/latents/<class>/<index>.pt   the final latent of each kept image (the memory M_c)
@@ -13,33 +10,29 @@ layout: curriculum.py, distill.py and evaluate.py ask it for every path.
   DIR/stage_<k>/student.pt, student.json     theta_k and the exact list of files it was trained on
   DIR/stage_<k>/grid.png, log.json           this increment (one row per class); the stage's records summed up
   DIR/stage_<k>/done.json                    written last: the stage is complete
-  DIR/distilled/<class>/<index>.png          the set; DIR/grid.png its picture
+  DIR/distilled/<class>/<index>.png          the set; DIR/grid.png its picture (DIR/latents/: --method igd's)
   DIR/eval.json, redundancy.json/.png, ...   written by evaluate.py; DIR/preflight.json/.png by the preflight
 
 Four rules keep it safe:
-  - a lock: a run holds `DIR/.lgd-lock` (an flock: the kernel drops it when the process dies, even on
-    kill -9, so a killed run's lock is simply taken by the next one); the same lock guards each cache
-    entry while one run builds it (`.<entry>.lgd-lock` beside it) and the others wait, then reuse it;
+  - a lock: a run holds `DIR/.lgd-lock` (lab/locks.py: an flock the kernel drops when the process dies, even
+    on kill -9, so a killed run's lock is simply taken by the next one);
   - settings: a rerun into a folder must use the settings that shaped its files (args.json);
-  - temporaries: every write goes to `.<name>.lgd-tmp-<pid>` and is renamed into place (common.atomic_write);
+  - temporaries: every write goes to `.<name>.lgd-tmp-<pid>` and is renamed into place (lab.common.atomic_write);
     whoever holds a folder's lock removes the temporaries a killed run left there, and nothing else;
-  - damage: a file that cannot be read back is named with what to delete (or is simply regenerated).
+  - damage: a file that cannot be read back, or is not what the run planned, is named with what to do (or is
+    simply regenerated).
 """
-import fcntl
 import glob
-import json
 import os
-import socket
 import time
 from collections import Counter
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from common import TEMPORARY, UserError, git_commit, is_main, load_json, print0, remove_path, save_json
-from data import list_image_folder
+from data import list_image_folder, load_image, numeric_order
+from lab.common import TEMPORARY, UserError, git_commit, is_main, load_json, load_saved, print0, save_json
+from lab.locks import LOCK, Lock, holder_line, lock_owner, live_holder, remove_stale_temporaries
 
-LOCK = ".lgd-lock"      # held while a run works in the folder (an flock on this file)
 ARGS = "args.json"      # the settings of the run; its presence marks an lgd run folder
 
 
@@ -256,15 +249,6 @@ def stage_files(out_dir, spec, k, stage_ipc):
     return paths, labels
 
 
-def union_files(out_dir, spec, k, stage_ipc):
-    """D_k: the files of stages 0 .. k-1 (the union the stage-k student is trained on)."""
-    paths, labels = [], []
-    for j in range(k):  # stage, then class, then index: a fixed order, so the student's data order is too
-        p, y = stage_files(out_dir, spec, j, stage_ipc)
-        paths, labels = paths + p, labels + y
-    return paths, labels
-
-
 def stage_summary(out_dir):
     """[(k, done)] for the stage folders of a run, for --dry-run and the README."""
     stages = sorted(int(d.split("_")[1]) for d in os.listdir(out_dir) if d.startswith("stage_"))
@@ -280,95 +264,13 @@ def owned_folders(out_dir):
     return [out_dir] + [d for d in inner if os.path.isdir(d)]
 
 
-# ----------------------------------------------------------------------------- locks
-
-def _owner(lock):
-    """Who wrote the lock file (pid, host, start time); {} while it is being written or unreadable."""
-    try:
-        with open(lock) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def _holder(owner):
-    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, since {owner.get('started', '?')}"
-
-
-class Lock:
-    """An exclusive flock on a lock file, with the holder's pid, host and start time written inside for messages.
-
-    The kernel releases an flock when its process dies (kill -9 included), so a dead holder's lock is free for
-    the next taker without any guessing from pids. Release unlinks the file while still holding it; a waiter that
-    opened the old file then finds the path gone or replaced and tries again (the standard inode check).
-    """
-
-    def __init__(self, path):
-        self.path, self.fd = path, None
-
-    def acquire(self, wait=False, on_wait=None):
-        """True once held; False if another live process holds it and wait is False. on_wait(owner) is called
-        once before blocking."""
-        told = False
-        while True:
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)  # O_CREAT: also the folder's writability check
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if not wait:
-                        os.close(fd)
-                        return False
-                    if on_wait is not None and not told:
-                        on_wait(_owner(self.path))
-                        told = True
-                    fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the holder releases it or dies
-                try:
-                    same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-                except FileNotFoundError:
-                    same = False
-                if not same:  # released (unlinked) while we waited: lock the file that is there now
-                    os.close(fd)
-                    continue
-            except BaseException:
-                os.close(fd)
-                raise
-            me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode(), 0)
-            self.fd = fd
-            return True
-
-    def release(self):
-        if self.fd is not None:
-            remove_path(self.path)  # unlinked while held: nobody can take the old file after us
-            os.close(self.fd)
-            self.fd = None
-
-
-def live_holder(folder):
-    """The owner of a live run's lock in `folder` ({pid, host, started}), or None when no live run holds it."""
-    lock = os.path.join(folder, LOCK)
-    if not os.path.exists(lock):
-        return None
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: taken only if nobody holds it exclusively
-        return None
-    except BlockingIOError:
-        return _owner(lock)
-    finally:
-        os.close(fd)  # closing drops our shared lock (if we got it): the file stays as it was
-
+# ----------------------------------------------------------------------------- the folder is the run's
 
 def check_not_busy(folder):
     """Refuse to read or write a folder a live run is still writing (evaluate.py on a run in progress)."""
     owner = live_holder(folder)
     if owner is not None:
-        raise UserError(f"{folder} is being written by a run ({_holder(owner)}); wait for it to finish (its "
+        raise UserError(f"{folder} is being written by a run ({holder_line(owner)}); wait for it to finish (its "
                         f"partial set would be read)")
 
 
@@ -383,7 +285,7 @@ def claim_run_folder(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     lock = Lock(os.path.join(out_dir, LOCK))
     if not lock.acquire():
-        raise UserError(f"{out_dir} is in use by another run ({_holder(_owner(lock.path))}); wait for it or use "
+        raise UserError(f"{out_dir} is in use by another run ({holder_line(lock_owner(lock.path))}); wait for it or use "
                         f"another --out-dir")
     remove_stale_temporaries(owned_folders(out_dir))  # ours now: a killed run's half-written files go
     return lock.release
@@ -401,54 +303,8 @@ def check_run_folder(out_dir):
                             f"(choose a new or empty folder)")
         owner = live_holder(out_dir)
         if owner is not None:
-            raise UserError(f"{out_dir} is in use by another run ({_holder(owner)}); wait for it or use another "
+            raise UserError(f"{out_dir} is in use by another run ({holder_line(owner)}); wait for it or use another "
                             f"--out-dir")
-
-
-class cache_entry:
-    """`with cache_entry(path, what) as missing:` build the entry when `missing`; one run at a time.
-
-    A cache entry (the digits prior, theta*'s trajectory) is shared by every run of the checkout. While one run
-    builds it, it holds `.<name>.lgd-lock` beside it; a second run waits (saying for whom), then finds it built
-    and reuses it. A killed builder's lock is free at once (flock); its temporaries are removed by the next
-    builder, which then resumes or restarts the build. Entries are renamed into place whole, so "exists" means
-    "complete" and no lock is needed to read one.
-    """
-
-    def __init__(self, path, what):
-        self.path, self.what = path, what
-        folder, name = os.path.split(os.path.abspath(path))
-        self.lock = Lock(os.path.join(folder, f".{name}{LOCK}"))
-
-    def __enter__(self):
-        if os.path.exists(self.path):
-            return False
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self.lock.acquire(wait=True, on_wait=lambda owner: print0(
-            f"waiting for {self.what}: {self.path} is being built by {_holder(owner)} (if no run is building it, "
-            f"remove {self.lock.path})"))
-        folder, name = os.path.split(os.path.abspath(self.path))
-        for leftover in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.lgd-tmp-*")):
-            if TEMPORARY.match(os.path.basename(leftover)):  # a killed builder's half-written entry
-                remove_path(leftover)
-        return not os.path.exists(self.path)
-
-    def __exit__(self, *exc):
-        self.lock.release()
-        return False
-
-
-def remove_stale_temporaries(folders):
-    """Delete the reserved temporaries (`.<name>.lgd-tmp-<pid>`) a killed run left in `folders`.
-
-    Only names of that form are touched (a user's `notes.tmp1` is not ours), and only under the folders given,
-    which the caller holds the lock of. Readers never look at temporaries: this only tidies.
-    """
-    for folder in folders:
-        for root, dirs, files in os.walk(folder):
-            for name in files + dirs:
-                if TEMPORARY.match(name):
-                    remove_path(os.path.join(root, name))
 
 
 # ----------------------------------------------------------------------------- settings
@@ -538,14 +394,6 @@ def check_stage_files(out_dir, spec, k, stage_ipc, notice=True):
                + ", ".join(os.path.relpath(p, images) for p in extra[:5]) + (", ..." if len(extra) > 5 else ""))
 
 
-def load_saved(path, remedy):
-    """A file a run saved with torch.save, or one line naming it as damaged and what to do (`remedy`)."""
-    try:
-        return torch.load(path, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 -- truncated / foreign file: one line, not the unpickler's traceback
-        raise UserError(f"{path} is damaged ({e.__class__.__name__}); {remedy}") from None
-
-
 def load_stage_file(path, out_dir, k):
     """A saved tensor of a finished stage k (a latent of the memory M_c). A latent is where its image came from: it
     cannot be regenerated alone, so the stage goes."""
@@ -553,10 +401,27 @@ def load_stage_file(path, out_dir, k):
                             f"regenerate them")
 
 
-def load_or_none(path, what):
-    """A file a rerun can regenerate (a stage's student): its contents, or None (and a notice) if it is damaged."""
-    try:
-        return torch.load(path, map_location="cpu")
-    except Exception as e:  # noqa: BLE001
-        print0(f"{what} {path} is damaged ({e.__class__.__name__}); regenerating it")
-        return None
+def seed_set_files(seed_dir, spec, stage_ipc):
+    """[choice] `--seed-set PATH`: the first stage_ipc images per class of a user's set, in numeric name order
+    (IGD writes `0.png .. 99.png` unpadded; plain sorting would take 0, 1, 10, 11, ...). Images of another colour mode
+    than the dataset's, or of another size than the set's own, are not its images: named in one notice and passed
+    over. Every file taken is read once here, so a bad seed set is refused before a run folder is claimed. Returns
+    [[path] per class]."""
+    paths, labels = list_image_folder(seed_dir, spec.class_names(), what="seed set")
+    headers = {p: image_header(p) for p in paths}
+    side = Counter(h[:2] for h in headers.values()).most_common(1)[0][0]  # the set's own size
+    odd = [p for p in paths if headers[p] != (*side, spec.channels)]
+    if odd:
+        print0(f"note: {len(odd)} images of seed set {seed_dir} are not {side[0]}x{side[1]} "
+               f"{'grey' if spec.channels == 1 else 'colour'} like the rest and are passed over: "
+               + ", ".join(os.path.relpath(p, seed_dir) for p in odd[:5]) + (", ..." if len(odd) > 5 else ""))
+    chosen = []
+    for c in range(spec.num_classes):
+        mine = sorted((p for p, y in zip(paths, labels) if y == c and p not in set(odd)), key=numeric_order)
+        if len(mine) < stage_ipc:
+            raise UserError(f"seed set {seed_dir} has {len(mine)} usable images of class {spec.class_names()[c]}, "
+                            f"needs --stage-ipc {stage_ipc}")
+        for path in mine[:stage_ipc]:
+            load_image(path, spec.channels)  # unreadable: one line naming the file
+        chosen.append(mine[:stage_ipc])
+    return chosen

@@ -1,11 +1,14 @@
 """
-Plumbing shared by every script: device, torchrun, seeds, atomic writes, clear errors.
+Plumbing every script shares: clear errors, the CLI wrapper, device and torchrun, seeds, atomic writes.
 
 None of this is the method; it is what makes a many-hour run safe to interrupt:
   - every file is written to a temporary name and renamed (an interrupted run never leaves a
-    half-written PNG, JSON or checkpoint that a rerun would read back);
+    half-written PNG, JSON or checkpoint that a rerun would read back), and a write that runs out of
+    room is one line, `error: disk full: <path>`, however the OS or torch reports it;
   - `torchrun` is detected from its environment variables, single process is the default;
-  - `UserError` is the one exception type the CLIs turn into a single line and exit code 1.
+  - `UserError` is the one exception type the CLIs turn into a single line and exit code 1;
+  - every random stream of a run derives from (run seed, what it is for, n), so nothing depends on
+    what ran before it in the process.
 """
 import argparse
 import errno
@@ -214,7 +217,6 @@ SALT_EVAL_INIT = 11        # evaluation run n: init
 SALT_EVAL_TRAIN = 12       # evaluation run n: batches and augmentations
 SALT_REDUNDANCY_INIT = 13  # the redundancy model trained on increment n: init
 SALT_REDUNDANCY_TRAIN = 14
-SALT_REAL_DRAW = 15        # which real images the --real-ipc baseline draws
 SALT_PREFLIGHT = 16        # the preflight's student (n = 0: init, 1: batches) and its guided batch's noise (n = 2)
 SALT_VIEWS = 17            # the random views of --guidance-views in stage n
 
@@ -345,6 +347,12 @@ def save_torch(obj, path, verify=False):
     atomic_write(path, lambda tmp: torch.save(obj, tmp), verify)
 
 
+def png_image(image):
+    """(C, H, W) float tensor in [0, 1] (C = 1 or 3) -> the 8-bit PIL image a PNG of it holds (grey or RGB)."""
+    array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array[0], "L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0), "RGB")
+
+
 def save_png(image, path, verify=False):
     """image: (C, H, W) float tensor in [0, 1] (C = 1 or 3) -> 8-bit PNG, atomically.
 
@@ -353,8 +361,7 @@ def save_png(image, path, verify=False):
     if not torch.isfinite(image).all():
         raise UserError(f"refusing to write {path}: the image is not finite (NaN/inf); check the guidance and CFG "
                         f"scales")
-    array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    pil = Image.fromarray(array[0], "L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0), "RGB")
+    pil = png_image(image)
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"), verify)
 
 
@@ -385,6 +392,23 @@ def save_grid(images, path, row_names, col_names, title="", cell=None):
             array = (x.expand(3, -1, -1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             canvas.paste(Image.fromarray(array, "RGB"), (left + j * (cw + 2), top + r * (ch + 2)))
     atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def load_saved(path, remedy):
+    """A file a run saved with torch.save, or one line naming it as damaged and what to do (`remedy`)."""
+    try:
+        return torch.load(path, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 -- truncated / foreign file: one line, not the unpickler's traceback
+        raise UserError(f"{path} is damaged ({e.__class__.__name__}); {remedy}") from None
+
+
+def load_or_none(path, what):
+    """A file a rerun can regenerate (a stage's student): its contents, or None (and a notice) if it is damaged."""
+    try:
+        return torch.load(path, map_location="cpu")
+    except Exception as e:  # noqa: BLE001
+        print0(f"{what} {path} is damaged ({e.__class__.__name__}); regenerating it")
+        return None
 
 
 def git_commit():

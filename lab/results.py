@@ -2,12 +2,12 @@
 Every digits number in the README, printed from run folders this script makes (or reuses): the
 tables are regenerated from the current commit by running it, not typed in.
 
-  python results.py sweep         # LGD's digits constants (seed 0 only; seeds 1-2 stay held out)
-  python results.py igd-sweep     # IGD's digits constants (seed 0 only)
-  python results.py ablation      # the paper's ablation, IPC 10: DiT .. LGD .. random real, 3 seeds x 3 students
-  python results.py ablation-ipc5 # the same at IPC 5 (5 stages of 1)
-  python results.py main          # the LGD / DiT / random real rows of `ablation` (the headline table)
-  python results.py ablation --jobs 2   # two runs at a time, one CPU thread each
+  python -m lab.results sweep         # LGD's digits constants (seed 0 only; seeds 1-2 stay held out)
+  python -m lab.results igd-sweep     # IGD's digits constants (seed 0 only)
+  python -m lab.results ablation      # the paper's ablation, IPC 10: DiT .. LGD .. random real, 3 seeds x 3 students
+  python -m lab.results ablation-ipc5 # the same at IPC 5 (5 stages of 1)
+  python -m lab.results main          # the LGD / DiT / random real rows of `ablation` (the headline table)
+  python -m lab.results ablation --jobs 2   # two runs at a time, one CPU thread each
 
 A cell is one distillation (distill.py) plus what the tables show about it, each a file in its folder:
 eval.json (3 students of the guiding architecture, ConvNet), eval_mlp.json (3 students of an
@@ -27,16 +27,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (SALT_STAGE_INIT, SALT_STAGE_TRAIN, ArgumentParser, UserError, derive_seed, load_json, require,
-                    run_cli, save_json, stream_seed)
+from lab.common import (SALT_STAGE_INIT, SALT_STAGE_TRAIN, ArgumentParser, UserError, derive_seed, git_commit,
+                        load_json, require, run_cli, save_json, stream_seed)
 from data import ImageSet, get_spec, load_image, load_real, sample_real_ipc
 from guidance import Learnability, SamplerConfig, decode_images, sample
 from model import load_prior, make_student
-from run_folder import distilled_dir, eval_path, redundancy_path, set_files, union_files, validity_path
+from lab.folder import (args_path, distilled_dir, eval_path, image_path, latent_path, redundancy_path, set_files,
+                        stage_files, stage_latents, student_path, validity_path)
 from train_prior import digits_prior
 from train_student import epochs_for_ipc, reference_model, train_student
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: distill.py, evaluate.py
 ROOT = os.path.join("out", "results")
 # the cross-architecture evaluator: no stage student or theta* is one. ResNetAP-10 (the paper's) costs ~5 CPU
 # minutes per cell at 8 px; an MLP is another family and takes seconds.
@@ -246,23 +247,24 @@ def robustness(suffix=""):
     gains = {name: {"S": [], "student_ce": []} for name in [*perts, other]}
     for seed in SEEDS:
         lgd, dit = folder("LGD (dit seed)" + suffix, seed), folder("DiT" + suffix, seed)
-        info = load_json(os.path.join(lgd, "args.json"))
+        info = load_json(args_path(lgd))
         for k in range(1, info["ipc"] // info["stage_ipc"]):
             student = make_student("convnet", spec)
-            student.load_state_dict(torch.load(os.path.join(lgd, f"stage_{k}", "student.pt")))
+            student.load_state_dict(torch.load(student_path(lgd, k)))
             score = Learnability(student, spec, reference, view, 0.5)
             items = [(c, i) for i in range(k * info["stage_ipc"], (k + 1) * info["stage_ipc"]) for c in range(10)]
-            kept = torch.stack([(torch.load(os.path.join(lgd, f"stage_{k}", "latents", str(c), f"{i:05d}.pt"))
+            kept = torch.stack([(torch.load(latent_path(stage_latents(lgd, k), spec, c, i))
                                  .clamp(-1, 1) + 1) / 2 for c, i in items])
             # one index at a time, the 10 classes together: the DiT run's batches (float rounding depends on them)
             plain = torch.cat([decode_images(prior, sample(prior, torch.arange(10), [
                 torch.Generator().manual_seed(derive_seed(seed, c, i, 0)) for c in range(10)], sampler))
                 for i in range(k * info["stage_ipc"], (k + 1) * info["stage_ipc"])])
-            stored = torch.stack([load_image(os.path.join(dit, "distilled", str(c), f"{i:05d}.png")) for c, i in items])
+            stored = torch.stack([load_image(image_path(distilled_dir(dit), spec, c, i)) for c, i in items])
             assert torch.equal((plain * 255).round() / 255, stored), "re-sampled DiT images differ from the DiT set"
             y = torch.tensor([c for c, _ in items])
             # the same stage student in another family: trained on D_k as theta_k was (recipe, seeds), but an MLP
-            paths, labels = union_files(lgd, spec, k, info["stage_ipc"])
+            d_k = [stage_files(lgd, spec, j, info["stage_ipc"]) for j in range(k)]  # D_k, as curriculum.union
+            paths, labels = sum((p for p, _ in d_k), []), sum((y for _, y in d_k), [])
             mlp = train_student(make_student("mlp", spec, seed=stream_seed(seed, SALT_STAGE_INIT, k)),
                                 ImageSet(paths, labels, channels=1), spec, "minimax",
                                 epochs_for_ipc(k * info["stage_ipc"], "minimax", "digits"),
@@ -291,7 +293,7 @@ def table(rows, header):
 
 
 def main(argv=None):
-    p = ArgumentParser(description="Make (or reuse) the digits runs behind the README's tables and print them.")
+    p = ArgumentParser(prog="python -m lab.results", description="Make (or reuse) the digits runs behind the README's tables and print them.")
     p.add_argument("table", choices=list(TABLES) + ["robustness", "robustness-ipc5"], help="which table")
     p.add_argument("--jobs", type=int, default=1, help="cells run at a time (each with one CPU thread when > 1)")
     args = p.parse_args(argv)
@@ -302,7 +304,7 @@ def main(argv=None):
         missing = [folder(name + suffix, seed) for name in ("LGD (dit seed)", "DiT") for seed in SEEDS
                    if not os.path.exists(eval_path(folder(name + suffix, seed)))]
         require(not missing, f"robustness reads the DiT and LGD cells of `{source}`, and {missing[0]} is not made "
-                f"yet: run `python results.py {source}` first")
+                f"yet: run `python -m lab.results {source}` first")
         rows = robustness(suffix)
         print(table(rows, ["LGD kept images vs DiT, same indices", "S gain", "of the float gain", "student CE gain",
                            "of the float gain"]))
@@ -326,8 +328,7 @@ def main(argv=None):
         header = [f"digits: {args.table}", "acc % ConvNet (guiding arch)", f"acc % {CROSS} (cross-arch)",
                   "redundancy % (5 increments)", "theta* recognises %"]
         print(table([summary(name, flags, seeds) for name, flags in cells.items()], header))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
-    print(f"\n(commit {commit.strip()}; accuracies: final epoch, mean +- std over {len(seeds)} distillation seed(s) x 3 "
+    print(f"\n(commit {git_commit()[:7]}; accuracies: final epoch, mean +- std over {len(seeds)} distillation seed(s) x 3 "
           f"students; redundancy and validity: mean (per seed))")
 
 

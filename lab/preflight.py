@@ -37,19 +37,20 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
-from common import (SALT_PREFLIGHT, UserError, derive_seed, is_main, load_json, print0, save_grid, save_json,
-                    seconds_per_call, stream_seed)
-from curriculum import image_record, stage_views, uses_igd
+from curriculum import Students, stage_views, uses_igd
 from data import ImageSet, classifier_input, load_real, resize_crop
 from guidance import (Influence, Learnability, SamplerLog, cfg_output, decode_images, guided_output, sample,
                       weight_gradient)
+from lab.common import (SALT_PREFLIGHT, UserError, derive_seed, is_main, load_json, png_image, print0, save_grid,
+                        save_json, seconds_per_call, stream_seed)
+from lab.folder import preflight_path
+from lab.records import image_record
+from lab.run import sampler_batches
 from model import make_student
-from run_folder import preflight_path
-from train_student import (IGD_ARCH, RECIPES, accuracy, batch_size_for, surrogate_epochs,
-                           epochs_for_ipc, recipe_settings, recipe_spec, reference_models, reference_spec,
-                           soft_label_teacher, surrogate_cached, surrogate_recipe, train_student)
+from train_student import (IGD_ARCH, RECIPES, accuracy, batch_size_for, epochs_for_ipc, recipe_settings, recipe_spec,
+                           reference_models, reference_spec, soft_label_teacher, surrogate_cached, surrogate_epochs,
+                           surrogate_recipe, train_student)
 
 PASS_SHARE = 0.5        # theta* must recognise at least half of the unguided samples
 STUDENT_EPOCHS = 30     # "a few epochs" on one sample per class: enough to learn them, so S has a gradient to follow
@@ -111,8 +112,9 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
         train_student(student, ImageSet(list(uint8), classes.tolist()), student_view, args.recipe, STUDENT_EPOCHS,
                       seed=stream_seed(args.seed, SALT_PREFLIGHT, 1), device=device, desc="preflight student",
                       teacher=teacher)
+        views = stage_views(Students(args.arch, args.recipe, student_view), members, args.seed, 1, guide.views)
         score = Learnability(student, student_view, [m for m, _ in members], [v for _, v in members], guide.omega,
-                             guide.views, stage_views(student_view, args.recipe, members, args.seed, 1, guide.views))
+                             guide.views, views)
 
     # 3a. the sampler batch that fits (before the guided batch below, which must fit too)
     batch, largest, first_oom = pick_batch(prior, spec, sampler, guide if guided_run else None, args.batch_size,
@@ -181,7 +183,8 @@ def _record_bytes(log, kappa, twins):
     twin = {name: torch.zeros(1) for name in parts} if twins else None
     per_step = SamplerLog(guidance={i: v[:1] * kappa for i, v in log.guidance.items()},
                           deviation={i: v[:1] * kappa for i, v in log.deviation.items()}, fallbacks=[0] * kappa)
-    return len(json.dumps(image_record(0, kappa, 0, parts, twin, per_step), indent=2))
+    report = dict(kappa=kappa, best=[0], parts=parts, twin=twin, log=per_step)
+    return len(json.dumps(image_record(0, report), indent=2))
 
 
 def verdict(result, n):
@@ -291,30 +294,30 @@ def _fits(prior, spec, sampler, guide, b, device, score):
 
 # ----------------------------------------------------------------------------- what things cost
 
-def run_batches(spec, batch, kappa):
-    """(classes per block, samples per guided batch, samples per unguided batch) as generate_increment cuts them."""
-    guided_classes = min(spec.num_classes, max(1, batch // kappa))
-    return guided_classes, guided_classes * kappa, min(spec.num_classes, batch)
+def batch_sizes(spec, batch, kappa):
+    """The samples in each sampler batch of one slot, cut exactly as the run cuts them (lab.run.sampler_batches):
+    a block of classes, kappa candidates each."""
+    return [len(block) * kappa for block in sampler_batches(spec.num_classes, batch, kappa)]
 
 
 def step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, device, score):
-    """Seconds per sampler step at each batch the run will use."""
+    """Seconds per sampler step at each batch size the run will use: unguided (the seed increment or a DiT set, the
+    twins, the steps outside the window), guided, and IGD's."""
     device = torch.device(device)
-    classes, guided_size, plain_size = run_batches(spec, batch, kappa)
-    plain = lambda b: seconds_per_call(lambda: _step(prior, spec, sampler, None, b, device, None), device,  # noqa
-                                       REPEATS, median=True)
-    out = dict(unguided_step_s={str(b): plain(b) for b in sorted({plain_size, classes, guided_size})})
+    timed = lambda g, b, s: seconds_per_call(lambda: _step(prior, spec, sampler, g, b, device, s), device, REPEATS,
+                                             median=True)
+    guided_sizes = batch_sizes(spec, batch, kappa) if score is not None else []
+    plain_sizes = set(batch_sizes(spec, batch, 1)) | set(guided_sizes) | {b // kappa for b in guided_sizes}
+    out = dict(unguided_step_s={str(b): timed(None, b, None) for b in sorted(plain_sizes)})
     if score is not None:
-        out["guided_step_s"] = {str(guided_size): seconds_per_call(
-            lambda: _step(prior, spec, sampler, guide, guided_size, device, score), device, REPEATS, median=True)}
-    if uses_igd(args.method, args.seed_set):  # IGD's step: a double backward per checkpoint (weights
-        view = reference_spec(spec)                       # do not change its cost: random ones stand in)
+        out["guided_step_s"] = {str(b): timed(guide, b, score) for b in sorted(set(guided_sizes))}
+    if uses_igd(args.method, args.seed_set):  # IGD's step: a double backward per checkpoint (weights do not change
+        view = reference_spec(spec)           # its cost: random ones stand in)
         nets = [make_student(IGD_ARCH, view, seed=j).to(device) for j in range(4)]
         size = sum(p.numel() for p in nets[0].parameters())
         targets = {}
         influence = Influence(nets, view, lambda j, c: targets.setdefault((j, c), torch.randn(size, device=device)))
-        out["igd_step_s"] = {str(plain_size): seconds_per_call(
-            lambda: _step(prior, spec, sampler, igd_guide, plain_size, device, influence), device, REPEATS, median=True)}
+        out["igd_step_s"] = {str(b): timed(igd_guide, b, influence) for b in sorted(set(batch_sizes(spec, batch, 1)))}
         x = torch.rand(args.grad_ipc, spec.channels, view.res, view.res, device=device)
         y = torch.zeros(len(x), dtype=torch.long, device=device)
         out["igd_real_gradient_s"] = seconds_per_call(
@@ -364,22 +367,24 @@ def training_times(args, spec, x_plain, device, data_dir, ref_cached, teacher):
 
 
 def estimate(args, spec, guide, igd_guide, batch, kappa, m):
-    """eta_s for the whole command and eta_stages_s per stage, from the measured seconds (the same loop structure
-    as curriculum.generate_increment and train_student: blocks of classes per slot, batches per epoch)."""
+    """eta_s for the whole command and eta_stages_s per stage, from the measured seconds: for every slot, the run's
+    own sampler batches (batch_sizes, i.e. lab.run.sampler_batches), then the students' epochs x batches."""
     C, steps = spec.num_classes, args.steps
-    # the batches the run will really use: a guided batch holds kappa candidates of `classes` classes, an unguided
-    # one up to `batch` classes (never more than the dataset has)
-    classes, guided_size, plain_size = run_batches(spec, batch, kappa)
-    plain = lambda b: m["unguided_step_s"][str(b)]  # noqa: E731
-    window = guide.guided_steps(steps)
+    plain = lambda b: m["unguided_step_s"][str(b)]
+    window, igd_window = guide.guided_steps(steps), igd_guide.guided_steps(steps)
 
-    def unguided_stage(images_per_class):  # one sampler pass per slot and class block
-        return images_per_class * math.ceil(C / plain_size) * steps * plain(plain_size)
+    def unguided_stage(slots):  # one sampler pass per slot and batch
+        return slots * sum(steps * plain(b) for b in batch_sizes(spec, batch, 1))
 
-    def igd_stage(images_per_class):  # IGD's window steps are double backwards; + each class's real gradients
-        igd_window = igd_guide.guided_steps(steps)
-        per_batch = igd_window * m["igd_step_s"][str(plain_size)] + (steps - igd_window) * plain(plain_size)
-        return images_per_class * math.ceil(C / plain_size) * per_batch + C * 4 * m["igd_real_gradient_s"]
+    def igd_stage(slots):  # IGD's window steps are double backwards; + each class's real gradients
+        per_slot = sum(igd_window * m["igd_step_s"][str(b)] + (steps - igd_window) * plain(b)
+                       for b in batch_sizes(spec, batch, 1))
+        return slots * per_slot + C * 4 * m["igd_real_gradient_s"]
+
+    def guided_stage(slots):  # kappa candidates per image in the window, + each kept image's twin (unguided)
+        per_slot = sum(window * m["guided_step_s"][str(b)] + (steps - window) * plain(b) +
+                       (steps * plain(b // kappa) if args.twins else 0.0) for b in batch_sizes(spec, batch, kappa))
+        return slots * per_slot
 
     def student_seconds(ipc, per_batch, recipe_epochs=None):  # epochs x batches per epoch x seconds per batch
         bs = batch_size_for(RECIPES[args.recipe], ipc, C, C * ipc)
@@ -392,15 +397,11 @@ def estimate(args, spec, guide, igd_guide, batch, kappa, m):
     elif args.method == "igd":
         stages.append(igd_stage(args.ipc))
     else:
-        K = args.ipc // args.stage_ipc
         stages.append(igd_stage(args.stage_ipc) if args.seed_set == "igd" else
                       0.0 if args.seed_set != "dit" else unguided_stage(args.stage_ipc))
-        for k in range(1, K):  # a guided stage: its student, kappa candidates per image, each kept image's twin
-            blocks = args.stage_ipc * math.ceil(C / classes)
-            sampling = blocks * (window * m["guided_step_s"][str(guided_size)] + (steps - window) * plain(guided_size))
-            twins = blocks * steps * plain(classes) if args.twins else 0.0
+        for k in range(1, args.ipc // args.stage_ipc):  # a guided stage: its student, then its samples
             student = student_seconds(k * args.stage_ipc, m["student_batch_s"], args.student_epochs)
-            stages.append(sampling + twins + student)
+            stages.append(guided_stage(args.stage_ipc) + student)
     extra = {}
     if "surrogate_batch_s" in m:  # IGD's surrogate, when it is not theta*'s cached trajectory
         epochs = surrogate_epochs(spec.name, args.reference_epochs)
@@ -415,7 +416,7 @@ def estimate(args, spec, guide, igd_guide, batch, kappa, m):
 def disk_bytes(args, spec, x_plain, z_plain, record_bytes, reference):
     """What the run will write: per image a stage PNG, its copy in distilled/, its latent and record; per guided
     stage a student (theta*'s size: the same architecture). theta*'s cache is written by the preflight itself."""
-    png = np.mean([len(_png_bytes(x)) for x in x_plain])
+    png = np.mean([len(_png_bytes(x)) for x in x_plain])  # the bytes save_png writes
     buffer = io.BytesIO()
     torch.save(z_plain[0].cpu().clone(), buffer)
     latent = buffer.tell()
@@ -428,10 +429,8 @@ def disk_bytes(args, spec, x_plain, z_plain, record_bytes, reference):
 
 
 def _png_bytes(x):
-    array = (x.float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    image = Image.fromarray(array[0], "L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    png_image(x).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -529,7 +528,3 @@ def save_picture(x_plain, x_guided, result, spec, path):
               (f"preflight: theta* recognises {result['recognised']}/{n}" if result["recognised"] is not None else
                "preflight: unguided samples (not judged)")
               + (f"; S gain {result['guidance']['gain']:+.3f}" if result["guidance"]["gain"] is not None else ""))
-
-
-if __name__ == "__main__":
-    print("preflight.py holds the preflight; run it with `python distill.py ... --preflight`.")

@@ -1,0 +1,110 @@
+"""
+--dry-run: what a distill.py command will do before it does it: the classes, what it trains, each stage's sampling
+in images and DiT passes, and the measured price when a preflight has run in the folder (--json: every resolved
+setting, view and transform, as JSON). Reads and writes nothing but what it prints.
+"""
+import json
+import os
+from dataclasses import asdict
+
+from curriculum import uses_igd
+from data import class_table
+from lab.folder import stage_summary
+from lab.preflight import eta_line, load_preflight
+from train_student import IGD_ARCH, RECIPES, recipe_spec, reference_spec, surrogate_cached, surrogate_epochs
+
+
+def builds(args, spec, data_dir):
+    """What the run trains besides sampling, each with whether it is cached already: only what its method uses (a
+    DiT set needs no theta*, no IGD surrogate and no stage students)."""
+    items = []
+    cached = lambda arch: "cached" if surrogate_cached(spec, arch, data_dir, args.reference_epochs) else "not cached"  # noqa
+    epochs = surrogate_epochs(spec.name, args.reference_epochs)
+    if args.method == "lgd":
+        if args.reference is not None:
+            items.append(f"theta*: your --reference {args.reference}")
+        else:
+            items += [f"theta* {arch} ({epochs} epochs on the real train split; {cached(arch)})"
+                      for arch in args.reference_archs.split(",")]
+        if RECIPES[args.recipe]["temperature"] is not None:
+            items.append("the soft-label teacher (resnet18_bn)")
+        stages = args.ipc // args.stage_ipc
+        items.append(f"{(stages - 1) * len(args.student_archs.split(','))} stage students ({args.student_archs})")
+    if uses_igd(args.method, args.seed_set):
+        shared = args.method == "lgd" and args.reference is None and IGD_ARCH in args.reference_archs.split(",")
+        items.append("IGD's checkpoint selection on theta*'s trajectory" if shared else
+                     f"IGD's surrogate trajectory {IGD_ARCH} ({epochs} epochs; {cached(IGD_ARCH)}) and its checkpoint "
+                     f"selection")
+    if args.eval:
+        items.append(f"{args.eval_runs} evaluation students ({args.eval_arch})")
+    return items
+
+
+def resolved_config(args, spec, guide, igd_guide, sampler):
+    """--dry-run --json: every setting after presets, plus what they imply (views, transforms, schedule)."""
+    student = recipe_spec(spec, args.recipe)
+    reference = reference_spec(spec)
+    r = RECIPES[args.recipe]
+    view = lambda v: dict(res=v.res, test=f"Resize({round(v.res / v.crop_ratio)}) + CenterCrop({v.res})",
+                          mean=list(v.mean), std=list(v.std))
+    return dict(
+        {k: v for k, v in vars(args).items() if k not in ("dry_run", "json")},
+        student_view=view(student), reference_view=view(reference),
+        student_train_transform=("pad 1 + random 8x8 crop" if spec.name == "digits" else
+                                 ("Resize + CenterCrop, " if r["pre_crop"] else "") +
+                                 f"RandomResizedCrop({student.res}, 0.5-1), flip" +
+                                 (", ColorJitter 0.4, Lighting 0.1" if r["augment"] == "minimax" else "")),
+        student_norm="batch norm (torchvision)" if args.arch == "resnet18_bn" else "instance norm",
+        recipe_settings={k: v for k, v in r.items()}, guidance=asdict(guide), igd_guidance=asdict(igd_guide),
+        guided_steps=guide.guided_steps(args.steps), sampler=asdict(sampler), classes=class_table(spec))
+
+
+def print_plan(args, spec, data_dir, guide, igd_guide, sampler):
+    """--dry-run: what the run will do, in images and DiT forward passes."""
+    measured = load_preflight(args.out_dir)
+    if args.json:
+        config = resolved_config(args, spec, guide, igd_guide, sampler)
+        print(json.dumps(dict(config, builds=builds(args, spec, data_dir), preflight=measured), indent=2))
+        return
+    c, stages = spec.num_classes, (args.ipc // args.stage_ipc if args.method == "lgd" else 1)
+    window, igd_window = guide.guided_steps(args.steps), igd_guide.guided_steps(args.steps)
+    through = ("DiT + " if args.through_dit else "") + ("" if args.dataset == "digits" else "VAE decoder + ")
+    done = dict(stage_summary(args.out_dir)) if os.path.isdir(args.out_dir) else {}
+    print(f"{args.method} on {args.dataset}: {c} classes x {args.ipc} IPC = {c * args.ipc} images -> {args.out_dir}")
+    table = class_table(spec)  # the field's class order: class c is what every peer's class c is
+    print("  classes (index: folder, prior label, name): " + "; ".join(
+        f"{r['index']}: {r['wnid']}, {r['prior_label']}, {r['name']}" for r in table[:10])
+        + ("; ..." if c > 10 else ""))
+    print("  trains: " + ("; ".join(builds(args, spec, data_dir)) or "nothing (sampling only)"))
+    if args.method == "dit":
+        print(f"  one unguided pass: {c * args.ipc} images x {args.steps} steps (CFG: 2 DiT passes per step)")
+        return print_eta(args, measured)
+    if args.method == "igd":
+        print(f"  the surrogate trajectory of theta* (cached), checkpoints {args.igd_checkpoints}, then "
+              f"{c * args.ipc} images x {args.steps} steps ({igd_window} guided: a double backward per checkpoint)")
+        return print_eta(args, measured)
+    for k in range(stages):
+        n = c * args.stage_ipc
+        status = " [done, will be skipped]" if done.get(k) else ""
+        if k == 0 and args.seed_set == "igd":
+            print(f"  stage 0: IGD's increment, {n} images x {args.steps} steps ({igd_window} influence-guided){status}")
+        elif k == 0:
+            print(f"  stage 0: seed set ({args.seed_set}), {n} images x {args.steps} unguided steps{status}")
+        else:
+            print(f"  stage {k}: train a {args.arch} student on {k * args.stage_ipc} IPC, then {n} images x "
+                  f"{args.candidates} candidates x {args.steps} steps ({window} guided: backward through "
+                  f"{through}2 classifiers){status}")
+    # image-steps: stage 0 samples each slot once, guided stages kappa times (the best candidate is kept)
+    total = c * args.stage_ipc * args.steps * (1 + (stages - 1) * args.candidates)
+    print(f"  total: {total} sampler image-steps, {(stages - 1) * c * args.stage_ipc * args.candidates * window} "
+          f"of them guided; {stages - 1} student trainings")
+    print_eta(args, measured)
+
+
+def print_eta(args, measured):
+    """The measured price of the run (from its folder's preflight.json), or how to get one."""
+    if measured is not None and measured.get("passed"):
+        print(f"  {eta_line(measured)} (measured by the preflight in {args.out_dir})")
+    else:
+        print("  ETA: not measured; add --preflight to this command to measure it on this machine (minutes on a "
+              "GPU: it also checks labels, guidance direction and the batch that fits)")

@@ -1,0 +1,276 @@
+"""
+The run as the method sees it: the one seam between the stage loop (curriculum.py) and the run folder.
+
+The stage loop says what it does in a sentence each (`run.stage_done(k)`, `run.increment(k)`, `batches.sample(...)`,
+`run.save_student(...)`, `run.finish_stage(k)`, `run.write_set(...)`); everything that keeps a many-hour run safe
+happens here, out of its way:
+
+  resume        a finished stage is skipped (after checking it is still whole); an interrupted batch is computed
+                again exactly as the uninterrupted run cut it (a sample depends on its batch in the last float
+                bits), only its missing files are written, and those already on disk must come out the same bytes;
+  memory        on out-of-memory the sampler batch is halved and the batch retried (images are seeded one by one,
+                so the set is unchanged up to float rounding);
+  records       each guided image's record (lab/records.py) is written with it; a stage's log.json sums them up;
+  pictures      a grid per stage and for the set, progress bars;
+  ranks         under torchrun, class blocks are dealt round-robin to the ranks; rank 0 writes what is shared.
+
+Paths come from lab/folder.py, writes go through lab/common.py (atomic, verified on resume, disk full named).
+"""
+import os
+
+import torch
+from tqdm import tqdm
+
+from data import load_image
+from lab.common import (Mismatch, UserError, all_gather, barrier, copy_file, is_main, load_json, load_or_none,
+                        load_saved, print0, save_grid, save_json, save_png, save_torch)
+from lab.folder import (check_stage_files, distilled_dir, done_path, grid_path, igd_path, image_path, increment_folder,
+                        latent_path, load_stage_file, record_path, run_latents, stage_dir, stage_images, stage_latents,
+                        stage_log_path, stage_records, student_path, update_args)
+from lab.records import image_record, log_line, summarise_records
+
+
+def sampler_batches(num_classes, batch, kappa, rank=0, world=1):
+    """The classes that share a sampler batch, for one slot: fixed blocks of batch // kappa classes (kappa candidates
+    each), dealt round-robin to the ranks, so which images share a batch does not depend on the number of ranks.
+    The sampler (Batches) and the preflight's price (lab/preflight.py) both cut batches with this function."""
+    per_block = max(1, batch // kappa)
+    blocks = [list(range(c, min(c + per_block, num_classes))) for c in range(0, num_classes, per_block)]
+    return blocks[rank::world]
+
+
+class Increment:
+    """Where one increment's files go: images (PNG), final latents (the memory M_c; None: not kept) and the records
+    of what guidance did (None: not kept), for the image indices of its slots."""
+
+    def __init__(self, spec, images, latents, records, indices, done=None):
+        self.spec, self.images, self.latents, self.records, self.indices = spec, images, latents, records, indices
+        self.done = done  # the path of the stage's done.json (None: a one-pass method's set)
+
+    def files(self):
+        """(paths, labels) of its images, class by class, in index order."""
+        pairs = [(image_path(self.images, self.spec, c, i), c) for c in range(self.spec.num_classes)
+                 for i in self.indices]
+        return [p for p, _ in pairs], [c for _, c in pairs]
+
+    def complete(self, c, index, guided):
+        """Every file of image (c, index) is on disk: its PNG, its latent and its record (where they are kept)."""
+        paths = [image_path(self.images, self.spec, c, index)]
+        if self.latents is not None:
+            paths.append(latent_path(self.latents, self.spec, c, index))
+        if self.records is not None and guided:
+            paths.append(record_path(self.records, self.spec, c, index))
+        return all(os.path.exists(p) for p in paths)
+
+    def latent(self, c, index):
+        """A kept image's final latent. Damaged, it names itself and the way out: in a finished stage it is where its
+        image came from (the stage goes); in the stage being sampled, deleting it and its PNG makes the rerun sample
+        that batch again (from the same seeded noise, in the same batch: the same bytes)."""
+        path = latent_path(self.latents, self.spec, c, index)
+        if self.done is not None and os.path.exists(self.done):
+            out_dir = os.path.dirname(os.path.dirname(self.done))
+            return load_stage_file(path, out_dir, int(os.path.basename(os.path.dirname(self.done))[len("stage_"):]))
+        png = image_path(self.images, self.spec, c, index)
+        return load_saved(path, f"delete it and {png}, then rerun the same command to sample that image again")
+
+    def write(self, c, index, latent, image, record):
+        """An image's files, the latent first and the PNG last (a PNG on disk means the image is complete). A file
+        already on disk (a resumed batch) must be the same bytes: it is checked, not written."""
+        if self.latents is not None:
+            save_torch(latent.detach().cpu().clone(), latent_path(self.latents, self.spec, c, index), verify=True)
+        if self.records is not None and record is not None:
+            save_json(record, record_path(self.records, self.spec, c, index), verify=True)
+        save_png(image, image_path(self.images, self.spec, c, index), verify=True)
+
+    def record_files(self):
+        """The records on disk, in image order (index, then class)."""
+        return [record_path(self.records, self.spec, c, i) for i in self.indices for c in range(self.spec.num_classes)
+                if os.path.exists(record_path(self.records, self.spec, c, i))]
+
+
+class Batches:
+    """An increment sampled batch by batch (Run.batches): sample(block, index, fn) fills the images of `block`
+    (classes) at slot `index`, calling fn(classes, first) -> (latents, images in [0, 1], report or None) for each
+    batch that is not on disk yet; first: the increment's first batch (a cheap gradient decoder is checked there).
+
+    replay: the score draws random views from one stream through the stage (--guidance-views > 1), so a batch
+    depends on the batches before it: nothing is skipped, everything is recomputed and checked."""
+
+    def __init__(self, run, inc, kappa, guided, replay, desc):
+        self.run, self.inc, self.kappa, self.guided, self.replay = run, inc, kappa, guided, replay
+        self.blocks = sampler_batches(run.spec.num_classes, run.batch, kappa, run.rank, run.world)
+        self.bar = tqdm(total=len(inc.indices) * sum(map(len, self.blocks)), desc=desc, unit="img",
+                        disable=not is_main(), mininterval=2)
+
+    def sample(self, block, index, fn):
+        while True:
+            per_chunk = max(1, self.run.batch // self.kappa)
+            try:
+                for j in range(0, len(block), per_chunk):
+                    chunk = block[j:j + per_chunk]  # as the uninterrupted run cuts it, whatever is on disk
+                    if not self.replay and all(self.inc.complete(c, index, self.guided) for c in chunk):
+                        continue
+                    first = index == self.inc.indices[0] and block is self.blocks[0] and j == 0
+                    latents, images, report = fn(chunk, first)
+                    for n, c in enumerate(chunk):
+                        record = image_record(n, report) if report is not None else None
+                        self.inc.write(c, index, latents[n], images[n], record)
+                break
+            except torch.OutOfMemoryError:
+                if per_chunk == 1:
+                    raise
+                self.run.batch = max(self.kappa, self.run.batch // 2)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                print(f"out of memory: sampler batch halved to {self.run.batch} (same images, seeded one by one)")
+            except Mismatch as e:  # a file this run wrote earlier is not what it computes now
+                raise UserError(f"{e}; rerun where it was written, or delete {increment_folder(self.inc.images)} to "
+                                f"sample it again") from None
+        self.bar.update(len(block))
+        self.bar.set_postfix(img_per_s=f"{self.bar.n / max(1e-9, self.bar.format_dict['elapsed']):.2f}")
+
+    def close(self):
+        self.bar.close()
+        barrier()
+
+
+class Run:
+    """A run folder, claimed and checked (distill.py), for the plan it was started with (curriculum.Plan)."""
+
+    def __init__(self, out_dir, spec, plan, rank=0, world=1):
+        self.out_dir, self.spec, self.plan, self.rank, self.world = out_dir, spec, plan, rank, world
+        self.batch = plan.batch_size  # the sampler batch; halved on out-of-memory, then kept for what follows
+        self.stages_bar = None
+
+    # ------------------------------------------------------------------------- increments
+
+    def increment(self, k):
+        """T_{k+1}: stage k's images, latents and records, indices k*stage_ipc .. (k+1)*stage_ipc - 1."""
+        first = k * self.plan.stage_ipc
+        return Increment(self.spec, stage_images(self.out_dir, k), stage_latents(self.out_dir, k),
+                         stage_records(self.out_dir, k), range(first, first + self.plan.stage_ipc),
+                         done_path(self.out_dir, k))
+
+    def one_pass(self, latents):
+        """The set of a one-pass method (--method dit / igd), written straight into distilled/ (IGD keeps its final
+        latents too: its memory M_c reads them back)."""
+        return Increment(self.spec, distilled_dir(self.out_dir), run_latents(self.out_dir) if latents else None, None,
+                         range(self.plan.ipc))
+
+    def batches(self, inc, kappa, guided, replay=False, desc="sampling"):
+        return Batches(self, inc, kappa, guided, replay, desc)
+
+    def copy_seed_set(self, inc, files, prior):
+        """Stage 0 from a user's folder (lab.folder.seed_set_files): each image stored at the generation size, and its
+        latent for M_c the VAE encoding of what is stored (posterior mean; the only place lgd encodes)."""
+        for c, mine in enumerate(files):
+            for index, path in zip(inc.indices, mine):
+                if not is_main() or os.path.exists(image_path(inc.images, self.spec, c, index)):
+                    continue
+                x = load_image(path, self.spec.channels)
+                if x.shape[-1] != self.spec.image_size or x.shape[-2] != self.spec.image_size:
+                    x = torch.nn.functional.interpolate(x[None], size=(self.spec.image_size,) * 2, mode="bilinear",
+                                                        antialias=True, align_corners=False)[0].clamp(0, 1)
+                stored = (x.clamp(0, 1) * 255).round() / 255  # what an 8-bit PNG reads back as
+                latent = prior.encode((stored[None] * 2 - 1).to(prior.device))[0]
+                inc.write(c, index, latent, x, None)
+        barrier()
+
+    # ------------------------------------------------------------------------- stages
+
+    def stage_done(self, k):
+        """Whether stage k finished in an earlier start (done.json, written last), checked to be still whole."""
+        if self.stages_bar is None:
+            self.stages_bar = tqdm(total=self.plan.ipc // self.plan.stage_ipc, desc="LGD stages", unit="stage",
+                                   disable=not is_main(), position=0)
+        if not os.path.exists(done_path(self.out_dir, k)):
+            return False
+        check_stage_files(self.out_dir, self.spec, k, self.plan.stage_ipc)
+        print0(f"stage {k}: done, skipping")
+        self.stages_bar.update(1)
+        return True
+
+    def saved_student(self, k, arch, main_arch):
+        """theta_k of an earlier start (its state dict), or None; a damaged one is said and trained again (it is a
+        seeded function of the stage's images)."""
+        path = student_path(self.out_dir, k, None if arch == main_arch else arch)
+        return load_or_none(path, f"stage {k}'s student") if os.path.exists(path) else None
+
+    def save_student(self, k, arch, main_arch, model, info):
+        """theta_k, with the list of the files it was trained on beside it (so "trained on exactly D_k" is
+        checkable after the fact)."""
+        if is_main():
+            path = student_path(self.out_dir, k, None if arch == main_arch else arch)
+            save_json(info, path[:-len(".pt")] + ".json")
+            save_torch(model.state_dict(), path)
+        barrier()
+
+    def finish_stage(self, k):
+        """A stage's picture, its log (summed from the records on disk) and last done.json, with the lines it prints."""
+        self.batch = min(all_gather(self.batch))  # the batch every rank could run
+        if is_main():
+            inc = self.increment(k)
+            remedy = "delete it and rerun the same command: its image is sampled again in the same batch and checked"
+            summary = summarise_records([load_json(p, what="image record", remedy=remedy) for p in inc.record_files()],
+                                        self.batch)
+            self.grid(inc.images, inc.indices, os.path.join(stage_dir(self.out_dir, k), "grid.png"),
+                      f"stage {k}: images {inc.indices[0]}..{inc.indices[-1]} ({'guided' if k else 'seed'}); rows = "
+                      f"classes", inc.indices if k else ())
+            if k:
+                expected = self.spec.num_classes * self.plan.stage_ipc
+                if summary["images_logged"] != expected:  # Batches leaves no guided image without its record
+                    raise UserError(f"stage {k}: {summary['images_logged']} of {expected} images have a record in "
+                                    f"{inc.records}; delete {stage_dir(self.out_dir, k)} and the later stages to "
+                                    f"sample them again")
+                save_json(summary, stage_log_path(self.out_dir, k))
+                print0(log_line(k, summary))
+            save_json(dict(stage=k, indices=[inc.indices[0], inc.indices[-1] + 1],
+                           sampler_batch=summary["sampler_batch"], nan_fallbacks=summary["nan_fallbacks"],
+                           grad_decoder_cosine=summary["grad_decoder_cosine"]), done_path(self.out_dir, k))
+            if summary["grad_decoder_cosine"] is not None:
+                print0(f"stage {k}: cheap gradient decoder vs exact, cosine {summary['grad_decoder_cosine']:.3f} "
+                       f"(first guided batch)")
+            if summary["nan_fallbacks"]:
+                print0(f"stage {k}: {summary['nan_fallbacks']} samples fell back to the unguided step (non-finite "
+                       f"gradient)")
+        self.stages_bar.update(1)
+        barrier()
+
+    def write_set(self, paths, labels):
+        """D_K -> distilled/<class>/<index>.png (atomic copies of the stages' images), the evaluator's input, laid out
+        exactly like a --method dit set."""
+        if self.stages_bar is not None:
+            self.stages_bar.close()
+        if is_main():
+            for k in range(self.plan.ipc // self.plan.stage_ipc):
+                check_stage_files(self.out_dir, self.spec, k, self.plan.stage_ipc, notice=False)  # still whole
+            for path, c in zip(paths, labels):
+                target = os.path.join(distilled_dir(self.out_dir), self.spec.class_names()[c], os.path.basename(path))
+                if not os.path.exists(target):
+                    copy_file(path, target)
+        barrier()
+
+    def save_igd_checkpoints(self, info):
+        """igd.json: which snapshots of IGD's surrogate guided the sampling, and by which rule."""
+        if is_main():
+            save_json(info, igd_path(self.out_dir))
+
+    # ------------------------------------------------------------------------- the set
+
+    def finish(self, method, guided=()):
+        """The set is complete: the sampler batch it used goes into args.json, its picture into grid.png."""
+        update_args(self.out_dir, sampler_batch_used=self.batch)
+        self.grid(distilled_dir(self.out_dir), range(self.plan.ipc), grid_path(self.out_dir),
+                  f"{method}: {self.plan.ipc} images per class (* = guided); rows = classes", guided)
+
+    def grid(self, folder, indices, path, title, guided=()):
+        """Grid PNG of a set folder: one row per class (at most 20), one column per image index (at most 20);
+        columns of guided images are marked with '*'."""
+        if not is_main():
+            return
+        classes = range(min(self.spec.num_classes, 20))
+        indices = list(indices)[:20]
+        images = torch.stack([load_image(image_path(folder, self.spec, c, i), self.spec.channels)
+                              for c in classes for i in indices])
+        save_grid(images, path, [self.spec.class_names()[c] for c in classes],
+                  [f"{i}*" if i in set(guided) else str(i) for i in indices], title)

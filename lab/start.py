@@ -1,0 +1,104 @@
+"""
+Starting a distill.py run safely: every input checked before the run folder is claimed, the folder claimed (its
+lock), the sampler batch settled, the preflight run or reused, the settings recorded, and the folder released
+whatever happens. distill.py calls start_run and does the work inside it; nothing here is the method.
+"""
+import contextlib
+import os
+import shlex
+
+from data import class_table, resolve_data_dir
+from lab.checks import RESULT_ARGS
+from lab.common import UserError, all_gather, all_reduce_sum, barrier, is_main, print0
+from lab.folder import (changed_settings, check_classes, check_run_folder, claim_run_folder, preflight_path,
+                        record_args, seed_set_files, write_classes)
+from lab.preflight import eta_line, load_passing, report, run_preflight
+from train_student import reference_model
+
+
+@contextlib.contextmanager
+def start_run(args, spec, device, argv, world, batch_given, load_prior, configs):
+    """`with start_run(...) as (prior, passed):` the run folder is this run's inside the block (rank 0 holds its lock).
+
+    load_prior(args, spec, device) -> the run's prior; configs: (guidance, IGD guidance, sampler) for the preflight.
+    Yields the prior when it was loaded already (a given one is loaded before the claim: loading it is its check)
+    and the passing preflight (None without one).
+    """
+    record = dict(vars(args), data_dir=resolve_data_dir(spec, args.data_dir, fetch=False),
+                  out_dir=os.path.abspath(args.out_dir), world_size=world,
+                  student_world=world if (args.method == "lgd" and args.student_ddp) else 1)
+    # every input is checked before the folder is claimed, so a refused start leaves the folder as it was: the
+    # folder and the settings of a run already in it (read only), a given prior (loading it is the check), the seed
+    # set, the reference model, the data (downloaded now if it must be). The digits prior is built after the claim.
+    check_run_folder(args.out_dir)
+    earlier = changed_settings(args.out_dir, record, {k: v for k, v in RESULT_ARGS.items() if k != "batch_size"})
+    # the sampler batch: the user's, else the run's own (a resume, or a preflight of a run that exists), else a
+    # passing preflight's of these settings, else the preset's
+    args.preflight_settings = {key: record[key] for key in RESULT_ARGS if key != "batch_size"}
+    passed = load_passing(args.out_dir, args.preflight_settings)
+    if not batch_given and earlier:
+        args.batch_size = earlier.get("batch_size", args.batch_size)
+    elif not batch_given and passed is not None:
+        args.batch_size = passed["sampler_batch"]
+    args.batch_fixed = batch_given or bool(earlier)  # the preflight checks this batch instead of searching one
+    record["batch_size"] = args.batch_size
+    changed_settings(args.out_dir, record, RESULT_ARGS)
+    check_classes(args.out_dir, class_table(spec), resume=True)
+    prior = load_prior(args, spec, device) if args.prior is not None else None
+    check_inputs(args, spec, device)
+    if is_main():  # ImageNette / ImageWoof without --data-dir: fetched (once, shared) before the folder is claimed
+        resolve_data_dir(spec, args.data_dir)
+    barrier()
+    record["command"] = shlex.join(["python", "distill.py", *argv])  # what finishes this run (evaluate/export say it)
+    release = claim(args.out_dir)
+    try:
+        wanted = args.preflight if args.preflight is not None else args.dataset != "digits"
+        if wanted and passed is None:  # before args.json: a failed one leaves no settings to resume or refuse
+            prior = prior or load_prior(args, spec, device)
+            passed = preflight(args, spec, prior, device, configs)
+            if not args.batch_fixed:
+                args.batch_size = record["batch_size"] = passed["sampler_batch"]
+        elif passed is not None:  # its checks stand for this run
+            print0(f"preflight: passed earlier ({preflight_path(args.out_dir)}), reused: {eta_line(passed)}")
+        if passed is not None and args.batch_size != passed["sampler_batch"]:
+            print0(f"sampler batch {args.batch_size} ({'--batch-size' if batch_given else 'the run in ' + args.out_dir}"
+                   f"), not the preflight's {passed['sampler_batch']}")
+        if is_main():
+            record_args(args.out_dir, record, RESULT_ARGS)
+            write_classes(args.out_dir, class_table(spec))  # what class c is, for every reader of the folder
+        barrier()  # important! no rank writes before rank 0 has tidied the folder and checked the settings
+        yield prior, passed
+    finally:
+        release()
+
+
+def preflight(args, spec, prior, device, configs):
+    """The preflight (lab/preflight.py) on every rank; the batch every rank fits, one report, one verdict for all."""
+    result, images = run_preflight(args, spec, prior, device, resolve_data_dir(spec, args.data_dir), *configs)
+    result["sampler_batch"] = min(all_gather(result["sampler_batch"]))
+    failures = [f for f in all_gather(result["failure"]) if f is not None]
+    report(result, images, spec, args.out_dir)
+    if failures:  # every rank stops with the same line
+        raise UserError(f"preflight: {failures[0]}")
+    return result
+
+
+def check_inputs(args, spec, device):
+    """The user's files, read before anything is written: every seed-set image the run will take, the reference."""
+    if args.method == "lgd" and args.seed_set not in ("dit", "igd"):
+        seed_set_files(args.seed_set, spec, args.stage_ipc)
+    if args.reference is not None:
+        reference_model(spec, args.arch, None, device, path=args.reference)
+
+
+def claim(out_dir):
+    """Rank 0 claims the run folder (lab.folder.claim_run_folder); every rank learns whether it may go on."""
+    release, error = (lambda: None), None
+    if is_main():
+        try:
+            release = claim_run_folder(out_dir)
+        except (UserError, OSError) as e:
+            error = e
+    if all_reduce_sum(int(error is not None)):  # all ranks stop together instead of waiting at a barrier
+        raise error if error is not None else UserError(f"rank 0 could not claim {out_dir}")
+    return release
