@@ -34,12 +34,21 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from lab.common import (ArgumentParser, UserError, check_writable, get_device, load_json, require, run_cli,
-                        save_json, seconds_per_call)
 from data import Augment, ImageSet, get_spec, load_real, sample_real_ipc
 from guidance import GuidanceConfig, Influence, Learnability, SamplerConfig, cfg_output, guided_output
+from lab.common import (
+    ArgumentParser,
+    UserError,
+    check_writable,
+    get_device,
+    load_json,
+    require,
+    run_cli,
+    save_json,
+    seconds_per_call,
+)
 from model import DIGITS_PRIOR, Prior, make_scheduler, make_student
-from train_student import recipe_spec, reference_spec, train_student
+from train_student import recipe_view, reference_view, train_student
 
 XL_DIT = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
               sample_size=32, patch_size=2, num_embeds_ada_norm=1000)  # DiT-XL/2 256
@@ -52,7 +61,8 @@ def build(size, device):
     """(prior, spec) with random weights at the requested size; XL carries TAESD as its gradient decoder."""
     scheduler_config = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").config
     if size == "tiny":
-        prior = Prior(DiTTransformer2DModel(**DIGITS_PRIOR).to(device), make_scheduler(scheduler_config, "ddpm", True, False))
+        prior = Prior(DiTTransformer2DModel(**DIGITS_PRIOR).to(device),
+                      make_scheduler(scheduler_config, "ddpm", True, False))
         return prior, get_spec("digits")
     prior = Prior(DiTTransformer2DModel(**XL_DIT).to(device), make_scheduler(scheduler_config, "ddpm", False, True),
                   AutoencoderKL(**SD_VAE).to(device), AutoencoderTiny().to(device))  # AutoencoderTiny() = TAESD's shape
@@ -124,7 +134,7 @@ def bench_sampler(args, device, batch):
     if args.grad_checkpoint:
         prior.enable_gradient_checkpointing()
     spec.image_size = prior.image_size
-    view, ref_view = recipe_spec(spec, "minimax"), reference_spec(spec)
+    view, ref_view = recipe_view(spec, "minimax"), reference_view(spec)
     student, reference = make_student("convnet", view).to(device), make_student("convnet", ref_view).to(device)
     score = Learnability(student, view, reference, ref_view, 0.5)
     influence_nets = [make_student("convnet", ref_view).to(device) for _ in range(4)]
@@ -182,7 +192,7 @@ def bench_students(device):
     start = time.perf_counter()
     train_student(make_student("convnet", digits, seed=0), data, digits, "minimax", 20, device=device)
     out["digits IPC 50 (500 images, 8 px, ConvNet), img/s"] = 500 * 20 / (time.perf_counter() - start)
-    woof = recipe_spec(get_spec("imagewoof"), "minimax")
+    woof = recipe_view(get_spec("imagewoof"), "minimax")
     g = torch.Generator().manual_seed(0)
     images = ImageSet([torch.rand(3, 256, 256, generator=g) for _ in range(100)], [i % 10 for i in range(100)])
     start = time.perf_counter()

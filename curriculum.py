@@ -92,6 +92,7 @@ def run_stages(run, prior, plan, sampler, guide, students, reference, teacher=No
 
     run: the run folder (lab.run.Run; a rerun resumes where the last start stopped). reference: [(theta*, its view)]
     (one member: the paper's). teacher: the soft-label teacher of a rded recipe. igd: IGDSeed when T_1 is IGD's.
+    Resume, out-of-memory retries, the per-image records and the stage logs live in lab/run.py, behind `run`.
     """
     if plan.ipc % plan.stage_ipc:
         raise UserError(f"--ipc {plan.ipc} is not a multiple of --stage-ipc {plan.stage_ipc}")
@@ -103,7 +104,8 @@ def run_stages(run, prior, plan, sampler, guide, students, reference, teacher=No
         if k == 0:
             seed_increment(run, prior, plan, sampler, igd)
         else:
-            thetas = [stage_student(run, k, plan, students, arch, teacher) for arch in (students.arch, *students.others)]
+            archs = (students.arch, *students.others)
+            thetas = [stage_student(run, k, plan, students, arch, teacher) for arch in archs]
             # S(x, y) = CE(theta_k(x), y) - omega CE(theta*(x), y): high = not learned yet, still valid
             score = Learnability(thetas, students.view, [m for m, _ in reference], [v for _, v in reference],
                                  guide.omega, guide.views, stage_views(students, reference, plan.seed, k, guide.views))

@@ -261,7 +261,8 @@ def resolve_data_dir(spec, data_dir, download_root="out/data", fetch=True):
         return None
     if data_dir is None:
         if spec.name == "imagenet":
-            raise UserError("imagenet needs --data-dir pointing at ILSVRC-2012 as train/<wnid>/*.JPEG, val/<wnid>/*.JPEG")
+            raise UserError("imagenet needs --data-dir pointing at ILSVRC-2012 as train/<wnid>/*.JPEG, "
+                            "val/<wnid>/*.JPEG")
         if not fetch:
             return download_target(spec, download_root)
         data_dir = download(spec, download_root)
@@ -326,22 +327,22 @@ def resize_crop(x, size, crop_ratio=1.0):
     return x[0] if single else x
 
 
-def normalise(x, spec):
-    mean = torch.tensor(spec.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+def normalise(x, view):
+    mean = torch.tensor(view.mean, device=x.device, dtype=x.dtype).reshape(1, -1, 1, 1)
+    std = torch.tensor(view.std, device=x.device, dtype=x.dtype).reshape(1, -1, 1, 1)
     return (x - mean) / std
 
 
-def classifier_input(x, spec):
-    """(N|-, C, H, W) images in [-1, 1] -> normalised classifier input at spec.res, differentiable.
+def classifier_input(x, view):
+    """(N|-, C, H, W) images in [-1, 1] -> normalised classifier input at view.res, differentiable.
 
     The test transform (resize, centre crop, normalise) written as one differentiable function: it is
     both what evaluation measures and the view of x0_hat that guidance (guidance.py) differentiates
     through, so guidance optimises what evaluation measures.
     """
     single = x.ndim == 3
-    x = resize_crop((x[None] if single else x) * 0.5 + 0.5, spec.res, spec.crop_ratio)  # [-1,1] -> [0,1]
-    x = normalise(x, spec)
+    x = resize_crop((x[None] if single else x) * 0.5 + 0.5, view.res, view.crop_ratio)  # [-1,1] -> [0,1]
+    x = normalise(x, view)
     return x[0] if single else x
 
 
@@ -357,13 +358,13 @@ def _grey(image):
     return 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]
 
 
-def storage_size(spec, pre_crop):
+def storage_size(view, pre_crop):
     """Side of the uint8 images a student trains from: the recipe's deterministic first step, done once.
 
     pre_crop (Minimax `transform_imagenet(size)`: Resize(res) + CenterCrop(res) before the random crop)
     -> res; otherwise (RDED: the random crop sees the whole image) -> res / crop_ratio (256 at 224).
     """
-    return spec.res if pre_crop else round(spec.res / spec.crop_ratio)
+    return view.res if pre_crop else round(view.res / view.crop_ratio)
 
 
 class Augment:
@@ -379,15 +380,15 @@ class Augment:
     then normalise with the view's statistics. Input: uint8 (N, C, S, S); output float (N, C, res, res).
     """
 
-    def __init__(self, spec, kind, generator):
-        self.spec, self.kind, self.g = spec, kind, generator
+    def __init__(self, view, kind, generator):
+        self.view, self.kind, self.g = view, kind, generator
 
     def uniform(self, n, low, high):
         return torch.rand(n, generator=self.g) * (high - low) + low
 
     def __call__(self, x):
         """uint8 (N, C, S, S) -> the augmented, normalised training batch (N, C, res, res)."""
-        return normalise(self.views(x.float() / 255), self.spec)
+        return normalise(self.views(x.float() / 255), self.view)
 
     def views(self, x):
         """Float images in [0, 1] -> random views of them in [0, 1] at res; differentiable, so guidance can average
@@ -426,7 +427,7 @@ class Augment:
             else:  # fallback: whole image at the nearest allowed aspect (as torchvision)
                 ch, cw = h, w
                 top = left = 0
-            out.append(TF.resized_crop(x[i], top, left, ch, cw, [self.spec.res] * 2, antialias=True))
+            out.append(TF.resized_crop(x[i], top, left, ch, cw, [self.view.res] * 2, antialias=True))
         return torch.stack(out)
 
     def color_jitter(self, x, strength):

@@ -44,7 +44,7 @@ from lab.run import Run
 from lab.start import check_inputs, start_run
 from model import ARCHS, DEFAULT_PRIOR, load_prior
 from train_prior import digits_prior
-from train_student import RECIPES, recipe_spec, reference_models, soft_label_teacher
+from train_student import RECIPES, recipe_view, reference_models, soft_label_teacher
 
 PAPER = asdict(GuidanceConfig())  # the paper's constants: one home (guidance.GuidanceConfig)
 
@@ -82,7 +82,8 @@ def get_parser():
     p.add_argument("--data-dir", default=None, help="ImageFolder root with train/<wnid>/ and val/<wnid>/")
     p.add_argument("--res", type=int, default=None, help="classifier resolution (default: the dataset's, 224)")
     # the prior and its sampler
-    p.add_argument("--prior", default=None, help=f"hub id or local diffusers dir (default {DEFAULT_PRIOR}; digits: cached)")
+    p.add_argument("--prior", default=None,
+                   help=f"hub id or local diffusers dir (default {DEFAULT_PRIOR}; digits: cached)")
     p.add_argument("--vae", default="auto", help="'auto', 'none' (pixel space), or a hub id / dir of an AutoencoderKL")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ancestral DDPM (field default) or DDIM")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (respaced)")
@@ -118,7 +119,8 @@ def get_parser():
                         "from; default); eps: the paper's printed eps~")
     p.add_argument("--grad-through-dit", dest="through_dit", action=argparse.BooleanOptionalAction, default=None,
                    help="g through the DiT (IGD) or from z0_hat with eps held fixed (cheaper)")
-    p.add_argument("--memory-cap", type=int, default=None, help=f"|M_c|: latents kept per class ({PAPER['memory_cap']})")
+    p.add_argument("--memory-cap", type=int, default=None,
+                   help=f"|M_c|: latents kept per class ({PAPER['memory_cap']})")
     p.add_argument("--guidance-views", dest="views", type=int, default=None,
                    help="K: S averaged over K random views of x0_hat from each classifier's training augmentation "
                         "(1 = the image, the paper's S; not the paper's when > 1)")
@@ -204,7 +206,8 @@ def guidance_config(args):
 
 def igd_config(args):
     return igd_guidance(deviation=args.igd_deviation, scale=args.igd_scale, guide_from=args.igd_from,
-                        guide_until=args.igd_until, c0=args.c0, through_dit=args.through_dit, memory_cap=args.memory_cap)
+                        guide_until=args.igd_until, c0=args.c0, through_dit=args.through_dit,
+                        memory_cap=args.memory_cap)
 
 
 def sampler_config(args):
@@ -252,7 +255,7 @@ def distill(args, spec, device, rank, world, prior=None):
     run = Run(out, spec, plan, rank, world)
     igd = IGDSeed(igd_config(args), data_dir, args.grad_ipc, args.igd_checkpoints, args.igd_threshold,
                   args.reference_epochs, args.num_workers) if uses_igd(args.method, args.seed_set) else None
-    student_view = recipe_spec(spec, args.recipe)
+    student_view = recipe_view(spec, args.recipe)
     if args.method == "dit":
         generate_increment(run, run.one_pass(latents=False), prior, plan, sampler, desc="dit sampling")
     elif args.method == "igd":

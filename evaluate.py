@@ -34,17 +34,49 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lab.common import (SALT_EVAL_INIT, SALT_EVAL_TRAIN, SALT_REDUNDANCY_INIT, SALT_REDUNDANCY_TRAIN, ArgumentParser,
-                    UserError, atomic_write, check_writable, get_device, git_commit, load_json, print0, require,
-                    run_cli, save_json, stream_seed)
 from data import ImageSet, class_table, get_spec, load_real, resolve_data_dir, sample_real_ipc
+from lab.common import (
+    SALT_EVAL_INIT,
+    SALT_EVAL_TRAIN,
+    SALT_REDUNDANCY_INIT,
+    SALT_REDUNDANCY_TRAIN,
+    ArgumentParser,
+    UserError,
+    atomic_write,
+    check_writable,
+    get_device,
+    git_commit,
+    load_json,
+    print0,
+    require,
+    run_cli,
+    save_json,
+    stream_seed,
+)
 from lab.export import LAYOUTS, class_folder, export_set
+from lab.folder import (
+    check_classes,
+    check_not_busy,
+    cross_eval_paths,
+    default_real_dir,
+    distilled_folder,
+    eval_path,
+    heatmap_path,
+    redundancy_path,
+    run_info,
+    set_files,
+    validity_path,
+)
 from model import ARCHS, make_student
-from lab.folder import (check_classes, check_not_busy, cross_eval_paths, default_real_dir, distilled_folder, eval_path,
-                        heatmap_path, redundancy_path, run_info, set_files, validity_path)
-from train_student import (RECIPES, accuracy, epochs_for_ipc, recipe_spec, reference_model, soft_label_teacher,
-                           train_student)
-
+from train_student import (
+    RECIPES,
+    accuracy,
+    epochs_for_ipc,
+    recipe_view,
+    reference_model,
+    soft_label_teacher,
+    train_student,
+)
 
 # ----------------------------------------------------------------------------- accuracy
 
@@ -52,7 +84,7 @@ def evaluate_set(train_set, test_set, view, arch="convnet", runs=3, recipe="mini
                  device="cpu", ipc=None, num_workers=0, teacher=None):
     """Train `runs` seeded students on train_set, test on test_set -> dict of final and best accuracies.
 
-    view: the recipe's view of the dataset (train_student.recipe_spec).
+    view: the recipe's view of the dataset (train_student.recipe_view).
     """
     ipc = len(train_set) // view.num_classes if ipc is None else ipc
     epochs = epochs_for_ipc(ipc, recipe, view.name) if epochs is None else epochs
@@ -82,7 +114,7 @@ def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epo
     check_writable(os.path.dirname(os.path.abspath(out)))  # before the training, not after it
     paths, labels, spec.image_size = set_files(run_dir, spec)  # the run's set, complete, and nothing else
     train_set = ImageSet(paths, labels, channels=spec.channels)
-    view = recipe_spec(spec, recipe)
+    view = recipe_view(spec, recipe)
     test_set = load_real(spec, data_dir, "test")
     counts = train_set.counts(spec.num_classes)  # every class has >= 1 image (set_files refuses empty ones)
     if len(set(counts)) > 1:
@@ -124,11 +156,11 @@ def increments_of(run_dir, spec, stage_ipc):
             for k in range(ipc // stage_ipc)]
 
 
-def redundancy_matrix(increments, spec, arch="convnet", recipe="minimax", epochs=None, seed=0, device="cpu",
+def redundancy_matrix(increments, view, arch="convnet", recipe="minimax", epochs=None, seed=0, device="cpu",
                       train=None, teacher=None):
     """R[a, b] = accuracy on T_b of a model trained on T_a; returns (K x K list, off-diagonal mean).
 
-    spec: the recipe's view. train(increment, a) -> model can replace the student training (tests use it).
+    view: the recipe's view. train(increment, a) -> model can replace the student training (tests use it).
     """
     k = len(increments)
     matrix = np.zeros((k, k))
@@ -136,14 +168,14 @@ def redundancy_matrix(increments, spec, arch="convnet", recipe="minimax", epochs
         if train is not None:
             model = train(increments[a], a)
         else:
-            ipc = len(increments[a]) // spec.num_classes
-            student = make_student(arch, spec, seed=stream_seed(seed, SALT_REDUNDANCY_INIT, a))
-            model = train_student(student, increments[a], spec, recipe,
-                                  epochs_for_ipc(ipc, recipe, spec.name) if epochs is None else epochs,
+            ipc = len(increments[a]) // view.num_classes
+            student = make_student(arch, view, seed=stream_seed(seed, SALT_REDUNDANCY_INIT, a))
+            model = train_student(student, increments[a], view, recipe,
+                                  epochs_for_ipc(ipc, recipe, view.name) if epochs is None else epochs,
                                   seed=stream_seed(seed, SALT_REDUNDANCY_TRAIN, a), device=device,
                                   desc=f"redundancy: train on T_{a + 1}", teacher=teacher)
         for b in range(k):  # T_b's images with their labels, seen through the test view
-            matrix[a, b] = accuracy(model, increments[b], spec, device)
+            matrix[a, b] = accuracy(model, increments[b], view, device)
     # the diagonal is training accuracy (a model on its own images): only a != b measures overlap
     return matrix.tolist(), float(matrix[~np.eye(k, dtype=bool)].mean())
 
@@ -167,16 +199,16 @@ def save_heatmap(matrix, path, title):
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def redundancy_report(increments, spec, out_dir, label, **kwargs):
+def redundancy_report(increments, view, out_dir, label, **kwargs):
     """Compute the matrix, print it, then write redundancy.json and redundancy.png in out_dir."""
     if len(increments) < 2:
         raise UserError(f"redundancy needs at least 2 increments to compare, {label} has {len(increments)} "
                         f"(pass a smaller --stage-ipc)")
     check_writable(out_dir)  # before the K trainings, not after them
-    stage_ipc = len(increments[0]) // spec.num_classes
+    stage_ipc = len(increments[0]) // view.num_classes
     cut = f"{len(increments)} increments of {stage_ipc} images per class, in generation (index) order"
     print0(f"redundancy of {label}: {cut}")
-    matrix, off = redundancy_matrix(increments, spec, **kwargs)
+    matrix, off = redundancy_matrix(increments, view, **kwargs)
     result = dict(label=label, increments=len(increments), stage_ipc=stage_ipc, cut=cut,
                   arch=kwargs.get("arch", "convnet"), matrix=matrix, off_diagonal_mean=off,
                   diagonal_mean=float(np.mean(np.diag(matrix))))
@@ -230,8 +262,8 @@ def compare(run_dirs, markdown_path):
             row.append("-" if cross is None else
                        f"{100 * cross['acc_mean']:.1f} +- {100 * cross['acc_std']:.1f} (n={cross['runs']})")
         valid = load_json(validity_path(run_dir))["validity"] if os.path.exists(validity_path(run_dir)) else None
-        row += ["-" if red is None else f"{100 * red['off_diagonal_mean']:.1f} ({red['increments']}x{red['stage_ipc']})",
-                "-" if valid is None else f"{100 * valid:.1f}", run_dir]
+        cut = "-" if red is None else f"{100 * red['off_diagonal_mean']:.1f} ({red['increments']}x{red['stage_ipc']})"
+        row += [cut, "-" if valid is None else f"{100 * valid:.1f}", run_dir]
         rows.append(row)
     # final and best-seen side by side: the honest number next to the one peers report
     header = (["method", "IPC", "arch", "acc % (final)", "acc % (best seen)"] +
@@ -251,7 +283,8 @@ def compare(run_dirs, markdown_path):
 
 def main(argv=None):
     p = ArgumentParser(prog="evaluate.py", description="Evaluate distilled sets: accuracy, redundancy, comparison.")
-    p.add_argument("--dataset", default=None, help="digits | imagenette | imagewoof | imagenet (default: from args.json)")
+    p.add_argument("--dataset", default=None,
+                   help="digits | imagenette | imagewoof | imagenet (default: from args.json)")
     p.add_argument("--data-dir", default=None, help="ImageFolder root with train/ and val/ (default: from args.json)")
     p.add_argument("--distilled", default=None, help="a distill.py run folder or a bare <class>/*.png folder")
     p.add_argument("--real-ipc", type=int, default=None, help="baseline: K random real images per class")
@@ -266,7 +299,8 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=None, help="--layout ddranking: side of images.pt (default: "
                    "DD-Ranking's im_size, 128 ImageNette/ImageWoof, 224 ImageNet-1K)")
     p.add_argument("--markdown", default="out/compare.md", help="where --compare writes its Markdown table")
-    p.add_argument("--arch", default=None, choices=ARCHS, help="student architecture (default: the run's, else convnet)")
+    p.add_argument("--arch", default=None, choices=ARCHS,
+                   help="student architecture (default: the run's, else convnet)")
     p.add_argument("--runs", type=int, default=3, help="seeded students")
     p.add_argument("--recipe", default=None, choices=list(RECIPES), help="training recipe (default: the run's)")
     p.add_argument("--epochs", type=int, default=None, help="default: by IPC (Minimax protocol)")
@@ -325,7 +359,7 @@ def main(argv=None):
     if args.validity is not None:
         validity_report(run_dir, spec, data_dir, device, args.num_workers, args.arch)
         return
-    view = recipe_spec(spec, recipe)
+    view = recipe_view(spec, recipe)
     teacher = soft_label_teacher(view, recipe, data_dir, device, num_workers=args.num_workers)
     kwargs = dict(arch=arch, recipe=recipe, epochs=args.epochs, seed=args.seed, device=device, teacher=teacher)
 

@@ -254,11 +254,11 @@ def cfg_output(prior, z, t, labels, sampler):
     if sampler.cfg_scale == 1:
         return prior.dit(z, timestep, labels)
     null = torch.full_like(labels, prior.null_label)
-    out = prior.dit(torch.cat([z, z]), timestep, torch.cat([labels, null]))  # one pass for both branches
-    cond, uncond = out.chunk(2)
+    out = prior.dit(torch.cat([z, z]), timestep, torch.cat([labels, null]))  # (2N, C or 2C, h, w): one pass, both
+    cond, uncond = out.chunk(2)                                                 # (N, C or 2C, h, w) each
     guided = 3 if sampler.three_channels else c  # latent channels that get CFG
-    eps = uncond[:, :guided] + sampler.cfg_scale * (cond[:, :guided] - uncond[:, :guided])
-    return torch.cat([eps, cond[:, guided:]], dim=1)
+    eps = uncond[:, :guided] + sampler.cfg_scale * (cond[:, :guided] - uncond[:, :guided])  # (N, guided, h, w)
+    return torch.cat([eps, cond[:, guided:]], dim=1)  # (N, C or 2C, h, w): CFG eps, then cond's learned variance
 
 
 def score_gradient(prior, z, t, labels, classes, sampler, score, through_dit, decode):
@@ -272,8 +272,8 @@ def score_gradient(prior, z, t, labels, classes, sampler, score, through_dit, de
         else:  # eps held fixed: dz0_hat/dz_t = 1/sqrt(abar_t); no backward through the DiT
             with torch.no_grad():
                 out = cfg_output(prior, z, t, labels, sampler)
-        eps = out[:, :c]
-        z0_hat = (z_in - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()  # Ho et al. Eq. 15
+        eps = out[:, :c]  # (N, C, h, w): eps of DiT's (N, 2C, h, w) learned-variance output (all of it without one)
+        z0_hat = (z_in - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()  # Ho et al. Eq. 15, (N, C, h, w)
         with prior._autocast():  # the classifiers in bf16 too when --precision bf16
             s = score(decode(z0_hat.to(z.dtype)).float(), classes)
         grad = torch.autograd.grad(s.float().sum(), z_in)[0].float()  # samples independent: sum = per-sample grads
@@ -294,7 +294,7 @@ def guided_output(prior, z, t, labels, classes, sampler, score, guide, check=Non
     if check is not None and prior.grad_vae is not None:
         exact = score_gradient(prior, z, t, labels, classes, sampler, score, guide.through_dit, prior.decode)[1]
         check.extend(F.cosine_similarity(grad.flatten(1), exact.flatten(1), dim=1).tolist())
-    eps_norm, grad_norm = eps.flatten(1).norm(dim=1), grad.flatten(1).norm(dim=1)
+    eps_norm, grad_norm = eps.flatten(1).norm(dim=1), grad.flatten(1).norm(dim=1)  # (N,) each: one per sample
     rho_t = guide.c0 * (1 - alpha_bar_t).sqrt() * eps_norm / grad_norm.clamp_min(1e-12)  # per sample (N,)
     push = guide.scale * rho_t.view(-1, 1, 1, 1) * grad
     finite = torch.isfinite(push).flatten(1).all(dim=1)
@@ -334,7 +334,7 @@ def sample(prior, labels, generators, sampler, score=None, classes=None, memorie
     """
     scheduler, device = prior.scheduler, prior.device
     scheduler.set_timesteps(sampler.steps)
-    shape = (len(labels), prior.channels, prior.latent_size, prior.latent_size)
+    shape = (len(labels), prior.channels, prior.latent_size, prior.latent_size)  # (N, C, h, w): 4x32x32 for DiT-XL/2
     z = randn_tensor(shape, generator=generators, device=device, dtype=prior.transformer.dtype)
     z = z * scheduler.init_noise_sigma
     labels = labels.to(device)
@@ -351,14 +351,14 @@ def sample(prior, labels, generators, sampler, score=None, classes=None, memorie
         else:
             out = cfg_output(prior, z, t, labels, sampler)
         if deterministic:
-            out = out[:, :prior.channels]  # DDIM uses eps only
+            out = out[:, :prior.channels]  # (N, C, h, w): DDIM uses eps only, not the learned variance
         if guided and guide.form == "eps":  # the printed form: eps~ = eps - lambda rho_t g (raises S)
             if log is not None:  # the step's change of z_{t-1}, measured with the same noise
                 states = [g.get_state() for g in generators]
                 plain = scheduler.step(out, t, z, generator=generators).prev_sample
                 for g, state in zip(generators, states):
                     g.set_state(state)
-            out = torch.cat([out[:, :prior.channels] - push, out[:, prior.channels:]], dim=1)
+            out = torch.cat([out[:, :prior.channels] - push, out[:, prior.channels:]], dim=1)  # eps~, then the variance
         z_prev = scheduler.step(out, t, z, generator=generators).prev_sample
         if guided and guide.form == "z":  # learnability guidance on z_{t-1} (IGD's place for it)
             plain = z_prev

@@ -47,16 +47,16 @@ class Prior:
 
     def __init__(self, transformer, scheduler, vae=None, grad_vae=None):
         self.transformer, self.scheduler, self.vae, self.grad_vae = transformer.eval(), scheduler, vae, grad_vae
-        cfg = transformer.config
-        self.channels, self.latent_size = cfg.in_channels, cfg.sample_size
-        self.null_label = cfg.num_embeds_ada_norm  # the CFG "no class" embedding index (1000 for ImageNet)
-        self.learned_variance = learns_variance(cfg)
+        config = transformer.config  # the DiT's architecture (not classifier-free guidance: that is cfg_*)
+        self.channels, self.latent_size = config.in_channels, config.sample_size
+        self.null_label = config.num_embeds_ada_norm  # the CFG "no class" embedding index (1000 for ImageNet)
+        self.learned_variance = learns_variance(config)
         if vae is not None:
             vae.eval()
             self.scaling_factor = vae.config.scaling_factor  # never a magic 0.18215
-            self.image_size = cfg.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+            self.image_size = config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
         else:
-            self.scaling_factor, self.image_size = 1.0, cfg.sample_size
+            self.scaling_factor, self.image_size = 1.0, config.sample_size
         for module in (transformer, vae, grad_vae):
             if module is not None:
                 module.eval().requires_grad_(False)  # important! guidance differentiates w.r.t. inputs only
@@ -144,7 +144,8 @@ def make_scheduler(config, sampler="ddpm", pixel_space=False, learned_variance=T
     common = dict(clip_sample=pixel_space, timestep_spacing="linspace")
     if sampler == "ddim":
         return DDIMScheduler.from_config(config, **common)
-    return DDPMScheduler.from_config(config, variance_type="learned_range" if learned_variance else "fixed_small", **common)
+    variance = "learned_range" if learned_variance else "fixed_small"
+    return DDPMScheduler.from_config(config, variance_type=variance, **common)
 
 
 def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float32, sampler="ddpm", steps=None,
@@ -168,8 +169,10 @@ def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float3
         transformer = DiTTransformer2DModel.from_pretrained(prior, subfolder="transformer", torch_dtype=dtype,
                                                             low_cpu_mem_usage=False)  # no accelerate needed
         if vae == "auto":
-            vae = DEFAULT_VAE if prior == DEFAULT_PRIOR else (os.path.join(prior, "vae") if local and os.path.isdir(os.path.join(prior, "vae")) else "none")
-        vae_model = None if vae == "none" else AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, low_cpu_mem_usage=False)
+            own = os.path.join(prior, "vae")  # a local prior's own decoder (the stand-ins, the latent tiers)
+            vae = DEFAULT_VAE if prior == DEFAULT_PRIOR else (own if local and os.path.isdir(own) else "none")
+        vae_model = None if vae == "none" else AutoencoderKL.from_pretrained(vae, torch_dtype=dtype,
+                                                                             low_cpu_mem_usage=False)
         if grad_decoder != "vae" and vae_model is None:
             raise UserError(f"--grad-decoder {grad_decoder} replaces a VAE decoder; prior {prior} is in pixel space")
         grad_vae = None if grad_decoder == "vae" else AutoencoderTiny.from_pretrained(
@@ -360,8 +363,8 @@ NETWORKS = {"convnet": ConvNet, "resnetap10": ResNetAP10, "resnet18": ResNet18, 
 ARCHS = tuple(NETWORKS)
 
 
-def make_student(arch, spec, seed=None):
-    """A freshly initialised classifier for a dataset spec (channels, classes, resolution spec.res).
+def make_student(arch, view, seed=None):
+    """A freshly initialised classifier for a dataset view (channels, classes, resolution view.res).
 
     seed: seeds the initialisation, so a student does not depend on what ran before in the process.
     """
@@ -369,4 +372,4 @@ def make_student(arch, spec, seed=None):
         raise UserError(f"unknown arch '{arch}' (choose from {', '.join(ARCHS)})")
     if seed is not None:
         torch.manual_seed(seed)
-    return NETWORKS[arch](spec.channels, spec.num_classes, spec.res)
+    return NETWORKS[arch](view.channels, view.num_classes, view.res)

@@ -19,10 +19,23 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 from tqdm import tqdm
 
-from lab.common import (ArgumentParser, barrier, check_writable, derive_seed, get_device, is_main, print0, remove_path,
-                    require, run_cli, save_grid, save_torch, temporary_path)
 from data import classifier_input, get_spec, load_digits_split
 from guidance import SamplerConfig, decode_images, sample
+from lab.common import (
+    ArgumentParser,
+    barrier,
+    check_writable,
+    derive_seed,
+    get_device,
+    is_main,
+    print0,
+    remove_path,
+    require,
+    run_cli,
+    save_grid,
+    save_torch,
+    temporary_path,
+)
 from lab.locks import cache_entry
 from model import DIGITS_PRIOR, DIGITS_SCHEDULE, load_prior
 from train_student import reference_model
@@ -104,7 +117,8 @@ def digits_prior(cache_dir="out/cache", steps=4000):
 
 def main(argv=None):
     """Train (or load) the digits prior and check it: the share of its unguided samples that theta* recognises."""
-    parser = ArgumentParser(prog="train_prior.py", description="Train/load the digits prior and measure its sample quality.")
+    parser = ArgumentParser(prog="train_prior.py",
+                            description="Train/load the digits prior and measure its sample quality.")
     parser.add_argument("--per-class", type=int, default=20, help="samples per class to classify")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (digits preset)")
     parser.add_argument("--out", default="out/digits_prior_check.png", help="where to write the sample grid")

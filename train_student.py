@@ -42,11 +42,32 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import (Augment, classifier_input, cutmix, get_spec, load_real, normalise, resolve_data_dir, resize_crop,
-                  sample_real_ipc, storage_size, with_view)
+from data import (
+    Augment,
+    classifier_input,
+    cutmix,
+    get_spec,
+    load_real,
+    normalise,
+    resize_crop,
+    resolve_data_dir,
+    sample_real_ipc,
+    storage_size,
+    with_view,
+)
 from guidance import Influence, select_checkpoints, weight_gradient
-from lab.common import (ArgumentParser, UserError, barrier, get_device, is_main, load_saved, print0, require, run_cli,
-                        save_torch)
+from lab.common import (
+    ArgumentParser,
+    UserError,
+    barrier,
+    get_device,
+    is_main,
+    load_saved,
+    print0,
+    require,
+    run_cli,
+    save_torch,
+)
 from lab.locks import cache_entry
 from model import ARCHS, make_student
 
@@ -77,14 +98,14 @@ def surrogate_recipe(spec):
 DIGITS_SURROGATE_EPOCHS = 30  # NOTE(deviation): 30 suffice on 8x8 digits (98% test accuracy)
 
 
-def recipe_spec(spec, recipe):
+def recipe_view(spec, recipe):
     """The view a recipe's students are trained and tested in (resolution, test crop)."""
     r = RECIPES[recipe]
     res = spec.image_size if r.get("res") == "generated" and spec.name != "digits" else spec.res
     return with_view(spec, res=res, crop_ratio=1.0 if spec.name == "digits" else r["test_crop_ratio"])
 
 
-def reference_spec(spec):
+def reference_view(spec):
     """theta*'s view (IGD's surrogate): the generated image as it is (256 px), mean = std = 0.5."""
     return with_view(spec, res=spec.image_size, crop_ratio=1.0, mean=(0.5,) * spec.channels, std=(0.5,) * spec.channels)
 
@@ -122,11 +143,11 @@ def make_optimizer(model, r, epochs):
     else:
         opt = torch.optim.AdamW(groups, lr=r["lr"], betas=(0.9, 0.999), eps=1e-8)
     if r["schedule"] == "multistep":  # x0.2 at epochs 2E/3 and 5E/6 (Minimax steps it once per epoch)
-        factor = lambda e: 0.2 ** ((e >= epochs * 2 // 3) + (e >= epochs * 5 // 6))  # noqa: E731
+        factor = lambda e: 0.2 ** ((e >= epochs * 2 // 3) + (e >= epochs * 5 // 6))
     elif r["schedule"] == "half_cosine":  # RDED: 0.5 (1 + cos(pi e / E / 2)), 1.0 -> ~0.5
-        factor = lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs / 2))  # noqa: E731
+        factor = lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs / 2))
     else:
-        factor = lambda e: 1.0  # noqa: E731
+        factor = lambda e: 1.0
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
@@ -181,27 +202,27 @@ def recipe_settings(recipe):
     return RECIPES[recipe] if isinstance(recipe, str) else recipe
 
 
-def recipe_augment(spec, r, generator):
-    """The recipe's training augmentation in view `spec` (digits: the 1-pixel shift), drawing from `generator`."""
-    return Augment(spec, "shift" if spec.name == "digits" else r["augment"], generator)
+def recipe_augment(view, r, generator):
+    """The recipe's training augmentation in `view` (digits: the 1-pixel shift), drawing from `generator`."""
+    return Augment(view, "shift" if view.name == "digits" else r["augment"], generator)
 
 
-def training_size(spec, r):
+def training_size(view, r):
     """Side of the images the recipe's augmentation starts from (its deterministic first resize, done once)."""
-    return spec.res if spec.name == "digits" else storage_size(spec, r["pre_crop"])
+    return view.res if view.name == "digits" else storage_size(view, r["pre_crop"])
 
 
-def view_augment(spec, recipe, generator):
-    """x in [0, 1] (any size) -> random views as a classifier trained with `recipe` in view `spec` saw its images:
-    the recipe's first resize, then its augmentation, unnormalised, at spec.res (guidance.Learnability's views)."""
+def view_augment(view, recipe, generator):
+    """x in [0, 1] (any size) -> random views as a classifier trained with `recipe` in `view` saw its images:
+    the recipe's first resize, then its augmentation, unnormalised, at view.res (guidance.Learnability's views)."""
     r = recipe_settings(recipe)
-    augment, size = recipe_augment(spec, r, generator), training_size(spec, r)
+    augment, size = recipe_augment(view, r, generator), training_size(view, r)
     return lambda x: augment.views(resize_crop(x, size))
 
 
-def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, device="cpu", teacher=None,
+def train_student(model, train_set, view, recipe="minimax", epochs=100, seed=0, device="cpu", teacher=None,
                   num_workers=0, desc="student", rank=0, world=1, on_eval=None, eval_points=100, on_epoch=None):
-    """Train `model` on `train_set` (an ImageSet of [0,1] images) seen through `spec`; return it in eval mode.
+    """Train `model` on `train_set` (an ImageSet of [0,1] images) seen through `view`; return it in eval mode.
 
     recipe: a name in RECIPES or a recipe dict (SURROGATE). teacher (rded): a fixed model whose softened
     predictions on the same crops are the targets. on_eval(model): called every epochs / eval_points epochs
@@ -216,10 +237,10 @@ def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, 
     device = torch.device(device)
     model = model.to(device).train()
     order_gen = torch.Generator().manual_seed(seed)  # the same permutation on every rank
-    augment = recipe_augment(spec, r, torch.Generator().manual_seed(seed * 1000 + rank))  # each rank its own crops
-    size = training_size(spec, r)
-    ipc = max(1, len(train_set) // spec.num_classes)
-    batch_size = batch_size_for(r, ipc, spec.num_classes, len(train_set))
+    augment = recipe_augment(view, r, torch.Generator().manual_seed(seed * 1000 + rank))  # each rank its own crops
+    size = training_size(view, r)
+    ipc = max(1, len(train_set) // view.num_classes)
+    batch_size = batch_size_for(r, ipc, view.num_classes, len(train_set))
     net = model
     if world > 1:  # DDP: every rank trains on its slice of each global batch; gradients are averaged
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -235,9 +256,9 @@ def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, 
             x, y = x[rank::world].to(device, non_blocking=True), y[rank::world].to(device, non_blocking=True)
             x = augment(x)  # uint8 -> augmented, normalised float on the device
             if r["cutmix"]:
-                x, target = cutmix(x, y, spec.num_classes, augment.g)
+                x, target = cutmix(x, y, view.num_classes, augment.g)
             else:
-                target = F.one_hot(y, spec.num_classes).float()
+                target = F.one_hot(y, view.num_classes).float()
             logits = net(x)
             if teacher is not None:  # soft labels: KL to the teacher's tempered softmax on the same crops
                 T = r["temperature"]
@@ -262,7 +283,7 @@ def train_student(model, train_set, spec, recipe="minimax", epochs=100, seed=0, 
 
 
 @torch.no_grad()
-def accuracy(model, test_set, spec, device="cpu", batch_size=256, num_workers=0):
+def accuracy(model, test_set, view, device="cpu", batch_size=256, num_workers=0):
     """Top-1 accuracy (a fraction in [0, 1]) with the test view (resize, centre crop, normalise).
 
     The test split is decoded once at the test view (uint8) and reused at every checkpoint.
@@ -270,18 +291,18 @@ def accuracy(model, test_set, spec, device="cpu", batch_size=256, num_workers=0)
     model.eval()
     device = torch.device(device)
     correct = 0
-    for x, y in batches(test_set, spec.res, torch.arange(len(test_set)), batch_size, num_workers, spec.crop_ratio):
-        x = normalise(x.to(device).float() / 255, spec)
+    for x, y in batches(test_set, view.res, torch.arange(len(test_set)), batch_size, num_workers, view.crop_ratio):
+        x = normalise(x.to(device).float() / 255, view)
         correct += int((model(x).argmax(dim=1).cpu() == y).sum())
     return correct / max(1, len(test_set))
 
 
 # ----------------------------------------------------------------------------- models trained on the real data
 
-def _cache_path(kind, spec, arch, data_dir, epochs, cache_dir):
+def _cache_path(kind, view, arch, data_dir, epochs, cache_dir):
     """One cache file per (dataset, arch, view, epochs, data tree): different trees never share an entry."""
-    key = f"{spec.name}_{arch}_res{spec.res}_e{epochs}"
-    details = repr((spec.mean, spec.std, spec.crop_ratio, os.path.abspath(data_dir) if data_dir else None))
+    key = f"{view.name}_{arch}_res{view.res}_e{epochs}"
+    details = repr((view.mean, view.std, view.crop_ratio, os.path.abspath(data_dir) if data_dir else None))
     return os.path.join(cache_dir, f"{kind}_{key}_{hashlib.sha1(details.encode()).hexdigest()[:8]}.pt")
 
 
@@ -300,7 +321,7 @@ def load_user_weights(model, path, fits, flag="--reference"):
     surrogates are. Every failure is one line about `flag`, never a hint to delete the user's file."""
     try:
         obj = torch.load(path, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 -- a text file, a truncated download: the user's file, not a cache
+    except Exception as e:  # a text file, a truncated download: the user's file, not a cache
         raise UserError(f"{flag} {path} is not a PyTorch weights file ({e.__class__.__name__}); give a state dict "
                         f"or an IGD / MTT replay buffer for {fits}") from None
     where = f"{flag} {path}"
@@ -373,22 +394,22 @@ def _layout_difference(state, model):
     return None
 
 
-def surrogate_trajectory(spec, arch, data_dir, device, epochs=None, cache_dir="out/cache", num_workers=0):
+def surrogate_trajectory(view, arch, data_dir, device, epochs=None, cache_dir="out/cache", num_workers=0):
     """IGD's surrogate trained on the full real train split, with its parameters at init and after every
-    epoch: a list of epochs + 1 state dicts (cached). spec: the surrogate's view (reference_spec).
+    epoch: a list of epochs + 1 state dicts (cached). view: the surrogate's view (reference_view).
 
     Trained by rank 0 alone (the others wait), so the cache does not depend on the number of ranks.
     """
-    path, epochs = surrogate_path(spec, arch, data_dir, epochs, cache_dir)
+    path, epochs = surrogate_path(view, arch, data_dir, epochs, cache_dir)
     if is_main():
         # one run trains it; another run started meanwhile waits for it and reuses it (run_folder.cache_entry)
-        with cache_entry(path, f"{arch} trained on the real {spec.name} data") as missing:
+        with cache_entry(path, f"{arch} trained on the real {view.name} data") as missing:
             if missing:
-                print0(f"training {arch} on the real {spec.name} train split for {epochs} epochs (theta*, cached in "
+                print0(f"training {arch} on the real {view.name} train split for {epochs} epochs (theta*, cached in "
                        f"{path})")
                 trajectory = []
-                model = make_student(arch, spec, seed=0)  # important! an init independent of what ran before
-                train_student(model, load_real(spec, data_dir, "train"), spec, surrogate_recipe(spec), epochs, seed=0,
+                model = make_student(arch, view, seed=0)  # important! an init independent of what ran before
+                train_student(model, load_real(view, data_dir, "train"), view, surrogate_recipe(view), epochs, seed=0,
                               device=device, desc=f"theta* {arch}", num_workers=num_workers,
                               on_epoch=lambda e, m: trajectory.append({k: v.detach().cpu().clone()
                                                                        for k, v in m.state_dict().items()}))
@@ -417,7 +438,7 @@ def pretrained_reference(spec, arch):
 def surrogate_cached(spec, arch, data_dir, epochs=None, cache_dir="out/cache"):
     """Whether theta* for this dataset / arch needs no training: cached already, or torchvision's pretrained one."""
     return pretrained_reference(spec, arch) or \
-        os.path.exists(surrogate_path(reference_spec(spec), arch, data_dir, epochs, cache_dir)[0])
+        os.path.exists(surrogate_path(reference_view(spec), arch, data_dir, epochs, cache_dir)[0])
 
 
 def pretrained_resnet18(device):
@@ -433,9 +454,9 @@ def reference_model(spec, arch, data_dir, device, epochs=None, cache_dir="out/ca
     that view (e.g. IGD's released surrogate). [choice] ImageNet-1K with resnet18_bn: torchvision's
     pretrained ResNet-18 (trained on the full real set already), at its own view (224, ImageNet statistics).
     """
-    view = reference_spec(spec)
+    view = reference_view(spec)
     if path is None and pretrained_reference(spec, arch):
-        return pretrained_resnet18(device), recipe_spec(spec, "rded")
+        return pretrained_resnet18(device), recipe_view(spec, "rded")
     model = make_student(arch, view, seed=0)
     if path is not None:
         load_user_weights(model, path, f"--arch {arch} at {view.res} px")
@@ -474,7 +495,7 @@ def influence_score(spec, data_dir, device, grad_ipc=200, checkpoints="auto", th
     theta* is the last snapshot of, cached), the chosen checkpoints (IGD's adaptive rule, DD_IGD
     `test_ckpts_grad_sim.py`, or a given list) and real-gradient targets over the first grad_ipc real images per
     class."""
-    arch, view = IGD_ARCH, reference_spec(spec)
+    arch, view = IGD_ARCH, reference_view(spec)
     trajectory = surrogate_trajectory(view, arch, data_dir, device, epochs, num_workers=num_workers)
     real = load_real(spec, data_dir, "train")
     members = [[i for i, y in enumerate(real.labels) if y == c][:grad_ipc] for c in range(spec.num_classes)]
@@ -522,7 +543,7 @@ def main():
     require(args.epochs is None or args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}")
     spec, device = get_spec(args.dataset), get_device()
     data_dir = resolve_data_dir(spec, args.data_dir)
-    view = recipe_spec(spec, args.recipe)
+    view = recipe_view(spec, args.recipe)
     train = sample_real_ipc(load_real(spec, data_dir, "train"), args.real_ipc, args.seed)
     teacher = soft_label_teacher(view, args.recipe, data_dir, device)
     epochs = epochs_for_ipc(args.real_ipc, args.recipe, args.dataset) if args.epochs is None else args.epochs

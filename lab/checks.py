@@ -62,7 +62,8 @@ def check_args(args, guide, igd_guide, uses_igd):
            f"--student-epochs must be at least 1, got {args.student_epochs}")
     require(args.reference_epochs is None or args.reference_epochs >= 1,
            f"--reference-epochs must be at least 1, got {args.reference_epochs}")
-    require(args.eval_epochs is None or args.eval_epochs >= 1, f"--eval-epochs must be at least 1, got {args.eval_epochs}")
+    require(args.eval_epochs is None or args.eval_epochs >= 1,
+            f"--eval-epochs must be at least 1, got {args.eval_epochs}")
     require(args.eval_runs >= 1, f"--eval-runs must be at least 1, got {args.eval_runs}")
     require(args.num_workers is None or args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
     require(args.preflight_classes is None or args.preflight_classes >= 2,

@@ -54,7 +54,7 @@ def run_cli(main):
     """
     try:
         main()
-    except Exception as e:  # noqa: BLE001 -- sorted below; anything else is a bug and keeps its traceback
+    except Exception as e:  # sorted below; anything else is a bug and keeps its traceback
         if os.environ.get("LGD_TRACEBACK"):
             raise
         if isinstance(e, UserError):
@@ -270,7 +270,7 @@ def atomic_write(path, write, verify=False):
     try:
         try:
             write(tmp)
-        except Exception as e:  # noqa: BLE001 -- sorted: out of room -> one line; anything else goes on as it is
+        except Exception as e:  # sorted: out of room -> one line; anything else goes on as it is
             if is_disk_full(e):
                 raise disk_full(path) from None
             raise
@@ -398,7 +398,7 @@ def load_saved(path, remedy):
     """A file a run saved with torch.save, or one line naming it as damaged and what to do (`remedy`)."""
     try:
         return torch.load(path, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 -- truncated / foreign file: one line, not the unpickler's traceback
+    except Exception as e:  # truncated / foreign file: one line, not the unpickler's traceback
         raise UserError(f"{path} is damaged ({e.__class__.__name__}); {remedy}") from None
 
 
@@ -406,7 +406,7 @@ def load_or_none(path, what):
     """A file a rerun can regenerate (a stage's student): its contents, or None (and a notice) if it is damaged."""
     try:
         return torch.load(path, map_location="cpu")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         print0(f"{what} {path} is damaged ({e.__class__.__name__}); regenerating it")
         return None
 

@@ -11,14 +11,14 @@ from curriculum import uses_igd
 from data import class_table
 from lab.folder import stage_summary
 from lab.preflight import eta_line, load_preflight
-from train_student import IGD_ARCH, RECIPES, recipe_spec, reference_spec, surrogate_cached, surrogate_epochs
+from train_student import IGD_ARCH, RECIPES, recipe_view, reference_view, surrogate_cached, surrogate_epochs
 
 
 def builds(args, spec, data_dir):
     """What the run trains besides sampling, each with whether it is cached already: only what its method uses (a
     DiT set needs no theta*, no IGD surrogate and no stage students)."""
     items = []
-    cached = lambda arch: "cached" if surrogate_cached(spec, arch, data_dir, args.reference_epochs) else "not cached"  # noqa
+    cached = lambda arch: "cached" if surrogate_cached(spec, arch, data_dir, args.reference_epochs) else "not cached"
     epochs = surrogate_epochs(spec.name, args.reference_epochs)
     if args.method == "lgd":
         if args.reference is not None:
@@ -42,8 +42,8 @@ def builds(args, spec, data_dir):
 
 def resolved_config(args, spec, guide, igd_guide, sampler):
     """--dry-run --json: every setting after presets, plus what they imply (views, transforms, schedule)."""
-    student = recipe_spec(spec, args.recipe)
-    reference = reference_spec(spec)
+    student = recipe_view(spec, args.recipe)
+    reference = reference_view(spec)
     r = RECIPES[args.recipe]
     view = lambda v: dict(res=v.res, test=f"Resize({round(v.res / v.crop_ratio)}) + CenterCrop({v.res})",
                           mean=list(v.mean), std=list(v.std))
@@ -87,7 +87,8 @@ def print_plan(args, spec, data_dir, guide, igd_guide, sampler):
         n = c * args.stage_ipc
         status = " [done, will be skipped]" if done.get(k) else ""
         if k == 0 and args.seed_set == "igd":
-            print(f"  stage 0: IGD's increment, {n} images x {args.steps} steps ({igd_window} influence-guided){status}")
+            print(f"  stage 0: IGD's increment, {n} images x {args.steps} steps ({igd_window} influence-guided)"
+                  f"{status}")
         elif k == 0:
             print(f"  stage 0: seed set ({args.seed_set}), {n} images x {args.steps} unguided steps{status}")
         else:

@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from data import list_image_folder, load_image, numeric_order
 from lab.common import TEMPORARY, UserError, git_commit, is_main, load_json, load_saved, print0, save_json
-from lab.locks import LOCK, Lock, holder_line, lock_owner, live_holder, remove_stale_temporaries
+from lab.locks import LOCK, Lock, holder_line, live_holder, lock_owner, remove_stale_temporaries
 
 ARGS = "args.json"      # the settings of the run; its presence marks an lgd run folder
 
@@ -185,7 +185,8 @@ def _describe(header):
 
 
 def set_files(run_dir, spec, quiet=False):
-    """(paths, labels, image side) of the set a run folder (or a bare ImageFolder) holds, as evaluate and export read it.
+    """(paths, labels, image side) of the set a run folder (or a bare ImageFolder) holds, as evaluate and export read
+    it.
 
     A run folder knows its set: `distilled/<class>/<index>.png` for index < --ipc (args.json). A missing image means
     the run has not finished: refused with the command that finishes it. An image of the plan that is not the run's
@@ -285,8 +286,8 @@ def claim_run_folder(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     lock = Lock(os.path.join(out_dir, LOCK))
     if not lock.acquire():
-        raise UserError(f"{out_dir} is in use by another run ({holder_line(lock_owner(lock.path))}); wait for it or use "
-                        f"another --out-dir")
+        raise UserError(f"{out_dir} is in use by another run ({holder_line(lock_owner(lock.path))}); wait for it "
+                        f"or use another --out-dir")
     remove_stale_temporaries(owned_folders(out_dir))  # ours now: a killed run's half-written files go
     return lock.release
 
@@ -352,7 +353,7 @@ def check_classes(folder, table, resume=False):
     written before classes.json existed numbered its classes by sorted wnid; resuming it is refused where the
     field's order differs (ImageWoof)."""
     path = classes_path(folder)
-    key = lambda rows: [(r["index"], r["wnid"], r["prior_label"]) for r in rows]  # noqa: E731
+    key = lambda rows: [(r["index"], r["wnid"], r["prior_label"]) for r in rows]
     if os.path.exists(path):
         saved = key(load_json(path, what="class table"))
         if saved != key(table):

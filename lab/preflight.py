@@ -40,17 +40,49 @@ import torch
 
 from curriculum import Students, stage_views, uses_igd
 from data import ImageSet, classifier_input, load_real, resize_crop
-from guidance import (Influence, Learnability, SamplerLog, cfg_output, decode_images, guided_output, sample,
-                      weight_gradient)
-from lab.common import (SALT_PREFLIGHT, UserError, derive_seed, is_main, load_json, png_image, print0, save_grid,
-                        save_json, seconds_per_call, stream_seed)
+from guidance import (
+    Influence,
+    Learnability,
+    SamplerLog,
+    cfg_output,
+    decode_images,
+    guided_output,
+    sample,
+    weight_gradient,
+)
+from lab.common import (
+    SALT_PREFLIGHT,
+    UserError,
+    derive_seed,
+    is_main,
+    load_json,
+    png_image,
+    print0,
+    save_grid,
+    save_json,
+    seconds_per_call,
+    stream_seed,
+)
 from lab.folder import preflight_path
 from lab.records import image_record
 from lab.run import sampler_batches
 from model import make_student
-from train_student import (IGD_ARCH, RECIPES, accuracy, batch_size_for, epochs_for_ipc, recipe_settings, recipe_spec,
-                           reference_models, reference_spec, soft_label_teacher, surrogate_cached, surrogate_epochs,
-                           surrogate_recipe, train_student)
+from train_student import (
+    IGD_ARCH,
+    RECIPES,
+    accuracy,
+    batch_size_for,
+    epochs_for_ipc,
+    recipe_settings,
+    recipe_view,
+    reference_models,
+    reference_view,
+    soft_label_teacher,
+    surrogate_cached,
+    surrogate_epochs,
+    surrogate_recipe,
+    train_student,
+)
 
 PASS_SHARE = 0.5        # theta* must recognise at least half of the unguided samples
 STUDENT_EPOCHS = 30     # "a few epochs" on one sample per class: enough to learn them, so S has a gradient to follow
@@ -69,7 +101,7 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
     n = min(spec.num_classes, args.preflight_classes or 20)
     classes = torch.arange(n)
     labels = torch.tensor([spec.prior_labels[c] for c in range(n)])
-    student_view = recipe_spec(spec, args.recipe)
+    student_view = recipe_view(spec, args.recipe)
     teacher = soft_label_teacher(student_view, args.recipe, data_dir, device, num_workers=args.num_workers)
     guided_run = args.method == "lgd" and args.ipc > args.stage_ipc
     kappa = guide.candidates if guided_run else 1
@@ -85,7 +117,7 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
                                    args.num_workers, args.reference)  # the run's theta* (and --reference-archs)
         reference, ref_view = members[0]
     measured["theta_star_s"] = time.time() - t
-    noise = lambda index: [torch.Generator().manual_seed(derive_seed(args.seed, c, index, 0))  # noqa: E731
+    noise = lambda index: [torch.Generator().manual_seed(derive_seed(args.seed, c, index, 0))
                            for c in range(n)]
     t = time.time()
     z_plain = _in_chunks(lambda rows: sample(prior, labels[rows], _pick(noise(0), rows), sampler), n, args.batch_size)
@@ -124,7 +156,7 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
     # unguided twins from the same noise, one candidate per image (before selection)
     x_guided, record_bytes = None, 0
     if guided_run:
-        guided_noise = lambda: [torch.Generator().manual_seed(derive_seed(args.seed, SALT_PREFLIGHT, 2, c))  # noqa
+        guided_noise = lambda: [torch.Generator().manual_seed(derive_seed(args.seed, SALT_PREFLIGHT, 2, c))
                                 for c in range(n)]
         memories = [z_plain[c].flatten()[None].float().cpu() for c in range(n)] if guide.deviation else None
         log = SamplerLog(check_gradient=False)
@@ -220,7 +252,7 @@ def pick_batch(prior, spec, sampler, guide, start, step, device, score=None, fix
     step runs out of memory, bisected between the last fit and the first failure, then HEADROOM of it.
     fixed: the batch is the user's --batch-size or the run's own (a run folder that exists): only checked."""
     cap = step * spec.num_classes
-    fits = lambda b: _fits(prior, spec, sampler, guide, b, device, score)  # noqa: E731
+    fits = lambda b: _fits(prior, spec, sampler, guide, b, device, score)
     b = max(step, min(start, cap) // step * step)
     if fixed:
         if not fits(b):
@@ -312,7 +344,7 @@ def step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, devic
     if score is not None:
         out["guided_step_s"] = {str(b): timed(guide, b, score) for b in sorted(set(guided_sizes))}
     if uses_igd(args.method, args.seed_set):  # IGD's step: a double backward per checkpoint (weights do not change
-        view = reference_spec(spec)           # its cost: random ones stand in)
+        view = reference_view(spec)           # its cost: random ones stand in)
         nets = [make_student(IGD_ARCH, view, seed=j).to(device) for j in range(4)]
         size = sum(p.numel() for p in nets[0].parameters())
         targets = {}
@@ -343,7 +375,7 @@ def training_times(args, spec, x_plain, device, data_dir, ref_cached, teacher):
     # change the cost), repeated by reference to four batches, so a per-batch time is measured on full batches
     uint8 = list((x_plain * 255).round().to(torch.uint8))
     n = len(uint8)
-    view = recipe_spec(spec, args.recipe)
+    view = recipe_view(spec, args.recipe)
     bs = batch_size_for(RECIPES[args.recipe], args.ipc, spec.num_classes, spec.num_classes * args.ipc)
     many = ImageSet([uint8[i % n] for i in range(max(n, 4 * bs))], [i % n for i in range(max(n, 4 * bs))])
     out = {}
@@ -358,7 +390,7 @@ def training_times(args, spec, x_plain, device, data_dir, ref_cached, teacher):
         out["test_pass_s"] = per_subset * len(test) / len(subset)  # one test pass, scaled from 512 images
     surrogate = IGD_ARCH if uses_igd(args.method, args.seed_set) else None
     if surrogate is not None and not (ref_cached and surrogate == args.arch):
-        ref_view = reference_spec(spec)
+        ref_view = reference_view(spec)
         real = ImageSet([uint8[i % n] for i in range(4 * 64)], [i % n for i in range(4 * 64)])
         out["surrogate_batch_s"], _ = _epoch_seconds(surrogate, ref_view, surrogate_recipe(spec), real,
                                                      spec.num_classes, device)
@@ -501,7 +533,8 @@ def table(result):
     if g["gain"] is not None:
         rows += [("guidance direction", f"S guided {g['s_guided']:.3f} vs twin {g['s_twin']:.3f}",
                   f"gain {g['gain']:+.3f}, need > 0", "ok" if g["gain"] > 0 else "FAIL"),
-                 ("non-finite fallbacks", str(g["nan_fallbacks"]), "need 0", "ok" if not g["nan_fallbacks"] else "FAIL"),
+                 ("non-finite fallbacks", str(g["nan_fallbacks"]), "need 0",
+                  "ok" if not g["nan_fallbacks"] else "FAIL"),
                  ("push per guided step", f"{np.mean(pushes):.4f} of ||z|| (mean)" if pushes else "-", "", "")]
     else:
         rows.append(("guidance direction", g["note"], "", "-"))

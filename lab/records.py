@@ -17,7 +17,8 @@ def image_record(n, report):
     numbers of the run, exactly."""
     kappa, parts, twin, log = report["kappa"], report["parts"], report["twin"], report["log"]
     rows = slice(n * kappa, (n + 1) * kappa)
-    record = dict(kept_candidate=int(report["best"][n]), candidates={name: value[n].tolist() for name, value in parts.items()},
+    record = dict(kept_candidate=int(report["best"][n]),
+                  candidates={name: value[n].tolist() for name, value in parts.items()},
                   twin=({name: value[n].item() for name, value in twin.items()} if twin is not None else {}),
                   guidance_per_step={str(i): v[rows] for i, v in log.guidance.items()},
                   deviation_per_step={str(i): v[rows] for i, v in log.deviation.items()},

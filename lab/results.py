@@ -27,13 +27,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lab.common import (SALT_STAGE_INIT, SALT_STAGE_TRAIN, ArgumentParser, UserError, derive_seed, git_commit,
-                        load_json, require, run_cli, save_json, stream_seed)
 from data import ImageSet, get_spec, load_image, load_real, sample_real_ipc
 from guidance import Learnability, SamplerConfig, decode_images, sample
+from lab.common import (
+    SALT_STAGE_INIT,
+    SALT_STAGE_TRAIN,
+    ArgumentParser,
+    UserError,
+    derive_seed,
+    git_commit,
+    load_json,
+    require,
+    run_cli,
+    save_json,
+    stream_seed,
+)
+from lab.folder import (
+    args_path,
+    distilled_dir,
+    eval_path,
+    image_path,
+    latent_path,
+    redundancy_path,
+    set_files,
+    stage_files,
+    stage_latents,
+    student_path,
+    validity_path,
+)
 from model import load_prior, make_student
-from lab.folder import (args_path, distilled_dir, eval_path, image_path, latent_path, redundancy_path, set_files,
-                        stage_files, stage_latents, student_path, validity_path)
 from train_prior import digits_prior
 from train_student import epochs_for_ipc, reference_model, train_student
 
@@ -164,8 +186,8 @@ def summary(name, flags, seeds):
         if os.path.exists(validity_path(out)):  # random real cells have no theta* validity
             valid.append(load_json(validity_path(out))["validity"])
     pct = lambda values: f"{100 * np.mean(values):.1f} +- {100 * np.std(values):.1f} (n={len(values)})" \
-        if values else "-"  # noqa: E731
-    per_seed = lambda values: (f"{100 * np.mean(values):.1f}" + (  # noqa: E731
+        if values else "-"
+    per_seed = lambda values: (f"{100 * np.mean(values):.1f}" + (
         f" ({' / '.join(f'{100 * v:.1f}' for v in values)})" if len(values) > 1 else "")) if values else "-"
     return [name, pct(accs), pct(cross), per_seed(red), per_seed(valid)]
 
@@ -181,7 +203,7 @@ def logreg(out, seed):
         train = ImageSet(*set_files(out, spec)[:2], channels=1) if os.path.isdir(distilled_dir(out)) else \
             sample_real_ipc(load_real(spec, None, "train"), int(load_json(eval_path(out))["ipc"]), seed)
         test = load_real(spec, None, "test")
-        pixels = lambda images: np.stack([images.load(i).flatten().numpy() for i in range(len(images))])  # noqa
+        pixels = lambda images: np.stack([images.load(i).flatten().numpy() for i in range(len(images))])
         model = LogisticRegression(max_iter=5000).fit(pixels(train), train.labels)
         acc = float(model.score(pixels(test), test.labels))
         save_json(dict(arch="logreg", runs=1, accs=[acc], acc_mean=acc, acc_std=0.0, train_images=len(train)), path)
@@ -201,8 +223,8 @@ def transfer_summary(name, flags, seeds):
         accs["logreg"] += logreg(out, seed)
         red.append(load_json(redundancy_path(out))["off_diagonal_mean"])
         valid.append(load_json(validity_path(out, None if guided_by == JUDGE else JUDGE))["validity"])
-    pct = lambda v: f"{100 * np.mean(v):.1f} +- {100 * np.std(v):.1f} (n={len(v)})"  # noqa: E731
-    per_seed = lambda v: f"{100 * np.mean(v):.1f}" + (f" ({' / '.join(f'{100 * x:.1f}' for x in v)})"  # noqa: E731
+    pct = lambda v: f"{100 * np.mean(v):.1f} +- {100 * np.std(v):.1f} (n={len(v)})"
+    per_seed = lambda v: f"{100 * np.mean(v):.1f}" + (f" ({' / '.join(f'{100 * x:.1f}' for x in v)})"
                                                        if len(v) > 1 else "")
     return [name] + [pct(accs[a]) + (" *" if a in guiding_archs(flags) else "") for a in accs] + \
         [per_seed(red), per_seed(valid)]
@@ -276,11 +298,12 @@ def robustness(suffix=""):
                         gains[name][part].append(float(value(kept).mean() - value(plain).mean()))
                 mlp_score = Learnability(mlp, spec, reference, view, 0.5)
                 for part in ("S", "student_ce"):
-                    value = lambda x: mlp_score.parts(x * 2 - 1, y)[part]  # noqa: E731
+                    value = lambda x: mlp_score.parts(x * 2 - 1, y)[part]
                     gains[other][part].append(float(value(kept).mean() - value(plain).mean()))
     clean = next(iter(gains.values()))
     rows = [[name, f"{np.mean(g['S']):+.3f}", f"{100 * np.mean(g['S']) / np.mean(clean['S']):.0f}%",
-             f"{np.mean(g['student_ce']):+.3f}", f"{100 * np.mean(g['student_ce']) / np.mean(clean['student_ce']):.0f}%"]
+             f"{np.mean(g['student_ce']):+.3f}",
+             f"{100 * np.mean(g['student_ce']) / np.mean(clean['student_ce']):.0f}%"]
             for name, g in gains.items()]
     save_json(dict(gains=gains),
               os.path.join(ROOT, "robustness_ipc5.json" if suffix else "robustness.json"))
@@ -293,7 +316,8 @@ def table(rows, header):
 
 
 def main(argv=None):
-    p = ArgumentParser(prog="python -m lab.results", description="Make (or reuse) the digits runs behind the README's tables and print them.")
+    p = ArgumentParser(prog="python -m lab.results",
+                       description="Make (or reuse) the digits runs behind the README's tables and print them.")
     p.add_argument("table", choices=list(TABLES) + ["robustness", "robustness-ipc5"], help="which table")
     p.add_argument("--jobs", type=int, default=1, help="cells run at a time (each with one CPU thread when > 1)")
     args = p.parse_args(argv)
@@ -328,7 +352,8 @@ def main(argv=None):
         header = [f"digits: {args.table}", "acc % ConvNet (guiding arch)", f"acc % {CROSS} (cross-arch)",
                   "redundancy % (5 increments)", "theta* recognises %"]
         print(table([summary(name, flags, seeds) for name, flags in cells.items()], header))
-    print(f"\n(commit {git_commit()[:7]}; accuracies: final epoch, mean +- std over {len(seeds)} distillation seed(s) x 3 "
+    print(f"\n(commit {git_commit()[:7]}; accuracies: final epoch, mean +- std over {len(seeds)} distillation "
+          f"seed(s) x 3 "
           f"students; redundancy and validity: mean (per seed))")
 
 

@@ -22,11 +22,42 @@ import torch
 from tqdm import tqdm
 
 from data import load_image
-from lab.common import (Mismatch, UserError, all_gather, barrier, copy_file, is_main, load_json, load_or_none,
-                        load_saved, print0, save_grid, save_json, save_png, save_torch)
-from lab.folder import (check_stage_files, distilled_dir, done_path, grid_path, igd_path, image_path, increment_folder,
-                        latent_path, load_stage_file, record_path, run_latents, stage_dir, stage_images, stage_latents,
-                        stage_log_path, stage_records, student_path, update_args)
+from lab.common import (
+    Mismatch,
+    UserError,
+    all_gather,
+    barrier,
+    copy_file,
+    is_main,
+    load_json,
+    load_or_none,
+    load_saved,
+    print0,
+    save_grid,
+    save_json,
+    save_png,
+    save_torch,
+)
+from lab.folder import (
+    check_stage_files,
+    distilled_dir,
+    done_path,
+    grid_path,
+    igd_path,
+    image_path,
+    increment_folder,
+    latent_path,
+    load_stage_file,
+    record_path,
+    run_latents,
+    stage_dir,
+    stage_images,
+    stage_latents,
+    stage_log_path,
+    stage_records,
+    student_path,
+    update_args,
+)
 from lab.records import image_record, log_line, summarise_records
 
 
@@ -43,49 +74,51 @@ class Increment:
     """Where one increment's files go: images (PNG), final latents (the memory M_c; None: not kept) and the records
     of what guidance did (None: not kept), for the image indices of its slots."""
 
-    def __init__(self, spec, images, latents, records, indices, done=None):
-        self.spec, self.images, self.latents, self.records, self.indices = spec, images, latents, records, indices
+    def __init__(self, spec, images_dir, latents_dir, records_dir, indices, done=None):
+        self.spec, self.indices = spec, indices
+        self.images_dir, self.latents_dir, self.records_dir = images_dir, latents_dir, records_dir
         self.done = done  # the path of the stage's done.json (None: a one-pass method's set)
 
     def files(self):
         """(paths, labels) of its images, class by class, in index order."""
-        pairs = [(image_path(self.images, self.spec, c, i), c) for c in range(self.spec.num_classes)
+        pairs = [(image_path(self.images_dir, self.spec, c, i), c) for c in range(self.spec.num_classes)
                  for i in self.indices]
         return [p for p, _ in pairs], [c for _, c in pairs]
 
     def complete(self, c, index, guided):
         """Every file of image (c, index) is on disk: its PNG, its latent and its record (where they are kept)."""
-        paths = [image_path(self.images, self.spec, c, index)]
-        if self.latents is not None:
-            paths.append(latent_path(self.latents, self.spec, c, index))
-        if self.records is not None and guided:
-            paths.append(record_path(self.records, self.spec, c, index))
+        paths = [image_path(self.images_dir, self.spec, c, index)]
+        if self.latents_dir is not None:
+            paths.append(latent_path(self.latents_dir, self.spec, c, index))
+        if self.records_dir is not None and guided:
+            paths.append(record_path(self.records_dir, self.spec, c, index))
         return all(os.path.exists(p) for p in paths)
 
     def latent(self, c, index):
         """A kept image's final latent. Damaged, it names itself and the way out: in a finished stage it is where its
         image came from (the stage goes); in the stage being sampled, deleting it and its PNG makes the rerun sample
         that batch again (from the same seeded noise, in the same batch: the same bytes)."""
-        path = latent_path(self.latents, self.spec, c, index)
+        path = latent_path(self.latents_dir, self.spec, c, index)
         if self.done is not None and os.path.exists(self.done):
             out_dir = os.path.dirname(os.path.dirname(self.done))
             return load_stage_file(path, out_dir, int(os.path.basename(os.path.dirname(self.done))[len("stage_"):]))
-        png = image_path(self.images, self.spec, c, index)
+        png = image_path(self.images_dir, self.spec, c, index)
         return load_saved(path, f"delete it and {png}, then rerun the same command to sample that image again")
 
     def write(self, c, index, latent, image, record):
         """An image's files, the latent first and the PNG last (a PNG on disk means the image is complete). A file
         already on disk (a resumed batch) must be the same bytes: it is checked, not written."""
-        if self.latents is not None:
-            save_torch(latent.detach().cpu().clone(), latent_path(self.latents, self.spec, c, index), verify=True)
-        if self.records is not None and record is not None:
-            save_json(record, record_path(self.records, self.spec, c, index), verify=True)
-        save_png(image, image_path(self.images, self.spec, c, index), verify=True)
+        if self.latents_dir is not None:
+            save_torch(latent.detach().cpu().clone(), latent_path(self.latents_dir, self.spec, c, index), verify=True)
+        if self.records_dir is not None and record is not None:
+            save_json(record, record_path(self.records_dir, self.spec, c, index), verify=True)
+        save_png(image, image_path(self.images_dir, self.spec, c, index), verify=True)
 
     def record_files(self):
         """The records on disk, in image order (index, then class)."""
-        return [record_path(self.records, self.spec, c, i) for i in self.indices for c in range(self.spec.num_classes)
-                if os.path.exists(record_path(self.records, self.spec, c, i))]
+        paths = [record_path(self.records_dir, self.spec, c, i) for i in self.indices
+                 for c in range(self.spec.num_classes)]
+        return [p for p in paths if os.path.exists(p)]
 
 
 class Batches:
@@ -124,8 +157,8 @@ class Batches:
                     torch.cuda.empty_cache()
                 print(f"out of memory: sampler batch halved to {self.run.batch} (same images, seeded one by one)")
             except Mismatch as e:  # a file this run wrote earlier is not what it computes now
-                raise UserError(f"{e}; rerun where it was written, or delete {increment_folder(self.inc.images)} to "
-                                f"sample it again") from None
+                raise UserError(f"{e}; rerun where it was written, or delete "
+                                f"{increment_folder(self.inc.images_dir)} to sample it again") from None
         self.bar.update(len(block))
         self.bar.set_postfix(img_per_s=f"{self.bar.n / max(1e-9, self.bar.format_dict['elapsed']):.2f}")
 
@@ -165,7 +198,7 @@ class Run:
         latent for M_c the VAE encoding of what is stored (posterior mean; the only place lgd encodes)."""
         for c, mine in enumerate(files):
             for index, path in zip(inc.indices, mine):
-                if not is_main() or os.path.exists(image_path(inc.images, self.spec, c, index)):
+                if not is_main() or os.path.exists(image_path(inc.images_dir, self.spec, c, index)):
                     continue
                 x = load_image(path, self.spec.channels)
                 if x.shape[-1] != self.spec.image_size or x.shape[-2] != self.spec.image_size:
@@ -213,14 +246,14 @@ class Run:
             remedy = "delete it and rerun the same command: its image is sampled again in the same batch and checked"
             summary = summarise_records([load_json(p, what="image record", remedy=remedy) for p in inc.record_files()],
                                         self.batch)
-            self.grid(inc.images, inc.indices, os.path.join(stage_dir(self.out_dir, k), "grid.png"),
+            self.grid(inc.images_dir, inc.indices, os.path.join(stage_dir(self.out_dir, k), "grid.png"),
                       f"stage {k}: images {inc.indices[0]}..{inc.indices[-1]} ({'guided' if k else 'seed'}); rows = "
                       f"classes", inc.indices if k else ())
             if k:
                 expected = self.spec.num_classes * self.plan.stage_ipc
                 if summary["images_logged"] != expected:  # Batches leaves no guided image without its record
                     raise UserError(f"stage {k}: {summary['images_logged']} of {expected} images have a record in "
-                                    f"{inc.records}; delete {stage_dir(self.out_dir, k)} and the later stages to "
+                                    f"{inc.records_dir}; delete {stage_dir(self.out_dir, k)} and the later stages to "
                                     f"sample them again")
                 save_json(summary, stage_log_path(self.out_dir, k))
                 print0(log_line(k, summary))

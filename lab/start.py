@@ -10,8 +10,16 @@ import shlex
 from data import class_table, resolve_data_dir
 from lab.checks import RESULT_ARGS
 from lab.common import UserError, all_gather, all_reduce_sum, barrier, is_main, print0
-from lab.folder import (changed_settings, check_classes, check_run_folder, claim_run_folder, preflight_path,
-                        record_args, seed_set_files, write_classes)
+from lab.folder import (
+    changed_settings,
+    check_classes,
+    check_run_folder,
+    claim_run_folder,
+    preflight_path,
+    record_args,
+    seed_set_files,
+    write_classes,
+)
 from lab.preflight import eta_line, load_passing, report, run_preflight
 from train_student import reference_model
 

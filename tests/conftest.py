@@ -46,8 +46,10 @@ def make_tiny_pixel_prior(path, num_classes=10):
     from diffusers import DDPMScheduler, DiTTransformer2DModel
     torch.manual_seed(1)
     DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1, num_layers=1,
-                          sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes).save_pretrained(f"{path}/transformer")
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True).save_pretrained(f"{path}/scheduler")
+                          sample_size=8, patch_size=2,
+                          num_embeds_ada_norm=num_classes).save_pretrained(f"{path}/transformer")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                  clip_sample=True).save_pretrained(f"{path}/scheduler")
     return path
 
 
@@ -148,6 +150,61 @@ def run_cli(script, *args, cwd, env=None, timeout=600):
     full_env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def in_process(script, *args, cwd):
+    """`python <script> args` from `cwd` as run_cli runs it, but inside this process (no interpreter to start, no
+    torch to import again): the CLI's own main through lab.common.run_cli. Returns what run_cli returns."""
+    import contextlib
+    import importlib
+    import io
+
+    from lab.common import run_cli as run_main
+    main = importlib.import_module(script[:-len(".py")]).main
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run_main(lambda: main([str(a) for a in args]))
+                code = 0
+            except SystemExit as e:
+                code = e.code
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+# A CLI run that signals itself at a moment fixed in advance (no polling race with a fast run): `target` is the
+# function "module:attr" (or "module:Class.attr") whose call at which `when` (a Python expression over its
+# positional args, `a`) holds sends `sig` to the process itself, just before the call does its work.
+SIGNAL_AT = """
+import functools, importlib, os, signal, sys
+from lab.common import run_cli
+module, attr = sys.argv[1].split(":")
+owner = importlib.import_module(module)
+*path, name = attr.split(".")
+for part in path:
+    owner = getattr(owner, part)
+original, when, sig = getattr(owner, name), sys.argv[2], getattr(signal, sys.argv[3])
+
+@functools.wraps(original)
+def signalled(*a, **kw):
+    if eval(when):
+        os.kill(os.getpid(), sig)
+    return original(*a, **kw)
+setattr(owner, name, signalled)
+import distill
+sys.argv = ["distill.py", *sys.argv[4:]]
+run_cli(distill.main)
+"""
+
+
+def run_signalled(target, when, sig, *argv, cwd):
+    """`python distill.py *argv` from `cwd`, signalled at target's call when `when` holds (see SIGNAL_AT)."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", SIGNAL_AT, target, when, sig, *map(str, argv)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 def file_hashes(folder, suffix=""):

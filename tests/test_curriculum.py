@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from PIL import Image
 
 import curriculum
 import distill
-from conftest import LGD, REPO, cli, file_hashes, one_error_line, run_cli, tree
+from conftest import LGD, REPO, cli, file_hashes, in_process, one_error_line, run_cli, run_signalled, tree
 from curriculum import Plan, Students, run_stages
 from data import IMAGEWOOF, get_spec
 from guidance import (
@@ -27,7 +26,7 @@ from guidance import (
 from lab.common import UserError, load_json
 from lab.run import Increment, Run
 from model import load_prior, make_student
-from train_student import SURROGATE, reference_spec
+from train_student import recipe_view, reference_view
 
 SPEC = get_spec("digits")
 
@@ -35,7 +34,7 @@ SPEC = get_spec("digits")
 def stage_loop(prior, out_dir, ipc=3, stage_ipc=1, **kwargs):
     """The stage loop on the stand-in prior, as distill.py calls it: a run folder (lab.run.Run) for a small plan."""
     torch.manual_seed(0)
-    reference = [(make_student("convnet", SPEC).eval(), reference_spec(SPEC))]
+    reference = [(make_student("convnet", SPEC).eval(), reference_view(SPEC))]
     guide = GuidanceConfig(scale=50.0, deviation=1.0, candidates=2, guide_from=1, guide_until=4)
     plan = Plan(ipc=ipc, stage_ipc=stage_ipc, seed=5, batch_size=20)
     spec = get_spec("digits")
@@ -102,9 +101,10 @@ def test_ipc_not_a_multiple_of_stage_ipc_is_an_error(pixel_prior, tmp_path):
 def test_distill_lgd_cli_on_fake_imagewoof(tmp_path, latent_prior, fake_woof):
     """The full lgd path with a latent prior (VAE decode/encode in the loop): 2 stages of 1 IPC."""
     out = tmp_path / "run"
-    r = run_cli("distill.py", "--dataset", "imagewoof", "--no-preflight", "--data-dir", fake_woof, "--prior", latent_prior,
-                "--seed-set", "dit", "--ipc", 2, "--stage-ipc", 1, "--steps", 4, "--guide-from", 0, "--guide-until", 3, "--batch-size", 12,
-                "--student-epochs", 2, "--res", 16, "--out-dir", out, cwd=tmp_path)
+    woof = ["--dataset", "imagewoof", "--no-preflight", "--data-dir", fake_woof, "--prior", latent_prior, "--seed-set",
+            "dit", "--ipc", 2, "--stage-ipc", 1, "--res", 16, "--out-dir", out]
+    r = in_process("distill.py", *woof, "--steps", 4, "--guide-from", 0, "--guide-until", 3, "--batch-size", 12,
+                   "--student-epochs", 2, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for wnid in sorted(os.listdir(out / "distilled")):
         assert sorted(os.listdir(out / "distilled" / wnid)) == ["00000.png", "00001.png"]
@@ -112,8 +112,7 @@ def test_distill_lgd_cli_on_fake_imagewoof(tmp_path, latent_prior, fake_woof):
     assert (out / "stage_1" / "student.pt").exists() and (out / "grid.png").exists()
     assert list((tmp_path / "out" / "cache").glob("surrogate_imagewoof_convnet_res16_*.pt"))  # theta* cached
     # rerunning into the same folder with different settings is refused instead of mixing two runs
-    r = run_cli("distill.py", "--dataset", "imagewoof", "--no-preflight", "--data-dir", fake_woof, "--prior", latent_prior,
-                "--seed-set", "dit", "--ipc", 2, "--stage-ipc", 1, "--guidance-scale", 3, "--res", 16, "--out-dir", out, cwd=tmp_path)
+    r = in_process("distill.py", *woof, "--guidance-scale", 3, cwd=tmp_path)
     assert r.returncode == 1 and "different" in r.stderr and "--guidance-scale" in r.stderr
 
 
@@ -147,7 +146,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_images(pixel_prior, tmp_pa
     prior = load_prior(pixel_prior)
     torch.manual_seed(0)
     score = Learnability(make_student("convnet", SPEC, seed=1), SPEC, make_student("convnet", SPEC).eval(),
-                         reference_spec(SPEC), 0.5)
+                         reference_view(SPEC), 0.5)
     guide = GuidanceConfig(scale=50.0, deviation=1.0, candidates=2, guide_from=1, guide_until=4)
     plan = Plan(ipc=5, stage_ipc=5, seed=5, batch_size=20)
 
@@ -176,7 +175,8 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_images(pixel_prior, tmp_pa
 
 def test_distill_dit_on_fake_imagewoof_with_tiny_prior(tmp_path, latent_prior, fake_woof):
     out = tmp_path / "run"
-    r = run_cli("distill.py", "--dataset", "imagewoof", "--method", "dit", "--no-preflight", "--ipc", 2, "--data-dir", fake_woof,
+    r = in_process("distill.py", "--dataset", "imagewoof", "--method", "dit", "--no-preflight", "--ipc", 2,
+                   "--data-dir", fake_woof,
                 "--prior", latent_prior, "--steps", 3, "--batch-size", 8, "--out-dir", out, "--res", 16, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     classes = sorted(os.listdir(out / "distilled"))
@@ -193,7 +193,8 @@ def test_distill_dit_on_fake_imagewoof_with_tiny_prior(tmp_path, latent_prior, f
     assert not (tmp_path / "out" / "cache").exists() and not (out / "igd.json").exists()
     # a rerun skips the images already written (their bytes and times are unchanged)
     before = {p: os.stat(out / "distilled" / p).st_mtime_ns for p in ["n02086240/00000.png"]}
-    r = run_cli("distill.py", "--dataset", "imagewoof", "--method", "dit", "--no-preflight", "--ipc", 2, "--data-dir", fake_woof,
+    r = in_process("distill.py", "--dataset", "imagewoof", "--method", "dit", "--no-preflight", "--ipc", 2,
+                   "--data-dir", fake_woof,
                 "--prior", latent_prior, "--steps", 3, "--batch-size", 8, "--out-dir", out, "--res", 16, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert before == {p: os.stat(out / "distilled" / p).st_mtime_ns for p in before}
@@ -202,48 +203,62 @@ def test_distill_dit_on_fake_imagewoof_with_tiny_prior(tmp_path, latent_prior, f
 def test_igd_and_the_papers_pipeline_end_to_end(tmp_path, latent_prior, fake_woof):
     """`--method igd` and `--method lgd --seed-set igd` on the tiny latent prior (VAE in the loop): IGD's
     chosen checkpoints are written, and stage 0 of the paper's pipeline is IGD's first increment, byte for byte."""
-    common = ["--dataset", "imagewoof", "--no-preflight", "--data-dir", fake_woof, "--prior", latent_prior, "--res", 16, "--steps", 6,
+    common = ["--dataset", "imagewoof", "--no-preflight", "--data-dir", fake_woof, "--prior", latent_prior, "--res",
+              16, "--steps", 6,
               "--igd-from", 1, "--igd-until", 4, "--grad-ipc", 3, "--reference-epochs", 3, "--batch-size", 10]
-    r = run_cli("distill.py", *common, "--method", "igd", "--ipc", 2, "--stage-ipc", 1, "--out-dir", tmp_path / "igd",
+    r = in_process("distill.py", *common, "--method", "igd", "--ipc", 2, "--stage-ipc", 1, "--out-dir",
+                   tmp_path / "igd",
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     info = json.loads((tmp_path / "igd" / "igd.json").read_text())
     assert info["checkpoints"][0] == 0 and info["trajectory_length"] == 4 and info["grad_ipc"] == 3
     assert len(file_hashes(tmp_path / "igd" / "distilled", ".png")) == 20 and (tmp_path / "igd" / "latents").is_dir()
-    r = run_cli("distill.py", *common, "--seed-set", "igd", "--ipc", 2, "--stage-ipc", 1, "--guide-from", 1,
+    r = in_process("distill.py", *common, "--seed-set", "igd", "--ipc", 2, "--stage-ipc", 1, "--guide-from", 1,
                 "--guide-until", 4, "--student-epochs", 2, "--out-dir", tmp_path / "lgd", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    igd_first = {k: v for k, v in file_hashes(tmp_path / "igd" / "distilled", ".png").items() if k.endswith("00000.png")}
+    igd_first = {k: v for k, v in file_hashes(tmp_path / "igd" / "distilled",
+                                              ".png").items() if k.endswith("00000.png")}
     assert file_hashes(tmp_path / "lgd" / "stage_0" / "images", ".png") == igd_first
     assert len(file_hashes(tmp_path / "lgd" / "distilled", ".png")) == 20
     # a hard-coded list, as IGD's released sampler uses, instead of the rule
-    r = run_cli("distill.py", *common, "--method", "igd", "--ipc", 1, "--igd-checkpoints", "0,3",
+    r = in_process("distill.py", *common, "--method", "igd", "--ipc", 1, "--igd-checkpoints", "0,3",
                 "--out-dir", tmp_path / "list", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "list" / "igd.json").read_text())["checkpoints"] == [0, 3]
-    r = run_cli("distill.py", *common, "--method", "igd", "--ipc", 1, "--igd-checkpoints", "0,52",
-                "--out-dir", tmp_path / "bad", cwd=tmp_path)  # IGD's released 1K list names a snapshot that does not exist
+    r = in_process("distill.py", *common, "--method", "igd", "--ipc", 1, "--igd-checkpoints", "0,52",
+                   "--out-dir", tmp_path / "bad", cwd=tmp_path)  # IGD's released 1K list: a snapshot not there
     assert r.returncode == 1 and "snapshots 0..3" in r.stderr.strip().splitlines()[-1]
 
 
-def test_one_view_and_one_member_are_todays_bytes_and_views_are_reproducible(tmp_path, pixel_prior):
-    base = ["distill.py", "--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 6,
+def test_one_view_and_one_member_are_todays_bytes_and_views_are_reproducible(tmp_path, pixel_prior, capsys,
+                                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 6,
             "--guide-from", 0, "--guide-until", 5, "--student-epochs", 2, "--reference-epochs", 2, "--no-eval"]
     runs = {"today": [], "explicit": ["--guidance-views", 1, "--reference-archs", "convnet"],
             "views": ["--guidance-views", 3], "views again": ["--guidance-views", 3],
             "ensemble": ["--reference-archs", "convnet,mlp"], "students": ["--student-archs", "convnet,mlp"]}
     hashes = {}
     for name, flags in runs.items():
-        r = run_cli(*base, *flags, "--out-dir", tmp_path / name.replace(" ", "_"), cwd=tmp_path)
-        assert r.returncode == 0, r.stderr
+        assert cli(distill.main, [*base, *flags, "--out-dir", tmp_path / name.replace(" ", "_")], capsys)[0] == 0
         hashes[name] = file_hashes(tmp_path / name.replace(" ", "_") / "distilled", ".png")
     assert len(hashes["today"]) == 20 and hashes["explicit"] == hashes["today"]
     assert hashes["views"] == hashes["views again"]  # seeded: the same views, the same images
-    stage_1 = lambda h: {k: v for k, v in h.items() if k.endswith("00001.png")}  # noqa: E731 (the guided stage)
-    assert stage_1(hashes["views"]) != stage_1(hashes["today"]) != stage_1(hashes["ensemble"])
-    assert stage_1(hashes["students"]) != stage_1(hashes["today"])
+    stage_1 = {name: frozenset((k, v) for k, v in h.items() if k.endswith("00001.png")) for name, h in hashes.items()}
+    # the guided stage differs from today's in every variant, and between the variants
+    assert len({stage_1[name] for name in ("today", "views", "ensemble", "students")}) == 4
     assert (tmp_path / "students" / "stage_1" / "student_mlp.pt").exists()  # each student saved, reloadable
-    assert SURROGATE["augment"] == "minimax"  # theta*'s own augmentation is what its views are drawn from
+
+
+def test_each_classifier_of_s_draws_its_views_in_its_own_view():
+    """--guidance-views: the student's views come from its recipe at its resolution, theta*'s from the surrogate
+    recipe at theta*'s (here 16 px against 32 px)."""
+    woof = get_spec("imagewoof", res=16)
+    woof.image_size = 32
+    augments = curriculum.stage_views(Students("convnet", "minimax", recipe_view(woof, "minimax")),
+                                      [(None, reference_view(woof))], seed=0, k=1, views=2)
+    x = torch.rand(2, 3, 32, 32)
+    assert [a(x).shape[-1] for a in augments] == [16, 32]
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -256,7 +271,7 @@ def test_compiled_prior_samples_the_same_images(pixel_prior):
     score = Learnability(make_student("convnet", spec), spec, make_student("convnet", spec), spec, 0.5)
     labels, sampler = torch.arange(4), SamplerConfig(cfg_scale=2.0, steps=4)
     guide = GuidanceConfig(scale=30.0, deviation=0.0, candidates=1, guide_from=0, guide_until=3)
-    gens = lambda: [torch.Generator().manual_seed(i) for i in range(4)]  # noqa: E731
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(4)]
     eager = sample(prior, labels, gens(), sampler, score, labels, None, guide)
     prior.compile()
     compiled = sample(prior, labels, gens(), sampler, score, labels, None, guide)
@@ -270,7 +285,8 @@ def lgd_argv(prior, out, *extra):
 
 @pytest.fixture(scope="module")
 def uninterrupted(pixel_prior, tmp_path_factory):
-    """An LGD run that was never killed (stages 0 and 1: T_1 unguided, T_2 guided): every rerun must end in its bytes."""
+    """An LGD run that was never killed (stages 0 and 1: T_1 unguided, T_2 guided): every rerun must end in its
+    bytes."""
     root = tmp_path_factory.mktemp("uninterrupted")
     cwd = os.getcwd()
     os.chdir(root)  # theta*'s cache lands under this folder's out/cache
@@ -421,7 +437,7 @@ def straight(pixel_prior, tmp_path_factory):
 
 
 def test_a_stage_killed_mid_sampling_logs_every_image_after_the_rerun(straight, pixel_prior, tmp_path, monkeypatch):
-    prior, original, calls = load_prior(pixel_prior), curriculum.sample_images, []
+    prior, original = load_prior(pixel_prior), curriculum.sample_images
 
     def dies_in_stage_1(prior, spec, classes, index, *args, **kwargs):  # slot 2 of stage 1 is written, then the kill
         if index == 3:
@@ -481,14 +497,16 @@ def test_a_damaged_student_is_trained_again(finished, capsys):
 
 def test_a_done_stage_with_a_deleted_image_is_one_line(tmp_path, pixel_prior, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 4, "--student-epochs",
+    argv = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 4,
+            "--student-epochs",
             1, "--reference-epochs", 1, "--no-eval", "--guide-from", 0, "--guide-until", 3, "--out-dir", tmp_path / "r"]
     assert cli(distill.main, argv, capsys)[0] == 0
     os.remove(tmp_path / "r" / "stage_0" / "images" / "7" / "00000.png")
     one_error_line(*cli(distill.main, argv, capsys), "stage 0 is marked done", "7/00000.png", "delete")
 
 
-ARGS = ["--dataset", "imagewoof", "--no-preflight", "--seed-set", "dit", "--ipc", 3, "--stage-ipc", 1, "--steps", 8, "--guide-from", 0, "--guide-until", 7,
+ARGS = ["--dataset", "imagewoof", "--no-preflight", "--seed-set", "dit", "--ipc", 3, "--stage-ipc", 1, "--steps", 8,
+        "--guide-from", 0, "--guide-until", 7,
         "--batch-size", 12, "--student-epochs", 3, "--res", 16]
 
 
@@ -496,7 +514,8 @@ ARGS = ["--dataset", "imagewoof", "--no-preflight", "--seed-set", "dit", "--ipc"
 def straight_run(tmp_path_factory, latent_prior, fake_woof):
     """One uninterrupted single-process lgd run: the reference every other run must reproduce."""
     cwd = tmp_path_factory.mktemp("straight")
-    r = run_cli("distill.py", *ARGS, "--data-dir", fake_woof, "--prior", latent_prior, "--out-dir", cwd / "run", cwd=cwd)
+    r = run_cli("distill.py", *ARGS, "--data-dir", fake_woof, "--prior", latent_prior, "--out-dir", cwd / "run",
+                cwd=cwd)
     assert r.returncode == 0, r.stderr
     return cwd / "run"
 
@@ -530,15 +549,12 @@ def test_kill_minus_nine_then_resume(tmp_path, straight_run, latent_prior, fake_
     """A process killed mid-stage: the rerun finishes, finished files are untouched, and the final set is
     byte-identical to an uninterrupted run (memories are rebuilt from disk, students reloaded)."""
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "distill.py"), *map(str, ARGS), "--data-dir", fake_woof,
-                             "--prior", latent_prior, "--out-dir", str(out)], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (out / "stage_1" / "student.pt").exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # mid stage 1: its student is saved, its images are being generated
-    assert proc.wait() == -signal.SIGKILL
+    # killed (SIGKILL, no cleanup at all) mid stage 1, at a moment fixed in advance: its student is saved, the first
+    # of its images is being written
+    r = run_signalled("lab.run:Increment.write", "'stage_1' in a[0].images_dir", "SIGKILL", *ARGS, "--data-dir",
+                      fake_woof, "--prior", latent_prior, "--out-dir", out, cwd=tmp_path)
+    assert r.returncode == -signal.SIGKILL
+    assert (out / "stage_1" / "student.pt").exists() and not (out / "stage_1" / "images").exists()
     assert not (out / "stage_2").exists() and (out / "stage_0" / "done.json").exists()
     stage0 = {p: os.stat(out / "stage_0" / p).st_mtime_ns for p in file_hashes(out / "stage_0", ".png")}
 

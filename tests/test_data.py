@@ -7,7 +7,15 @@ import pytest
 import torch
 
 import distill
-from conftest import FIELD_WOOF, FIELD_WOOF_IDS, FIELD_WOOF_NAMES, cli, make_fake_imagewoof, one_error_line, run_cli
+from conftest import (
+    FIELD_WOOF,
+    FIELD_WOOF_IDS,
+    FIELD_WOOF_NAMES,
+    cli,
+    in_process,
+    make_fake_imagewoof,
+    one_error_line,
+)
 from data import (
     class_table,
     get_spec,
@@ -36,7 +44,8 @@ def test_digits_split_and_reference_classifier(digits_reference):
 
 def test_malformed_tree_names_the_expected_layout(tmp_path):
     (tmp_path / "tree" / "train").mkdir(parents=True)
-    r = run_cli("distill.py", "--dataset", "imagewoof", "--data-dir", tmp_path / "tree", "--method", "dit", cwd=tmp_path)
+    r = in_process("distill.py", "--dataset", "imagewoof", "--data-dir", tmp_path / "tree", "--method", "dit",
+                   cwd=tmp_path)
     assert r.returncode == 1 and "val" in r.stderr and "<wnid>" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -44,7 +53,8 @@ def test_partial_imagenet_tree_is_refused(tmp_path):
     """ImageNet-1K labels are positions among the 1000 sorted wnids: a partial tree would mislabel every class."""
     for split in ("train", "val"):
         (tmp_path / "inet" / split / "n01440764").mkdir(parents=True)
-    r = run_cli("distill.py", "--dataset", "imagenet", "--data-dir", tmp_path / "inet", "--method", "dit", cwd=tmp_path)
+    r = in_process("distill.py", "--dataset", "imagenet", "--data-dir", tmp_path / "inet", "--method", "dit",
+                   cwd=tmp_path)
     assert r.returncode == 1 and "1000 ILSVRC-2012 class folders" in r.stderr and "found 1" in r.stderr
 
 
@@ -71,7 +81,8 @@ def test_a_seed_set_with_igds_unpadded_names_is_read_in_numeric_order(tmp_path):
 def test_corrupt_image_in_data_dir_is_reported_by_path(tmp_path, latent_prior, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     woof = make_fake_imagewoof(str(tmp_path / "woof"), corrupt=True)
-    one_error_line(*cli(distill.main, ["--dataset", "imagewoof", *DIT[2:], "--seed-set", "dit", "--guide-from", 0, "--guide-until", 2, "--ipc", 2, "--stage-ipc", 1,
+    one_error_line(*cli(distill.main, ["--dataset", "imagewoof", *DIT[2:], "--seed-set", "dit", "--guide-from", 0,
+                                       "--guide-until", 2, "--ipc", 2, "--stage-ipc", 1,
                                        "--student-epochs", 1, "--reference-epochs", 1, "--res", 16, "--data-dir", woof,
                                        "--prior", latent_prior, "--out-dir", tmp_path / "run"], capsys), "broken.JPEG")
 

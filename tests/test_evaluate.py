@@ -16,8 +16,8 @@ from conftest import (
     cli,
     digits_set,
     file_hashes,
+    in_process,
     one_error_line,
-    run_cli,
     tree,
 )
 from data import (
@@ -37,7 +37,7 @@ SPEC = get_spec("digits")
 
 def test_evaluate_cli_writes_eval_json(tmp_path, fake_woof):
     """--real-ipc baseline on the fake tree: eval.json with its documented keys, accuracies as fractions."""
-    r = run_cli("evaluate.py", "--dataset", "imagewoof", "--data-dir", fake_woof, "--real-ipc", 2, "--runs", 2,
+    r = in_process("evaluate.py", "--dataset", "imagewoof", "--data-dir", fake_woof, "--real-ipc", 2, "--runs", 2,
                 "--epochs", 3, "--res", 16, "--out", tmp_path / "real", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "real" / "eval.json").read_text())

@@ -15,8 +15,8 @@ from train_student import (
     batch_size_for,
     epochs_for_ipc,
     make_optimizer,
-    recipe_spec,
-    reference_spec,
+    recipe_view,
+    reference_view,
     train_student,
 )
 
@@ -76,7 +76,7 @@ def test_test_views_are_the_recipes_resize_and_centre_crop(recipe, resize, crop)
     """minimax: Resize(224) + CenterCrop(224) (Minimax `transform_imagenet(size=224)`); igd: its --size 256;
     rded: Resize(256) + CenterCrop(224). Checked against torchvision's transforms on a non-square image."""
     from torchvision.transforms import v2
-    view = recipe_spec(get_spec("imagewoof"), recipe)
+    view = recipe_view(get_spec("imagewoof"), recipe)
     image = torch.rand(3, 300, 451, generator=torch.Generator().manual_seed(0))
     reference = v2.Normalize(view.mean, view.std)(v2.CenterCrop(crop)(v2.Resize(resize, antialias=True)(image)))
     ours = classifier_input(image * 2 - 1, view)
@@ -85,7 +85,7 @@ def test_test_views_are_the_recipes_resize_and_centre_crop(recipe, resize, crop)
 
 
 def test_minimax_augmentation_is_seeded_and_device_side():
-    spec = recipe_spec(get_spec("imagewoof", res=32), "minimax")
+    spec = recipe_view(get_spec("imagewoof", res=32), "minimax")
     x = (torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     a = Augment(spec, "minimax", torch.Generator().manual_seed(1))(x)
     b = Augment(spec, "minimax", torch.Generator().manual_seed(1))(x)
@@ -130,7 +130,8 @@ def test_recipe_schedules_batches_and_epochs():
     assert decayed == {id(model[0].weight), id(model[3].weight)} and opt.param_groups[1]["weight_decay"] == 0
     # RDED's batch grows with IPC (x2 for >= 100 classes); Minimax's epochs fall with it
     assert [batch_size_for(RECIPES["rded"], ipc, 10, 10**6) for ipc in (1, 10, 50)] == [10, 50, 100]
-    assert batch_size_for(RECIPES["rded"], 50, 1000, 10**6) == 200 and batch_size_for(RECIPES["minimax"], 10, 10, 30) == 30
+    assert batch_size_for(RECIPES["rded"], 50, 1000, 10**6) == 200 and batch_size_for(RECIPES["minimax"], 10, 10,
+                                                                                      30) == 30
     assert [epochs_for_ipc(ipc) for ipc in (1, 10, 50, 100, 200)] == [3000, 2000, 1500, 1000, 1000]
     assert epochs_for_ipc(10, "rded") == 300
 
@@ -213,7 +214,8 @@ class Stop(Exception):
 
 def test_igds_surrogate_is_convnet6_with_minimaxs_large_class_settings(monkeypatch, tmp_path):
     """DD_IGD's define_model builds ConvNet-6 whatever the evaluation network; MinimaxDiffusion `argument.py` trains
-    ImageNet with more than 100 classes at lr 0.1, wd 1e-4, batch >= 128 (and everything smaller at 0.01 / 5e-4 / 64)."""
+    ImageNet with more than 100 classes at lr 0.1, wd 1e-4, batch >= 128 (and everything smaller at 0.01 / 5e-4 /
+    64)."""
     imagenet, woof = get_spec("imagenet"), get_spec("imagewoof")
     big = ts.surrogate_recipe(imagenet)
     assert (big["lr"], big["weight_decay"], big["batch_size"]) == (0.1, 1e-4, 128) and big["momentum"] == 0.9
@@ -277,7 +279,7 @@ def test_igds_replay_buffer_is_a_reference_as_it_is(tmp_path):
     """IGD saves its surrogate as MTT-style replay buffers ([trajectory][epoch][parameters]): the last epoch of the
     first trajectory is theta*."""
     from train_student import reference_model
-    view = reference_spec(SPEC)
+    view = reference_view(SPEC)
     snapshots = [[p.detach().clone() for p in make_student("convnet", view, seed=s).parameters()] for s in range(3)]
     torch.save([snapshots, snapshots[:1]], tmp_path / "replay_buffer_0.pt")
     model, _ = reference_model(SPEC, "convnet", None, "cpu", path=str(tmp_path / "replay_buffer_0.pt"))
@@ -304,7 +306,7 @@ def test_minimaxs_key_layouts_are_read_and_a_misfit_names_what_it_expected(tmp_p
     """Minimax's ConvNet names its tensors layers.conv.<d> / layers.norm.<d>; its ResNetAP-10 layer0.conv1 ...
     layer4.0.downsample.2, fc (the same tensors as ours, in the same order). Both load, with the same outputs."""
     from train_student import reference_model
-    view = reference_spec(SPEC)
+    view = reference_view(SPEC)
     theirs = make_student("convnet", view, seed=7)
     torch.save(minimax_names(theirs.state_dict()), tmp_path / "convnet.pth.tar")
     model, _ = reference_model(SPEC, "convnet", None, "cpu", path=str(tmp_path / "convnet.pth.tar"))

@@ -9,7 +9,7 @@ import torch
 
 import distill
 import guidance
-from conftest import cli, make_empirical_prior, one_error_line, run_cli
+from conftest import cli, in_process, make_empirical_prior, one_error_line
 from lab import preflight
 
 KEYS = {"recognised", "chance", "guidance", "sampler_batch", "eta_s", "eta_stages_s", "disk_bytes", "measured",
@@ -116,7 +116,7 @@ def test_the_batch_search_bisects_to_the_largest_fit():
     from data import get_spec
     spec = get_spec("imagenet", num_classes=1000)
     for limit, expected in [(100, (87, 99, 102)), (3000, (3000, 3000, None)), (7, (3, 6, 9))]:
-        fits = lambda b: b <= limit  # noqa: E731
+        fits = lambda b: b <= limit
         original = preflight._fits
         preflight._fits = lambda prior, spec, sampler, guide, b, device, score: fits(b)
         try:
@@ -133,13 +133,13 @@ def test_a_non_digits_run_starts_with_the_preflight(tmp_path, latent_prior, fake
             "--ipc", 2, "--stage-ipc", 1, "--steps", 6, "--guide-from", 0, "--guide-until", 5, "--igd-from", 1,
             "--igd-until", 4, "--grad-ipc", 3, "--reference-epochs", 3, "--student-epochs", 2, "--eval",
             "--eval-epochs", 2, "--eval-runs", 1]
-    r = run_cli(*args, "--out-dir", tmp_path / "run", cwd=tmp_path)
+    r = in_process(*args, "--out-dir", tmp_path / "run", cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: preflight: theta* recognises")
     result = json.loads((tmp_path / "run" / "preflight.json").read_text())
     assert {"igd_step_s", "igd_real_gradient_s", "eval_batch_s", "test_pass_s"} <= set(result["measured"])
     assert "eval_s" in result["eta_other_s"] and len(result["eta_stages_s"]) == 2 and result["eta_stages_s"][0] > 0
     assert not (tmp_path / "run" / "args.json").exists() and not (tmp_path / "run" / "stage_0").exists()
-    r = run_cli(*args, "--eval-epochs", 1, "--no-preflight", "--out-dir", tmp_path / "run", cwd=tmp_path)
+    r = in_process(*args, "--eval-epochs", 1, "--no-preflight", "--out-dir", tmp_path / "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr  # the same folder: a failed preflight leaves nothing to resume or refuse
 
 

@@ -114,7 +114,8 @@ def broken_seed_set(root, case):
         (folder / "4" / "00000.png").write_bytes(b"\x89PNG truncated")
     if case == "empty":
         os.remove(folder / "6" / "00000.png")
-    return folder, {"missing": "has no folder '9'", "unreadable": "cannot read image", "empty": "class '6' has no"}[case]
+    return folder, {"missing": "has no folder '9'", "unreadable": "cannot read image",
+                    "empty": "class '6' has no"}[case]
 
 
 @pytest.mark.parametrize("case", ["missing", "unreadable", "empty"])
@@ -214,7 +215,8 @@ def test_a_killed_runs_lock_is_taken_over(tmp_path):
 
 def test_resume_with_another_data_dir_is_refused(tmp_path, latent_prior, fake_woof, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = ["--dataset", "imagewoof", *DIT, "--ipc", 1, "--prior", latent_prior, "--res", 16, "--out-dir", tmp_path / "r"]
+    argv = ["--dataset", "imagewoof", *DIT, "--ipc", 1, "--prior", latent_prior, "--res", 16, "--out-dir",
+            tmp_path / "r"]
     assert cli(distill.main, argv + ["--data-dir", fake_woof], capsys)[0] == 0
     other = shutil.copytree(fake_woof, tmp_path / "woof_copy")
     one_error_line(*cli(distill.main, argv + ["--data-dir", other], capsys), "different --data-dir")
@@ -240,8 +242,7 @@ def test_full_disk_while_saving_a_student_says_disk_full(tmp_path, pixel_prior, 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return save(obj, path, *args, **kwargs)
     monkeypatch.setattr(torch, "save", full_disk)
-    argv = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 4, "--guide-from", 0,
-            "--guide-until", 3, "--student-epochs", 1, "--reference-epochs", 1, "--no-eval", "--out-dir", tmp_path / "r"]
+    argv = [*LGD, "--prior", pixel_prior, "--out-dir", tmp_path / "r"]
     code, lines = cli(distill.main, argv, capsys)
     one_error_line(code, lines, "disk full", "student.pt")
     assert not [f for f in tree(tmp_path / "r") if "lgd-tmp" in f]  # the half-written temporary is gone
