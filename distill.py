@@ -42,8 +42,8 @@ from lab.folder import default_run_dir, distilled_dir, eval_path, preflight_path
 from lab.preflight import DAY, duration, eta_line
 from lab.run import Run
 from lab.start import check_inputs, start_run
-from model import ARCHS, DEFAULT_PRIOR, load_prior
-from train_prior import digits_prior
+from model import ARCHS, DEFAULT_PRIOR
+from train_prior import load_run_prior
 from train_student import RECIPES, recipe_view, reference_models, soft_label_teacher
 
 PAPER = asdict(GuidanceConfig())  # the paper's constants: one home (guidance.GuidanceConfig)
@@ -281,35 +281,6 @@ def distill(args, spec, device, rank, world, prior=None):
                f"python evaluate.py --compare {out} <other runs>")
     elif is_main():
         print0(f"next: python evaluate.py --distilled {out}   (-> {eval_path(out)})")
-
-
-def load_run_prior(args, spec, device):
-    """The run's prior, ready to sample: DiT-XL/2 (+VAE) from the hub or a local dir, or the cached digits DiT
-    (trained on first use). Sets spec.image_size to what it generates."""
-    prior_path = args.prior or digits_prior()
-    # weights stay float32; bf16 is autocast only, so the scheduler maths and the guidance gradient's
-    # normalisation (rho_t) keep full precision
-    try:
-        prior = load_prior(prior_path, vae=args.vae, device=device, dtype=torch.float32, sampler=args.sampler,
-                           steps=args.steps, grad_decoder=args.grad_decoder)
-    except UserError as e:
-        if args.prior is None:  # the cache is ours: say how to rebuild it
-            raise UserError(f"{e}; the cached digits prior is broken: remove it (rm -r {prior_path}) and rerun "
-                            f"to retrain it") from None
-        raise
-    prior.autocast = args.precision == "bf16"
-    if args.grad_checkpoint:
-        prior.enable_gradient_checkpointing()
-    if args.channels_last:
-        prior.channels_last()
-    if args.compile:
-        prior.compile()
-    spec.image_size = prior.image_size  # stand-in priors in the tests generate smaller images
-    # a class index past the prior's label table would silently become the CFG null label
-    if max(spec.prior_labels) >= prior.null_label:
-        raise UserError(f"prior {prior_path} knows {prior.null_label} classes; {args.dataset} needs label "
-                        f"{max(spec.prior_labels)}")
-    return prior
 
 
 if __name__ == "__main__":

@@ -155,7 +155,8 @@ def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float3
     vae: "auto" = sd-vae-ft-mse for the hub DiT, else the directory's own `vae/` (none = pixel space);
     "none" = pixel space; anything else = a hub id or directory of an AutoencoderKL.
     steps: the sampling steps the caller will ask for, checked against the schedule before the weights load.
-    grad_decoder: "vae" (exact), "taesd" (madebyollin/taesd) or a hub id / directory of an AutoencoderTiny,
+    grad_decoder: "vae" (exact), "taesd" (a local prior's own `taesd/`, else madebyollin/taesd) or a hub id /
+    directory of an AutoencoderTiny,
     the decoder of the guidance gradient only.
     """
     local = os.path.isdir(prior)
@@ -175,8 +176,11 @@ def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float3
                                                                              low_cpu_mem_usage=False)
         if grad_decoder != "vae" and vae_model is None:
             raise UserError(f"--grad-decoder {grad_decoder} replaces a VAE decoder; prior {prior} is in pixel space")
+        if grad_decoder == "taesd":  # a local prior's own tiny decoder (the mnist tier's), else madebyollin/taesd
+            own = os.path.join(prior, "taesd")
+            grad_decoder = own if local and os.path.isdir(own) else DEFAULT_TAESD
         grad_vae = None if grad_decoder == "vae" else AutoencoderTiny.from_pretrained(
-            DEFAULT_TAESD if grad_decoder == "taesd" else grad_decoder, torch_dtype=dtype, low_cpu_mem_usage=False)
+            grad_decoder, torch_dtype=dtype, low_cpu_mem_usage=False)
     except (OSError, ValueError, TypeError, KeyError) as e:  # missing files, offline hub, a damaged config
         raise UserError(f"could not load prior {prior}: {e.__class__.__name__}: {(str(e).splitlines() or [''])[0]} "
                         f"(offline? pass --prior DIR)") from None
@@ -188,11 +192,25 @@ def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float3
 
 # ----------------------------------------------------------------------------- the digits prior's shape
 
-# The embedded preset's prior: a 0.8M-parameter pixel-space DiT (8x8, 1 channel, no VAE), trained once by
-# train_prior.py. Its shape and schedule live here, beside the loader, because both sides need them.
+# The embedded presets' priors, trained once by train_prior.py. Their shapes and schedule live here, beside the
+# loader, because both sides need them.
+# digits: a 0.8M-parameter pixel-space DiT (8x8, 1 channel, no VAE: decode = identity)
 DIGITS_PRIOR = dict(num_attention_heads=3, attention_head_dim=32, in_channels=1, out_channels=1, num_layers=4,
                     sample_size=8, patch_size=2, num_embeds_ada_norm=10)
 DIGITS_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)  # DDPM's linear betas
+# mnist, the whole pipeline in miniature: a VAE from 1 x 32 x 32 images to 4 x 8 x 8 latents (4x down, as the SD VAE
+# goes 8x from 3 x 256 x 256 to 4 x 32 x 32), a DiT on the latents with the learned variance (8 = 2 x 4 outputs) and
+# a null label for CFG, like DiT-XL/2, and a tiny AutoencoderTiny decoder of the same latents (TAESD's shape, scaled
+# down: two upsamplings for 4x) for --grad-decoder taesd
+MNIST_VAE = dict(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(32, 64, 64),
+                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                 layers_per_block=1, norm_num_groups=32, sample_size=32)
+MNIST_DIT = dict(num_attention_heads=3, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=4,
+                 sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+MNIST_TAESD = dict(in_channels=1, out_channels=1, latent_channels=4, encoder_block_out_channels=(32, 32, 32),
+                   decoder_block_out_channels=(32, 32, 32), num_encoder_blocks=(1, 2, 2), num_decoder_blocks=(2, 2, 1),
+                   scaling_factor=1.0)  # 1.0: like madebyollin/taesd it takes the DiT's latents as they are
+MNIST_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)  # latents: no clipping
 
 
 # ----------------------------------------------------------------------------- students

@@ -56,7 +56,7 @@ from lab.folder import (
     validity_path,
 )
 from model import load_prior, make_student
-from train_prior import digits_prior
+from train_prior import embedded_prior
 from train_student import epochs_for_ipc, reference_model, train_student
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: distill.py, evaluate.py
@@ -263,7 +263,7 @@ def robustness(suffix=""):
     theta*: gain = mean S(LGD) - mean S(DiT), and the same for the student's CE alone."""
     torch.set_num_threads(1)  # the cells ran on one thread: the DiT images re-sampled here are theirs, bit for bit
     spec = get_spec("digits")
-    prior, (reference, view) = load_prior(digits_prior()), reference_model(spec, "convnet", None, "cpu")
+    prior, (reference, view) = load_prior(embedded_prior("digits")), reference_model(spec, "convnet", None, "cpu")
     sampler, perts = SamplerConfig(cfg_scale=2.0, steps=50), perturbations(prior)
     other = "an MLP student on the same D_k (a family that did not guide)"
     gains = {name: {"S": [], "student_ce": []} for name in [*perts, other]}

@@ -236,12 +236,12 @@ def test_the_readme_quick_start_runs_top_to_bottom_in_a_fresh_folder(tmp_path, m
     digits prior is the exact denoiser of 20 real digits per class (its samples are real digits; no training), and
     every student trains 3 epochs. The flags, the folders and their order are the README's."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(distill, "digits_prior", lambda *a, **k: "the embedded prior (a stand-in here)")
-    monkeypatch.setattr(distill, "load_prior", lambda *a, **k: make_empirical_prior())
+    monkeypatch.setattr(train_prior, "embedded_prior", lambda *a, **k: "the embedded prior (a stand-in here)")
+    monkeypatch.setattr(train_prior, "load_prior", lambda *a, **k: make_empirical_prior())
     short = lambda ipc, recipe="minimax", dataset=None: 3
     for module in (curriculum, evaluate, preflight, ts):
         monkeypatch.setattr(module, "epochs_for_ipc", short)
-    monkeypatch.setattr(ts, "DIGITS_SURROGATE_EPOCHS", 3)  # theta* and IGD's surrogate: 3 epochs, not 30
+    monkeypatch.setitem(ts.EMBEDDED_SURROGATE_EPOCHS, "digits", 3)  # theta* and IGD's surrogate: 3 epochs, not 30
     for command in quick_start_commands():
         out = []
         code, lines = cli(MAINS[command[1]], command[2:], capsys, out)

@@ -233,12 +233,9 @@ def test_igds_surrogate_is_convnet6_with_minimaxs_large_class_settings(monkeypat
 
 def test_digits_prior_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """The prior's training is resumable: interrupted after a checkpoint, the rerun ends with the same EMA weights."""
-    from data import load_digits_split
-    from train_prior import train_digits_prior
-    train = load_digits_split("train")
-    images, labels = torch.stack(train.items[:64]), train.labels[:64]
-    small = dict(steps=6, batch_size=8, save_every=3)
-    train_digits_prior(str(tmp_path / "straight"), images, labels, **small)
+    from train_prior import build_digits_prior
+    small = dict(steps=6, lr=2e-3, ema_decay=0.995, batch_size=8, save_every=3)
+    build_digits_prior(str(tmp_path / "straight"), small)
 
     calls, step = {"n": 0}, torch.optim.AdamW.step
 
@@ -249,11 +246,11 @@ def test_digits_prior_training_resumes_to_the_same_weights(tmp_path, monkeypatch
         return step(self, *args, **kwargs)
     monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        train_digits_prior(str(tmp_path / "resumed"), images, labels, **small)
-    assert (tmp_path / "resumed.partial" / "train_state.pt").exists()
+        build_digits_prior(str(tmp_path / "resumed"), small)
+    assert (tmp_path / "resumed.partial" / "dit_state.pt").exists()
     assert not (tmp_path / "resumed").exists()  # the prior appears only whole (renamed into place)
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    train_digits_prior(str(tmp_path / "resumed"), images, labels, **small)
+    build_digits_prior(str(tmp_path / "resumed"), small)
     a, b = load_prior(str(tmp_path / "straight")), load_prior(str(tmp_path / "resumed"))
     for (name, x), y in zip(a.transformer.state_dict().items(), b.transformer.state_dict().values()):
         assert torch.equal(x, y), name

@@ -9,6 +9,7 @@ import torch
 
 import distill
 import guidance
+import train_prior
 from conftest import cli, in_process, make_empirical_prior, one_error_line
 from lab import preflight
 
@@ -21,8 +22,9 @@ RUN = ["--prior", "empirical", "--ipc", 4, "--stage-ipc", 2, "--student-epochs",
 
 @pytest.fixture
 def empirical(monkeypatch, tmp_path):
-    """distill.py's prior loader returns the exact denoiser of 20 real digits per class (its samples are digits);
-    the test may permute which class's images a label denoises to. Runs in tmp_path (its own theta* cache)."""
+    """The run's prior loader (train_prior.load_run_prior) returns the exact denoiser of 20 real digits per class (its
+    samples are digits); the test may permute which class's images a label denoises to. Runs in tmp_path (its own
+    theta* cache)."""
     monkeypatch.chdir(tmp_path)
     state = {"permute": None}
 
@@ -31,7 +33,7 @@ def empirical(monkeypatch, tmp_path):
         if state["permute"] is not None:  # label y now denoises to class permute[y]'s images
             prior.transformer.labels = torch.tensor(state["permute"])[prior.transformer.labels]
         return prior
-    monkeypatch.setattr(distill, "load_prior", load)
+    monkeypatch.setattr(train_prior, "load_prior", load)
     return state
 
 

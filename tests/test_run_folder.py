@@ -44,8 +44,8 @@ def test_two_first_runs_at_once_train_the_digits_prior_once(tmp_path):
     go = tmp_path / "go"
     code = ("import os, sys, time\n"
             "while not os.path.exists(sys.argv[2]): time.sleep(0.01)\n"
-            "from train_prior import digits_prior\n"
-            "print('path', digits_prior(sys.argv[1], steps=60))")
+            "from train_prior import embedded_prior\n"
+            "print('path', embedded_prior('digits', sys.argv[1], dict(steps=60, lr=2e-3, ema_decay=0.995)))")
     # import torch first, so both reach the prior together when `go` appears
     procs = [python("import torch\n" + code, tmp_path / "cache", go) for _ in range(2)]
     time.sleep(8)
