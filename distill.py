@@ -32,7 +32,7 @@ from dataclasses import asdict, fields
 import torch
 
 from curriculum import IGDSeed, Plan, Students, generate_increment, igd_increment, run_stages, uses_igd
-from data import get_spec, resolve_data_dir
+from data import EMBEDDED, get_spec, resolve_data_dir
 from evaluate import evaluate_folder
 from guidance import GuidanceConfig, SamplerConfig, igd_guidance
 from lab.checks import check_args
@@ -52,10 +52,15 @@ PAPER = asdict(GuidanceConfig())  # the paper's constants: one home (guidance.Gu
 # the paper's constant above.
 PRESETS = {
     # the embedded CPU preset. NOTE(deviation): 8x8 pixel space, not 32x32x4 latents: the guidance
-    # constants are re-tuned by the sweep in the README (rho_t normalises g, but 64 pixel values vs
+    # constants are re-tuned by the sweep in docs/results.md (rho_t normalises g, but 64 pixel values vs
     # 4096 latent values change how far a step of a given size moves the sample).
     "digits": dict(ipc=10, stage_ipc=2, arch="convnet", recipe="minimax", cfg_scale=2.0, batch_size=128, eval=True,
                    scale=125.0, deviation=1.0, igd_scale=500.0, igd_deviation=5.0, grad_ipc=100),
+    # the embedded latent tier: MNIST through a VAE trained here (4 x 8 x 8 latents, the decoder inside the guidance
+    # gradient, as at full scale). NOTE(deviation): lambda and gamma picked on seed 0 by `python -m lab.results
+    # mnist-sweep` (docs/results.md); IGD keeps its paper constants.
+    "mnist": dict(ipc=10, stage_ipc=2, arch="convnet", recipe="minimax", cfg_scale=2.0, batch_size=128, eval=True,
+                  scale=60.0, deviation=5.0, grad_ipc=100),
     # ImageNette / ImageWoof: the paper's pipeline, T_1 = IGD's 10-IPC increment
     "imagenette": dict(ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24,
                        seed_set="igd"),
@@ -72,18 +77,20 @@ IGD = dict(igd_scale=_IGD.scale, igd_from=_IGD.guide_from, igd_until=_IGD.guide_
 
 def get_parser():
     p = ArgumentParser(prog="distill.py", description="Distil a dataset with learnability-guided diffusion (LGD).")
-    p.add_argument("--dataset", default="digits", help="digits | imagenette | imagewoof | imagenet")
+    p.add_argument("--dataset", default="digits", help="digits | mnist | imagenette | imagewoof | imagenet")
     p.add_argument("--method", default="lgd", choices=["lgd", "dit", "igd"],
                    help="LGD stage loop, unguided DiT, or influence-guided IGD")
-    p.add_argument("--ipc", type=int, default=None, help="images per class in total (preset: 10 digits, 100, 50 IN-1K)")
-    p.add_argument("--stage-ipc", type=int, default=None, help="images per class per increment (paper 10, digits 2)")
+    p.add_argument("--ipc", type=int, default=None,
+                   help="images per class in total (preset: 10 digits/mnist, 100, 50 IN-1K)")
+    p.add_argument("--stage-ipc", type=int, default=None,
+                   help="images per class per increment (paper 10, digits/mnist 2)")
     p.add_argument("--out-dir", default=None, help="output folder (default out/<dataset>_<method>_ipc<N>_seed<S>)")
     p.add_argument("--seed", type=int, default=0, help="run seed (noise of image i of class c derives from it)")
     p.add_argument("--data-dir", default=None, help="ImageFolder root with train/<wnid>/ and val/<wnid>/")
     p.add_argument("--res", type=int, default=None, help="classifier resolution (default: the dataset's, 224)")
     # the prior and its sampler
     p.add_argument("--prior", default=None,
-                   help=f"hub id or local diffusers dir (default {DEFAULT_PRIOR}; digits: cached)")
+                   help=f"hub id or local diffusers dir (default {DEFAULT_PRIOR}; digits, mnist: trained here, cached)")
     p.add_argument("--vae", default="auto", help="'auto', 'none' (pixel space), or a hub id / dir of an AutoencoderKL")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ancestral DDPM (field default) or DDIM")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (respaced)")
@@ -154,9 +161,10 @@ def get_parser():
                    help="under torchrun, train the per-stage student with DDP (off: every rank trains it alone)")
     p.add_argument("--reference", default=None, help="a state dict of theta* for --arch (e.g. IGD's surrogate) "
                    "instead of training it")
-    p.add_argument("--reference-epochs", type=int, default=None, help="theta* training epochs (IGD: 50; digits 30)")
+    p.add_argument("--reference-epochs", type=int, default=None,
+                   help="theta* training epochs (IGD: 50; digits 30, mnist 20)")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=None,
-                   help="evaluate the distilled set afterwards (evaluate.py; default on for digits)")
+                   help="evaluate the distilled set afterwards (evaluate.py; default on for digits and mnist)")
     p.add_argument("--eval-arch", default=None, choices=ARCHS, help="evaluation architecture (default --arch)")
     p.add_argument("--eval-runs", type=int, default=3, help="seeded students in the evaluation")
     p.add_argument("--eval-epochs", type=int, default=None, help="evaluation epochs (default: by IPC)")
@@ -165,7 +173,8 @@ def get_parser():
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=None,
                    help="check the run on these weights and data and price it (lab/preflight.py), then stop; "
-                        "default: every non-digits run does it first (reused once passed); --no-preflight skips it")
+                        "default: every run on downloaded data and weights does it first (reused once passed); "
+                        "--no-preflight skips it")
     p.add_argument("--preflight-classes", type=int, default=None,
                    help="classes the preflight samples (default: all, at most 20)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (stages, images, sampler steps) and exit")
@@ -188,7 +197,7 @@ def resolve_args(args):
     args.reference_archs = args.reference_archs or args.arch  # theta*'s architecture(s), the first one theta*
     args.student_archs = args.student_archs or args.arch  # the per-stage students', the first one theta_k
     check_args(args, guidance_config(args), igd_config(args), uses_igd(args.method, args.seed_set))
-    if args.prior is None and args.dataset != "digits":
+    if args.prior is None and args.dataset not in EMBEDDED:
         args.prior = DEFAULT_PRIOR
     # paths are stored resolved, so evaluate.py finds them from any working directory
     for key in ("data_dir", "prior", "seed_set", "reference"):

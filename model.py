@@ -202,13 +202,13 @@ DIGITS_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sa
 # goes 8x from 3 x 256 x 256 to 4 x 32 x 32), a DiT on the latents with the learned variance (8 = 2 x 4 outputs) and
 # a null label for CFG, like DiT-XL/2, and a tiny AutoencoderTiny decoder of the same latents (TAESD's shape, scaled
 # down: two upsamplings for 4x) for --grad-decoder taesd
-MNIST_VAE = dict(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(32, 64, 64),
+MNIST_VAE = dict(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(16, 32, 32),
                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                 layers_per_block=1, norm_num_groups=32, sample_size=32)
+                 layers_per_block=1, norm_num_groups=8, sample_size=32)
 MNIST_DIT = dict(num_attention_heads=3, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=4,
                  sample_size=8, patch_size=2, num_embeds_ada_norm=10)
-MNIST_TAESD = dict(in_channels=1, out_channels=1, latent_channels=4, encoder_block_out_channels=(32, 32, 32),
-                   decoder_block_out_channels=(32, 32, 32), num_encoder_blocks=(1, 2, 2), num_decoder_blocks=(2, 2, 1),
+MNIST_TAESD = dict(in_channels=1, out_channels=1, latent_channels=4, encoder_block_out_channels=(16, 16, 16),
+                   decoder_block_out_channels=(16, 16, 16), num_encoder_blocks=(1, 2, 2), num_decoder_blocks=(2, 2, 1),
                    scaling_factor=1.0)  # 1.0: like madebyollin/taesd it takes the DiT's latents as they are
 MNIST_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)  # latents: no clipping
 

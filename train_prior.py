@@ -141,7 +141,7 @@ def variational_bound(scheduler, eps, variance_values, x0, xt, t):
 
 # ----------------------------------------------------------------------------- the mnist VAE and its tiny decoder
 
-def train_vae(folder, images, steps, lr, kl_weight=1e-4, batch_size=64, seed=0):
+def train_vae(folder, images, steps, lr, kl_weight=1e-4, batch_size=32, seed=0):
     """The latent tier's AutoencoderKL (model.MNIST_VAE) on images (N, 1, 32, 32) in [0, 1]: pixel MSE in [-1, 1]
     plus kl_weight x the KL to N(0, 1) per latent dimension, so the latents stay a smooth space a DiT can learn.
     Its scaling_factor is set from the trained latents: 1 / std of the posterior means of the train split, so the

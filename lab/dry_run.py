@@ -8,7 +8,7 @@ import os
 from dataclasses import asdict
 
 from curriculum import uses_igd
-from data import class_table
+from data import EMBEDDED, class_table
 from lab.folder import stage_summary
 from lab.preflight import eta_line, load_preflight
 from train_student import IGD_ARCH, RECIPES, recipe_view, reference_view, surrogate_cached, surrogate_epochs
@@ -50,7 +50,8 @@ def resolved_config(args, spec, guide, igd_guide, sampler):
     return dict(
         {k: v for k, v in vars(args).items() if k not in ("dry_run", "json")},
         student_view=view(student), reference_view=view(reference),
-        student_train_transform=("pad 1 + random 8x8 crop" if spec.name == "digits" else
+        student_train_transform=(f"pad {max(1, spec.res // 8)} + random {spec.res}x{spec.res} crop"
+                                 if spec.name in EMBEDDED else
                                  ("Resize + CenterCrop, " if r["pre_crop"] else "") +
                                  f"RandomResizedCrop({student.res}, 0.5-1), flip" +
                                  (", ColorJitter 0.4, Lighting 0.1" if r["augment"] == "minimax" else "")),

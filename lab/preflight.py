@@ -85,6 +85,9 @@ from train_student import (
 )
 
 PASS_SHARE = 0.5        # theta* must recognise at least half of the unguided samples
+MEAN_GAP = 0.2          # decoded images: their mean pixel (in [0, 1]) within this of the real data's,
+STD_RATIO = 2.0         # and their pixel std within [1/2, 2] x the real data's (a VAE decoding latents scaled by the
+                        # wrong factor gives washed-out or saturated images: a shift of the mean, a collapse of the std)
 STUDENT_EPOCHS = 30     # "a few epochs" on one sample per class: enough to learn them, so S has a gradient to follow
 HEADROOM = 0.9          # the batch picked is 90% of the largest that fitted (memory varies from step to step)
 DAY = 24 * 3600
@@ -219,8 +222,19 @@ def _record_bytes(log, kappa, twins):
     return len(json.dumps(image_record(0, report), indent=2))
 
 
+def pixels_ok(pixels):
+    """Whether the decoded images' pixel statistics are the real data's, within MEAN_GAP and STD_RATIO."""
+    gen, real = pixels["generated"], pixels["real"]
+    return abs(gen["mean"] - real["mean"]) <= MEAN_GAP and 1 / STD_RATIO <= gen["std"] / real["std"] <= STD_RATIO
+
+
 def verdict(result, n):
     """The first failed check as the line a user reads (None when every check passes)."""
+    px = result["pixels"]
+    if not pixels_ok(px):
+        return (f"the decoded images look nothing like the data (pixel mean {px['generated']['mean']:.3f}, std "
+                f"{px['generated']['std']:.3f}; the real images: {px['real']['mean']:.3f}, {px['real']['std']:.3f}): "
+                f"check the VAE and its scaling factor (--vae; vae.config.scaling_factor), the prior")
     need = math.ceil(PASS_SHARE * n)
     if result["recognised"] is not None and result["recognised"] < need:
         return (f"theta* recognises {result['recognised']}/{n} unguided samples of their class (chance "
@@ -529,7 +543,8 @@ def table(result):
                  "ok" if result["recognised"] >= math.ceil(PASS_SHARE * n) else "FAIL")]
     rows += [
              ("decoded images", "mean {mean:.3f} std {std:.3f} saturated {saturated:.1%}".format(**px["generated"]),
-              "real: mean {mean:.3f} std {std:.3f} saturated {saturated:.1%}".format(**px["real"]), "")]
+              "real: mean {mean:.3f} std {std:.3f} saturated {saturated:.1%}".format(**px["real"]),
+              "ok" if pixels_ok(px) else "FAIL")]
     if g["gain"] is not None:
         rows += [("guidance direction", f"S guided {g['s_guided']:.3f} vs twin {g['s_twin']:.3f}",
                   f"gain {g['gain']:+.3f}, need > 0", "ok" if g["gain"] > 0 else "FAIL"),

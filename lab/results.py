@@ -116,10 +116,32 @@ TRANSFER_IPC5 = {f"{name}, IPC 5": flags + IPC5 for name, flags in TRANSFER.item
 VIEWS_SWEEP = {"DiT": TRANSFER["DiT"], "LGD (dit seed)": [], **{
     f"LGD + views {k}, lambda {scale}": ["--guidance-views", str(k), "--guidance-scale", str(scale)]
     for k in (4, 8) for scale in (125, 250)}}
+# The latent tier (`--dataset mnist`: the decoder inside the guidance gradient). Four evaluators score every set: the
+# ConvNet that guided, and three that took no part in any guidance: an MLP, logistic regression on the pixels, and
+# ResNetAP-10 at 32 px (the field's network, IDC's small stem).
+MNIST = ["--dataset", "mnist"]
+MNIST_EVALUATORS = ("mlp", "resnetap10")  # trained students besides the guiding ConvNet (+ logistic regression)
+MNIST_TABLE = {
+    "mnist: DiT": MNIST + ["--method", "dit"],
+    "mnist: DiT + candidates (kappa 3, lambda 0)": MNIST + ["--guidance-scale", "0", "--deviation-scale", "0"],
+    "mnist: IGD": MNIST + ["--method", "igd"],
+    "mnist: LGD (dit seed)": MNIST,
+    "mnist: LGD (igd seed)": MNIST + ["--seed-set", "igd"],
+    "mnist: random real": "real-mnist",
+}
+# the mnist preset's constants, picked on seed 0 only by the rule fixed before (train_prior / distill PRESETS):
+# among the settings where theta* still recognises at least 85% of the set and neither the ConvNet nor the MLP
+# falls below DiT's accuracy, the lowest redundancy
+MNIST_SWEEP = {"mnist: DiT": MNIST + ["--method", "dit"], **{
+    f"mnist: lambda {scale:g}, gamma {gamma:g}": MNIST + ["--guidance-scale", str(scale), "--deviation-scale",
+                                                          str(gamma)]
+    for scale in (15, 60, 250) for gamma in (0, 5, 50)}}
 TABLES = {"sweep": (SWEEP, (0,)), "igd-sweep": (IGD_SWEEP, (0,)), "ablation": (ABLATION, SEEDS),
           "ablation-ipc5": (ABLATION_IPC5, SEEDS), "main": (MAIN, SEEDS), "transfer": (TRANSFER, SEEDS),
-          "transfer-ipc5": (TRANSFER_IPC5, SEEDS), "views-sweep": (VIEWS_SWEEP, (0,))}  # (cells, seeds)
+          "transfer-ipc5": (TRANSFER_IPC5, SEEDS), "views-sweep": (VIEWS_SWEEP, (0,)),
+          "mnist": (MNIST_TABLE, SEEDS), "mnist-sweep": (MNIST_SWEEP, (0,))}  # (cells, seeds)
 TRANSFER_TABLES = ("transfer", "transfer-ipc5", "views-sweep")
+MNIST_TABLES = ("mnist", "mnist-sweep")
 JUDGE = "convnet"  # validity is judged by the ConvNet theta* in every row, whichever architecture guided
 
 
@@ -141,26 +163,36 @@ def folder(name, seed):
     return os.path.join(ROOT, f"{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}_seed{seed}")
 
 
+def dataset_of(flags):
+    """The dataset a cell distils: digits unless its flags say --dataset (or it is mnist's random real cell)."""
+    if flags == "real-mnist":
+        return "mnist"
+    return flags[flags.index("--dataset") + 1] if isinstance(flags, list) and "--dataset" in flags else "digits"
+
+
 def commands(name, flags, seed):
     """The commands that fill one cell, each with the file it produces (skipped when that exists)."""
     out, py = folder(name, seed), [sys.executable]
-    if flags in ("real", "real5"):  # random real images: K per class drawn with the cell's seed
-        ipc = "10" if flags == "real" else "5"
-        base = [os.path.join(HERE, "evaluate.py"), "--dataset", "digits", "--real-ipc", ipc, "--seed", str(seed)]
+    dataset = dataset_of(flags)
+    # the evaluators that did not guide (a cell of the mnist sweep only: the MLP, as on digits)
+    others = (CROSS,) if dataset == "digits" or (name in MNIST_SWEEP and name not in MNIST_TABLE) else MNIST_EVALUATORS
+    if flags in ("real", "real5", "real-mnist"):  # random real images: K per class drawn with the cell's seed
+        ipc = "5" if flags == "real5" else "10"
+        base = [os.path.join(HERE, "evaluate.py"), "--dataset", dataset, "--real-ipc", ipc, "--seed", str(seed)]
         if flags == "real5":  # cut like the 5-stages-of-1 sets
             base += ["--stage-ipc", "1"]
-        return [(eval_path(out), py + base + ["--out", out]),
-                (eval_path(out, CROSS), py + base + ["--out", out, "--arch", CROSS]),
-                (redundancy_path(out), py + base + ["--out", out, "--redundancy", "real"])]
+        return [(eval_path(out), py + base + ["--out", out])] + \
+            [(eval_path(out, arch), py + base + ["--out", out, "--arch", arch]) for arch in others] + \
+            [(redundancy_path(out), py + base + ["--out", out, "--redundancy", "real"])]
     evaluate = [os.path.join(HERE, "evaluate.py")]
     guided_by = guiding_arch(flags)
-    cross = CROSS if guided_by == "convnet" else "convnet"  # the other family evaluates
+    crosses = [CROSS if guided_by == "convnet" else "convnet"] if dataset == "digits" else list(others)
     judge = None if guided_by == JUDGE else JUDGE
     return [(eval_path(out), py + [os.path.join(HERE, "distill.py"), *flags, "--seed", str(seed), "--out-dir", out,
-                                   "--eval"]),
-            (eval_path(out, cross), py + evaluate + ["--distilled", out, "--arch", cross]),
-            (redundancy_path(out), py + evaluate + ["--redundancy", out]),
-            (validity_path(out, judge), py + evaluate + ["--validity", out] + (["--arch", judge] if judge else []))]
+                                   "--eval"])] + \
+        [(eval_path(out, cross), py + evaluate + ["--distilled", out, "--arch", cross]) for cross in crosses] + \
+        [(redundancy_path(out), py + evaluate + ["--redundancy", out]),
+         (validity_path(out, judge), py + evaluate + ["--validity", out] + (["--arch", judge] if judge else []))]
 
 
 def fill(cell, threads):
@@ -192,14 +224,14 @@ def summary(name, flags, seeds):
     return [name, pct(accs), pct(cross), per_seed(red), per_seed(valid)]
 
 
-def logreg(out, seed):
-    """Accuracy of scikit-learn's multinomial logistic regression (lbfgs, C = 1) on a set's 64 pixels, tested on the
-    360 held-out digits: a third family that took no part in any guidance, deterministic (one number per set).
-    Cached as eval_logreg.json in the cell."""
+def logreg(out, seed, dataset="digits"):
+    """Accuracy of scikit-learn's multinomial logistic regression (lbfgs, C = 1) on a set's pixels (digits 64, mnist
+    1024), tested on the held-out split: a family that took no part in any guidance, deterministic (one number per
+    set). Cached as eval_logreg.json in the cell."""
     path = eval_path(out, "logreg")
     if not os.path.exists(path):
-        from sklearn.linear_model import LogisticRegression  # digits only, like the embedded dataset itself
-        spec = get_spec("digits")
+        from sklearn.linear_model import LogisticRegression  # the embedded datasets only, like digits itself
+        spec = get_spec(dataset)
         train = ImageSet(*set_files(out, spec)[:2], channels=1) if os.path.isdir(distilled_dir(out)) else \
             sample_real_ipc(load_real(spec, None, "train"), int(load_json(eval_path(out))["ipc"]), seed)
         test = load_real(spec, None, "test")
@@ -230,6 +262,29 @@ def transfer_summary(name, flags, seeds):
         [per_seed(red), per_seed(valid)]
 
 
+def mnist_summary(name, flags, seeds):
+    """One row of the mnist table: the guiding ConvNet (*), then the three evaluators that took no part in any
+    guidance (MLP, logistic regression on the pixels, ResNetAP-10), redundancy, validity judged by theta*."""
+    accs = {arch: [] for arch in ("convnet", "mlp", "logreg", "resnetap10")}
+    red, valid = [], []
+    for seed in seeds:
+        out = folder(name, seed)
+        for arch in ("convnet", *MNIST_EVALUATORS):
+            accs[arch] += load_json(eval_path(out, None if arch == "convnet" else arch))["accs"]
+        accs["logreg"] += logreg(out, seed, "mnist")
+        red.append(load_json(redundancy_path(out))["off_diagonal_mean"])
+        if os.path.exists(validity_path(out)):  # random real cells have no theta* validity
+            valid.append(load_json(validity_path(out))["validity"])
+    pct = lambda v: f"{100 * np.mean(v):.1f} +- {100 * np.std(v):.1f} (n={len(v)})" if v else "-"
+    per_seed = lambda v: (f"{100 * np.mean(v):.1f}" + (f" ({' / '.join(f'{100 * x:.1f}' for x in v)})"
+                                                        if len(v) > 1 else "")) if v else "-"
+    # the ConvNet family steered every set but DiT's and the real images (IGD's surrogate is a ConvNet too)
+    guided = isinstance(flags, list) and flags[flags.index("--method") + 1] != "dit" if "--method" in flags else \
+        isinstance(flags, list)
+    return [name] + [pct(accs[a]) + (" *" if a == "convnet" and guided else "") for a in accs] + \
+        [per_seed(red), per_seed(valid)]
+
+
 def step_sigma(prior, i, steps=50):
     """The standard deviation of the noise the digits prior's sampler adds at respaced step i (DDPM posterior; i = 1
     is its last noisy step), in [0, 1] image units: a perturbation the samples are made to live with."""
@@ -240,8 +295,10 @@ def step_sigma(prior, i, steps=50):
     return float((beta * (1 - abar_prev) / (1 - abar)).sqrt() / 2)
 
 
-def perturbations(prior):
-    """Small, label-preserving changes of images in [0, 1]: {name: [view, ...]} (S is averaged over the views)."""
+def perturbations(prior, dataset="digits"):
+    """Small, label-preserving changes of images in [0, 1]: {name: [view, ...]} (S is averaged over the views). The
+    noise: digits, that of the prior's own last steps (its data is the pixels); mnist (its prior's data is latents):
+    the same two sigmas, on the pixels."""
     def shift(dy, dx):
         return lambda x: torch.roll(F.pad(x, (1, 1, 1, 1)), (dy, dx), (-2, -1))[..., 1:-1, 1:-1]
 
@@ -250,33 +307,37 @@ def perturbations(prior):
         return [(lambda g: lambda x: (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1))(g) for g in gens]
     return {"as sampled (float)": [lambda x: x],
             "8-bit PNG round trip": [lambda x: (x.clamp(0, 1) * 255).round() / 255],
-            "1-pixel shift (the students' augmentation; 8 shifts)": [
+            "1-pixel shift (the students' augmentation; 8 shifts)" if dataset == "digits" else
+            "1-pixel shift (8 shifts)": [
                 shift(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)],
-            **{f"Gaussian noise sigma {step_sigma(prior, i):.3f} (the prior's step i = {i}; 8 draws)":
+            **{(f"Gaussian noise sigma {step_sigma(prior, i):.3f} (the prior's step i = {i}; 8 draws)"
+                if dataset == "digits" else f"Gaussian pixel noise sigma {step_sigma(prior, i):.3f} (8 draws)"):
                noise(step_sigma(prior, i)) for i in (1, 5)}}
 
 
-def robustness(suffix=""):
+def robustness(suffix="", dataset="digits", prefix=""):
     """How much of LGD's S gain over DiT survives small label-preserving changes. For every guided stage k of the
     LGD sets (3 seeds), its kept images (their final latents: the float images before PNG) and the DiT images of the
     same indices (re-sampled from the same noise: the DiT set before PNG), scored by that stage's student theta_k and
-    theta*: gain = mean S(LGD) - mean S(DiT), and the same for the student's CE alone."""
+    theta*: gain = mean S(LGD) - mean S(DiT), and the same for the student's CE alone. prefix: the cells' name prefix
+    ("mnist: ")."""
     torch.set_num_threads(1)  # the cells ran on one thread: the DiT images re-sampled here are theirs, bit for bit
-    spec = get_spec("digits")
-    prior, (reference, view) = load_prior(embedded_prior("digits")), reference_model(spec, "convnet", None, "cpu")
-    sampler, perts = SamplerConfig(cfg_scale=2.0, steps=50), perturbations(prior)
+    spec = get_spec(dataset)
+    prior, (reference, view) = load_prior(embedded_prior(dataset)), reference_model(spec, "convnet", None, "cpu")
+    spec.image_size = prior.image_size
+    sampler, perts = SamplerConfig(cfg_scale=2.0, steps=50), perturbations(prior, dataset)
     other = "an MLP student on the same D_k (a family that did not guide)"
     gains = {name: {"S": [], "student_ce": []} for name in [*perts, other]}
     for seed in SEEDS:
-        lgd, dit = folder("LGD (dit seed)" + suffix, seed), folder("DiT" + suffix, seed)
+        lgd, dit = folder(prefix + "LGD (dit seed)" + suffix, seed), folder(prefix + "DiT" + suffix, seed)
         info = load_json(args_path(lgd))
         for k in range(1, info["ipc"] // info["stage_ipc"]):
             student = make_student("convnet", spec)
             student.load_state_dict(torch.load(student_path(lgd, k)))
             score = Learnability(student, spec, reference, view, 0.5)
             items = [(c, i) for i in range(k * info["stage_ipc"], (k + 1) * info["stage_ipc"]) for c in range(10)]
-            kept = torch.stack([(torch.load(latent_path(stage_latents(lgd, k), spec, c, i))
-                                 .clamp(-1, 1) + 1) / 2 for c, i in items])
+            kept = decode_images(prior, torch.stack([torch.load(latent_path(stage_latents(lgd, k), spec, c, i))
+                                                     for c, i in items]))  # the float images, before PNG
             # one index at a time, the 10 classes together: the DiT run's batches (float rounding depends on them)
             plain = torch.cat([decode_images(prior, sample(prior, torch.arange(10), [
                 torch.Generator().manual_seed(derive_seed(seed, c, i, 0)) for c in range(10)], sampler))
@@ -289,7 +350,7 @@ def robustness(suffix=""):
             paths, labels = sum((p for p, _ in d_k), []), sum((y for _, y in d_k), [])
             mlp = train_student(make_student("mlp", spec, seed=stream_seed(seed, SALT_STAGE_INIT, k)),
                                 ImageSet(paths, labels, channels=1), spec, "minimax",
-                                epochs_for_ipc(k * info["stage_ipc"], "minimax", "digits"),
+                                epochs_for_ipc(k * info["stage_ipc"], "minimax", dataset),
                                 seed=stream_seed(seed, SALT_STAGE_TRAIN, k))
             with torch.no_grad():
                 for name, views in perts.items():
@@ -305,8 +366,8 @@ def robustness(suffix=""):
              f"{np.mean(g['student_ce']):+.3f}",
              f"{100 * np.mean(g['student_ce']) / np.mean(clean['student_ce']):.0f}%"]
             for name, g in gains.items()]
-    save_json(dict(gains=gains),
-              os.path.join(ROOT, "robustness_ipc5.json" if suffix else "robustness.json"))
+    save_json(dict(gains=gains), os.path.join(ROOT, f"robustness{'_ipc5' if suffix else ''}"
+                                                    f"{'_' + dataset if dataset != 'digits' else ''}.json"))
     return rows
 
 
@@ -318,18 +379,21 @@ def table(rows, header):
 def main(argv=None):
     p = ArgumentParser(prog="python -m lab.results",
                        description="Make (or reuse) the digits runs behind the README's tables and print them.")
-    p.add_argument("table", choices=list(TABLES) + ["robustness", "robustness-ipc5"], help="which table")
+    p.add_argument("table", choices=list(TABLES) + ["robustness", "robustness-ipc5", "robustness-mnist"],
+                   help="which table")
     p.add_argument("--jobs", type=int, default=1, help="cells run at a time (each with one CPU thread when > 1)")
     args = p.parse_args(argv)
     require(args.jobs >= 1, f"--jobs must be at least 1, got {args.jobs}")
-    if args.table.startswith("robustness"):  # reads the LGD and DiT cells of `transfer` / `transfer-ipc5`
+    if args.table.startswith("robustness"):  # reads the LGD and DiT cells of `transfer` / `transfer-ipc5` / `mnist`
         suffix = ", IPC 5" if args.table.endswith("ipc5") else ""
-        source = "transfer-ipc5" if suffix else "transfer"
-        missing = [folder(name + suffix, seed) for name in ("LGD (dit seed)", "DiT") for seed in SEEDS
-                   if not os.path.exists(eval_path(folder(name + suffix, seed)))]
+        dataset = "mnist" if args.table.endswith("mnist") else "digits"
+        prefix = "mnist: " if dataset == "mnist" else ""
+        source = {"robustness": "transfer", "robustness-ipc5": "transfer-ipc5"}.get(args.table, "mnist")
+        missing = [folder(prefix + name + suffix, seed) for name in ("LGD (dit seed)", "DiT") for seed in SEEDS
+                   if not os.path.exists(eval_path(folder(prefix + name + suffix, seed)))]
         require(not missing, f"robustness reads the DiT and LGD cells of `{source}`, and {missing[0]} is not made "
                 f"yet: run `python -m lab.results {source}` first")
-        rows = robustness(suffix)
+        rows = robustness(suffix, dataset, prefix)
         print(table(rows, ["LGD kept images vs DiT, same indices", "S gain", "of the float gain", "student CE gain",
                            "of the float gain"]))
         return
@@ -343,13 +407,19 @@ def main(argv=None):
     with ThreadPoolExecutor(args.jobs) as pool:
         for done in pool.map(lambda cell: fill(cell, 1), todo):
             print(f"done: {done}", flush=True)
-    if args.table in TRANSFER_TABLES:
+    if args.table in MNIST_TABLES and args.table == "mnist":
+        header = ["mnist, IPC 10", "acc % ConvNet", "acc % MLP", "acc % logistic regression", "acc % ResNetAP-10",
+                  "redundancy % (5 increments)", "theta* recognises %"]
+        print(table([mnist_summary(name, flags, seeds) for name, flags in cells.items()], header))
+        print("\n(* = the family that steered the sampling: theta*, the stage students, IGD's surrogate)")
+    elif args.table in TRANSFER_TABLES:
         header = [f"digits: {args.table}", "acc % ConvNet", "acc % MLP", "acc % logistic regression",
                   "redundancy % (5 increments)", "ConvNet theta* recognises %"]
         print(table([transfer_summary(name, flags, seeds) for name, flags in cells.items()], header))
         print("\n(* = an architecture that steered the sampling: theta*, a per-stage student or an ensemble member)")
-    else:
-        header = [f"digits: {args.table}", "acc % ConvNet (guiding arch)", f"acc % {CROSS} (cross-arch)",
+    else:  # the digits ablations and sweeps, and mnist's sweep (its ConvNet and MLP columns)
+        header = [f"{'' if args.table.startswith('mnist') else 'digits: '}{args.table}", "acc % ConvNet (guiding arch)",
+                  f"acc % {CROSS} (cross-arch)",
                   "redundancy % (5 increments)", "theta* recognises %"]
         print(table([summary(name, flags, seeds) for name, flags in cells.items()], header))
     print(f"\n(commit {git_commit()[:7]}; accuracies: final epoch, mean +- std over {len(seeds)} distillation "

@@ -7,7 +7,7 @@ import contextlib
 import os
 import shlex
 
-from data import class_table, resolve_data_dir
+from data import EMBEDDED, class_table, resolve_data_dir
 from lab.checks import RESULT_ARGS
 from lab.common import UserError, all_gather, all_reduce_sum, barrier, is_main, print0
 from lab.folder import (
@@ -60,7 +60,7 @@ def start_run(args, spec, device, argv, world, batch_given, load_prior, configs)
     record["command"] = shlex.join(["python", "distill.py", *argv])  # what finishes this run (evaluate/export say it)
     release = claim(args.out_dir)
     try:
-        wanted = args.preflight if args.preflight is not None else args.dataset != "digits"
+        wanted = args.preflight if args.preflight is not None else args.dataset not in EMBEDDED
         if wanted and passed is None:  # before args.json: a failed one leaves no settings to resume or refuse
             prior = prior or load_prior(args, spec, device)
             passed = preflight(args, spec, prior, device, configs)

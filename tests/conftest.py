@@ -80,9 +80,10 @@ class EmpiricalDiT(torch.nn.Module):
     guidance gradients are meaningful: a cheap prior with known-good samples for tests.
     """
 
-    def __init__(self, images, labels, alphas_cumprod, num_classes=10):
+    def __init__(self, images, labels, alphas_cumprod, num_classes=10, scaled=False):
         super().__init__()
-        self.register_buffer("images", images.flatten(1) * 2 - 1)  # (M, D) in [-1, 1]
+        # (M, D): images in [0, 1] are moved to [-1, 1]; scaled=True: the data is in the model's space already (latents)
+        self.register_buffer("images", images.flatten(1) if scaled else images.flatten(1) * 2 - 1)
         self.register_buffer("labels", torch.as_tensor(labels))
         self.register_buffer("alphas_cumprod", alphas_cumprod.float())
         self.shape = images.shape[1:]
@@ -118,6 +119,37 @@ def make_empirical_prior(per_class=20):
     config = DDPMScheduler(**DIGITS_SCHEDULE).config
     scheduler = make_scheduler(config, "ddpm", pixel_space=True, learned_variance=False)
     return Prior(EmpiricalDiT(torch.stack(real.items), real.labels, scheduler.alphas_cumprod), scheduler)
+
+
+# the latent tier's stand-in: trained (not random) but tiny, so its VAE round trip, its decoder gradient and a guided
+# step through it are tested on learned weights in a few seconds; the real one trains in minutes (train_prior.py)
+TINY_MNIST = dict(vae_steps=150, dit_steps=40, taesd_steps=150, lr=2e-3, ema_decay=0.995)
+
+
+@pytest.fixture(scope="session")
+def mnist_prior(tmp_path_factory):
+    """A trained tiny mnist prior in the hub layout (transformer/, vae/, taesd/, scheduler/): train_prior.py's code."""
+    from train_prior import build_mnist_prior
+    path = str(tmp_path_factory.mktemp("mnist") / "mnist_prior")
+    build_mnist_prior(path, TINY_MNIST)
+    return path
+
+
+def make_empirical_latent_prior(vae_dir, per_class=10, scale=1.0):
+    """A latent Prior whose DiT is the exact denoiser of the (scaled) VAE latents of `per_class` real MNIST training
+    images per class: its samples decode to (reconstructions of) real digits. scale: the VAE's config scaling factor
+    is multiplied by it (a VAE loaded with the wrong scaling factor; the DiT's latents keep the right one)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from data import load_mnist_split, sample_real_ipc
+    from model import MNIST_SCHEDULE, Prior, make_scheduler
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    real = sample_real_ipc(load_mnist_split("train"), per_class, seed=0)
+    with torch.no_grad():
+        latents = vae.encode(torch.stack(real.items) * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+    vae.register_to_config(scaling_factor=vae.config.scaling_factor * scale)
+    scheduler = make_scheduler(DDPMScheduler(**MNIST_SCHEDULE).config, "ddpm", learned_variance=False)
+    return Prior(EmpiricalDiT(latents, real.labels, scheduler.alphas_cumprod, scaled=True), scheduler, vae)
 
 
 @pytest.fixture(scope="session")
