@@ -85,9 +85,11 @@ from train_student import (
 )
 
 PASS_SHARE = 0.5        # theta* must recognise at least half of the unguided samples
+LATENT_RATIO = 1.5      # the prior's sampled latents: their std within [1/1.5, 1.5] x that of the real images' latents
+                        # (encoded and scaled by vae.config.scaling_factor, as the DiT was trained on them): a VAE
+                        # loaded with another scaling factor scales one and not the other
 MEAN_GAP = 0.2          # decoded images: their mean pixel (in [0, 1]) within this of the real data's,
-STD_RATIO = 2.0         # and their pixel std within [1/2, 2] x the real data's (a VAE decoding latents scaled by the
-                        # wrong factor gives washed-out or saturated images: a shift of the mean, a collapse of the std)
+STD_RATIO = 2.0         # and their pixel std within [1/2, 2] x the real data's (gross failures: a broken decoder)
 STUDENT_EPOCHS = 30     # "a few epochs" on one sample per class: enough to learn them, so S has a gradient to follow
 HEADROOM = 0.9          # the batch picked is 90% of the largest that fitted (memory varies from step to step)
 DAY = 24 * 3600
@@ -137,7 +139,8 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
     result = dict(dataset=spec.name, method=args.method, classes_checked=n,
                   recognised=None if recognised is None else sum(recognised),
                   chance=1 / spec.num_classes, recognised_per_class=recognised,
-                  pixels=dict(generated=_pixel_stats(x_plain), real=_pixel_stats(real_x)))
+                  pixels=dict(generated=_pixel_stats(x_plain), real=_pixel_stats(real_x)),
+                  latents=_latent_stats(prior, z_plain, real_x))
 
     # the stage-1 student of a guided run: a few epochs on those samples (8-bit, as the run's students see them)
     score = None
@@ -222,6 +225,22 @@ def _record_bytes(log, kappa, twins):
     return len(json.dumps(image_record(0, report), indent=2))
 
 
+def _latent_stats(prior, z, real_x):
+    """Std of the prior's sampled final latents and of the real images' latents (the VAE's posterior means times its
+    scaling factor: what the DiT was trained to generate); None in pixel space, where the pixel check says it."""
+    if prior.vae is None:
+        return None
+    with torch.no_grad():
+        real = prior.encode((real_x * 2 - 1).to(prior.device))
+    return dict(generated_std=float(z.float().std()), real_std=float(real.float().std()),
+                scaling_factor=prior.scaling_factor)
+
+
+def latents_ok(latents):
+    """Whether the sampled latents and the real images' scaled latents have the same spread, within LATENT_RATIO."""
+    return latents is None or 1 / LATENT_RATIO <= latents["generated_std"] / latents["real_std"] <= LATENT_RATIO
+
+
 def pixels_ok(pixels):
     """Whether the decoded images' pixel statistics are the real data's, within MEAN_GAP and STD_RATIO."""
     gen, real = pixels["generated"], pixels["real"]
@@ -230,7 +249,11 @@ def pixels_ok(pixels):
 
 def verdict(result, n):
     """The first failed check as the line a user reads (None when every check passes)."""
-    px = result["pixels"]
+    px, lat = result["pixels"], result["latents"]
+    if not latents_ok(lat):
+        return (f"the real images' latents (encoded, times the VAE's scaling factor {lat['scaling_factor']:g}) have "
+                f"std {lat['real_std']:.3f}, the prior's samples {lat['generated_std']:.3f}: check the VAE and its "
+                f"scaling factor (--vae; vae.config.scaling_factor), the prior")
     if not pixels_ok(px):
         return (f"the decoded images look nothing like the data (pixel mean {px['generated']['mean']:.3f}, std "
                 f"{px['generated']['std']:.3f}; the real images: {px['real']['mean']:.3f}, {px['real']['std']:.3f}): "
@@ -545,6 +568,11 @@ def table(result):
              ("decoded images", "mean {mean:.3f} std {std:.3f} saturated {saturated:.1%}".format(**px["generated"]),
               "real: mean {mean:.3f} std {std:.3f} saturated {saturated:.1%}".format(**px["real"]),
               "ok" if pixels_ok(px) else "FAIL")]
+    if result["latents"] is not None:  # a VAE: its scaling factor, checked on the latents themselves
+        lat = result["latents"]
+        rows.append(("latent scale", f"samples' std {lat['generated_std']:.3f}",
+                     f"real images' latents {lat['real_std']:.3f} (scaling factor {lat['scaling_factor']:g}), need "
+                     f"within {LATENT_RATIO:g}x", "ok" if latents_ok(lat) else "FAIL"))
     if g["gain"] is not None:
         rows += [("guidance direction", f"S guided {g['s_guided']:.3f} vs twin {g['s_twin']:.3f}",
                   f"gain {g['gain']:+.3f}, need > 0", "ok" if g["gain"] > 0 else "FAIL"),

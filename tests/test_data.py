@@ -115,3 +115,19 @@ def test_a_failed_download_names_its_url_size_and_layout_and_the_fix_runs_in_the
     assert not (tmp_path / "run").exists() and not os.listdir(tmp_path / "out" / "data")  # no args.json, no debris
     assert cli(distill.main, argv + ["--data-dir", fake_woof], capsys)[0] == 0  # the corrected command, same folder
     assert json.loads((tmp_path / "run" / "args.json").read_text())["data_dir"] == str(fake_woof)
+
+
+def test_the_mnist_split_is_stratified_disjoint_and_fixed_by_its_seed(monkeypatch):
+    import data
+    train, test = data.load_mnist_split("train"), data.load_mnist_split("test")
+    assert train.counts(10) == [400] * 10 and test.counts(10) == [100] * 10
+    x_train, x_test = torch.stack(train.items), torch.stack(test.items)
+    assert x_train.shape == (4000, 1, 32, 32) and x_train[:, :, :2].abs().sum() == 0  # 2 px of background padding
+    key = lambda x: {row.numpy().tobytes() for row in x.flatten(1)}
+    assert not key(x_train) & key(x_test)  # no image in both
+    assert abs(float(x_train.mean()) - data.MNIST_MEAN[0]) < 1e-3
+    assert abs(float(x_train.std()) - data.MNIST_STD[0]) < 1e-3
+    again = data.load_mnist_split("train")
+    assert torch.equal(torch.stack(again.items), x_train) and again.labels == train.labels  # fixed
+    monkeypatch.setattr(data, "MNIST_SPLIT_SEED", 1)
+    assert not torch.equal(torch.stack(data.load_mnist_split("train").items), x_train)  # drawn with its seed

@@ -2,6 +2,7 @@
 the field's evaluation networks against their sources, the recipes, augmentation and CutMix, soft labels, theta*'s
 and IGD's surrogate, and a user's weights in the field's formats."""
 import math
+import os
 
 import pytest
 import torch
@@ -308,3 +309,25 @@ def test_minimaxs_key_layouts_are_read_and_a_misfit_names_what_it_expected(tmp_p
                                         r"features.0.weight \(128, 1, 3, 3\), found 1; the first difference: "
                                         r"expected features.0.weight \(128, 1, 3, 3\), found conv.weight \(3, 3\)"):
         reference_model(SPEC, "convnet", None, "cpu", path=str(tmp_path / "other.pt"))
+
+
+def test_the_mnist_prior_is_in_the_hub_layout_and_its_vae_round_trips(mnist_prior):
+    """train_prior.py's latent tier, loaded by the very load_prior of DiT-XL/2: the DiT with the learned variance and
+    the null label, the VAE whose scaling factor makes the train latents unit-variance, its tiny decoder."""
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL
+
+    from data import load_mnist_split
+    from guidance import decode_images
+    prior = load_prior(mnist_prior, grad_decoder="taesd")
+    assert sorted(os.listdir(mnist_prior)) == ["scheduler", "taesd", "transformer", "vae"]
+    assert (prior.channels, prior.latent_size, prior.image_size) == (4, 8, 32) and prior.learned_variance
+    assert prior.null_label == 10 and prior.grad_vae is not None
+    vae = AutoencoderKL.from_pretrained(os.path.join(mnist_prior, "vae"))
+    assert prior.scaling_factor == vae.config.scaling_factor != 1.0
+    x = torch.stack(load_mnist_split("test").items[:200])
+    z = prior.encode(x * 2 - 1)  # the posterior mean, times the scaling factor
+    assert z.shape == (200, 4, 8, 8) and 0.7 < float(z.std()) < 1.4  # unit-variance latents (fitted on the train split)
+    with torch.no_grad():
+        assert torch.equal(prior.decode(z), vae.decode(z / vae.config.scaling_factor).sample)
+    assert F.mse_loss(decode_images(prior, z), x) < 0.5 * x.var()  # the round trip keeps the digit

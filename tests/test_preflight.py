@@ -190,3 +190,24 @@ def test_a_dit_preflight_trains_no_theta_star(empirical, tmp_path, capsys):
     result = json.loads((tmp_path / "run" / "preflight.json").read_text())
     assert result["recognised"] is None and result["passed"] and "not checked: a DiT set trains no theta*" in out[0]
     assert not (tmp_path / "out" / "cache").exists()
+
+
+@pytest.mark.parametrize("scale,passes", [(1.0, True), (2.0, False), (0.5, False)])
+def test_a_vae_with_the_wrong_scaling_factor_fails_the_preflight(mnist_prior, tmp_path, capsys, monkeypatch, scale,
+                                                                 passes):
+    """The latent tier's preflight on a prior whose samples are real latents (the exact denoiser of real images'
+    scaled latents): with the VAE's own scaling factor the samples spread like the real images' latents; with a
+    factor 2x off either way, the run stops on that check, naming the scaling factor. (The decoded pixels move too
+    little to tell: the decoder's group norms absorb most of a global scale.)"""
+    from conftest import make_empirical_latent_prior
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_prior, "load_prior", lambda *a, **k: make_empirical_latent_prior(
+        os.path.join(mnist_prior, "vae"), scale=scale))
+    argv = ["--dataset", "mnist", "--method", "dit", "--prior", "stand-in", "--ipc", 2, "--preflight",
+            "--out-dir", tmp_path / "run"]
+    code, lines = cli(distill.main, argv, capsys)
+    result = json.loads((tmp_path / "run" / "preflight.json").read_text())
+    assert result["passed"] == passes and preflight.latents_ok(result["latents"]) == passes
+    if not passes:
+        one_error_line(code, lines, "the real images' latents (encoded, times the VAE's scaling factor",
+                       "check the VAE and its scaling factor")
