@@ -11,7 +11,8 @@ One run times, at one model size and batch, in one process:
                influence score, 4 checkpoints: a double backward) -- step time, ratio to unguided, images/s,
                peak memory (CUDA max allocated; on CPU the process's peak RSS, which only grows)
   --student    student training throughput (images/s) on digits and at 224 px, and augmentation alone
-  --eta        how close the preflight's price comes: a digits preflight (distill.py --preflight) in a fresh
+  --eta        how close the preflight's price comes: a preflight of an embedded run (digits, or mnist with
+               --dataset mnist: the VAE in the loop) (distill.py --preflight) in a fresh
                folder, then the run it priced, timed: ETA / measured (target: within 1.5x either way)
 
 Sizes: `--size xl` = DiT-XL/2 256 px + SD VAE + TAESD (random weights: speed does not depend on them) with
@@ -235,7 +236,8 @@ def main(argv=None):
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="gradient checkpointing in DiT/VAE during the guided step")
     p.add_argument("--student", action="store_true", help="time student training instead of sampling steps")
-    p.add_argument("--eta", action="store_true", help="a digits preflight, then the run it priced: ETA / measured")
+    p.add_argument("--eta", action="store_true", help="a preflight, then the run it priced: ETA / measured")
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist"], help="--eta: the embedded run priced")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", default=None, help="also write everything as JSON here")
     args = p.parse_args(argv)
@@ -246,7 +248,8 @@ def main(argv=None):
         check_writable(os.path.dirname(os.path.abspath(args.json)))
     device = get_device(args.device)
     if args.eta:
-        result = dict(device=str(device), threads=torch.get_num_threads(), eta=bench_eta(device))
+        result = dict(device=str(device), threads=torch.get_num_threads(),
+                      eta=bench_eta(device, ["--dataset", args.dataset]))
         e = result["eta"]
         print(f"preflight {e['preflight_wall_s']:.1f} s; ETA {e['eta_s']:.1f} s (stages "
               f"{' + '.join(f'{s:.1f}' for s in e['eta_stages_s'])}, other {e['eta_other_s']}); run measured "

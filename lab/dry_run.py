@@ -11,6 +11,7 @@ from curriculum import uses_igd
 from data import EMBEDDED, class_table
 from lab.folder import stage_summary
 from lab.preflight import eta_line, load_preflight
+from train_prior import prior_path
 from train_student import IGD_ARCH, RECIPES, recipe_view, reference_view, surrogate_cached, surrogate_epochs
 
 
@@ -18,6 +19,8 @@ def builds(args, spec, data_dir):
     """What the run trains besides sampling, each with whether it is cached already: only what its method uses (a
     DiT set needs no theta*, no IGD surrogate and no stage students)."""
     items = []
+    if spec.name in EMBEDDED and args.prior is None:  # trained here once (train_prior.py), shared by every run
+        items.append(f"the {spec.name} prior ({'cached' if os.path.isdir(prior_path(spec.name)) else 'not cached'})")
     cached = lambda arch: "cached" if surrogate_cached(spec, arch, data_dir, args.reference_epochs) else "not cached"
     epochs = surrogate_epochs(spec.name, args.reference_epochs)
     if args.method == "lgd":

@@ -129,13 +129,16 @@ MNIST_TABLE = {
     "mnist: LGD (igd seed)": MNIST + ["--seed-set", "igd"],
     "mnist: random real": "real-mnist",
 }
-# the mnist preset's constants, picked on seed 0 only by the rule fixed before (train_prior / distill PRESETS):
-# among the settings where theta* still recognises at least 85% of the set and neither the ConvNet nor the MLP
-# falls below DiT's accuracy, the lowest redundancy
+# The mnist preset's lambda and gamma, picked on seed 0 only; seeds 1 and 2 stay held out. The rule, fixed before
+# any cell ran: among the settings where theta* still recognises at least 85% of the set and neither the ConvNet nor
+# the MLP falls below DiT's accuracy (seed 0, 3 students each), the lowest redundancy; if none qualifies, among those
+# with validity >= 85% the one whose worse margin to DiT (ConvNet or MLP) is largest. The grid: the paper's lambda 15
+# and two larger ones (rho_t makes a push a share of ||eps||: 15 is the paper's relative step); gamma around the
+# paper's relative deviation push (gamma 50 / ||z||^2 with 4 x 32 x 32 latents ~ 3 / 256 for mnist's 4 x 8 x 8)
 MNIST_SWEEP = {"mnist: DiT": MNIST + ["--method", "dit"], **{
     f"mnist: lambda {scale:g}, gamma {gamma:g}": MNIST + ["--guidance-scale", str(scale), "--deviation-scale",
                                                           str(gamma)]
-    for scale in (15, 60, 250) for gamma in (0, 5, 50)}}
+    for scale in (15, 30, 60) for gamma in (0, 1, 5)}}
 TABLES = {"sweep": (SWEEP, (0,)), "igd-sweep": (IGD_SWEEP, (0,)), "ablation": (ABLATION, SEEDS),
           "ablation-ipc5": (ABLATION_IPC5, SEEDS), "main": (MAIN, SEEDS), "transfer": (TRANSFER, SEEDS),
           "transfer-ipc5": (TRANSFER_IPC5, SEEDS), "views-sweep": (VIEWS_SWEEP, (0,)),
