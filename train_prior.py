@@ -36,6 +36,7 @@ from guidance import SamplerConfig, decode_images, sample
 from lab.common import (
     ArgumentParser,
     UserError,
+    all_reduce_sum,
     barrier,
     check_writable,
     derive_seed,
@@ -203,12 +204,13 @@ def prior_path(dataset, cache_dir="out/cache"):
     return os.path.join(cache_dir, f"{dataset}_prior")
 
 
-def embedded_prior(dataset, cache_dir="out/cache", training=None):
+def embedded_prior(dataset, cache_dir="out/cache", training=None, check=True):
     """Path of the cached prior of an embedded dataset, trained on its train split on first use. A cache, not a
     result: trained once per checkout and shared by every run; a second run started meanwhile waits for the first
     to finish it (lab.locks.cache_entry). Under torchrun rank 0 trains, the others wait. training: other settings
-    than DIGITS_TRAINING / MNIST_TRAINING (the tests' tiny ones)."""
-    path = prior_path(dataset, cache_dir)
+    than DIGITS_TRAINING / MNIST_TRAINING (the tests' tiny ones, never checked). check: False where the caller
+    checks it itself (main)."""
+    path, fresh = prior_path(dataset, cache_dir), 0
     if is_main():
         with cache_entry(path, f"the {dataset} prior") as missing:
             if missing:
@@ -216,7 +218,10 @@ def embedded_prior(dataset, cache_dir="out/cache", training=None):
                     build_digits_prior(path, training or DIGITS_TRAINING)
                 else:
                     build_mnist_prior(path, training or MNIST_TRAINING)
+            fresh = int(missing and training is None)
     barrier()
+    if all_reduce_sum(fresh) and check:  # freshly trained: whether it can be trusted, before a run builds on it
+        check_prior(dataset, path, get_device())  # every rank: theta* is trained behind a barrier
     return path
 
 
@@ -317,6 +322,29 @@ def decoder_checks(prior, reference, view, device, n=200):
     return mse, variance, cosine
 
 
+def check_prior(dataset, path, device, cfg_scale=None, per_class=20, grid=None):
+    """What a user needs to trust an embedded prior, printed: theta*'s recognition of its unguided samples at the
+    preset's CFG (theta* trained and cached as a run would); for mnist also the VAE's reconstruction error on
+    held-out images and the gradient decoder's cosine to the exact gradient. grid: where to save the samples."""
+    cfg_scale = CHECK_CFG[dataset] if cfg_scale is None else cfg_scale
+    spec = get_spec(dataset)
+    prior = load_prior(path, device=device, grad_decoder="taesd" if dataset == "mnist" else "vae")
+    reference, view = reference_model(spec, "convnet", None, device)
+    share, images = recognised(prior, reference, view, cfg_scale, per_class, device)
+    print0(f"{dataset} prior: theta* recognises {share:.1%} of {10 * per_class} unguided samples (CFG {cfg_scale})")
+    if dataset == "mnist":
+        mse, variance, cosine = decoder_checks(prior, reference, view, device)
+        print0(f"{dataset} prior: VAE on 200 held-out images, pixel MSE {mse:.4f} (the images' variance "
+               f"{variance:.4f}); gradient decoder vs the VAE's, cosine of theta*'s CE gradient {cosine:.3f}")
+    if grid is not None:
+        shown = min(10, per_class)
+        rows = images.view(10, per_class, *images.shape[1:])[:, :shown].reshape(-1, *images.shape[1:])
+        save_grid(rows, grid, [str(c) for c in range(10)], [str(i) for i in range(shown)],
+                  f"{dataset} prior, unguided, CFG {cfg_scale}")
+        print0(f"grid: {grid}")
+    return share
+
+
 def main(argv=None):
     """Train (or load) an embedded prior and check it: what a user needs to trust it before a run builds on it."""
     parser = ArgumentParser(prog="train_prior.py", description="Train/load an embedded prior and check it.")
@@ -334,22 +362,8 @@ def main(argv=None):
     require(math.isfinite(args.cfg_scale) and args.cfg_scale >= 1,
             f"--cfg-scale must be a finite number >= 1, got {args.cfg_scale}")
     check_writable(os.path.dirname(os.path.abspath(args.out)))
-    device, spec = get_device(), get_spec(args.dataset)
-    prior = load_prior(embedded_prior(args.dataset), device=device,
-                       grad_decoder="taesd" if args.dataset == "mnist" else "vae")
-    reference, view = reference_model(spec, "convnet", None, device)
-    share, images = recognised(prior, reference, view, args.cfg_scale, args.per_class, device)
-    shown = min(10, args.per_class)
-    rows = images.view(10, args.per_class, *images.shape[1:])[:, :shown].reshape(-1, *images.shape[1:])
-    save_grid(rows, args.out, [str(c) for c in range(10)], [str(i) for i in range(shown)],
-              f"{args.dataset} prior, unguided, CFG {args.cfg_scale}")
-    print(f"theta* recognises {share:.1%} of {10 * args.per_class} prior samples (CFG {args.cfg_scale}); grid: "
-          f"{args.out}")
-    if args.dataset == "mnist":
-        mse, variance, cosine = decoder_checks(prior, reference, view, device)
-        print(f"VAE on 200 held-out images: pixel MSE {mse:.4f} (the images' variance {variance:.4f}); gradient "
-              f"decoder vs the VAE's, cosine of theta*'s CE gradient {cosine:.3f}")
-
+    path = embedded_prior(args.dataset, check=False)
+    check_prior(args.dataset, path, get_device(), args.cfg_scale, args.per_class, grid=args.out)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -407,7 +407,7 @@ def surrogate_trajectory(view, arch, data_dir, device, epochs=None, cache_dir="o
     """
     path, epochs = surrogate_path(view, arch, data_dir, epochs, cache_dir)
     if is_main():
-        # one run trains it; another run started meanwhile waits for it and reuses it (run_folder.cache_entry)
+        # one run trains it; another run started meanwhile waits for it and reuses it (lab.locks.cache_entry)
         with cache_entry(path, f"{arch} trained on the real {view.name} data") as missing:
             if missing:
                 print0(f"training {arch} on the real {view.name} train split for {epochs} epochs (theta*, cached in "
