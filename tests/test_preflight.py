@@ -129,14 +129,15 @@ def test_the_batch_search_bisects_to_the_largest_fit():
 
 def test_a_non_digits_run_starts_with_the_preflight(tmp_path, latent_prior, fake_woof):
     """ImageWoof on the random tiny latent prior (VAE in the loop): the run does the preflight first by itself, every
-    part of it (IGD's seed and step priced, the evaluation priced), and stops at the label check: random weights
-    make no dog theta* recognises. --no-preflight runs without it."""
+    part of it (IGD's seed and step priced, the evaluation priced), and stops at its first failed check, the latent
+    scale: random weights sample latents far wider than the real images' scaled latents. --no-preflight runs without
+    it."""
     args = ["distill.py", "--dataset", "imagewoof", "--data-dir", fake_woof, "--prior", latent_prior, "--res", 16,
             "--ipc", 2, "--stage-ipc", 1, "--steps", 6, "--guide-from", 0, "--guide-until", 5, "--igd-from", 1,
             "--igd-until", 4, "--grad-ipc", 3, "--reference-epochs", 3, "--student-epochs", 2, "--eval",
             "--eval-epochs", 2, "--eval-runs", 1]
     r = in_process(*args, "--out-dir", tmp_path / "run", cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: preflight: theta* recognises")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: preflight: the real images' latents")
     result = json.loads((tmp_path / "run" / "preflight.json").read_text())
     assert {"igd_step_s", "igd_real_gradient_s", "eval_batch_s", "test_pass_s"} <= set(result["measured"])
     assert "eval_s" in result["eta_other_s"] and len(result["eta_stages_s"]) == 2 and result["eta_stages_s"][0] > 0
