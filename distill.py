@@ -58,9 +58,11 @@ PRESETS = {
                    scale=125.0, deviation=1.0, igd_scale=500.0, igd_deviation=5.0, grad_ipc=100),
     # the embedded latent tier: MNIST through a VAE trained here (4 x 8 x 8 latents, the decoder inside the guidance
     # gradient, as at full scale). NOTE(deviation): lambda and gamma picked on seed 0 by `python -m lab.results
-    # mnist-sweep` (docs/results.md); IGD keeps its paper constants.
+    # mnist-sweep` (docs/results.md) with the rule written in lab/results.py before it ran: no setting kept both the
+    # ConvNet and the MLP at DiT's level (the MLP fell 0.9 to 13 points), so the largest worse margin won: lambda 15
+    # (the paper's), gamma 1. IGD keeps its paper constants.
     "mnist": dict(ipc=10, stage_ipc=2, arch="convnet", recipe="minimax", cfg_scale=2.0, batch_size=128, eval=True,
-                  scale=60.0, deviation=5.0, grad_ipc=100),
+                  scale=15.0, deviation=1.0, grad_ipc=100),
     # ImageNette / ImageWoof: the paper's pipeline, T_1 = IGD's 10-IPC increment
     "imagenette": dict(ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", cfg_scale=4.0, batch_size=24,
                        seed_set="igd"),
