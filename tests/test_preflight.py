@@ -137,7 +137,8 @@ def test_a_non_digits_run_starts_with_the_preflight(tmp_path, latent_prior, fake
             "--igd-until", 4, "--grad-ipc", 3, "--reference-epochs", 3, "--student-epochs", 2, "--eval",
             "--eval-epochs", 2, "--eval-runs", 1]
     r = in_process(*args, "--out-dir", tmp_path / "run", cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: preflight: the real images' latents")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("error: preflight: the real images' latents"), last
     result = json.loads((tmp_path / "run" / "preflight.json").read_text())
     assert {"igd_step_s", "igd_real_gradient_s", "eval_batch_s", "test_pass_s"} <= set(result["measured"])
     assert "eval_s" in result["eta_other_s"] and len(result["eta_stages_s"]) == 2 and result["eta_stages_s"][0] > 0
