@@ -402,8 +402,9 @@ def main(argv=None):
         source = {"robustness": "transfer", "robustness-ipc5": "transfer-ipc5"}.get(args.table, "mnist")
         missing = [folder(prefix + name + suffix, seed) for name in ("LGD (dit seed)", "DiT") for seed in SEEDS
                    if not os.path.exists(eval_path(folder(prefix + name + suffix, seed)))]
-        require(not missing, f"robustness reads the DiT and LGD cells of `{source}`, and {missing[0]} is not made "
-                f"yet: run `python -m lab.results {source}` first")
+        if missing:  # (not require: its message is built before the test, and missing[0] needs one)
+            raise UserError(f"robustness reads the DiT and LGD cells of `{source}`, and {missing[0]} is not made "
+                            f"yet: run `python -m lab.results {source}` first")
         rows = robustness(suffix, dataset, prefix)
         print(table(rows, ["LGD kept images vs DiT, same indices", "S gain", "of the float gain", "student CE gain",
                            "of the float gain"]))

@@ -55,6 +55,24 @@ def test_every_cli_refuses_bad_flags_before_any_work(tmp_path, monkeypatch, caps
     assert os.listdir(tmp_path) == []  # nothing written, nothing trained (no out/cache, no out/results)
 
 
+@pytest.mark.parametrize("table,prefix", [("robustness", ""), ("robustness-mnist", "mnist: ")])
+def test_the_robustness_table_runs_once_its_cells_are_made(tmp_path, monkeypatch, capsys, table, prefix):
+    """With every DiT and LGD cell it reads made, `results robustness` goes on to the table (the refusal above
+    must not fire, or break, when nothing is missing). The measurement itself is stubbed: it needs the cells."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("LGD (dit seed)", "DiT"):
+        for seed in results.SEEDS:
+            out = results.folder(prefix + name, seed)
+            os.makedirs(out)
+            open(os.path.join(out, "eval.json"), "w").write("{}")
+    asked = []
+    monkeypatch.setattr(results, "robustness", lambda *a: asked.append(a) or [["as sampled", "+1", "100%", "+1",
+                                                                            "100%"]])
+    out = []
+    assert cli(results.main, [table], capsys, out)[0] == 0
+    assert asked == [("", "mnist" if prefix else "digits", prefix)] and "| as sampled | +1 |" in out[0]
+
+
 @pytest.mark.parametrize("flags,fragment", [
     (["--cfg-scale", "nan"], "--cfg-scale must be a finite number >= 1"),
     (["--cfg-scale", "0.5"], "--cfg-scale"),
