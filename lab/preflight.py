@@ -40,6 +40,7 @@ import torch
 
 from curriculum import Students, stage_views, uses_igd
 from data import ImageSet, classifier_input, load_real, resize_crop
+from evaluate import CHECKPOINTS
 from guidance import (
     Influence,
     Learnability,
@@ -477,8 +478,9 @@ def estimate(args, spec, guide, igd_guide, batch, kappa, m):
         extra["surrogate_s"] = epochs * math.ceil(m["real_train_images"] / 64) * m["surrogate_batch_s"]
         extra["igd_checkpoint_selection_s"] = C * (epochs + 1) * m["igd_real_gradient_s"]
     if args.eval:
-        per_run = student_seconds(args.ipc, m["eval_batch_s"], args.eval_epochs) + 100 * m["test_pass_s"]
-        extra["eval_s"] = args.eval_runs * per_run  # 100 test passes per student (the best-seen column)
+        passes = CHECKPOINTS.get(spec.name, 100)  # the test passes of the best-seen column (mnist: 10)
+        per_run = student_seconds(args.ipc, m["eval_batch_s"], args.eval_epochs) + passes * m["test_pass_s"]
+        extra["eval_s"] = args.eval_runs * per_run
     return dict(eta_s=sum(stages) + sum(extra.values()), eta_stages_s=stages, eta_other_s=extra)
 
 
