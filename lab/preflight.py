@@ -248,6 +248,11 @@ def pixels_ok(pixels):
     return abs(gen["mean"] - real["mean"]) <= MEAN_GAP and 1 / STD_RATIO <= gen["std"] / real["std"] <= STD_RATIO
 
 
+def labels_ok(result, n):
+    """Whether theta* recognises at least PASS_SHARE of the n unguided samples of their class (True when not judged)."""
+    return result["recognised"] is None or result["recognised"] >= math.ceil(PASS_SHARE * n)
+
+
 def verdict(result, n):
     """The first failed check as the line a user reads (None when every check passes)."""
     px, lat = result["pixels"], result["latents"]
@@ -259,8 +264,7 @@ def verdict(result, n):
         return (f"the decoded images look nothing like the data (pixel mean {px['generated']['mean']:.3f}, std "
                 f"{px['generated']['std']:.3f}; the real images: {px['real']['mean']:.3f}, {px['real']['std']:.3f}): "
                 f"check the VAE and its scaling factor (--vae; vae.config.scaling_factor), the prior")
-    need = math.ceil(PASS_SHARE * n)
-    if result["recognised"] is not None and result["recognised"] < need:
+    if not labels_ok(result, n):
         return (f"theta* recognises {result['recognised']}/{n} unguided samples of their class (chance "
                 f"{round(result['chance'] * n)}/{n}): check the class order / label map, the VAE and its scaling, "
                 f"the prior")
@@ -565,7 +569,7 @@ def table(result):
     else:
         rows = [("prior + labels", f"theta* recognises {result['recognised']}/{n}",
                  f"chance {round(result['chance'] * n)}/{n}, need {math.ceil(PASS_SHARE * n)}",
-                 "ok" if result["recognised"] >= math.ceil(PASS_SHARE * n) else "FAIL")]
+                 "ok" if labels_ok(result, n) else "FAIL")]
     rows += [
              ("decoded images", "mean {mean:.3f} std {std:.3f} saturated {saturated:.1%}".format(**px["generated"]),
               "real: mean {mean:.3f} std {std:.3f} saturated {saturated:.1%}".format(**px["real"]),

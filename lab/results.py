@@ -217,6 +217,19 @@ def fill(cell, threads):
     return f"{cell[0]} seed {cell[2]}"
 
 
+def pct(values):
+    """Accuracies pooled over seeds x students: mean +- std (n), in percent; "-" where a column has none."""
+    return f"{100 * np.mean(values):.1f} +- {100 * np.std(values):.1f} (n={len(values)})" if values else "-"
+
+
+def per_seed(values):
+    """A per-seed measure (redundancy, validity): the mean, then each seed's value; "-" where there is none."""
+    if not values:
+        return "-"
+    return f"{100 * np.mean(values):.1f}" + (f" ({' / '.join(f'{100 * v:.1f}' for v in values)})"
+                                             if len(values) > 1 else "")
+
+
 def summary(name, flags, seeds):
     """One table row: accuracies pooled over seeds x students (n), redundancy and validity per seed."""
     accs, cross, red, valid = [], [], [], []
@@ -228,10 +241,6 @@ def summary(name, flags, seeds):
         red.append(load_json(redundancy_path(out))["off_diagonal_mean"])
         if os.path.exists(validity_path(out)):  # random real cells have no theta* validity
             valid.append(load_json(validity_path(out))["validity"])
-    pct = lambda values: f"{100 * np.mean(values):.1f} +- {100 * np.std(values):.1f} (n={len(values)})" \
-        if values else "-"
-    per_seed = lambda values: (f"{100 * np.mean(values):.1f}" + (
-        f" ({' / '.join(f'{100 * v:.1f}' for v in values)})" if len(values) > 1 else "")) if values else "-"
     return [name, pct(accs), pct(cross), per_seed(red), per_seed(valid)]
 
 
@@ -266,9 +275,6 @@ def transfer_summary(name, flags, seeds):
         accs["logreg"] += logreg(out, seed)
         red.append(load_json(redundancy_path(out))["off_diagonal_mean"])
         valid.append(load_json(validity_path(out, None if guided_by == JUDGE else JUDGE))["validity"])
-    pct = lambda v: f"{100 * np.mean(v):.1f} +- {100 * np.std(v):.1f} (n={len(v)})"
-    per_seed = lambda v: f"{100 * np.mean(v):.1f}" + (f" ({' / '.join(f'{100 * x:.1f}' for x in v)})"
-                                                       if len(v) > 1 else "")
     return [name] + [pct(accs[a]) + (" *" if a in guiding_archs(flags) else "") for a in accs] + \
         [per_seed(red), per_seed(valid)]
 
@@ -286,9 +292,6 @@ def mnist_summary(name, flags, seeds):
         red.append(load_json(redundancy_path(out))["off_diagonal_mean"])
         if os.path.exists(validity_path(out)):  # random real cells have no theta* validity
             valid.append(load_json(validity_path(out))["validity"])
-    pct = lambda v: f"{100 * np.mean(v):.1f} +- {100 * np.std(v):.1f} (n={len(v)})" if v else "-"
-    per_seed = lambda v: (f"{100 * np.mean(v):.1f}" + (f" ({' / '.join(f'{100 * x:.1f}' for x in v)})"
-                                                        if len(v) > 1 else "")) if v else "-"
     # the ConvNet family steered every set but DiT's and the real images (IGD's surrogate is a ConvNet too)
     guided = isinstance(flags, list) and flags[flags.index("--method") + 1] != "dit" if "--method" in flags else \
         isinstance(flags, list)
