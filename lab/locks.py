@@ -60,7 +60,7 @@ class Lock:
                         os.close(fd)
                         return False
                     if on_wait is not None and not told:
-                        on_wait(lock_owner(self.path))
+                        on_wait(self.owner())
                         told = True
                     fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the holder releases it or dies
                 try:
@@ -78,6 +78,16 @@ class Lock:
             os.pwrite(fd, json.dumps(me).encode(), 0)
             self.fd = fd
             return True
+
+    def owner(self, patience=1.0):
+        """The holder's pid, host and start time. It writes them just after taking the flock, so a waiter that looks
+        in that instant reads an empty file: it looks again for up to `patience` seconds rather than say "pid ?"."""
+        deadline = time.time() + patience
+        while True:
+            owner = lock_owner(self.path)
+            if owner or time.time() > deadline:
+                return owner
+            time.sleep(0.01)
 
     def release(self):
         if self.fd is not None:

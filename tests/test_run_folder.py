@@ -23,7 +23,7 @@ from conftest import (
     tree,
 )
 from lab import common
-from lab.locks import LOCK, cache_entry
+from lab.locks import LOCK, Lock, cache_entry
 from model import load_prior
 
 ENV = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
@@ -71,6 +71,33 @@ def test_two_lgd_runs_at_once_train_theta_star_once(tmp_path, pixel_prior):
     assert sum(out.count("training convnet on the real digits") for out, _ in outs) == 1, outs
     [entry] = os.listdir(tmp_path / "out" / "cache")  # one entry, no lock or temporary left
     assert entry.startswith("surrogate_digits_convnet") and entry.endswith(".pt")
+
+
+def test_a_waiter_that_looks_before_the_holder_has_written_its_pid_still_names_it(tmp_path):
+    """The holder takes the flock, then writes its pid: a waiter that reads the lock file in between looks again
+    instead of naming "pid ?" (seen once when two first runs raced for the digits prior)."""
+    import fcntl
+    import threading
+
+    path = tmp_path / "x.lgd-lock"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held, nothing written yet
+
+    def holder():
+        time.sleep(0.2)
+        os.pwrite(fd, json.dumps(dict(pid=4242, host="h", started="s")).encode(), 0)
+        time.sleep(0.3)
+        os.unlink(path)
+        os.close(fd)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    seen = []
+    lock = Lock(str(path))
+    assert lock.acquire(wait=True, on_wait=seen.append)
+    thread.join()
+    lock.release()
+    assert seen == [dict(pid=4242, host="h", started="s")]
 
 
 HOLD = ("import sys, time\nfrom lab.locks import Lock\nlock = Lock(sys.argv[1])\nlock.acquire()\n"
