@@ -22,13 +22,19 @@ from lab.common import TEMPORARY, print0, remove_path
 LOCK = ".lgd-lock"      # held while a run works in a folder, or beside a cache entry being built (an flock)
 
 
-def lock_owner(lock):
-    """Who wrote the lock file (pid, host, start time); {} while it is being written or unreadable."""
-    try:
-        with open(lock) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+def lock_owner(lock, patience=1.0):
+    """Who wrote the lock file (pid, host, start time). The holder writes them just after taking the flock, so a
+    reader that looks in that instant finds an empty file: it looks again for up to `patience` seconds rather than
+    say "pid ?"; {} if the file stays empty or unreadable."""
+    deadline = time.time() + patience
+    while True:
+        try:
+            with open(lock) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            if time.time() > deadline:
+                return {}
+        time.sleep(0.01)
 
 
 def holder_line(owner):
@@ -60,7 +66,7 @@ class Lock:
                         os.close(fd)
                         return False
                     if on_wait is not None and not told:
-                        on_wait(self.owner())
+                        on_wait(lock_owner(self.path))
                         told = True
                     fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the holder releases it or dies
                 try:
@@ -78,16 +84,6 @@ class Lock:
             os.pwrite(fd, json.dumps(me).encode(), 0)
             self.fd = fd
             return True
-
-    def owner(self, patience=1.0):
-        """The holder's pid, host and start time. It writes them just after taking the flock, so a waiter that looks
-        in that instant reads an empty file: it looks again for up to `patience` seconds rather than say "pid ?"."""
-        deadline = time.time() + patience
-        while True:
-            owner = lock_owner(self.path)
-            if owner or time.time() > deadline:
-                return owner
-            time.sleep(0.01)
 
     def release(self):
         if self.fd is not None:
