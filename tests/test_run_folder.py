@@ -83,18 +83,19 @@ def test_a_waiter_that_looks_before_the_holder_has_written_its_pid_still_names_i
     fd = os.open(path, os.O_CREAT | os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # held, nothing written yet
 
+    seen, told = [], threading.Event()
+
     def holder():
-        time.sleep(0.2)
+        time.sleep(0.5)  # the waiter below has found the lock taken and the file empty by now
         os.pwrite(fd, json.dumps(dict(pid=4242, host="h", started="s")).encode(), 0)
-        time.sleep(0.3)
+        told.wait(30)  # release only once the waiter has said whom it waits for
         os.unlink(path)
         os.close(fd)
 
     thread = threading.Thread(target=holder)
     thread.start()
-    seen = []
     lock = Lock(str(path))
-    assert lock.acquire(wait=True, on_wait=seen.append)
+    assert lock.acquire(wait=True, on_wait=lambda owner: (seen.append(owner), told.set()))
     thread.join()
     lock.release()
     assert seen == [dict(pid=4242, host="h", started="s")]
