@@ -84,6 +84,12 @@ from train_student import (
 # 1,000 test images at 32 px cost a ConvNet-3 a second a pass on a CPU, so 10 there (the final column is unaffected)
 CHECKPOINTS = {"mnist": 10}
 
+
+def eval_points(dataset):
+    """How many evenly spaced test passes a student of `dataset` makes (train_student.eval_epochs spaces them)."""
+    return CHECKPOINTS.get(dataset, 100)
+
+
 def evaluate_set(train_set, test_set, view, arch="convnet", runs=3, recipe="minimax", epochs=None, seed=0,
                  device="cpu", ipc=None, num_workers=0, teacher=None):
     """Train `runs` seeded students on train_set, test on test_set -> dict of final and best accuracies.
@@ -98,7 +104,7 @@ def evaluate_set(train_set, test_set, view, arch="convnet", runs=3, recipe="mini
         student = make_student(arch, view, seed=stream_seed(seed, SALT_EVAL_INIT, run))
         train_student(student, train_set, view, recipe, epochs, seed=stream_seed(seed, SALT_EVAL_TRAIN, run),
                       device=device, desc=f"eval {arch} run {run + 1}/{runs}", num_workers=num_workers,
-                      teacher=teacher, eval_points=CHECKPOINTS.get(view.name, 100),
+                      teacher=teacher, eval_points=eval_points(view.name),
                       on_eval=lambda m: seen.append(accuracy(m, test_set, view, device, num_workers=num_workers)))
         accs.append(seen[-1])  # the final epoch's accuracy (the last checkpoint is the last epoch)
         # best-seen = model selection on the test set; reported only as a labelled second column

@@ -225,6 +225,13 @@ def view_augment(view, recipe, generator):
     return lambda x: augment.views(resize_crop(x, size))
 
 
+def eval_epochs(epochs, eval_points):
+    """The epochs (1 .. epochs) after which train_student calls on_eval: every epochs // eval_points epochs (at
+    least every epoch), and always the last, whose accuracy is the final column."""
+    every = max(1, epochs // eval_points)
+    return [e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]
+
+
 def train_student(model, train_set, view, recipe="minimax", epochs=100, seed=0, device="cpu", teacher=None,
                   num_workers=0, desc="student", rank=0, world=1, on_eval=None, eval_points=100, on_epoch=None):
     """Train `model` on `train_set` (an ImageSet of [0,1] images) seen through `view`; return it in eval mode.
@@ -250,7 +257,7 @@ def train_student(model, train_set, view, recipe="minimax", epochs=100, seed=0, 
     if world > 1:  # DDP: every rank trains on its slice of each global batch; gradients are averaged
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     opt, schedule = make_optimizer(model, r, epochs)
-    every = max(1, epochs // eval_points)
+    checkpoints = set(eval_epochs(epochs, eval_points))
     prepared(train_set, size, num_workers=num_workers)  # decode once, up front: a corrupt file fails here
     if on_epoch is not None:
         on_epoch(0, model)
@@ -280,7 +287,7 @@ def train_student(model, train_set, view, recipe="minimax", epochs=100, seed=0, 
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if on_epoch is not None:
             on_epoch(epoch + 1, model)
-        if on_eval is not None and (epoch + 1 == epochs or (epoch + 1) % every == 0):
+        if on_eval is not None and epoch + 1 in checkpoints:
             on_eval(model.eval())
             model.train()
     bar.close()

@@ -40,7 +40,7 @@ import torch
 
 from curriculum import Students, stage_views, uses_igd
 from data import ImageSet, classifier_input, load_real, resize_crop
-from evaluate import CHECKPOINTS
+from evaluate import eval_points
 from guidance import (
     Influence,
     Learnability,
@@ -74,6 +74,7 @@ from train_student import (
     accuracy,
     batch_size_for,
     epochs_for_ipc,
+    eval_epochs,
     recipe_settings,
     recipe_view,
     reference_models,
@@ -482,8 +483,10 @@ def estimate(args, spec, guide, igd_guide, batch, kappa, m):
         extra["surrogate_s"] = epochs * math.ceil(m["real_train_images"] / 64) * m["surrogate_batch_s"]
         extra["igd_checkpoint_selection_s"] = C * (epochs + 1) * m["igd_real_gradient_s"]
     if args.eval:
-        passes = CHECKPOINTS.get(spec.name, 100)  # the test passes of the best-seen column (mnist: 10)
-        per_run = student_seconds(args.ipc, m["eval_batch_s"], args.eval_epochs) + passes * m["test_pass_s"]
+        # the best-seen column's test passes, as train_student spaces them (100, or mnist's 10, of the epochs)
+        epochs = args.eval_epochs or epochs_for_ipc(args.ipc, args.recipe, spec.name)
+        passes = len(eval_epochs(epochs, eval_points(spec.name)))
+        per_run = student_seconds(args.ipc, m["eval_batch_s"], epochs) + passes * m["test_pass_s"]
         extra["eval_s"] = args.eval_runs * per_run
     return dict(eta_s=sum(stages) + sum(extra.values()), eta_stages_s=stages, eta_other_s=extra)
 

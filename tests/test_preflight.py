@@ -215,16 +215,18 @@ def test_a_vae_with_the_wrong_scaling_factor_fails_the_preflight(mnist_prior, tm
                        "check the VAE and its scaling factor")
 
 
-@pytest.mark.parametrize("dataset,passes", [("digits", 100), ("mnist", 10)])
-def test_the_eta_prices_the_test_passes_the_evaluation_makes(dataset, passes):
-    """The evaluation's price counts the best-seen column's test passes per student as evaluate.py makes them
-    (mnist: 10, not Minimax's 100): with every other cost zero, eval_s is runs x passes x one pass."""
+@pytest.mark.parametrize("dataset,epochs,passes", [("digits", None, 100), ("mnist", None, 10), ("digits", 150, 150),
+                                                   ("mnist", 55, 11)])
+def test_the_eta_prices_the_test_passes_the_evaluation_makes(dataset, epochs, passes):
+    """The evaluation's price counts the best-seen column's test passes per student as train_student makes them
+    (mnist: 10, not Minimax's 100; every epoch when there are fewer epochs than 2 x the passes, as at 150; every 5th
+    and the last at 55): with every other cost zero, eval_s is runs x passes x one pass."""
     from types import SimpleNamespace
 
     from data import get_spec
     from guidance import GuidanceConfig, igd_guidance
     m = {"unguided_step_s": {str(b): 0.0 for b in range(1, 2000)}, "eval_batch_s": 0.0, "test_pass_s": 1.5}
-    args = SimpleNamespace(steps=50, method="dit", ipc=10, eval=True, eval_runs=3, eval_epochs=None,
+    args = SimpleNamespace(steps=50, method="dit", ipc=10, eval=True, eval_runs=3, eval_epochs=epochs,
                            recipe="minimax", student_epochs=None)
     eta = preflight.estimate(args, get_spec(dataset), GuidanceConfig(), igd_guidance(), 10, 1, m)
     assert eta["eta_other_s"]["eval_s"] == pytest.approx(3 * passes * 1.5, rel=1e-9)
