@@ -36,8 +36,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiTTransfor
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import Augment, ImageSet, get_spec, load_real, sample_real_ipc
-from guidance import GuidanceConfig, Influence, Learnability, SamplerConfig, cfg_output, guided_output
-from lab.common import (
+from ground.common import (
     ArgumentParser,
     UserError,
     check_writable,
@@ -48,8 +47,11 @@ from lab.common import (
     save_json,
     seconds_per_call,
 )
+from guidance import GuidanceConfig, Learnability, SamplerConfig, cfg_output, guided_output
+from igd import Influence
 from model import DIGITS_PRIOR, Prior, make_scheduler, make_student
-from train_student import recipe_view, reference_view, train_student
+from reference import reference_view
+from train_student import recipe_view, train_student
 
 XL_DIT = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
               sample_size=32, patch_size=2, num_embeds_ada_norm=1000)  # DiT-XL/2 256
@@ -131,7 +133,7 @@ def step_parts(prior, z, t, labels, classes, sampler, score):
 def bench_sampler(args, device, batch):
     torch.manual_seed(0)
     prior, spec = build(args.size, device)
-    prior.autocast = args.precision == "bf16" and device.type == "cuda"
+    prior.bf16 = args.precision == "bf16" and device.type == "cuda"
     if args.grad_checkpoint:
         prior.enable_gradient_checkpointing()
     spec.image_size = prior.image_size

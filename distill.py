@@ -14,8 +14,8 @@ settings, the git commit and the command of every start), DIR/grid.png, and with
 guidance.GuidanceConfig); `python distill.py` with no arguments is the embedded CPU run: digits, LGD, IPC 10 in 5
 stages of 2, a small pixel-space DiT prior trained once and cached under out/cache, then evaluated.
 
-This file is the command line: the presets, the flags, and main. What keeps a run safe (the checks, the run
-folder and its lock, resuming, the preflight, --dry-run) is in lab/.
+This file is the command line: the presets, the flags, and main. The run folder (its lock, resuming, records) is
+ground/; the checks, the preflight and --dry-run that guard a start are tools/.
 
 Run:
   python distill.py                                          # digits, LGD, a few minutes on a CPU
@@ -31,20 +31,22 @@ from dataclasses import asdict, fields
 
 import torch
 
-from curriculum import IGDSeed, Plan, Students, generate_increment, igd_increment, run_stages, uses_igd
+from curriculum import Plan, Students, generate_increment, run_stages
 from data import EMBEDDED, get_spec, resolve_data_dir
 from evaluate import evaluate_folder
-from guidance import GuidanceConfig, SamplerConfig, igd_guidance
-from lab.checks import check_args
-from lab.common import ArgumentParser, UserError, get_device, is_main, print0, run_cli, setup_distributed
-from lab.dry_run import print_plan
-from lab.folder import default_run_dir, distilled_dir, eval_path, preflight_path
-from lab.preflight import DAY, duration, eta_line
-from lab.run import Run
-from lab.start import check_inputs, start_run
+from ground.common import ArgumentParser, UserError, get_device, is_main, print0, run_cli, setup_distributed
+from ground.folder import default_run_dir, distilled_dir, eval_path, preflight_path, seed_set_files
+from ground.run import Run
+from guidance import GuidanceConfig, SamplerConfig
+from igd import GRAD_IPC, IGD, deviation_for, igd_guidance, igd_increment, uses_igd
 from model import ARCHS, DEFAULT_PRIOR
+from reference import reference_model, soft_label_teacher
+from tools.checks import check_args
+from tools.dry_run import print_plan
+from tools.preflight import DAY, duration, eta_line
+from tools.start import check_inputs, start_run
 from train_prior import load_run_prior
-from train_student import RECIPES, recipe_view, reference_models, soft_label_teacher
+from train_student import RECIPES, Trainer, recipe_view
 
 PAPER = asdict(GuidanceConfig())  # the paper's constants: one home (guidance.GuidanceConfig)
 
@@ -57,8 +59,8 @@ PRESETS = {
     "digits": dict(ipc=10, stage_ipc=2, arch="convnet", recipe="minimax", cfg_scale=2.0, batch_size=128, eval=True,
                    scale=125.0, deviation=1.0, igd_scale=500.0, igd_deviation=5.0, grad_ipc=100),
     # the embedded latent tier: MNIST through a VAE trained here (4 x 8 x 8 latents, the decoder inside the guidance
-    # gradient, as at full scale). NOTE(deviation): lambda and gamma picked on seed 0 by `python -m lab.results
-    # mnist-sweep` (docs/results.md) with the rule written in lab/results.py before it ran: no setting kept both the
+    # gradient, as at full scale). NOTE(deviation): lambda and gamma picked on seed 0 by `python -m tools.results
+    # mnist-sweep` (docs/results.md) with the rule written in tools/results.py before it ran: no setting kept both the
     # ConvNet and the MLP at DiT's level (the MLP fell 0.9 to 13 points), so the largest worse margin won: lambda 15
     # (the paper's), gamma 1. IGD keeps its paper constants.
     "mnist": dict(ipc=10, stage_ipc=2, arch="convnet", recipe="minimax", cfg_scale=2.0, batch_size=128, eval=True,
@@ -74,8 +76,9 @@ PRESETS = {
     "imagenet": dict(ipc=50, stage_ipc=10, arch="resnet18_bn", recipe="rded", cfg_scale=4.0, batch_size=24,
                      igd_deviation=120.0, seed_set="dit"),
 }
-_IGD = igd_guidance()  # IGD's own constants: one home, guidance.igd_guidance
-IGD = dict(igd_scale=_IGD.scale, igd_from=_IGD.guide_from, igd_until=_IGD.guide_until, grad_ipc=200)
+_IGD = igd_guidance()  # IGD's own constants: one home, igd.py
+IGD_DEFAULTS = dict(igd_scale=_IGD.scale, igd_from=_IGD.guide_from, igd_until=_IGD.guide_until, grad_ipc=GRAD_IPC)
+
 
 def get_parser():
     p = ArgumentParser(prog="distill.py", description="Distil a dataset with learnability-guided diffusion (LGD).")
@@ -130,31 +133,21 @@ def get_parser():
                    help="g through the DiT (IGD) or from z0_hat with eps held fixed (cheaper)")
     p.add_argument("--memory-cap", type=int, default=None,
                    help=f"|M_c|: latents kept per class ({PAPER['memory_cap']})")
-    p.add_argument("--guidance-views", dest="views", type=int, default=None,
-                   help="K: S averaged over K random views of x0_hat from each classifier's training augmentation "
-                        "(1 = the image, the paper's S; not the paper's when > 1)")
-    p.add_argument("--student-archs", default=None,
-                   help="per-stage students as an ensemble, e.g. convnet,mlp: the student term of S is the mean of "
-                        "their CEs (default: --arch alone, the paper's)")
-    p.add_argument("--reference-archs", default=None,
-                   help="theta* as an ensemble, e.g. convnet,mlp: the reference term is the mean of their CEs "
-                        "(default: --arch alone, the paper's)")
     p.add_argument("--seed-set", default=None, help="stage 0: 'dit' (unguided samples), 'igd' (IGD's samples, the "
                    "paper's pipeline; the ImageNette/ImageWoof default) or a folder <class>/*.png")
     # IGD (--method igd, --seed-set igd): its own constants on the same knobs
-    p.add_argument("--igd-scale", type=float, default=None, help=f"IGD's guidance scale k ({IGD['igd_scale']:g})")
+    p.add_argument("--igd-scale", type=float, default=None,
+                   help=f"IGD's guidance scale k ({IGD_DEFAULTS['igd_scale']:g})")
     p.add_argument("--igd-deviation", type=float, default=None,
                    help="IGD's gamma (IGD Table 7: 50 at IPC 10, 120 at IPC 50/100 and on ImageNet-1K)")
-    p.add_argument("--igd-from", type=int, default=None, help=f"IGD's window start ({IGD['igd_from']})")
-    p.add_argument("--igd-until", type=int, default=None, help=f"IGD's window end ({IGD['igd_until']})")
+    p.add_argument("--igd-from", type=int, default=None, help=f"IGD's window start ({IGD_DEFAULTS['igd_from']})")
+    p.add_argument("--igd-until", type=int, default=None, help=f"IGD's window end ({IGD_DEFAULTS['igd_until']})")
     p.add_argument("--grad-ipc", type=int, default=None, help=f"real images per class in IGD's target gradients "
-                   f"({IGD['grad_ipc']})")
+                   f"({IGD_DEFAULTS['grad_ipc']})")
     p.add_argument("--igd-checkpoints", default="auto", help="'auto' (IGD's adaptive rule) or surrogate snapshots, "
                    "e.g. 0,5,16,40 (IGD's ImageWoof list)")
     p.add_argument("--igd-threshold", type=float, default=0.7, help="IGD's rule: keep a snapshot when the cosine of "
                    "its class gradients to the last kept one falls below this")
-    p.add_argument("--log-twins", dest="twins", action=argparse.BooleanOptionalAction, default=True,
-                   help="log S of each kept image's unguided twin (same noise) in stage_<k>/log.json")
     # students (per-stage theta_k, reference theta*, evaluation)
     p.add_argument("--arch", default=None, choices=ARCHS, help="per-stage student and reference model architecture")
     p.add_argument("--recipe", default=None, choices=list(RECIPES), help="student training recipe")
@@ -174,7 +167,7 @@ def get_parser():
                    "(default: 8 with CUDA, else 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=None,
-                   help="check the run on these weights and data and price it (lab/preflight.py), then stop; "
+                   help="check the run on these weights and data and price it (tools/preflight.py), then stop; "
                         "default: every run on downloaded data and weights does it first (reused once passed); "
                         "--no-preflight skips it")
     p.add_argument("--preflight-classes", type=int, default=None,
@@ -188,16 +181,13 @@ def resolve_args(args):
     """Fill unset flags from the dataset preset and the paper's constants; check every one before any write."""
     if args.dataset not in PRESETS:
         raise UserError(f"unknown dataset '{args.dataset}' (choose from {', '.join(PRESETS)})")
-    for key, value in {**PAPER, **IGD, "eval": False, "seed_set": "dit", **PRESETS[args.dataset]}.items():
+    for key, value in {**PAPER, **IGD_DEFAULTS, "eval": False, "seed_set": "dit", **PRESETS[args.dataset]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.igd_deviation is None:  # IGD Table 7: gamma 50 for a 10-IPC set, 120 for 50/100
-        igd_ipc = args.ipc if args.method == "igd" else args.stage_ipc
-        args.igd_deviation = 50.0 if igd_ipc <= 10 else 120.0
+    if args.igd_deviation is None:  # IGD's gamma for the size of the set it samples
+        args.igd_deviation = deviation_for(args.ipc if args.method == "igd" else args.stage_ipc)
     if args.method != "lgd":  # no stages; stage_ipc only says how evaluate.py --redundancy cuts the set
         args.stage_ipc = min(args.stage_ipc, args.ipc) if args.ipc > 0 else args.stage_ipc
-    args.reference_archs = args.reference_archs or args.arch  # theta*'s architecture(s), the first one theta*
-    args.student_archs = args.student_archs or args.arch  # the per-stage students', the first one theta_k
     check_args(args, guidance_config(args), igd_config(args), uses_igd(args.method, args.seed_set))
     if args.prior is None and args.dataset not in EMBEDDED:
         args.prior = DEFAULT_PRIOR
@@ -244,7 +234,7 @@ def main(argv=None):
         args.channels_last = device.type == "cuda"
     rank, world = setup_distributed(device)
     configs = (guidance_config(args), igd_config(args), sampler_config(args))
-    # the folder is claimed, the inputs checked, the preflight run or reused (lab/start.py); released whatever happens
+    # the folder is claimed, the inputs checked, the preflight run or reused (tools/start.py); released whatever happens
     with start_run(args, spec, device, argv, world, batch_given, load_run_prior, configs) as (prior, passed):
         if args.preflight:
             print0(f"preflight passed: {eta_line(passed)}\nnext: the same command without --preflight (it starts at "
@@ -262,25 +252,25 @@ def distill(args, spec, device, rank, world, prior=None):
     if prior is None:  # the digits prior: trained once into the shared cache (waiting if another run builds it)
         prior = load_run_prior(args, spec, device)
     sampler, out = sampler_config(args), args.out_dir
-    plan = Plan(args.ipc, args.stage_ipc, args.seed, args.batch_size, args.seed_set, args.twins)
-    run = Run(out, spec, plan, rank, world)
-    igd = IGDSeed(igd_config(args), data_dir, args.grad_ipc, args.igd_checkpoints, args.igd_threshold,
-                  args.reference_epochs, args.num_workers) if uses_igd(args.method, args.seed_set) else None
-    student_view = recipe_view(spec, args.recipe)
+    plan = Plan(args.ipc, args.stage_ipc, args.seed)
+    run = Run(out, spec, plan, args.batch_size, rank, world)
+    trainer = Trainer(device, args.num_workers, rank, world, args.student_ddp, args.channels_last)
+    igd = IGD(igd_config(args), data_dir, args.grad_ipc, args.igd_checkpoints, args.igd_threshold,
+              args.reference_epochs)
     if args.method == "dit":
         generate_increment(run, run.one_pass(latents=False), prior, plan, sampler, desc="dit sampling")
     elif args.method == "igd":
-        igd_increment(run, run.one_pass(latents=True), prior, plan, sampler, igd)
+        igd_increment(run, run.one_pass(latents=True), prior, plan, sampler, igd, trainer)
     else:
-        # theta*, trained once per dataset/arch/view and cached under out/cache (or the user's file); an ensemble
-        # of such models with --reference-archs
-        reference = reference_models(spec, args.reference_archs, data_dir, device, args.reference_epochs,
-                                     args.num_workers, args.reference)
+        # theta*, trained once per dataset/arch/view and cached under out/cache (or the user's file)
+        theta_star, reference_view = reference_model(spec, args.arch, data_dir, device, args.reference_epochs,
+                                                     num_workers=args.num_workers, path=args.reference)
+        student_view = recipe_view(spec, args.recipe)
         teacher = soft_label_teacher(student_view, args.recipe, data_dir, device, num_workers=args.num_workers)
-        first, *others = args.student_archs.split(",")
-        students = Students(first, args.recipe, student_view, args.student_epochs, args.student_ddp,
-                            args.num_workers, args.channels_last, tuple(others), device)
-        run_stages(run, prior, plan, sampler, guidance_config(args), students, reference, teacher, igd)
+        students = Students(args.arch, args.recipe, student_view, trainer, args.student_epochs, teacher)
+        run_stages(run, prior, plan, sampler, guidance_config(args), students,
+                   (trainer.place(theta_star), reference_view),
+                   seed_increment(args, run, prior, plan, sampler, igd, trainer))
     run.finish(args.method, guided=range(args.stage_ipc, args.ipc) if plan.stages > 1 and args.method == "lgd"
                else ())
     print0(f"wrote {spec.num_classes * args.ipc} images to {distilled_dir(out)} in {time.time() - start:.0f} s "
@@ -292,6 +282,16 @@ def distill(args, spec, device, rank, world, prior=None):
                f"python evaluate.py --compare {out} <other runs>")
     elif is_main():
         print0(f"next: python evaluate.py --distilled {out}   (-> {eval_path(out)})")
+
+
+def seed_increment(args, run, prior, plan, sampler, igd, trainer):
+    """T_1 by --seed-set: IGD's increment (the paper's pipeline), unguided DiT samples, or a user's folder (its latents
+    for M_c are the VAE encodings of its images). Returns the function that fills it."""
+    if args.seed_set == "igd":
+        return lambda inc: igd_increment(run, inc, prior, plan, sampler, igd, trainer)
+    if args.seed_set == "dit":
+        return lambda inc: generate_increment(run, inc, prior, plan, sampler, desc="stage 0 (unguided)")
+    return lambda inc: run.copy_seed_set(inc, seed_set_files(args.seed_set, run.spec, plan.stage_ipc), prior)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import EMBEDDED, ImageSet, class_table, get_spec, load_real, resolve_data_dir, sample_real_ipc
-from lab.common import (
+from ground.common import (
     SALT_EVAL_INIT,
     SALT_EVAL_TRAIN,
     SALT_REDUNDANCY_INIT,
@@ -53,8 +53,7 @@ from lab.common import (
     save_json,
     stream_seed,
 )
-from lab.export import LAYOUTS, class_folder, export_set
-from lab.folder import (
+from ground.folder import (
     check_classes,
     check_not_busy,
     cross_eval_paths,
@@ -68,27 +67,10 @@ from lab.folder import (
     validity_path,
 )
 from model import ARCHS, make_student
-from train_student import (
-    RECIPES,
-    accuracy,
-    epochs_for_ipc,
-    recipe_view,
-    reference_model,
-    soft_label_teacher,
-    train_student,
-)
+from reference import reference_model, soft_label_teacher
+from train_student import RECIPES, accuracy, epochs_for_ipc, eval_points, recipe_view, train_student
 
 # ----------------------------------------------------------------------------- accuracy
-
-# test passes per student for the best-seen column: 100 evenly spaced, as Minimax evaluates. NOTE(deviation): mnist's
-# 1,000 test images at 32 px cost a ConvNet-3 a second a pass on a CPU, so 10 there (the final column is unaffected)
-CHECKPOINTS = {"mnist": 10}
-
-
-def eval_points(dataset):
-    """How many evenly spaced test passes a student of `dataset` makes (train_student.eval_epochs spaces them)."""
-    return CHECKPOINTS.get(dataset, 100)
-
 
 def evaluate_set(train_set, test_set, view, arch="convnet", runs=3, recipe="minimax", epochs=None, seed=0,
                  device="cpu", ipc=None, num_workers=0, teacher=None):
@@ -302,12 +284,6 @@ def main(argv=None):
     p.add_argument("--stage-ipc", type=int, default=None, help="increment size for --redundancy (default: the run's)")
     p.add_argument("--validity", default=None, help="run folder: the share of its images theta* recognises")
     p.add_argument("--compare", nargs="+", default=None, help="run folders with eval.json -> one table")
-    p.add_argument("--export", default=None, help="a run folder or a bare <class>/*.png set to copy, laid out for "
-                   "another evaluator (--layout, --out)")
-    p.add_argument("--layout", default=None, choices=LAYOUTS, help="--export for RDED (00000/ ... by class index) or "
-                   "DD-Ranking (the same folders + images.pt / labels.pt for its tensor API)")
-    p.add_argument("--size", type=int, default=None, help="--layout ddranking: side of images.pt (default: "
-                   "DD-Ranking's im_size, 128 ImageNette/ImageWoof, 224 ImageNet-1K)")
     p.add_argument("--markdown", default="out/compare.md", help="where --compare writes its Markdown table")
     p.add_argument("--arch", default=None, choices=ARCHS,
                    help="student architecture (default: the run's, else convnet)")
@@ -332,15 +308,11 @@ def main(argv=None):
     require(args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}")
     require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
     require(args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
-    require(args.size is None or args.size >= 8, f"--size must be at least 8, got {args.size}")
-    run_dir = args.distilled or args.validity or args.export or \
+    run_dir = args.distilled or args.validity or \
         (args.redundancy if args.redundancy not in (None, "real") else None)
     if run_dir is None and args.real_ipc is None:
-        raise UserError("give --distilled DIR, --real-ipc K, --redundancy DIR, --validity DIR, --export DIR or "
-                        "--compare DIR ...")
-    if args.export is not None:
-        require(args.layout is not None, f"--export needs --layout ({' or '.join(LAYOUTS)})")
-        require(args.out is not None, "--export needs --out OUT (a new folder: the set is copied, never moved)")
+        raise UserError("give --distilled DIR, --real-ipc K, --redundancy DIR, --validity DIR or --compare DIR ... "
+                        "(to copy a set for RDED or DD-Ranking: python -m tools.export)")
     if args.redundancy == "real" and args.real_ipc is None:
         raise UserError("--redundancy real needs --real-ipc K (the random real images to cut into increments)")
     if run_dir is not None and not os.path.isdir(run_dir):
@@ -353,15 +325,9 @@ def main(argv=None):
                         f"(a run folder knows its own)")
     # a run folder remembers its dataset, resolution, recipe, arch and (resolved) data dir: flags override them
     spec = get_spec(args.dataset or info.get("dataset", "digits"), res=args.res or info.get("res"))
-    # an export reads the set only: a data tree is checked if given (ImageNet-1K's wnids come from it), never fetched
-    data_dir = resolve_data_dir(spec, args.data_dir or info.get("data_dir"), fetch=args.export is None)
+    data_dir = resolve_data_dir(spec, args.data_dir or info.get("data_dir"))
     if run_dir is not None:  # class c of the run must be class c here (an older ImageWoof run numbered them sorted)
         check_classes(run_dir, class_table(spec))
-    if args.export is not None:
-        n = export_set(run_dir, spec, args.layout, args.out, args.size)
-        print0(f"exported {n} images of {run_dir} for {args.layout}: {args.out} (class c in folder "
-               f"{class_folder(0)[:-1]}c, the field's class order; see {args.out}/export.json)")
-        return
     arch, recipe = args.arch or info.get("arch") or "convnet", args.recipe or info.get("recipe") or "minimax"
     device = get_device(args.device)
     if run_dir is not None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torchvision
 from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 
-from lab.common import UserError
+from ground.common import UserError
 
 DEFAULT_PRIOR = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # IGD/MGD3 decode DiT latents with ft-mse (the hub repo ships ft-ema)
@@ -60,14 +60,15 @@ class Prior:
         for module in (transformer, vae, grad_vae):
             if module is not None:
                 module.eval().requires_grad_(False)  # important! guidance differentiates w.r.t. inputs only
-        self.autocast = False  # bf16 autocast of DiT, decoders and classifiers (`--precision bf16`, CUDA)
+        self.bf16 = False  # bf16 autocast of DiT, decoders and classifiers (`--precision bf16`, CUDA)
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+    def autocast(self):
+        """The precision the prior runs in (and the classifiers inside the guided step): bf16 autocast or fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def dit(self, z, timestep, labels):
         """The DiT's raw output (N, C or 2C, h, w), at least float32: eps (and the learned variance)."""
-        with self._autocast():
+        with self.autocast():
             return _at_least_fp32(self.transformer(z, timestep=timestep, class_labels=labels).sample)
 
     @property
@@ -76,7 +77,7 @@ class Prior:
 
     def _decode_with(self, decoder, z):
         """z -> decoder's image in ~[-1, 1], each decoder with the scaling factor of its own config."""
-        with self._autocast():
+        with self.autocast():
             return _at_least_fp32(decoder.decode((z / decoder.config.scaling_factor).to(decoder.dtype)).sample)
 
     def decode(self, z):
@@ -88,9 +89,16 @@ class Prior:
 
         TAESD decodes with its own scaling factor (1.0: it takes the DiT's latents as they are, where the SD
         VAE divides them by 0.18215), and diffusers' AutoencoderTiny returns [-1, 1] like AutoencoderKL
-        (tests/test_speed.py checks both on a random one).
+        (tests/test_guidance.py checks both on a random one).
         """
         return self.decode(z) if self.grad_vae is None else self._decode_with(self.grad_vae, z)
+
+    def step(self, out, t, z, generators):
+        """z_{t-1} from the DiT output at z_t: the scheduler's step, with each image's generator for its noise. DDPM
+        takes eps and the learned variance; DDIM (deterministic) takes eps only."""
+        if isinstance(self.scheduler, DDIMScheduler):
+            out = out[:, :self.channels]  # (N, C, h, w)
+        return self.scheduler.step(out, t, z, generator=generators).prev_sample
 
     @torch.no_grad()
     def encode(self, x):

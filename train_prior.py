@@ -32,8 +32,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiTTransfor
 from tqdm import tqdm
 
 from data import EMBEDDED, classifier_input, get_spec, load_real
-from guidance import SamplerConfig, decode_images, sample
-from lab.common import (
+from ground.common import (
     ArgumentParser,
     UserError,
     all_reduce_sum,
@@ -49,9 +48,10 @@ from lab.common import (
     save_grid,
     save_torch,
 )
-from lab.locks import cache_entry
+from ground.locks import cache_entry
+from guidance import SamplerConfig, decode_images, sample
 from model import DIGITS_PRIOR, DIGITS_SCHEDULE, MNIST_DIT, MNIST_SCHEDULE, MNIST_TAESD, MNIST_VAE, load_prior
-from train_student import reference_model
+from reference import reference_model
 
 # How each embedded prior is trained (steps of batch 128). The digits prior: 2000 steps, about 2 minutes on 2 CPU
 # cores; its unguided samples are recognised by theta* as well as after the 4000 steps at lr 1e-3 of earlier
@@ -207,7 +207,7 @@ def prior_path(dataset, cache_dir="out/cache"):
 def embedded_prior(dataset, cache_dir="out/cache", training=None, check=True):
     """Path of the cached prior of an embedded dataset, trained on its train split on first use. A cache, not a
     result: trained once per checkout and shared by every run; a second run started meanwhile waits for the first
-    to finish it (lab.locks.cache_entry). Under torchrun rank 0 trains, the others wait. training: other settings
+    to finish it (ground.locks.cache_entry). Under torchrun rank 0 trains, the others wait. training: other settings
     than DIGITS_TRAINING / MNIST_TRAINING (the tests' tiny ones, never checked). check: False where the caller
     checks it itself (main)."""
     path, fresh = prior_path(dataset, cache_dir), 0
@@ -272,7 +272,7 @@ def load_run_prior(args, spec, device):
             raise UserError(f"{e}; the cached {args.dataset} prior is broken: remove it (rm -r {prior_path_}) and "
                             f"rerun to retrain it") from None
         raise
-    prior.autocast = args.precision == "bf16"
+    prior.bf16 = args.precision == "bf16"
     if args.grad_checkpoint:
         prior.enable_gradient_checkpointing()
     if args.channels_last:

@@ -28,49 +28,31 @@ The test split is decoded once per evaluation at the test view and reused at eve
 Under torchrun the student is trained with DistributedDataParallel: every rank takes its slice of
 each global batch of the same permutation.
 
-Run: `python train_student.py --dataset digits --real-ipc 10` trains one student on 10 random real
-digits per class and prints its test accuracy.
+Nothing here runs on its own: `python evaluate.py --real-ipc 10` trains students on 10 random real images
+per class with it, `python evaluate.py --distilled DIR` on a distilled set. theta* and the other models
+trained on the real data are in reference.py.
 """
-import hashlib
 import math
-import os
-import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import (
     EMBEDDED,
     Augment,
-    classifier_input,
     cutmix,
-    get_spec,
-    load_real,
     normalise,
     resize_crop,
-    resolve_data_dir,
-    sample_real_ipc,
     storage_size,
     with_view,
 )
-from guidance import Influence, select_checkpoints, weight_gradient
-from lab.common import (
-    ArgumentParser,
+from ground.common import (
     UserError,
-    barrier,
-    get_device,
     is_main,
-    load_saved,
-    print0,
-    require,
-    run_cli,
-    save_torch,
 )
-from lab.locks import cache_entry
-from model import ARCHS, make_student
 
 RECIPES = {
     "minimax": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="multistep",
@@ -81,24 +63,6 @@ RECIPES = {
                  cutmix=True, augment="rded", pre_crop=False, test_crop_ratio=0.875, temperature=20.0, epochs=300,
                  decay_norms=False),
 }
-# theta* and IGD's surrogate (IGD `train_ckpts.py`): SGD lr 0.01, momentum 0.9, wd 5e-4, batch 64, no
-# schedule, no CutMix, Minimax augmentation at the generated size (256 px), mean = std = 0.5, 50 epochs,
-# parameters saved at init and after every epoch (the trajectory IGD's checkpoints are chosen from).
-SURROGATE = dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="constant",
-                 cutmix=False, augment="minimax", pre_crop=True, temperature=None)
-SURROGATE_EPOCHS = 50
-IGD_ARCH = "convnet"  # IGD's surrogate is ConvNet-6 whatever the evaluation network (DD_IGD `sample.py`, define_model)
-
-
-def surrogate_recipe(spec):
-    """The surrogate's recipe for a dataset: SURROGATE, with MinimaxDiffusion `argument.py`'s settings for ImageNet
-    with more than 100 classes (lr 0.1, weight decay 1e-4, batch at least 128), which IGD's training inherits."""
-    if spec.num_classes > 100:
-        return dict(SURROGATE, lr=0.1, weight_decay=1e-4, batch_size=max(128, SURROGATE["batch_size"]))
-    return SURROGATE
-# NOTE(deviation): the embedded datasets' theta* converges sooner: 30 epochs on 8x8 digits (98% test accuracy),
-# 20 on MNIST's 4,000 training images (99%)
-EMBEDDED_SURROGATE_EPOCHS = {"digits": 30, "mnist": 20}
 EMBEDDED_EPOCHS = {"digits": 300, "mnist": 100}  # students of the embedded datasets, whatever the IPC (epochs_for_ipc)
 
 
@@ -107,11 +71,6 @@ def recipe_view(spec, recipe):
     r = RECIPES[recipe]
     res = spec.image_size if r.get("res") == "generated" and spec.name not in EMBEDDED else spec.res
     return with_view(spec, res=res, crop_ratio=1.0 if spec.name in EMBEDDED else r["test_crop_ratio"])
-
-
-def reference_view(spec):
-    """theta*'s view (IGD's surrogate): the generated image as it is (256 px), mean = std = 0.5."""
-    return with_view(spec, res=spec.image_size, crop_ratio=1.0, mean=(0.5,) * spec.channels, std=(0.5,) * spec.channels)
 
 
 def epochs_for_ipc(ipc, recipe="minimax", dataset=None):
@@ -217,12 +176,14 @@ def training_size(view, r):
     return view.res if view.name in EMBEDDED else storage_size(view, r["pre_crop"])
 
 
-def view_augment(view, recipe, generator):
-    """x in [0, 1] (any size) -> random views as a classifier trained with `recipe` in `view` saw its images:
-    the recipe's first resize, then its augmentation, unnormalised, at view.res (guidance.Learnability's views)."""
-    r = recipe_settings(recipe)
-    augment, size = recipe_augment(view, r, generator), training_size(view, r)
-    return lambda x: augment.views(resize_crop(x, size))
+# test passes per student for the best-seen column: 100 evenly spaced, as Minimax evaluates. NOTE(deviation): mnist's
+# 1,000 test images at 32 px cost a ConvNet-3 a second a pass on a CPU, so 10 there (the final column is unaffected)
+TEST_PASSES = {"mnist": 10}
+
+
+def eval_points(dataset):
+    """How many evenly spaced test passes a student of `dataset` makes (eval_epochs spaces them)."""
+    return TEST_PASSES.get(dataset, 100)
 
 
 def eval_epochs(epochs, eval_points):
@@ -294,6 +255,30 @@ def train_student(model, train_set, view, recipe="minimax", epochs=100, seed=0, 
     return model.eval()
 
 
+@dataclass
+class Trainer:
+    """Where students train: the device, DataLoader workers (for sets that stream from disk), the torchrun ranks
+    that share one student (DDP; off: every rank trains its own copy alone, the same one) and NHWC weights."""
+    device: object = "cpu"
+    num_workers: int = 0
+    rank: int = 0
+    world: int = 1
+    ddp: bool = True
+    channels_last: bool = False
+
+    def train(self, model, train_set, view, recipe, epochs, seed, desc="student", teacher=None):
+        """train_student on this hardware; the trained model placed (place)."""
+        shared = self.ddp and self.world > 1
+        return self.place(train_student(model, train_set, view, recipe, epochs, seed, self.device, teacher,
+                                        self.num_workers, desc, self.rank if shared else 0,
+                                        self.world if shared else 1))
+
+    def place(self, model):
+        """A classifier ready for the guided step: on the device, in eval mode, NHWC with channels_last."""
+        model = model.to(self.device).eval()
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
 @torch.no_grad()
 def accuracy(model, test_set, view, device="cpu", batch_size=256, num_workers=0):
     """Top-1 accuracy (a fraction in [0, 1]) with the test view (resize, centre crop, normalise).
@@ -307,264 +292,3 @@ def accuracy(model, test_set, view, device="cpu", batch_size=256, num_workers=0)
         x = normalise(x.to(device).float() / 255, view)
         correct += int((model(x).argmax(dim=1).cpu() == y).sum())
     return correct / max(1, len(test_set))
-
-
-# ----------------------------------------------------------------------------- models trained on the real data
-
-def _cache_path(kind, view, arch, data_dir, epochs, cache_dir):
-    """One cache file per (dataset, arch, view, epochs, data tree): different trees never share an entry."""
-    key = f"{view.name}_{arch}_res{view.res}_e{epochs}"
-    details = repr((view.mean, view.std, view.crop_ratio, os.path.abspath(data_dir) if data_dir else None))
-    return os.path.join(cache_dir, f"{kind}_{key}_{hashlib.sha1(details.encode()).hexdigest()[:8]}.pt")
-
-
-def _load_cached(path):
-    """A cached model (ours, never a user's file): damaged, it says to remove it, and a rerun rebuilds it."""
-    return load_saved(path, "it is a cache: remove it and rerun to retrain it")
-
-
-def load_user_weights(model, path, fits, flag="--reference"):
-    """A user's weights for `model` (theta* or a teacher), in the formats the field ships them in:
-      - a state dict, or a checkpoint dict holding one under "state_dict" / "model" (DD_IGD `train.py`),
-        with DataParallel's "module." prefixes stripped;
-      - a replay buffer [trajectory][epoch][parameter tensors] (IGD's surrogate trajectories, MTT's experts):
-        the last epoch of the first trajectory, in model.parameters() order.
-    Class index c must be the field's class c (data.py: ImageWoof in Minimax / IGD / MTT order), as IGD's own
-    surrogates are. Every failure is one line about `flag`, never a hint to delete the user's file."""
-    try:
-        obj = torch.load(path, map_location="cpu")
-    except Exception as e:  # a text file, a truncated download: the user's file, not a cache
-        raise UserError(f"{flag} {path} is not a PyTorch weights file ({e.__class__.__name__}); give a state dict "
-                        f"or an IGD / MTT replay buffer for {fits}") from None
-    where = f"{flag} {path}"
-    if isinstance(obj, (list, tuple)):  # a replay buffer: descend to one epoch's parameter list
-        while obj and isinstance(obj[0], (list, tuple)):
-            obj = obj[0] if (obj[0] and isinstance(obj[0][0], (list, tuple))) else obj[-1]
-        params = list(model.parameters())
-        if any(b.numel() for b in model.buffers()):
-            raise UserError(f"{where} holds parameters only; {fits} also needs its batch-norm statistics "
-                            f"(give a state dict)")
-        shapes = [tuple(t.shape) if torch.is_tensor(t) else None for t in obj]
-        if shapes != [tuple(p.shape) for p in params]:
-            raise UserError(f"{where} holds {len(shapes)} parameter tensors that do not fit {fits} "
-                            f"({len(params)} tensors, the first {tuple(params[0].shape)})")
-        with torch.no_grad():
-            for p, t in zip(params, obj):
-                p.copy_(t)
-        return model
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-        obj = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-        obj = _our_names(obj, model)
-    try:
-        model.load_state_dict(obj)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise UserError(f"{where} does not fit {fits}: {_layout_difference(obj, model) or str(e).splitlines()[0]}") \
-            from None
-    return model
-
-
-# Other repositories' names for the same tensors (MinimaxDiffusion `train_models/convnet.py` keeps its layers in a
-# ModuleDict of lists: layers.conv.<d>, layers.norm.<d>; ours (MTT's) are one Sequential of 4 modules per block).
-KEY_RENAMES = [(re.compile(r"^layers\.conv\.(\d+)\."), lambda m: f"features.{4 * int(m.group(1))}."),
-               (re.compile(r"^layers\.norm\.(\d+)\."), lambda m: f"features.{4 * int(m.group(1)) + 1}.")]
-
-
-def _our_names(state, model):
-    """A state dict in another repository's key layout -> ours: first the known renames (Minimax's ConvNet); if the
-    names still differ but the tensors line up one for one in order with the same shapes (Minimax / IDC
-    ResNetAP-10 and ResNet-18: layer0.conv1 ... fc, the same modules in the same order), by position."""
-    ours = model.state_dict()
-    if set(state) == set(ours):
-        return state
-    renamed = {}
-    for key, value in state.items():
-        for pattern, replace in KEY_RENAMES:
-            key = pattern.sub(replace, key)
-        renamed[key] = value
-    if set(renamed) == set(ours):
-        return renamed
-    theirs = [(k, v) for k, v in state.items() if torch.is_tensor(v)]
-    if len(theirs) == len(ours) and all(tuple(v.shape) == tuple(o.shape) for (_, v), o in zip(theirs, ours.values())):
-        return {name: value for name, (_, value) in zip(ours, theirs)}
-    return state  # load_state_dict names the difference
-
-
-def _layout_difference(state, model):
-    """One phrase: what the model expected against what the file holds (the first differing key and shape)."""
-    ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-    theirs = [(k, tuple(v.shape) if torch.is_tensor(v) else type(v).__name__) for k, v in state.items()]
-    for (k1, s1), (k2, s2) in zip(ours, theirs):
-        if (k1, s1) != (k2, s2):
-            return (f"expected {len(ours)} tensors starting {ours[0][0]} {ours[0][1]}, found {len(theirs)}; the first "
-                    f"difference: expected {k1} {s1}, found {k2} {s2}")
-    if len(ours) != len(theirs):
-        return f"expected {len(ours)} tensors, found {len(theirs)} (the first {min(len(ours), len(theirs))} agree)"
-    return None
-
-
-def surrogate_trajectory(view, arch, data_dir, device, epochs=None, cache_dir="out/cache", num_workers=0):
-    """IGD's surrogate trained on the full real train split, with its parameters at init and after every
-    epoch: a list of epochs + 1 state dicts (cached). view: the surrogate's view (reference_view).
-
-    Trained by rank 0 alone (the others wait), so the cache does not depend on the number of ranks.
-    """
-    path, epochs = surrogate_path(view, arch, data_dir, epochs, cache_dir)
-    if is_main():
-        # one run trains it; another run started meanwhile waits for it and reuses it (lab.locks.cache_entry)
-        with cache_entry(path, f"{arch} trained on the real {view.name} data") as missing:
-            if missing:
-                print0(f"training {arch} on the real {view.name} train split for {epochs} epochs (theta*, cached in "
-                       f"{path})")
-                trajectory = []
-                model = make_student(arch, view, seed=0)  # important! an init independent of what ran before
-                train_student(model, load_real(view, data_dir, "train"), view, surrogate_recipe(view), epochs, seed=0,
-                              device=device, desc=f"theta* {arch}", num_workers=num_workers,
-                              on_epoch=lambda e, m: trajectory.append({k: v.detach().cpu().clone()
-                                                                       for k, v in m.state_dict().items()}))
-                save_torch(trajectory, path)
-    barrier()
-    return _load_cached(path)
-
-
-def surrogate_epochs(dataset, epochs=None):
-    """The surrogate's training length: the given epochs, else IGD's 50 (digits 30). Its trajectory holds epochs + 1
-    snapshots (the init, then one per epoch)."""
-    return epochs or EMBEDDED_SURROGATE_EPOCHS.get(dataset, SURROGATE_EPOCHS)
-
-
-def surrogate_path(view, arch, data_dir, epochs=None, cache_dir="out/cache"):
-    """(cache file of the surrogate trajectory, its epochs)."""
-    epochs = surrogate_epochs(view.name, epochs)
-    return _cache_path("surrogate", view, arch, data_dir, epochs, cache_dir), epochs
-
-
-def pretrained_reference(spec, arch):
-    """[choice] theta* of ImageNet-1K with resnet18_bn: torchvision's pretrained ResNet-18 (trained on it already)."""
-    return spec.name == "imagenet" and arch == "resnet18_bn" and spec.num_classes == 1000
-
-
-def surrogate_cached(spec, arch, data_dir, epochs=None, cache_dir="out/cache"):
-    """Whether theta* for this dataset / arch needs no training: cached already, or torchvision's pretrained one."""
-    return pretrained_reference(spec, arch) or \
-        os.path.exists(surrogate_path(reference_view(spec), arch, data_dir, epochs, cache_dir)[0])
-
-
-def pretrained_resnet18(device):
-    """torchvision's ImageNet-1K ResNet-18 (hub weights): RDED's teacher, and theta* on ImageNet-1K."""
-    return torchvision.models.resnet18(weights="IMAGENET1K_V1").to(device).eval()
-
-
-def reference_model(spec, arch, data_dir, device, epochs=None, cache_dir="out/cache", num_workers=0, path=None):
-    """theta* and the view it sees: (model in eval mode, view spec).
-
-    [paper] a ConvNet-6 trained on the full real set, as IGD's surrogate: the last snapshot of
-    surrogate_trajectory at IGD's view (256 px, mean = std = 0.5). path: a user's state dict for `arch` at
-    that view (e.g. IGD's released surrogate). [choice] ImageNet-1K with resnet18_bn: torchvision's
-    pretrained ResNet-18 (trained on the full real set already), at its own view (224, ImageNet statistics).
-    """
-    view = reference_view(spec)
-    if path is None and pretrained_reference(spec, arch):
-        return pretrained_resnet18(device), recipe_view(spec, "rded")
-    model = make_student(arch, view, seed=0)
-    if path is not None:
-        load_user_weights(model, path, f"--arch {arch} at {view.res} px")
-    else:
-        model.load_state_dict(surrogate_trajectory(view, arch, data_dir, device, epochs, cache_dir, num_workers)[-1])
-    return model.to(device).eval(), view
-
-
-def reference_models(spec, archs, data_dir, device, epochs=None, num_workers=0, path=None):
-    """[(theta*, its view)] for each architecture of --reference-archs (one: the paper's theta*); path: the user's
-    file for the first (a single theta*)."""
-    return [reference_model(spec, arch, data_dir, device, epochs=epochs, num_workers=num_workers,
-                            path=path if j == 0 else None) for j, arch in enumerate(archs.split(","))]
-
-
-def soft_label_teacher(spec, recipe, data_dir, device, cache_dir="out/cache", num_workers=0):
-    """The RDED teacher for soft-label recipes (None for hard-label ones), in the students' view `spec`:
-    torchvision's pretrained ResNet-18 for ImageNet-1K [RDED/IGD/LGD protocol], else a ResNet-18 (BN)
-    trained on the real train split with the surrogate protocol."""
-    if RECIPES[recipe]["temperature"] is None:
-        return None
-    if spec.name == "imagenet" and spec.num_classes == 1000:
-        return pretrained_resnet18(device)
-    model = make_student("resnet18_bn", spec, seed=0)
-    model.load_state_dict(surrogate_trajectory(spec, "resnet18_bn", data_dir, device, None, cache_dir,
-                                               num_workers)[-1])
-    return model.to(device).eval()
-
-
-# ----------------------------------------------------------------------------- IGD's score for a dataset
-
-def influence_score(spec, data_dir, device, grad_ipc=200, checkpoints="auto", threshold=0.7, epochs=None,
-                    num_workers=0):
-    """IGD's influence score (guidance.Influence) for a dataset -> (the score, what was chosen, for igd.json): the
-    trajectory of IGD's surrogate (ConvNet-6 whatever the evaluation network; with --arch convnet the very training
-    theta* is the last snapshot of, cached), the chosen checkpoints (IGD's adaptive rule, DD_IGD
-    `test_ckpts_grad_sim.py`, or a given list) and real-gradient targets over the first grad_ipc real images per
-    class."""
-    arch, view = IGD_ARCH, reference_view(spec)
-    trajectory = surrogate_trajectory(view, arch, data_dir, device, epochs, num_workers=num_workers)
-    real = load_real(spec, data_dir, "train")
-    members = [[i for i, y in enumerate(real.labels) if y == c][:grad_ipc] for c in range(spec.num_classes)]
-
-    def inputs(c):  # IGD's real view: the first grad_ipc images of the class, sorted by name, at 256 px, 0.5/0.5
-        x = torch.stack([resize_crop(real.load(i), view.res) for i in members[c]]).to(device)
-        return classifier_input(x * 2 - 1, view), torch.full((len(x),), c, device=device)
-
-    def model_at(j):
-        model = make_student(arch, view)
-        model.load_state_dict(trajectory[j])
-        return model.to(device).eval()
-
-    if checkpoints == "auto":  # class by class (the gradients of all classes need not fit in memory)
-        similarity = torch.zeros(len(trajectory), len(trajectory))
-        for c in tqdm(range(spec.num_classes), desc="IGD checkpoint selection", disable=not is_main()):
-            x, y = inputs(c)
-            grads = torch.stack([weight_gradient(model_at(j), x, y) for j in range(len(trajectory))])
-            grads = torch.nn.functional.normalize(grads.cpu(), dim=1)
-            similarity += grads @ grads.T / spec.num_classes
-        chosen = select_checkpoints(similarity, threshold)
-        info = dict(rule=f"adaptive, threshold {threshold}", similarity_to_previous_kept=[
-            float(similarity[a, b]) for a, b in zip(chosen, chosen[1:])])
-    else:  # the range was checked against the trajectory's length before the run started
-        chosen = [int(j) for j in checkpoints.split(",")]
-        info = dict(rule="given")
-    print0(f"IGD checkpoints {chosen} of 0..{len(trajectory) - 1} ({info['rule']})")
-    models = [model_at(j) for j in chosen]
-    score = Influence(models, view, lambda j, c: weight_gradient(models[j], *inputs(c)))
-    return score, dict(info, checkpoints=chosen, trajectory_length=len(trajectory), grad_ipc=grad_ipc, arch=arch)
-
-
-def main():
-    parser = ArgumentParser(prog="train_student.py", description="Train one student on K random real images per class.")
-    parser.add_argument("--dataset", default="digits",
-                        choices=["digits", "mnist", "imagenette", "imagewoof", "imagenet"],
-                        help="benchmark")
-    parser.add_argument("--data-dir", default=None,
-                        help="ImageFolder root with train/ and val/ (not for the embedded digits and mnist)")
-    parser.add_argument("--arch", default="convnet", choices=ARCHS, help="student architecture")
-    parser.add_argument("--real-ipc", type=int, default=10, help="random real images per class")
-    parser.add_argument("--recipe", default="minimax", choices=list(RECIPES), help="training recipe")
-    parser.add_argument("--epochs", type=int, default=None, help="default: by IPC (Minimax protocol)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image draw and the training")
-    args = parser.parse_args()
-    require(args.real_ipc > 0, f"--real-ipc must be positive, got {args.real_ipc}")
-    require(args.epochs is None or args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}")
-    spec, device = get_spec(args.dataset), get_device()
-    data_dir = resolve_data_dir(spec, args.data_dir)
-    view = recipe_view(spec, args.recipe)
-    train = sample_real_ipc(load_real(spec, data_dir, "train"), args.real_ipc, args.seed)
-    teacher = soft_label_teacher(view, args.recipe, data_dir, device)
-    epochs = epochs_for_ipc(args.real_ipc, args.recipe, args.dataset) if args.epochs is None else args.epochs
-    model = train_student(make_student(args.arch, view, seed=args.seed), train, view, args.recipe, epochs, args.seed,
-                          device, teacher=teacher)
-    print0(f"test accuracy: {accuracy(model, load_real(spec, data_dir, 'test'), view, device):.4f}")
-
-
-if __name__ == "__main__":
-    run_cli(main)

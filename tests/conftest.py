@@ -156,7 +156,7 @@ def make_empirical_latent_prior(vae_dir, per_class=10, scale=1.0):
 def digits_reference(tmp_path_factory):
     """theta* trained on the real digits (10 epochs, a few seconds), its view, and its cache folder."""
     from data import get_spec
-    from train_student import reference_model
+    from reference import reference_model
     cache = tmp_path_factory.mktemp("reference_cache")
     model, view = reference_model(get_spec("digits"), "convnet", None, "cpu", epochs=10, cache_dir=str(cache))
     return model, view, cache
@@ -186,12 +186,12 @@ def run_cli(script, *args, cwd, env=None, timeout=600):
 
 def in_process(script, *args, cwd):
     """`python <script> args` from `cwd` as run_cli runs it, but inside this process (no interpreter to start, no
-    torch to import again): the CLI's own main through lab.common.run_cli. Returns what run_cli returns."""
+    torch to import again): the CLI's own main through ground.common.run_cli. Returns what run_cli returns."""
     import contextlib
     import importlib
     import io
 
-    from lab.common import run_cli as run_main
+    from ground.common import run_cli as run_main
     main = importlib.import_module(script[:-len(".py")]).main
     out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
     os.chdir(cwd)
@@ -212,7 +212,7 @@ def in_process(script, *args, cwd):
 # positional args, `a`) holds sends `sig` to the process itself, just before the call does its work.
 SIGNAL_AT = """
 import functools, importlib, os, signal, sys
-from lab.common import run_cli
+from ground.common import run_cli
 module, attr = sys.argv[1].split(":")
 owner = importlib.import_module(module)
 *path, name = attr.split(".")
@@ -254,7 +254,7 @@ def file_hashes(folder, suffix=""):
 def cli(main, argv, capsys, stdout=None):
     """Run a CLI main exactly as `python X.py` does (common.run_cli) in-process: (exit code, stderr lines).
     stdout: a list the captured standard output is appended to."""
-    from lab.common import run_cli as run_main
+    from ground.common import run_cli as run_main
     with pytest.raises(SystemExit) as exit_info:
         run_main(lambda: main([str(a) for a in argv]))
         raise SystemExit(0)
@@ -286,7 +286,7 @@ LGD = ["--dataset", "digits", "--ipc", 2, "--stage-ipc", 1, "--steps", 4, "--gui
 
 def digits_set(folder, ipc=2, classes=range(10)):
     """A bare <class>/<index>.png digits set of random images (every image different)."""
-    from lab.common import save_png
+    from ground.common import save_png
     for n, c in enumerate(classes):
         for i in range(ipc):
             save_png(torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(10 * n + i)),

@@ -12,6 +12,7 @@ import bench
 import curriculum
 import distill
 import evaluate
+import reference
 import train_prior
 import train_student as ts
 from conftest import (
@@ -27,22 +28,22 @@ from conftest import (
     tree,
 )
 from data import get_spec
-from lab import preflight, results
 from model import make_student
+from tools import export, preflight, results
 
 
 @pytest.mark.parametrize("main,argv,fragment", [
     (results.main, ["ablation", "--jobs", "0"], "--jobs must be at least 1, got 0"),
     (results.main, ["ablation", "--jobs", "-3"], "--jobs must be at least 1, got -3"),
     (results.main, ["nosuchtable"], "invalid choice: 'nosuchtable'"),
-    (results.main, ["robustness"], "run `python -m lab.results transfer` first"),
+    (results.main, ["robustness"], "run `python -m tools.results transfer` first"),
     (train_prior.main, ["--per-class", "0"], "--per-class must be at least 1, got 0"),
     (train_prior.main, ["--per-class", "-5"], "--per-class must be at least 1, got -5"),
     (train_prior.main, ["--cfg-scale", "nan"], "--cfg-scale must be a finite number >= 1, got nan"),
     (bench.main, ["--batch-size", "0"], "--batch-size must be at least 1"),
     (bench.main, ["--repeats", "0"], "--repeats must be at least 1, got 0"),
     (bench.main, ["--size", "huge"], "invalid choice: 'huge'"),
-    (evaluate.main, ["--export", ".", "--layout", "minimax", "--out", "x"], "invalid choice: 'minimax'"),
+    (export.main, [".", "--layout", "minimax", "--out", "x"], "invalid choice: 'minimax'"),
     (distill.main, ["--method", "mtt"], "invalid choice: 'mtt'"),
     (distill.main, ["--ipc", "ten"], "invalid int value: 'ten'"),
     (distill.main, ["--igd-checkpoints", "²"], "--igd-checkpoints must be 'auto' or indices"),
@@ -181,7 +182,7 @@ def test_dry_run_json_is_the_resolved_configuration(tmp_path):
 
 
 def test_a_users_reference_model_replaces_the_trained_one(pixel_prior, tmp_path):
-    from train_student import reference_view as view_of
+    from reference import reference_view as view_of
     theta = make_student("convnet", view_of(get_spec("digits")), seed=3)
     torch.save(theta.state_dict(), tmp_path / "theta.pt")
     base = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 4,
@@ -259,7 +260,7 @@ def test_the_readme_quick_start_runs_top_to_bottom_in_a_fresh_folder(tmp_path, m
     short = lambda ipc, recipe="minimax", dataset=None: 3
     for module in (curriculum, evaluate, preflight, ts):
         monkeypatch.setattr(module, "epochs_for_ipc", short)
-    monkeypatch.setitem(ts.EMBEDDED_SURROGATE_EPOCHS, "digits", 3)  # theta* and IGD's surrogate: 3 epochs, not 30
+    monkeypatch.setitem(reference.EMBEDDED_SURROGATE_EPOCHS, "digits", 3)  # theta*, IGD surrogate: 3 epochs
     for command in quick_start_commands():
         out = []
         code, lines = cli(MAINS[command[1]], command[2:], capsys, out)

@@ -17,30 +17,35 @@ import distill
 from conftest import LGD, REPO, cli, file_hashes, in_process, one_error_line, run_cli, run_signalled, tree
 from curriculum import Plan, Students, run_stages
 from data import IMAGEWOOF, get_spec
+from ground.common import load_json
+from ground.run import Increment, Run
 from guidance import (
     GuidanceConfig,
     Learnability,
     SamplerConfig,
     sample,
 )
-from lab.common import UserError, load_json
-from lab.run import Increment, Run
 from model import load_prior, make_student
-from train_student import recipe_view, reference_view
+from reference import reference_view
+from train_student import Trainer
 
 SPEC = get_spec("digits")
 
 
-def stage_loop(prior, out_dir, ipc=3, stage_ipc=1, **kwargs):
-    """The stage loop on the stand-in prior, as distill.py calls it: a run folder (lab.run.Run) for a small plan."""
+GUIDE = GuidanceConfig(scale=50.0, deviation=1.0, candidates=2, guide_from=1, guide_until=4)
+
+
+def stage_loop(prior, out_dir, ipc=3, stage_ipc=1):
+    """The stage loop on the stand-in prior, as distill.py calls it: a run folder (ground.run.Run) for a small plan,
+    T_1 the unguided DiT increment."""
     torch.manual_seed(0)
-    reference = [(make_student("convnet", SPEC).eval(), reference_view(SPEC))]
-    guide = GuidanceConfig(scale=50.0, deviation=1.0, candidates=2, guide_from=1, guide_until=4)
-    plan = Plan(ipc=ipc, stage_ipc=stage_ipc, seed=5, batch_size=20)
+    reference = (make_student("convnet", SPEC).eval(), reference_view(SPEC))
+    plan, sampler = Plan(ipc=ipc, stage_ipc=stage_ipc, seed=5), SamplerConfig(cfg_scale=2.0, steps=6)
     spec = get_spec("digits")
     spec.image_size = prior.image_size
-    run_stages(Run(str(out_dir), spec, plan), prior, plan, SamplerConfig(cfg_scale=2.0, steps=6), guide,
-               Students("convnet", "minimax", SPEC, epochs=2), reference, **kwargs)
+    run = Run(str(out_dir), spec, plan, batch=20)
+    run_stages(run, prior, plan, sampler, GUIDE, Students("convnet", "minimax", SPEC, Trainer(), epochs=2), reference,
+               lambda inc: curriculum.generate_increment(run, inc, prior, plan, sampler))
 
 
 class Killed(Exception):
@@ -68,7 +73,7 @@ def test_stage_loop_three_stages_kill_and_resume(pixel_prior, tmp_path, monkeypa
         assert file_hashes(f"{run}/stage_{k}") == before[k]  # finished stages untouched
     plan = Plan(ipc=3, stage_ipc=1, seed=5)
     for k in range(3):
-        d_k = curriculum.union(Run(run, SPEC, plan), k + 1)[0]  # D_{k+1}: its last 10 files are stage k's
+        d_k = curriculum.union(Run(run, SPEC, plan, batch=20), k + 1)[0]  # D_{k+1}: its last 10 files are stage k's
         files = sorted(os.path.relpath(p, f"{run}/stage_{k}/images") for p in d_k[-10:])
         assert files == [f"{c}/{k:05d}.png" for c in range(10)]  # stage k holds index k of every class
         assert os.path.exists(f"{run}/stage_{k}/grid.png") and os.path.exists(f"{run}/stage_{k}/done.json")
@@ -87,15 +92,10 @@ def test_stage_zero_is_the_unguided_dit_increment(pixel_prior, tmp_path):
     """Paired comparison: LGD's seed stage equals the first images of --method dit with the same seed."""
     prior = load_prior(pixel_prior)
     stage_loop(prior, tmp_path / "lgd", ipc=1)
-    plan = Plan(ipc=1, stage_ipc=1, seed=5, batch_size=20)
-    run = Run(str(tmp_path / "dit"), SPEC, plan)
+    plan = Plan(ipc=1, stage_ipc=1, seed=5)
+    run = Run(str(tmp_path / "dit"), SPEC, plan, batch=20)
     curriculum.generate_increment(run, run.one_pass(latents=False), prior, plan, SamplerConfig(cfg_scale=2.0, steps=6))
     assert file_hashes(tmp_path / "lgd" / "distilled") == file_hashes(tmp_path / "dit" / "distilled")
-
-
-def test_ipc_not_a_multiple_of_stage_ipc_is_an_error(pixel_prior, tmp_path):
-    with pytest.raises(UserError, match="not a multiple"):
-        stage_loop(load_prior(pixel_prior), tmp_path, ipc=4, stage_ipc=3)
 
 
 def test_distill_lgd_cli_on_fake_imagewoof(tmp_path, latent_prior, fake_woof):
@@ -133,9 +133,7 @@ def test_stages_save_final_latents_and_a_log_of_what_guidance_did(pixel_prior, t
         log = json.loads((run / f"stage_{k}" / "log.json").read_text())
         assert log["images_logged"] == 10 and sum(log["kept_candidate_counts"]) == 10
         assert log["kept"]["S"] >= log["rejected"]["S"]  # the kept candidate has the highest S of its slot
-        assert set(log["twin"]) == {"S", "student_ce", "reference_ce"}
-        assert sorted(map(int, log["relative_guidance_per_step"])) == [1, 2, 3, 4]  # the window only
-        assert all(v > 0 for v in log["relative_guidance_per_step"].values())
+        assert set(log["kept"]) == set(log["rejected"]) == {"S", "student_ce", "reference_ce"}
         assert json.loads((run / f"stage_{k}" / "done.json").read_text())["sampler_batch"] == 20
 
 
@@ -148,10 +146,10 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_images(pixel_prior, tmp_pa
     score = Learnability(make_student("convnet", SPEC, seed=1), SPEC, make_student("convnet", SPEC).eval(),
                          reference_view(SPEC), 0.5)
     guide = GuidanceConfig(scale=50.0, deviation=1.0, candidates=2, guide_from=1, guide_until=4)
-    plan = Plan(ipc=5, stage_ipc=5, seed=5, batch_size=20)
+    plan = Plan(ipc=5, stage_ipc=5, seed=5)
 
     def run(folder):  # slots 3 and 4 of every class, guided, M_c starting empty; returns the batch that fitted
-        out = Run(str(folder), SPEC, plan)
+        out = Run(str(folder), SPEC, plan, batch=20)
         inc = Increment(SPEC, str(folder / "images"), str(folder / "latents"), None, range(3, 5))
         curriculum.generate_increment(out, inc, prior, plan, SamplerConfig(cfg_scale=2.0, steps=6), score, guide, {})
         return out.batch
@@ -228,37 +226,6 @@ def test_igd_and_the_papers_pipeline_end_to_end(tmp_path, latent_prior, fake_woo
     r = in_process("distill.py", *common, "--method", "igd", "--ipc", 1, "--igd-checkpoints", "0,52",
                    "--out-dir", tmp_path / "bad", cwd=tmp_path)  # IGD's released 1K list: a snapshot not there
     assert r.returncode == 1 and "snapshots 0..3" in r.stderr.strip().splitlines()[-1]
-
-
-def test_one_view_and_one_member_are_todays_bytes_and_views_are_reproducible(tmp_path, pixel_prior, capsys,
-                                                                             monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    base = ["--dataset", "digits", "--prior", pixel_prior, "--ipc", 2, "--stage-ipc", 1, "--steps", 6,
-            "--guide-from", 0, "--guide-until", 5, "--student-epochs", 2, "--reference-epochs", 2, "--no-eval"]
-    runs = {"today": [], "explicit": ["--guidance-views", 1, "--reference-archs", "convnet"],
-            "views": ["--guidance-views", 3], "views again": ["--guidance-views", 3],
-            "ensemble": ["--reference-archs", "convnet,mlp"], "students": ["--student-archs", "convnet,mlp"]}
-    hashes = {}
-    for name, flags in runs.items():
-        assert cli(distill.main, [*base, *flags, "--out-dir", tmp_path / name.replace(" ", "_")], capsys)[0] == 0
-        hashes[name] = file_hashes(tmp_path / name.replace(" ", "_") / "distilled", ".png")
-    assert len(hashes["today"]) == 20 and hashes["explicit"] == hashes["today"]
-    assert hashes["views"] == hashes["views again"]  # seeded: the same views, the same images
-    stage_1 = {name: frozenset((k, v) for k, v in h.items() if k.endswith("00001.png")) for name, h in hashes.items()}
-    # the guided stage differs from today's in every variant, and between the variants
-    assert len({stage_1[name] for name in ("today", "views", "ensemble", "students")}) == 4
-    assert (tmp_path / "students" / "stage_1" / "student_mlp.pt").exists()  # each student saved, reloadable
-
-
-def test_each_classifier_of_s_draws_its_views_in_its_own_view():
-    """--guidance-views: the student's views come from its recipe at its resolution, theta*'s from the surrogate
-    recipe at theta*'s (here 16 px against 32 px)."""
-    woof = get_spec("imagewoof", res=16)
-    woof.image_size = 32
-    augments = curriculum.stage_views(Students("convnet", "minimax", recipe_view(woof, "minimax")),
-                                      [(None, reference_view(woof))], seed=0, k=1, views=2)
-    x = torch.rand(2, 3, 32, 32)
-    assert [a(x).shape[-1] for a in augments] == [16, 32]
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -383,7 +350,7 @@ def test_a_damaged_record_names_its_way_out_and_a_deleted_one_is_recomputed(unin
 
 def test_a_finished_stages_image_that_is_not_the_runs_is_refused(uninterrupted, pixel_prior, tmp_path, monkeypatch,
                                                                  capsys):
-    from lab.common import save_png
+    from ground.common import save_png
     monkeypatch.chdir(uninterrupted)
     run = tmp_path / "run"
     shutil.copytree(uninterrupted / "ref", run)
@@ -396,7 +363,7 @@ def test_a_finished_stages_image_that_is_not_the_runs_is_refused(uninterrupted, 
 def test_a_seed_set_image_of_another_mode_or_size_is_passed_over(tmp_path, capsys):
     from curriculum import seed_set_files
     from data import get_spec
-    from lab.common import save_png
+    from ground.common import save_png
     for c in range(10):
         for i in range(3):
             save_png(torch.rand(1, 8, 8), str(tmp_path / "seed" / str(c) / f"{i}.png"))
@@ -407,21 +374,6 @@ def test_a_seed_set_image_of_another_mode_or_size_is_passed_over(tmp_path, capsy
     assert [os.path.basename(p) for p in chosen[5]] == ["0.png", "2.png"]
     note = capsys.readouterr().out
     assert "2 images of seed set" in note and "2/0.png" in note and "5/1.png" in note
-
-
-def test_with_random_views_a_rerun_recomputes_the_whole_stage_and_ends_in_the_same_bytes(uninterrupted, pixel_prior,
-                                                                                         tmp_path, monkeypatch, capsys):
-    """--guidance-views 2 draws its views from one stream per stage, batch after batch: a rerun cannot skip the
-    batches already written (the stream would start elsewhere), so it recomputes them and checks their bytes."""
-    monkeypatch.chdir(uninterrupted)
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    assert cli(distill.main, lgd_argv(pixel_prior, ref, "--guidance-views", 2, "--batch-size", 9), capsys)[0] == 0
-    shutil.copytree(ref, run)
-    cut(run, STAGE_1_UNFINISHED)  # slot 2 written (in 4 batches of 3 classes), slot 3 not
-    assert cli(distill.main, lgd_argv(pixel_prior, run, "--guidance-views", 2, "--batch-size", 9), capsys)[0] == 0
-    mine = ("args.json", "stage_1/student.json")
-    assert {k: v for k, v in file_hashes(run).items() if k not in mine} == \
-        {k: v for k, v in file_hashes(ref).items() if k not in mine}
 
 
 def stage_run(prior, out_dir):
@@ -551,7 +503,7 @@ def test_kill_minus_nine_then_resume(tmp_path, straight_run, latent_prior, fake_
     out = tmp_path / "run"
     # killed (SIGKILL, no cleanup at all) mid stage 1, at a moment fixed in advance: its student is saved, the first
     # of its images is being written
-    r = run_signalled("lab.run:Increment.write", "'stage_1' in a[0].images_dir", "SIGKILL", *ARGS, "--data-dir",
+    r = run_signalled("ground.run:Increment.write", "'stage_1' in a[0].images_dir", "SIGKILL", *ARGS, "--data-dir",
                       fake_woof, "--prior", latent_prior, "--out-dir", out, cwd=tmp_path)
     assert r.returncode == -signal.SIGKILL
     assert (out / "stage_1" / "student.pt").exists() and not (out / "stage_1" / "images").exists()
@@ -564,3 +516,27 @@ def test_kill_minus_nine_then_resume(tmp_path, straight_run, latent_prior, fake_
     assert file_hashes(out / "distilled", ".png") == file_hashes(straight_run / "distilled", ".png")
     leftovers = [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
     assert not leftovers  # no half-written file survives a rerun's reads
+
+
+def test_memory_starts_as_d_k_final_latents_and_grows_slot_by_slot(pixel_prior, tmp_path):
+    """M_c after initial_memory: the final latents of D_k's class-c images, stage by stage (capped to the newest);
+    after each slot of a guided increment, the latent kept for that slot joins M_c."""
+    prior = load_prior(pixel_prior)
+    stage_loop(prior, tmp_path / "run")  # 3 stages of 1 image per class
+    plan = Plan(ipc=5, stage_ipc=1, seed=5)
+    run = Run(str(tmp_path / "run"), SPEC, plan, batch=20)
+    stored = lambda k, c: torch.load(tmp_path / "run" / f"stage_{k}" / "latents" / str(c) / f"{k:05d}.pt")
+    memory = curriculum.initial_memory(run, 3, cap=64)
+    assert sorted(memory) == list(range(10))
+    for c in range(10):
+        assert torch.equal(memory[c], torch.stack([stored(k, c) for k in range(3)]).flatten(1))
+    capped = curriculum.initial_memory(run, 3, cap=2)
+    assert all(torch.equal(capped[c], memory[c][1:]) for c in range(10))  # the newest two
+    score = Learnability(make_student("convnet", SPEC, seed=1), SPEC, make_student("convnet", SPEC, seed=2),
+                         reference_view(SPEC), 0.5)
+    inc = Increment(SPEC, str(tmp_path / "more" / "images"), str(tmp_path / "more" / "latents"), None, range(3, 5))
+    before = {c: m.clone() for c, m in memory.items()}
+    curriculum.generate_increment(run, inc, prior, plan, SamplerConfig(cfg_scale=2.0, steps=6), score, GUIDE, memory)
+    for c in range(10):
+        added = torch.stack([inc.latent(c, 3), inc.latent(c, 4)]).flatten(1)  # in slot order
+        assert torch.equal(memory[c], torch.cat([before[c], added]))

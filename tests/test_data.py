@@ -21,8 +21,8 @@ from data import (
     get_spec,
     load_real,
 )
-from lab.common import save_png
-from lab.folder import seed_set_files
+from ground.common import save_png
+from ground.folder import seed_set_files
 
 DIT = ["--method", "dit", "--steps", 3, "--batch-size", 8, "--no-preflight"]  # stand-in priors fail a preflight
 

@@ -25,10 +25,11 @@ from data import (
     get_spec,
 )
 from evaluate import compare, increments_of, redundancy_matrix, redundancy_report
-from lab import common
-from lab.common import UserError, save_png
-from lab.locks import LOCK, Lock
+from ground import common
+from ground.common import UserError, save_png
+from ground.locks import LOCK, Lock
 from model import make_student
+from tools import export
 from train_student import (
     train_student,
 )
@@ -81,7 +82,7 @@ def test_redundancy_matrix_on_a_constructed_case():
 
 
 def test_increments_follow_generation_order(tmp_path):
-    from lab.common import save_png
+    from ground.common import save_png
     for c in range(10):
         for i in range(4):
             save_png(torch.full((1, 8, 8), i / 10), str(tmp_path / str(c) / f"{i:05d}.png"))
@@ -116,14 +117,17 @@ def test_redundancy_report_and_compare(tmp_path):
     assert f"{100 * saved['off_diagonal_mean']:.1f}" in lines[2] and lines[3].split("|")[6].strip() == "-"
 
 
-@pytest.mark.parametrize("flags", [["--distilled"], ["--redundancy"], ["--export", "OUT"]])
+@pytest.mark.parametrize("flags", [["--distilled"], ["--redundancy"], ["export"]])
 def test_an_unfinished_set_is_refused_with_the_command_that_finishes_it(dit_run, pixel_prior, tmp_path, capsys, flags):
     run = shutil.copytree(dit_run, tmp_path / "run")
     for c in (3, 7):  # killed at 38 of 40 images: every class folder is there
         os.remove(run / "distilled" / str(c) / "00003.png")
-    argv = [flags[0], run] + (["--layout", "rded", "--out", tmp_path / "export"] if flags[0] == "--export" else []) + \
-        (["--runs", 1, "--epochs", 1] if flags[0] == "--distilled" else [])
-    one_error_line(*cli(evaluate.main, argv, capsys), "holds 38 of the 40 images of its set",
+    if flags[0] == "export":
+        main, argv = export.main, [run, "--layout", "rded", "--out", tmp_path / "export"]
+    else:
+        argv = [flags[0], run] + (["--runs", 1, "--epochs", 1] if flags[0] == "--distilled" else [])
+        main = evaluate.main
+    one_error_line(*cli(main, argv, capsys), "holds 38 of the 40 images of its set",
                    "finish it with: python distill.py --dataset digits --method dit")
     assert not (tmp_path / "export").exists()
     # the command it names finishes the set, the same bytes as the run that was never killed
@@ -137,7 +141,7 @@ def test_files_that_are_not_the_runs_are_named_and_left_out(dit_run, tmp_path, c
     save_png(torch.rand(1, 8, 8), str(run / "distilled" / "4" / "00099.png"))  # an extra image
     (run / "distilled" / "4" / "notes.txt").write_text("mine")
     out = []
-    assert cli(evaluate.main, ["--export", run, "--layout", "rded", "--out", tmp_path / "x"], capsys, out)[0] == 0
+    assert cli(export.main, [run, "--layout", "rded", "--out", tmp_path / "x"], capsys, out)[0] == 0
     assert "exported 40 images" in out[0] and len(tree(tmp_path / "x")) == 41  # 40 PNGs + export.json
     assert "1 files in" in out[0] and "4/00099.png (not in the plan)" in out[0]
     save_png(torch.rand(1, 9, 9), str(run / "distilled" / "2" / "00001.png"))  # one of the set, resized

@@ -1,4 +1,4 @@
-"""Exports (lab/export.py) that other evaluators (RDED, DD-Ranking) label right: class c holds exactly the images of
+"""Exports (tools/export.py) that other evaluators (RDED, DD-Ranking) label right: class c holds exactly the images of
 the field's class c, at the size each reads, and only the run's whole set."""
 import json
 import os
@@ -7,7 +7,6 @@ import pytest
 import torch
 import torchvision
 
-import evaluate
 from conftest import FIELD_WOOF, cli, file_hashes, one_error_line
 from data import (
     get_spec,
@@ -16,8 +15,9 @@ from data import (
     resize_crop,
     with_view,
 )
-from lab.common import save_png
-from lab.export import class_folder
+from ground.common import save_png
+from tools import export
+from tools.export import class_folder
 
 
 def woof_set(folder, per_class=2):
@@ -36,7 +36,7 @@ def test_exports_give_class_c_exactly_the_images_of_class_c(tmp_path, capsys, la
     source = woof_set(tmp_path / "set")
     before = file_hashes(source)
     out = tmp_path / layout
-    assert cli(evaluate.main, ["--export", source, "--dataset", "imagewoof", "--layout", layout, "--out", out],
+    assert cli(export.main, [source, "--dataset", "imagewoof", "--layout", layout, "--out", out],
                capsys)[0] == 0
     assert file_hashes(source) == before  # a copy: nothing moved, nothing written into the source
     if layout == "ddranking":  # the images at DD-Ranking's im_size (128), resized and cropped as its test split
@@ -64,11 +64,11 @@ def test_exports_give_class_c_exactly_the_images_of_class_c(tmp_path, capsys, la
     info = json.loads((out / "export.json").read_text())
     assert info["layout"] == layout and [r["wnid"] for r in info["classes"]] == FIELD_WOOF
     # an export never writes over anything
-    one_error_line(*cli(evaluate.main, ["--export", source, "--dataset", "imagewoof", "--layout", layout, "--out", out],
+    one_error_line(*cli(export.main, [source, "--dataset", "imagewoof", "--layout", layout, "--out", out],
                         capsys), "is not an empty folder")
 
 
 def test_size_is_refused_with_rded_which_resizes_by_itself(dit_run, tmp_path, capsys):
-    one_error_line(*cli(evaluate.main, ["--export", dit_run, "--layout", "rded", "--size", 64, "--out", tmp_path / "x"],
+    one_error_line(*cli(export.main, [dit_run, "--layout", "rded", "--size", 64, "--out", tmp_path / "x"],
                         capsys), "--size applies to --layout ddranking only")
     assert not (tmp_path / "x").exists()

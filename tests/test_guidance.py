@@ -1,25 +1,21 @@
 """The method's equations (guidance.py): the learnability score S, the DDPM sampler against DiT's and diffusers',
-the guided step (rho_t, the push, its sign), deviation guidance, candidate selection, IGD's influence score, the
-views and ensembles of S, the cheap gradient decoder, and the guided step's numerics."""
-import json
+the guided step (rho_t, the push, its sign), deviation guidance, candidate selection, the watch hook, the cheap
+gradient decoder, and the guided step's numerics."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import in_process, make_empirical_prior
+from conftest import make_empirical_prior
 from data import (
     classifier_input,
     get_spec,
-    with_view,
 )
 from guidance import (
     GuidanceConfig,
-    Influence,
     Learnability,
     SamplerConfig,
-    SamplerLog,
     add_to_memory,
     best_of_candidates,
     cfg_output,
@@ -27,11 +23,9 @@ from guidance import (
     deviation_gradient,
     guided_output,
     sample,
-    select_checkpoints,
-    weight_gradient,
 )
 from model import load_prior, make_student
-from train_student import reference_view, view_augment
+from reference import reference_view
 
 SPEC = get_spec("digits")
 
@@ -178,7 +172,7 @@ def test_guided_code_at_zero_scales_is_bit_identical_to_unguided(pixel_prior, fo
     labels = torch.arange(4)
     sampler = SamplerConfig(cfg_scale=2.0, steps=10)
     plain = sample(prior, labels, gens(4), sampler)
-    guided = sample(prior, labels, gens(4), sampler, score, labels, [torch.randn(3, 64)] * 4, guide, SamplerLog())
+    guided = sample(prior, labels, gens(4), sampler, score, labels, [torch.randn(3, 64)] * 4, guide, Watch())
     assert score.calls == 10
     assert torch.equal(plain, guided)
 
@@ -391,135 +385,6 @@ def test_same_seed_same_images_and_batch_size_independent(latent_prior):
     assert (other_seed - a).abs().mean() > 0.1
 
 
-IDENTITY = with_view(get_spec("digits"), mean=(0.0,), std=(1.0,))  # the classifier sees x * 0.5 + 0.5 as it is
-
-
-def linear(weight):
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False))
-    model[1].weight.data.copy_(weight)
-    return model.double()
-
-
-def test_influence_against_the_closed_form_of_a_linear_classifier():
-    """For f(x) = W x, grad_W CE(f(x), y) = (softmax(W x) - e_y) x^T, so with two checkpoints W_1, W_2:
-    I(x, y) = (cos(vec((p_1 - e_y) u^T), g_1) + cos(vec((p_2 - e_y) u^T), g_2)) / 2 - 1, u = x * 0.5 + 0.5."""
-    g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(10, 64, generator=g, dtype=torch.float64) for _ in range(2)]
-    targets = {(j, c): torch.randn(640, generator=g, dtype=torch.float64) for j in range(2) for c in range(10)}
-    score = Influence([linear(w) for w in weights], IDENTITY, lambda j, c: targets[(j, c)])
-    x = torch.rand(3, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
-    y = torch.tensor([0, 4, 9])
-    expected = []
-    for n in range(3):
-        u = (x[n] * 0.5 + 0.5).flatten()
-        cosines = []
-        for j, w in enumerate(weights):
-            p = torch.softmax(w @ u, dim=0)
-            grad = torch.outer(p - F.one_hot(y[n], 10).double(), u).flatten()
-            cosines.append(torch.dot(grad, targets[(j, int(y[n]))]) / grad.norm() / targets[(j, int(y[n]))].norm())
-        expected.append(sum(cosines) / 2 - 1)
-    assert torch.allclose(score(x, y), torch.stack(expected), rtol=1e-10)
-
-
-def test_influence_gradient_against_finite_differences():
-    """The double backward: dI/dx by autograd equals a central finite difference (float64, smooth net)."""
-    torch.manual_seed(0)
-    nets = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh(),
-                                torch.nn.Linear(16, 10)).double() for _ in range(2)]
-    targets = {(j, c): torch.randn(sum(p.numel() for p in nets[0].parameters()), dtype=torch.float64)
-               for j in range(2) for c in range(10)}
-    score = Influence(nets, IDENTITY, lambda j, c: targets[(j, c)])
-    x = (torch.rand(2, 1, 8, 8, dtype=torch.float64) * 2 - 1).requires_grad_(True)
-    y = torch.tensor([1, 7])
-    grad = torch.autograd.grad(score(x, y).sum(), x)[0]
-    direction, h = torch.randn_like(x), 1e-6
-    with torch.no_grad():
-        fd = (score(x + h * direction, y) - score(x - h * direction, y)) / (2 * h)
-    assert torch.allclose(fd, (grad * direction).flatten(1).sum(dim=1), rtol=1e-5)
-
-
-def test_weight_gradient_is_the_gradient_of_the_mean_loss_whatever_the_batches():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).double()
-    x, y = torch.randn(130, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (130,))
-    full = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
-    assert torch.allclose(weight_gradient(model, x, y, batch=50), torch.cat([g.flatten() for g in full]))
-
-
-def test_adaptive_checkpoint_rule_on_known_cosines():
-    """IGD's rule: keep snapshot 0 (the random init), then each snapshot whose class-averaged cosine to the
-    last kept one falls below 0.7 -- compared with the last kept, not with its predecessor."""
-    cos = torch.eye(7)
-    pairs = {(0, 1): 0.9, (0, 2): 0.75, (0, 3): 0.69, (3, 4): 0.95, (3, 5): 0.71, (3, 6): 0.3,
-             (1, 2): 0.1, (4, 5): 0.2}  # low cosines to non-kept snapshots must not matter
-    for (a, b), v in pairs.items():
-        cos[a, b] = cos[b, a] = v
-    assert select_checkpoints(cos, 0.7) == [0, 3, 6]
-    assert select_checkpoints(cos, 0.8) == [0, 2, 3, 5, 6]  # unrelated snapshots (cosine 0) are all kept
-
-
-REF = reference_view(SPEC)  # theta*'s view: mean = std = 0.5
-
-
-def nets(seed=0):
-    torch.manual_seed(seed)
-    return make_student("convnet", SPEC).eval(), make_student("convnet", REF).eval(), make_student("mlp", REF).eval()
-
-
-def test_k_views_average_s_and_its_gradient_over_the_views():
-    """With K known views (a fixed transform per view), S is the mean of the per-view S and its gradient the mean of
-    the per-view gradients: the push follows what survives all K views."""
-    student, reference, _ = nets()
-    n, transforms = 4, [lambda x: torch.roll(x, 1, -1), lambda x: x * 0.8 + 0.1, lambda x: x.flip(-1)]
-
-    def views(x):  # rows k*n .. (k+1)*n - 1 are view k of the n images
-        return torch.cat([t(x[k * n:(k + 1) * n]) for k, t in enumerate(transforms)])
-    averaged = Learnability(student, SPEC, reference, REF, 0.5, views=3, augments=[views, views])
-    plain = Learnability(student, SPEC, reference, REF, 0.5)
-    x = (torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1).requires_grad_(True)
-    y = torch.tensor([0, 3, 5, 9])
-    s = averaged(x, y)
-    per_view = [plain(t(x * 0.5 + 0.5) * 2 - 1, y) for t in transforms]
-    assert torch.allclose(s, torch.stack(per_view).mean(dim=0), rtol=1e-5, atol=1e-6)
-    grad = torch.autograd.grad(s.sum(), x)[0]
-    per_view_grads = [torch.autograd.grad(v.sum(), x)[0] for v in per_view]
-    assert torch.allclose(grad, torch.stack(per_view_grads).mean(dim=0), rtol=1e-4, atol=1e-7)
-    assert not torch.allclose(grad, per_view_grads[0], rtol=1e-2)  # and not any single view's
-
-
-@pytest.mark.parametrize("dataset,channels,res", [("digits", 1, 8), ("imagewoof", 3, 32)])
-def test_training_views_are_random_seeded_and_differentiable(dataset, channels, res):
-    """The views are the recipe's own augmentation (digits: the 1-pixel shift; Minimax: crop, flip, jitter,
-    lighting), drawn from a seeded generator, and gradients flow through them."""
-    from train_student import recipe_view
-    spec = recipe_view(get_spec(dataset, res=res), "minimax")
-    x = torch.rand(6, channels, res, res, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-    draw = lambda seed: view_augment(spec, "minimax", torch.Generator().manual_seed(seed))(x)
-    a, b, c = draw(1), draw(1), draw(2)
-    assert a.shape == (6, channels, spec.res, spec.res) and torch.equal(a, b) and not torch.equal(a, c)
-    grad = torch.autograd.grad(a.sum(), x)[0]
-    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
-
-
-def test_the_reference_term_of_an_ensemble_is_the_mean_of_its_members():
-    student, convnet, mlp = nets()
-    x, y = torch.rand(5, 1, 8, 8) * 2 - 1, torch.tensor([1, 2, 3, 4, 5])
-    parts = Learnability(student, SPEC, [convnet, mlp], [REF, REF], 0.5).parts(x, y)
-    ce = lambda model: F.cross_entropy(model(classifier_input(x, REF)), y, reduction="none")
-    assert torch.allclose(parts["reference_ce"], (ce(convnet) + ce(mlp)) / 2)
-    assert torch.allclose(parts["S"], parts["student_ce"] - 0.5 * (ce(convnet) + ce(mlp)) / 2)
-    one = Learnability(student, SPEC, [convnet], [REF], 0.5).parts(x, y)
-    today = Learnability(student, SPEC, convnet, REF, 0.5).parts(x, y)
-    assert all(torch.equal(one[k], today[k]) for k in today)  # one member is theta* itself, bit for bit
-    # students too (--student-archs): the student term is the mean of the students' CE
-    other = make_student("mlp", SPEC, seed=4).eval()
-    both = Learnability([student, other], SPEC, convnet, REF, 0.5).parts(x, y)
-    student_ce = lambda model: F.cross_entropy(model(classifier_input(x, SPEC)), y, reduction="none")
-    assert torch.allclose(both["student_ce"], (student_ce(student) + student_ce(other)) / 2)
-    assert torch.allclose(both["S"], both["student_ce"] - 0.5 * ce(convnet))
-    assert all(torch.equal(Learnability([student], SPEC, convnet, REF, 0.5).parts(x, y)[k], today[k]) for k in today)
-
-
 WOOF = get_spec("imagewoof", res=16)
 
 
@@ -572,33 +437,45 @@ def test_the_exact_path_is_the_gradient_through_the_vae(latent_prior):
     assert torch.allclose(push, rho.view(-1, 1, 1, 1) * g, rtol=1e-4, atol=1e-9)
 
 
-def test_taesd_guides_and_its_fidelity_is_logged(tmp_path, latent_prior, fake_woof):
-    """On the tiny stand-ins: guided samples differ from the exact path's, and each guided stage's done.json
-    holds the cosine of the cheap gradient to the exact one over its first guided batch."""
+class Watch:
+    """A watch hook that keeps what the sampler shows it: (i, push, away, fallback) per guided step."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, i, z, z_prev, push, away, fallback):
+        self.steps.append((i, push.clone(), None if away is None else away.clone(), fallback.clone()))
+
+
+def test_the_watch_hook_sees_every_guided_step_and_the_pushes_it_added(pixel_prior):
+    """watch sees the guided steps only (the window, counting down), with the push of guidance.guided_output and
+    the deviation push gamma * grad cos; watching changes nothing."""
+    prior = load_prior(pixel_prior)
+    labels, watch = torch.arange(3), Watch()
+    guide = GuidanceConfig(scale=30.0, deviation=2.0, candidates=1, guide_from=2, guide_until=5)
+    sampler, score, memories = SamplerConfig(cfg_scale=2.0, steps=8), score_of(*classifiers()), [torch.randn(2, 64)] * 3
+    watched = sample(prior, labels, gens(3), sampler, score, labels, memories, guide, watch)
+    assert [i for i, *_ in watch.steps] == [5, 4, 3, 2]
+    assert torch.equal(watched, sample(prior, labels, gens(3), sampler, score, labels, memories, guide))
+    assert all(push.abs().sum() > 0 and away.abs().sum() > 0 and not fallback.any()
+               for _, push, away, fallback in watch.steps)
+
+
+def test_taesd_guides_and_the_preflight_measures_its_fidelity(tmp_path, latent_prior):
+    """On the tiny stand-ins: the cheap decoder changes the guided samples (the final images keep the VAE), and the
+    preflight's check gives the cosine of its gradient to the exact one through the VAE."""
+    from tools.preflight import decoder_cosine
     prior = load_prior(latent_prior, grad_decoder=tiny_taesd(tmp_path / "taesd"))
     labels, classes = torch.tensor([155, 159, 162]), torch.tensor([0, 1, 2])
     guide = GuidanceConfig(scale=50.0, deviation=0.0, candidates=1, guide_from=0, guide_until=3)
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]
-    sampler, score, log = SamplerConfig(cfg_scale=4.0, steps=4), woof_score(), SamplerLog()
-    cheap = sample(prior, labels, gens(), sampler, score, classes, None, guide, log)
-    assert sorted(log.gradient_cosine) == [0, 1, 2, 3] and all(len(v) == 3 for v in log.gradient_cosine.values())
-    assert all(-1 <= c <= 1 for v in log.gradient_cosine.values() for c in v) and not log.check_gradient
-    sample(prior, labels, gens(), sampler, score, classes, None, guide, log)
-    assert all(len(v) == 3 for v in log.gradient_cosine.values())  # checked once: the first guided batch only
+    sampler, score = SamplerConfig(cfg_scale=4.0, steps=4), woof_score()
+    cheap = sample(prior, labels, gens(), sampler, score, classes, None, guide)
+    cosine = decoder_cosine(prior, WOOF, sampler, guide, 3, "cpu", score)
+    assert -1 <= cosine <= 1 and cosine < 1 - 1e-6  # a different decoder: not the exact gradient
     prior.grad_vae = None
+    assert decoder_cosine(prior, WOOF, sampler, guide, 3, "cpu", score) is None  # the exact path needs no check
     assert not torch.allclose(cheap, sample(prior, labels, gens(), sampler, score, classes, None, guide))
-
-    r = in_process("distill.py", "--dataset", "imagewoof", "--no-preflight", "--data-dir", fake_woof, "--prior",
-                   latent_prior, "--ipc", 2,
-                "--seed-set", "dit",
-                "--stage-ipc", 1, "--steps", 4, "--guide-from", 0, "--guide-until", 3, "--student-epochs", 1,
-                "--reference-epochs", 1, "--res", 16, "--grad-decoder", tmp_path / "taesd", "--out-dir", tmp_path / "r",
-                cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    done = json.loads((tmp_path / "r" / "stage_1" / "done.json").read_text())
-    assert -1 <= done["grad_decoder_cosine"] <= 1
-    assert json.loads((tmp_path / "r" / "stage_0" / "done.json").read_text())["grad_decoder_cosine"] is None
-    assert "cheap gradient decoder vs exact, cosine" in r.stdout
 
 
 def test_no_graph_outside_the_window_and_no_weight_gradients(pixel_prior):
@@ -658,7 +535,7 @@ def test_bf16_autocast_path_returns_float32_close_to_fp32(latent_prior):
     z, labels, classes = torch.randn(2, 4, 8, 8), torch.tensor([155, 159]), torch.tensor([0, 1])
     t, sampler = prior.scheduler.timesteps[4], SamplerConfig(cfg_scale=4.0)
     full = guided_output(prior, z, t, labels, classes, sampler, score, GuidanceConfig())[1]
-    prior.autocast = True
+    prior.bf16 = True
     half = guided_output(prior, z, t, labels, classes, sampler, score, GuidanceConfig())[1]
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert not torch.equal(half, full)  # bf16 really ran

@@ -1,4 +1,4 @@
-"""The networks (model.py) and how students are trained (ts.py): the prior loaded through from_pretrained,
+"""The networks (model.py) and how students are trained (train_student.py): the prior loaded through from_pretrained,
 the field's evaluation networks against their sources, the recipes, augmentation and CutMix, soft labels, theta*'s
 and IGD's surrogate, and a user's weights in the field's formats."""
 import math
@@ -7,19 +7,14 @@ import os
 import pytest
 import torch
 
+import igd
+import reference
 import train_student as ts
 from data import Augment, ImageSet, classifier_input, cutmix, get_spec, load_real, with_view
-from lab.common import UserError
+from ground.common import UserError
 from model import ARCHS, ConvNet, load_prior, make_student
-from train_student import (
-    RECIPES,
-    batch_size_for,
-    epochs_for_ipc,
-    make_optimizer,
-    recipe_view,
-    reference_view,
-    train_student,
-)
+from reference import reference_view
+from train_student import RECIPES, batch_size_for, epochs_for_ipc, make_optimizer, recipe_view, train_student
 
 
 def count(model):
@@ -166,7 +161,7 @@ def test_convnet_depth_follows_resolution():
 def test_soft_label_recipe_learns_the_teachers_labels():
     """RDED recipe: targets are the teacher's softened predictions, not the hard labels."""
     from data import sample_real_ipc
-    from lab.common import UserError
+    from ground.common import UserError
 
     class Always3(torch.nn.Module):  # a constructed teacher that calls every image a 3
         def forward(self, x):
@@ -185,7 +180,7 @@ def test_soft_label_recipe_learns_the_teachers_labels():
 def test_a_distilled_set_is_decoded_once_not_every_epoch(monkeypatch, tmp_path):
     """Students train from uint8 images held in memory: 20 PNGs x 30 epochs read 20 files, not 600."""
     import data
-    from lab.common import save_png
+    from ground.common import save_png
     spec = get_spec("digits")
     paths = []
     for i in range(20):
@@ -207,26 +202,26 @@ def test_igds_surrogate_is_convnet6_with_minimaxs_large_class_settings(monkeypat
     ImageNet with more than 100 classes at lr 0.1, wd 1e-4, batch >= 128 (and everything smaller at 0.01 / 5e-4 /
     64)."""
     imagenet, woof = get_spec("imagenet"), get_spec("imagewoof")
-    big = ts.surrogate_recipe(imagenet)
+    big = reference.surrogate_recipe(imagenet)
     assert (big["lr"], big["weight_decay"], big["batch_size"]) == (0.1, 1e-4, 128) and big["momentum"] == 0.9
-    assert ts.surrogate_recipe(woof) == ts.SURROGATE
-    assert (ts.SURROGATE["lr"], ts.SURROGATE["weight_decay"]) == (0.01, 5e-4)
+    assert reference.surrogate_recipe(woof) == reference.SURROGATE
+    assert (reference.SURROGATE["lr"], reference.SURROGATE["weight_decay"]) == (0.01, 5e-4)
     seen = {}
 
     def trajectory(view, arch, *args, **kwargs):
         seen["arch"] = arch
         raise Stop()
-    surrogate_trajectory = ts.surrogate_trajectory
-    monkeypatch.setattr(ts, "surrogate_trajectory", trajectory)
+    surrogate_trajectory = reference.surrogate_trajectory
+    monkeypatch.setattr(igd, "surrogate_trajectory", trajectory)
     with pytest.raises(Stop):
-        ts.influence_score(imagenet, None, "cpu")
+        igd.influence_score(imagenet, igd.IGD(igd.igd_guidance(), None), ts.Trainer())
     assert seen["arch"] == "convnet"
 
     def training(model, data, spec, recipe, *args, **kwargs):  # what surrogate_trajectory trains ImageNet-1K with
         seen["recipe"], seen["model"] = recipe, model
         raise Stop()
-    monkeypatch.setattr(ts, "train_student", training)
-    monkeypatch.setattr(ts, "load_real", lambda *a: ImageSet([], []))
+    monkeypatch.setattr(reference, "train_student", training)
+    monkeypatch.setattr(reference, "load_real", lambda *a: ImageSet([], []))
     with pytest.raises(Stop):
         surrogate_trajectory(with_view(imagenet, res=32), "convnet", None, "cpu", 1, cache_dir=str(tmp_path))
     assert seen["recipe"] == big and isinstance(seen["model"], torch.nn.Module)
@@ -265,7 +260,7 @@ SPEC = get_spec("digits")
 def test_igds_replay_buffer_is_a_reference_as_it_is(tmp_path):
     """IGD saves its surrogate as MTT-style replay buffers ([trajectory][epoch][parameters]): the last epoch of the
     first trajectory is theta*."""
-    from train_student import reference_model
+    from reference import reference_model
     view = reference_view(SPEC)
     snapshots = [[p.detach().clone() for p in make_student("convnet", view, seed=s).parameters()] for s in range(3)]
     torch.save([snapshots, snapshots[:1]], tmp_path / "replay_buffer_0.pt")
@@ -292,7 +287,7 @@ def minimax_names(state):
 def test_minimaxs_key_layouts_are_read_and_a_misfit_names_what_it_expected(tmp_path):
     """Minimax's ConvNet names its tensors layers.conv.<d> / layers.norm.<d>; its ResNetAP-10 layer0.conv1 ...
     layer4.0.downsample.2, fc (the same tensors as ours, in the same order). Both load, with the same outputs."""
-    from train_student import reference_model
+    from reference import reference_model
     view = reference_view(SPEC)
     theirs = make_student("convnet", view, seed=7)
     torch.save(minimax_names(theirs.state_dict()), tmp_path / "convnet.pth.tar")

@@ -11,7 +11,7 @@ import distill
 import guidance
 import train_prior
 from conftest import cli, in_process, make_empirical_prior, one_error_line
-from lab import preflight
+from tools import preflight
 
 KEYS = {"recognised", "chance", "guidance", "sampler_batch", "eta_s", "eta_stages_s", "disk_bytes", "measured",
         "passed", "stages", "pixels", "batch_search"}

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -22,8 +21,8 @@ from conftest import (
     one_error_line,
     tree,
 )
-from lab import common
-from lab.locks import LOCK, Lock, cache_entry
+from ground import common
+from ground.locks import LOCK, Lock, cache_entry
 from model import load_prior
 
 ENV = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
@@ -42,13 +41,15 @@ def test_two_first_runs_at_once_train_the_digits_prior_once(tmp_path):
     """Both processes ask for the prior at the same moment: one trains it, the other says it waits (naming the
     trainer's pid), then reuses it; both finish, nothing half-written or locked is left in the cache."""
     go = tmp_path / "go"
+    # both import everything first and say so; only once both have spoken does `go` appear, so both reach the
+    # prior at the same moment whatever the machine's speed
     code = ("import os, sys, time\n"
-            "while not os.path.exists(sys.argv[2]): time.sleep(0.01)\n"
             "from train_prior import embedded_prior\n"
+            "print('ready', flush=True)\n"
+            "while not os.path.exists(sys.argv[2]): time.sleep(0.01)\n"
             "print('path', embedded_prior('digits', sys.argv[1], dict(steps=60, lr=2e-3, ema_decay=0.995)))")
-    # import torch first, so both reach the prior together when `go` appears
-    procs = [python("import torch\n" + code, tmp_path / "cache", go) for _ in range(2)]
-    time.sleep(8)
+    procs = [python(code, tmp_path / "cache", go) for _ in range(2)]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
     go.write_text("")
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -73,20 +74,34 @@ def test_two_lgd_runs_at_once_train_theta_star_once(tmp_path, pixel_prior):
     assert entry.startswith("surrogate_digits_convnet") and entry.endswith(".pt")
 
 
-def test_a_waiter_that_looks_before_the_holder_has_written_its_pid_still_names_it(tmp_path):
+def test_a_waiter_that_looks_before_the_holder_has_written_its_pid_still_names_it(tmp_path, monkeypatch):
     """The holder takes the flock, then writes its pid: a waiter that reads the lock file in between looks again
     instead of naming "pid ?" (seen once when two first runs raced for the digits prior)."""
     import fcntl
     import threading
 
+    from ground import locks
+
     path = tmp_path / "x.lgd-lock"
     fd = os.open(path, os.O_CREAT | os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # held, nothing written yet
 
-    seen, told = [], threading.Event()
+    seen, told, looked = [], threading.Event(), threading.Event()
+
+    class Reader:  # the waiter's reads of the lock file: the first one finds it empty, and says so
+        dumps = staticmethod(json.dumps)
+
+        @staticmethod
+        def load(f):
+            try:
+                return json.load(f)
+            except ValueError:
+                looked.set()
+                raise
+    monkeypatch.setattr(locks, "json", Reader)
 
     def holder():
-        time.sleep(0.5)  # the waiter below has found the lock taken and the file empty by now
+        looked.wait(30)  # the waiter has found the lock taken and the file empty
         os.pwrite(fd, json.dumps(dict(pid=4242, host="h", started="s")).encode(), 0)
         told.wait(30)  # release only once the waiter has said whom it waits for
         os.unlink(path)
@@ -101,16 +116,20 @@ def test_a_waiter_that_looks_before_the_holder_has_written_its_pid_still_names_i
     assert seen == [dict(pid=4242, host="h", started="s")]
 
 
-HOLD = ("import sys, time\nfrom lab.locks import Lock\nlock = Lock(sys.argv[1])\nlock.acquire()\n"
+# a builder: takes the lock, says so, builds the entry once the file argv[2] appears, releases
+HOLD = ("import os, sys, time\nfrom ground.locks import Lock\nlock = Lock(sys.argv[1])\nlock.acquire()\n"
         "print('held', flush=True)\n"
-        "time.sleep(float(sys.argv[2]))\n"
-        "import os\nos.makedirs(sys.argv[3], exist_ok=True)\nlock.release()\n")
+        "while not os.path.exists(sys.argv[2]): time.sleep(0.01)\n"
+        "os.makedirs(sys.argv[3], exist_ok=True)\nlock.release()\n")
 
 
-def test_a_cache_entry_waits_for_a_live_builder_and_reuses_its_work(tmp_path, capsys):
-    entry = tmp_path / "digits_prior"
-    holder = python(HOLD, tmp_path / f".digits_prior{LOCK}", 2, entry)
+def test_a_cache_entry_waits_for_a_live_builder_and_reuses_its_work(tmp_path, capsys, monkeypatch):
+    from ground import locks
+    entry, build = tmp_path / "digits_prior", tmp_path / "build"
+    holder = python(HOLD, tmp_path / f".digits_prior{LOCK}", build, entry)
     assert holder.stdout.readline().strip() == "held"
+    # the builder finishes only once this process has said it waits (an event, not a time)
+    monkeypatch.setattr(locks, "print0", lambda line: (print(line), build.write_text("")))
     with cache_entry(str(entry), "the digits prior") as missing:
         assert not missing  # built by the other process while we waited
     out = capsys.readouterr().out
@@ -120,15 +139,14 @@ def test_a_cache_entry_waits_for_a_live_builder_and_reuses_its_work(tmp_path, ca
 
 def test_a_killed_builders_lock_is_taken_over_and_its_temporaries_go(tmp_path, capsys):
     entry = tmp_path / "digits_prior"
-    holder = python(HOLD, tmp_path / f".digits_prior{LOCK}", 600, entry)
+    holder = python(HOLD, tmp_path / f".digits_prior{LOCK}", tmp_path / "never", entry)
     assert holder.stdout.readline().strip() == "held"
     (tmp_path / f".digits_prior.lgd-tmp-{holder.pid}").mkdir()  # its half-renamed prior
     (tmp_path / "notes.lgd-tmp").write_text("a user's file")
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    start = time.time()
-    with cache_entry(str(entry), "the digits prior") as missing:
-        assert missing and time.time() - start < 5  # no waiting for a dead process
+    with cache_entry(str(entry), "the digits prior") as missing:  # no waiting for a dead process (said below)
+        assert missing
         assert json.loads((tmp_path / f".digits_prior{LOCK}").read_text())["pid"] == os.getpid()
     assert "waiting" not in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["notes.lgd-tmp"]  # the dead builder's temporary went, nothing else
@@ -226,8 +244,8 @@ def test_two_runs_at_once_into_one_folder_exactly_one_proceeds(tmp_path, latent_
 
 
 def test_a_killed_runs_lock_is_taken_over(tmp_path):
-    from lab.folder import claim_run_folder
-    from lab.locks import LOCK
+    from ground.folder import claim_run_folder
+    from ground.locks import LOCK
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "run").mkdir()
@@ -318,7 +336,7 @@ def test_save_png_refuses_a_non_finite_image_and_json_is_strict(tmp_path):
 
 
 def test_out_of_memory_becomes_a_batch_size_hint(capsys):
-    from lab.common import run_cli as cli
+    from ground.common import run_cli as cli
 
     def oom():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

@@ -17,7 +17,7 @@ import os
 import socket
 import time
 
-from lab.common import TEMPORARY, print0, remove_path
+from ground.common import TEMPORARY, print0, remove_path
 
 LOCK = ".lgd-lock"      # held while a run works in a folder, or beside a cache entry being built (an flock)
 

@@ -1,6 +1,6 @@
 """
 A folder a run owns: the run folder of distill.py. This file is the only one that knows its layout; the stage
-loop reaches it through lab/run.py, evaluate.py and the other tools through the functions below.
+loop reaches it through ground/run.py, evaluate.py and the other tools through the functions below.
 
   DIR/args.json                              the settings (+ git commit and command of every start); marks a run
   DIR/classes.json                           class index -> wnid, prior label, readable name (data.class_table)
@@ -14,10 +14,10 @@ loop reaches it through lab/run.py, evaluate.py and the other tools through the 
   DIR/eval.json, redundancy.json/.png, ...   written by evaluate.py; DIR/preflight.json/.png by the preflight
 
 Four rules keep it safe:
-  - a lock: a run holds `DIR/.lgd-lock` (lab/locks.py: an flock the kernel drops when the process dies, even
+  - a lock: a run holds `DIR/.lgd-lock` (ground/locks.py: an flock the kernel drops when the process dies, even
     on kill -9, so a killed run's lock is simply taken by the next one);
   - settings: a rerun into a folder must use the settings that shaped its files (args.json);
-  - temporaries: every write goes to `.<name>.lgd-tmp-<pid>` and is renamed into place (lab.common.atomic_write);
+  - temporaries: every write goes to `.<name>.lgd-tmp-<pid>` and is renamed into place (ground.common.atomic_write);
     whoever holds a folder's lock removes the temporaries a killed run left there, and nothing else;
   - damage: a file that cannot be read back, or is not what the run planned, is named with what to do (or is
     simply regenerated).
@@ -29,9 +29,9 @@ from collections import Counter
 
 from PIL import Image, UnidentifiedImageError
 
-from data import list_image_folder, load_image, numeric_order
-from lab.common import TEMPORARY, UserError, git_commit, is_main, load_json, load_saved, print0, save_json
-from lab.locks import LOCK, Lock, holder_line, live_holder, lock_owner, remove_stale_temporaries
+from ground.common import TEMPORARY, UserError, git_commit, is_main, load_json, load_saved, print0, save_json
+from ground.images import list_image_folder, load_image, numeric_order
+from ground.locks import LOCK, Lock, holder_line, live_holder, lock_owner, remove_stale_temporaries
 
 ARGS = "args.json"      # the settings of the run; its presence marks an lgd run folder
 

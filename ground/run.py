@@ -1,28 +1,27 @@
 """
 The run as the method sees it: the one seam between the stage loop (curriculum.py) and the run folder.
 
-The stage loop says what it does in a sentence each (`run.stage_done(k)`, `run.increment(k)`, `batches.sample(...)`,
-`run.save_student(...)`, `run.finish_stage(k)`, `run.write_set(...)`); everything that keeps a many-hour run safe
-happens here, out of its way:
+The stage loop says what it does in a sentence each (`run.stage_done(k)`, `run.increment(k)`, `run.blocks(...)`,
+`run.fill(...)`, `run.save_student(...)`, `run.finish_stage(k)`, `run.write_set(...)`); everything that keeps a
+many-hour run safe happens here, out of its way:
 
   resume        a finished stage is skipped (after checking it is still whole); an interrupted batch is computed
                 again exactly as the uninterrupted run cut it (a sample depends on its batch in the last float
                 bits), only its missing files are written, and those already on disk must come out the same bytes;
   memory        on out-of-memory the sampler batch is halved and the batch retried (images are seeded one by one,
                 so the set is unchanged up to float rounding);
-  records       each guided image's record (lab/records.py) is written with it; a stage's log.json sums them up;
+  records       each guided image's record (ground/records.py) is written with it; a stage's log.json sums them up;
   pictures      a grid per stage and for the set, progress bars;
   ranks         under torchrun, class blocks are dealt round-robin to the ranks; rank 0 writes what is shared.
 
-Paths come from lab/folder.py, writes go through lab/common.py (atomic, verified on resume, disk full named).
+Paths come from ground/folder.py, writes go through ground/common.py (atomic, verified on resume, disk full named).
 """
 import os
 
 import torch
 from tqdm import tqdm
 
-from data import load_image
-from lab.common import (
+from ground.common import (
     Mismatch,
     UserError,
     all_gather,
@@ -38,7 +37,7 @@ from lab.common import (
     save_png,
     save_torch,
 )
-from lab.folder import (
+from ground.folder import (
     check_stage_files,
     distilled_dir,
     done_path,
@@ -58,13 +57,14 @@ from lab.folder import (
     student_path,
     update_args,
 )
-from lab.records import image_record, log_line, summarise_records
+from ground.images import load_image
+from ground.records import image_record, log_line, summarise_records
 
 
 def sampler_batches(num_classes, batch, kappa, rank=0, world=1):
     """The classes that share a sampler batch, for one slot: fixed blocks of batch // kappa classes (kappa candidates
     each), dealt round-robin to the ranks, so which images share a batch does not depend on the number of ranks.
-    The sampler (Batches) and the preflight's price (lab/preflight.py) both cut batches with this function."""
+    The sampler (Run.blocks) and the preflight's price (tools/preflight.py) both cut batches with this function."""
     per_block = max(1, batch // kappa)
     blocks = [list(range(c, min(c + per_block, num_classes))) for c in range(0, num_classes, per_block)]
     return blocks[rank::world]
@@ -85,12 +85,12 @@ class Increment:
                  for i in self.indices]
         return [p for p, _ in pairs], [c for _, c in pairs]
 
-    def complete(self, c, index, guided):
+    def complete(self, c, index):
         """Every file of image (c, index) is on disk: its PNG, its latent and its record (where they are kept)."""
         paths = [image_path(self.images_dir, self.spec, c, index)]
         if self.latents_dir is not None:
             paths.append(latent_path(self.latents_dir, self.spec, c, index))
-        if self.records_dir is not None and guided:
+        if self.records_dir is not None:
             paths.append(record_path(self.records_dir, self.spec, c, index))
         return all(os.path.exists(p) for p in paths)
 
@@ -116,72 +116,30 @@ class Increment:
 
     def record_files(self):
         """The records on disk, in image order (index, then class)."""
+        if self.records_dir is None:
+            return []
         paths = [record_path(self.records_dir, self.spec, c, i) for i in self.indices
                  for c in range(self.spec.num_classes)]
         return [p for p in paths if os.path.exists(p)]
 
 
-class Batches:
-    """An increment sampled batch by batch (Run.batches): sample(block, index, fn) fills the images of `block`
-    (classes) at slot `index`, calling fn(classes, first) -> (latents, images in [0, 1], report or None) for each
-    batch that is not on disk yet; first: the increment's first batch (a cheap gradient decoder is checked there).
-
-    replay: the score draws random views from one stream through the stage (--guidance-views > 1), so a batch
-    depends on the batches before it: nothing is skipped, everything is recomputed and checked."""
-
-    def __init__(self, run, inc, kappa, guided, replay, desc):
-        self.run, self.inc, self.kappa, self.guided, self.replay = run, inc, kappa, guided, replay
-        self.blocks = sampler_batches(run.spec.num_classes, run.batch, kappa, run.rank, run.world)
-        self.bar = tqdm(total=len(inc.indices) * sum(map(len, self.blocks)), desc=desc, unit="img",
-                        disable=not is_main(), mininterval=2)
-
-    def sample(self, block, index, fn):
-        while True:
-            per_chunk = max(1, self.run.batch // self.kappa)
-            try:
-                for j in range(0, len(block), per_chunk):
-                    chunk = block[j:j + per_chunk]  # as the uninterrupted run cuts it, whatever is on disk
-                    if not self.replay and all(self.inc.complete(c, index, self.guided) for c in chunk):
-                        continue
-                    first = index == self.inc.indices[0] and block is self.blocks[0] and j == 0
-                    latents, images, report = fn(chunk, first)
-                    for n, c in enumerate(chunk):
-                        record = image_record(n, report) if report is not None else None
-                        self.inc.write(c, index, latents[n], images[n], record)
-                break
-            except torch.OutOfMemoryError:
-                if per_chunk == 1:
-                    raise
-                self.run.batch = max(self.kappa, self.run.batch // 2)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                print(f"out of memory: sampler batch halved to {self.run.batch} (same images, seeded one by one)")
-            except Mismatch as e:  # a file this run wrote earlier is not what it computes now
-                raise UserError(f"{e}; rerun where it was written, or delete "
-                                f"{increment_folder(self.inc.images_dir)} to sample it again") from None
-        self.bar.update(len(block))
-        self.bar.set_postfix(img_per_s=f"{self.bar.n / max(1e-9, self.bar.format_dict['elapsed']):.2f}")
-
-    def close(self):
-        self.bar.close()
-        barrier()
-
-
 class Run:
     """A run folder, claimed and checked (distill.py), for the plan it was started with (curriculum.Plan)."""
 
-    def __init__(self, out_dir, spec, plan, rank=0, world=1):
+    def __init__(self, out_dir, spec, plan, batch, rank=0, world=1):
         self.out_dir, self.spec, self.plan, self.rank, self.world = out_dir, spec, plan, rank, world
-        self.batch = plan.batch_size  # the sampler batch; halved on out-of-memory, then kept for what follows
-        self.stages_bar = None
+        self.batch = batch  # the sampler batch (candidates included); halved on out-of-memory, then kept
+        self.stages_bar = self.bar = None
+        self.kappa = 1
 
     # ------------------------------------------------------------------------- increments
 
     def increment(self, k):
-        """T_{k+1}: stage k's images, latents and records, indices k*stage_ipc .. (k+1)*stage_ipc - 1."""
+        """T_{k+1}: stage k's images, latents and (guided stages, k >= 1) records, indices k*stage_ipc ..
+        (k+1)*stage_ipc - 1."""
         first = k * self.plan.stage_ipc
         return Increment(self.spec, stage_images(self.out_dir, k), stage_latents(self.out_dir, k),
-                         stage_records(self.out_dir, k), range(first, first + self.plan.stage_ipc),
+                         stage_records(self.out_dir, k) if k else None, range(first, first + self.plan.stage_ipc),
                          done_path(self.out_dir, k))
 
     def one_pass(self, latents):
@@ -190,12 +148,52 @@ class Run:
         return Increment(self.spec, distilled_dir(self.out_dir), run_latents(self.out_dir) if latents else None, None,
                          range(self.plan.ipc))
 
-    def batches(self, inc, kappa, guided, replay=False, desc="sampling"):
-        return Batches(self, inc, kappa, guided, replay, desc)
+    # ------------------------------------------------------------------------- sampling
+
+    def blocks(self, inc, kappa, desc="sampling"):
+        """The blocks of classes that share a sampler batch (kappa candidates each), this rank's, with a progress bar
+        over `inc`; when they are done every rank waits for the others."""
+        self.kappa = kappa
+        blocks = sampler_batches(self.spec.num_classes, self.batch, kappa, self.rank, self.world)
+        self.bar = tqdm(total=len(inc.indices) * sum(map(len, blocks)), desc=desc, unit="img", disable=not is_main(),
+                        mininterval=2)
+        yield from blocks
+        self.bar.close()
+        barrier()
+
+    def fill(self, inc, block, index, make):
+        """The images of `block` (classes) at slot `index`: make(classes) -> (latents, images in [0, 1], candidates or
+        None) for each sampler batch not on disk yet, cut as the uninterrupted run cut it (a sample depends on its
+        batch in the last float bits); a file already on disk must come out the same bytes. On out-of-memory the
+        batch is halved and the slot tried again (images are seeded one by one: the same set up to rounding)."""
+        while True:
+            per_chunk = max(1, self.batch // self.kappa)
+            try:
+                for j in range(0, len(block), per_chunk):
+                    chunk = block[j:j + per_chunk]
+                    if all(inc.complete(c, index) for c in chunk):
+                        continue
+                    latents, images, candidates = make(chunk)
+                    for n, c in enumerate(chunk):
+                        inc.write(c, index, latents[n], images[n],
+                                  image_record(n, candidates) if candidates is not None else None)
+                break
+            except torch.OutOfMemoryError:
+                if per_chunk == 1:
+                    raise
+                self.batch = max(self.kappa, self.batch // 2)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                print(f"out of memory: sampler batch halved to {self.batch} (same images, seeded one by one)")
+            except Mismatch as e:  # a file this run wrote earlier is not what it computes now
+                raise UserError(f"{e}; rerun where it was written, or delete "
+                                f"{increment_folder(inc.images_dir)} to sample it again") from None
+        self.bar.update(len(block))
+        self.bar.set_postfix(img_per_s=f"{self.bar.n / max(1e-9, self.bar.format_dict['elapsed']):.2f}")
 
     def copy_seed_set(self, inc, files, prior):
-        """Stage 0 from a user's folder (lab.folder.seed_set_files): each image stored at the generation size, and its
-        latent for M_c the VAE encoding of what is stored (posterior mean; the only place lgd encodes)."""
+        """Stage 0 from a user's folder (ground.folder.seed_set_files): each image stored at the generation size, and
+        its latent for M_c the VAE encoding of what is stored (posterior mean; the only place lgd encodes)."""
         for c, mine in enumerate(files):
             for index, path in zip(inc.indices, mine):
                 if not is_main() or os.path.exists(image_path(inc.images_dir, self.spec, c, index)):
@@ -223,17 +221,17 @@ class Run:
         self.stages_bar.update(1)
         return True
 
-    def saved_student(self, k, arch, main_arch):
+    def saved_student(self, k):
         """theta_k of an earlier start (its state dict), or None; a damaged one is said and trained again (it is a
         seeded function of the stage's images)."""
-        path = student_path(self.out_dir, k, None if arch == main_arch else arch)
+        path = student_path(self.out_dir, k)
         return load_or_none(path, f"stage {k}'s student") if os.path.exists(path) else None
 
-    def save_student(self, k, arch, main_arch, model, info):
+    def save_student(self, k, model, info):
         """theta_k, with the list of the files it was trained on beside it (so "trained on exactly D_k" is
         checkable after the fact)."""
         if is_main():
-            path = student_path(self.out_dir, k, None if arch == main_arch else arch)
+            path = student_path(self.out_dir, k)
             save_json(info, path[:-len(".pt")] + ".json")
             save_torch(model.state_dict(), path)
         barrier()
@@ -251,21 +249,14 @@ class Run:
                       f"classes", inc.indices if k else ())
             if k:
                 expected = self.spec.num_classes * self.plan.stage_ipc
-                if summary["images_logged"] != expected:  # Batches leaves no guided image without its record
+                if summary["images_logged"] != expected:  # fill leaves no guided image without its record
                     raise UserError(f"stage {k}: {summary['images_logged']} of {expected} images have a record in "
                                     f"{inc.records_dir}; delete {stage_dir(self.out_dir, k)} and the later stages to "
                                     f"sample them again")
                 save_json(summary, stage_log_path(self.out_dir, k))
                 print0(log_line(k, summary))
-            save_json(dict(stage=k, indices=[inc.indices[0], inc.indices[-1] + 1],
-                           sampler_batch=summary["sampler_batch"], nan_fallbacks=summary["nan_fallbacks"],
-                           grad_decoder_cosine=summary["grad_decoder_cosine"]), done_path(self.out_dir, k))
-            if summary["grad_decoder_cosine"] is not None:
-                print0(f"stage {k}: cheap gradient decoder vs exact, cosine {summary['grad_decoder_cosine']:.3f} "
-                       f"(first guided batch)")
-            if summary["nan_fallbacks"]:
-                print0(f"stage {k}: {summary['nan_fallbacks']} samples fell back to the unguided step (non-finite "
-                       f"gradient)")
+            save_json(dict(stage=k, indices=[inc.indices[0], inc.indices[-1] + 1], sampler_batch=self.batch),
+                      done_path(self.out_dir, k))
         self.stages_bar.update(1)
         barrier()
 
@@ -285,6 +276,7 @@ class Run:
 
     def save_igd_checkpoints(self, info):
         """igd.json: which snapshots of IGD's surrogate guided the sampling, and by which rule."""
+        print0(f"IGD checkpoints {info['checkpoints']} of 0..{info['trajectory_length'] - 1} ({info['rule']})")
         if is_main():
             save_json(info, igd_path(self.out_dir))
 

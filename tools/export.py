@@ -23,15 +23,27 @@ ImageNet-1K). Each evaluator finds class c by its own rule, and the layout has t
 An export is a copy: the source folder is never moved or written. `export.json` (at the top, where no
 evaluator looks for classes) records the layout, the source and the class table.
 
-Run: python evaluate.py --export out/imagewoof_lgd_ipc100_seed0 --layout ddranking --out out/woof_ddranking
+Run: python -m tools.export out/imagewoof_lgd_ipc100_seed0 --layout ddranking --out out/woof_ddranking
 """
 import os
 
 import torch
 
-from data import IMAGENET_MEAN, IMAGENET_STD, class_table, load_image, normalise, numeric_order, resize_crop, with_view
-from lab.common import UserError, copy_file, git_commit, print0, save_json, save_png, save_torch
-from lab.folder import distilled_folder, set_files
+from data import IMAGENET_MEAN, IMAGENET_STD, class_table, get_spec, normalise, resize_crop, resolve_data_dir, with_view
+from ground.common import (
+    ArgumentParser,
+    UserError,
+    copy_file,
+    git_commit,
+    print0,
+    require,
+    run_cli,
+    save_json,
+    save_png,
+    save_torch,
+)
+from ground.folder import check_classes, check_not_busy, distilled_folder, run_info, set_files
+from ground.images import load_image, numeric_order
 
 LAYOUTS = ("rded", "ddranking")
 DDRANKING_SIZE = {"imagenette": 128, "imagewoof": 128, "imagenet": 224}  # DD-Ranking's default im_size
@@ -89,3 +101,37 @@ def export_set(run_dir, spec, layout, out, size=None):
                                     transform=f"Resize({size}) + CenterCrop({size}), normalised"))
     save_json(info, os.path.join(out, "export.json"))
     return len(paths)
+
+
+def main(argv=None):
+    p = ArgumentParser(prog="python -m tools.export", description="Copy a distilled set, laid out for RDED or "
+                       "DD-Ranking (class c = the field's class c).")
+    p.add_argument("source", help="a distill.py run folder or a bare <class>/*.png set")
+    p.add_argument("--layout", required=True, choices=LAYOUTS, help="RDED (00000/ ... by class index) or DD-Ranking "
+                   "(the same folders + images.pt / labels.pt for its tensor API)")
+    p.add_argument("--out", required=True, help="a new folder: the set is copied, never moved")
+    p.add_argument("--dataset", default=None, help="digits | mnist | imagenette | imagewoof | imagenet (default: the "
+                   "run's args.json)")
+    p.add_argument("--data-dir", default=None, help="ImageFolder root (ImageNet-1K's wnids come from it)")
+    p.add_argument("--size", type=int, default=None, help="--layout ddranking: side of images.pt (default: "
+                   "DD-Ranking's im_size, 128 ImageNette/ImageWoof, 224 ImageNet-1K)")
+    args = p.parse_args(argv)
+    require(args.size is None or args.size >= 8, f"--size must be at least 8, got {args.size}")
+    if not os.path.isdir(args.source):
+        raise UserError(f"{args.source} does not exist")
+    check_not_busy(args.source)  # a run still writing its folder would be copied half-done
+    info = run_info(args.source)
+    if args.dataset and info.get("dataset") and args.dataset != info["dataset"]:
+        raise UserError(f"{args.source} is a {info['dataset']} run (its args.json), not {args.dataset}: drop "
+                        f"--dataset (a run folder knows its own)")
+    spec = get_spec(args.dataset or info.get("dataset", "digits"), res=info.get("res"))
+    # an export reads the set only: a data tree is checked if given, never fetched
+    resolve_data_dir(spec, args.data_dir or info.get("data_dir"), fetch=False)
+    check_classes(args.source, class_table(spec))
+    n = export_set(args.source, spec, args.layout, args.out, args.size)
+    print0(f"exported {n} images of {args.source} for {args.layout}: {args.out} (class c in folder "
+           f"{class_folder(0)[:-1]}c, the field's class order; see {args.out}/export.json)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

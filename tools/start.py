@@ -8,9 +8,8 @@ import os
 import shlex
 
 from data import EMBEDDED, class_table, resolve_data_dir
-from lab.checks import RESULT_ARGS
-from lab.common import UserError, all_gather, all_reduce_sum, barrier, is_main, print0
-from lab.folder import (
+from ground.common import UserError, all_gather, all_reduce_sum, barrier, is_main, print0
+from ground.folder import (
     changed_settings,
     check_classes,
     check_run_folder,
@@ -20,8 +19,9 @@ from lab.folder import (
     seed_set_files,
     write_classes,
 )
-from lab.preflight import eta_line, load_passing, report, run_preflight
-from train_student import reference_model
+from reference import reference_model
+from tools.checks import RESULT_ARGS
+from tools.preflight import eta_line, load_passing, report, run_preflight
 
 
 @contextlib.contextmanager
@@ -81,7 +81,7 @@ def start_run(args, spec, device, argv, world, batch_given, load_prior, configs)
 
 
 def preflight(args, spec, prior, device, configs):
-    """The preflight (lab/preflight.py) on every rank; the batch every rank fits, one report, one verdict for all."""
+    """The preflight (tools/preflight.py) on every rank; the batch every rank fits, one report, one verdict for all."""
     result, images = run_preflight(args, spec, prior, device, resolve_data_dir(spec, args.data_dir), *configs)
     result["sampler_batch"] = min(all_gather(result["sampler_batch"]))
     failures = [f for f in all_gather(result["failure"]) if f is not None]
@@ -100,7 +100,7 @@ def check_inputs(args, spec, device):
 
 
 def claim(out_dir):
-    """Rank 0 claims the run folder (lab.folder.claim_run_folder); every rank learns whether it may go on."""
+    """Rank 0 claims the run folder (ground.folder.claim_run_folder); every rank learns whether it may go on."""
     release, error = (lambda: None), None
     if is_main():
         try:

@@ -2,15 +2,15 @@
 Every number of docs/results.md (and the README's tables), printed from run folders this script makes (or
 reuses): the tables are regenerated from the current commit by running it, not typed in.
 
-  python -m lab.results sweep         # LGD's digits constants (seed 0 only; seeds 1-2 stay held out)
-  python -m lab.results igd-sweep     # IGD's digits constants (seed 0 only)
-  python -m lab.results ablation      # the paper's ablation, IPC 10: DiT .. LGD .. random real, 3 seeds x 3 students
-  python -m lab.results ablation-ipc5 # the same at IPC 5 (5 stages of 1)
-  python -m lab.results main          # the LGD / DiT / random real rows of `ablation` (the headline table)
-  python -m lab.results ablation --jobs 2   # two runs at a time, one CPU thread each
-  python -m lab.results mnist-sweep   # the latent tier's lambda and gamma (seed 0 only, the rule at MNIST_SWEEP)
-  python -m lab.results mnist         # the latent tier: DiT .. LGD .. random real, four evaluators, 3 x 3
-  python -m lab.results robustness-mnist   # how much of LGD's S gain survives small changes, on mnist
+  python -m tools.results sweep         # LGD's digits constants (seed 0 only; seeds 1-2 stay held out)
+  python -m tools.results igd-sweep     # IGD's digits constants (seed 0 only)
+  python -m tools.results ablation      # the paper's ablation, IPC 10: DiT .. LGD .. random real, 3 seeds x 3 students
+  python -m tools.results ablation-ipc5 # the same at IPC 5 (5 stages of 1)
+  python -m tools.results main          # the LGD / DiT / random real rows of `ablation` (the headline table)
+  python -m tools.results ablation --jobs 2   # two runs at a time, one CPU thread each
+  python -m tools.results mnist-sweep   # the latent tier's lambda and gamma (seed 0 only, the rule at MNIST_SWEEP)
+  python -m tools.results mnist         # the latent tier: DiT .. LGD .. random real, four evaluators, 3 x 3
+  python -m tools.results robustness-mnist   # how much of LGD's S gain survives small changes, on mnist
 
 A cell is one distillation (distill.py) plus what the tables show about it, each a file in its folder:
 eval.json (3 students of the guiding architecture, ConvNet), eval_mlp.json (3 students of an
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import ImageSet, get_spec, load_image, load_real, sample_real_ipc
-from guidance import Learnability, SamplerConfig, decode_images, sample
-from lab.common import (
+from curriculum import Plan, union
+from data import ImageSet, get_spec, load_real, sample_real_ipc
+from ground.common import (
     SALT_STAGE_INIT,
     SALT_STAGE_TRAIN,
     ArgumentParser,
@@ -45,7 +45,7 @@ from lab.common import (
     save_json,
     stream_seed,
 )
-from lab.folder import (
+from ground.folder import (
     args_path,
     distilled_dir,
     eval_path,
@@ -53,14 +53,17 @@ from lab.folder import (
     latent_path,
     redundancy_path,
     set_files,
-    stage_files,
     stage_latents,
     student_path,
     validity_path,
 )
+from ground.images import load_image
+from ground.run import Run
+from guidance import GuidanceConfig, Learnability, SamplerConfig, decode_images, sample
 from model import load_prior, make_student
+from reference import reference_model
 from train_prior import embedded_prior
-from train_student import epochs_for_ipc, reference_model, train_student
+from train_student import epochs_for_ipc, train_student
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: distill.py, evaluate.py
 ROOT = os.path.join("out", "results")
@@ -93,32 +96,18 @@ SWEEP.update({"lambda 125, gamma 5, omega 0": ["--guidance-scale", "125", "--dev
               "lambda 125, gamma 5, eps form": ["--guidance-scale", "125", "--deviation-scale", "5",
                                                 "--guidance-form", "eps"]})
 # Why LGD's gain does not cross architectures: the same cells as `ablation` for DiT and LGD, beside LGD guided by
-# an MLP (the roles swapped), by either half of the window, and by S made to survive the students' augmentation
-# (--guidance-views) or a second reference (--reference-archs). Each set is scored by the ConvNet, the MLP and
-# scikit-learn's logistic regression on the pixels (a third family that guided nothing).
-# K views and lambda, picked on seed 0 by `views-sweep` with the rule fixed before: among settings that keep the
-# redundancy at or below 50%, the highest mean accuracy of the evaluators that did not guide (MLP, logistic
-# regression): K 4, lambda 125 (85.2; K 8: 83.6; lambda 250: 80.8 / 82.8)
-VIEWS_K, VIEWS_LAMBDA = 4, 125
-VIEWS = ["--guidance-views", str(VIEWS_K), "--guidance-scale", str(VIEWS_LAMBDA)]
-ENSEMBLE = ["--reference-archs", "convnet,mlp"]
+# an MLP (the roles swapped) and by either half of the window. Each set is scored by the ConvNet, the MLP and
+# scikit-learn's logistic regression on the pixels (a third family that guided nothing). S averaged over training
+# views, reference ensembles and student ensembles were tried too and did not make the gain cross architectures:
+# their rows are in docs/results.md with the commit that ran them.
 TRANSFER = {
     "DiT": ["--method", "dit"],
     "LGD (dit seed)": [],
     "LGD, MLP guides (theta* and stage students)": ["--arch", "mlp"],
     "LGD, high-noise half of the window (i 28..45)": ["--guide-from", "28"],
     "LGD, low-noise half of the window (i 10..27)": ["--guide-until", "27"],
-    f"LGD + views {VIEWS_K}, lambda {VIEWS_LAMBDA}": VIEWS,  # the name of its views-sweep cell: seed 0 is reused
-    "LGD + reference ensemble (ConvNet, MLP)": ENSEMBLE,
-    f"LGD + views {VIEWS_K} + ensemble": VIEWS + ENSEMBLE,
-    # what the diagnosis points to (an MLP student sees half the ConvNet student's gain): the student term
-    # averaged over a ConvNet and an MLP student of the same stage
-    "LGD + student ensemble (ConvNet, MLP)": ["--student-archs", "convnet,mlp"],
 }
 TRANSFER_IPC5 = {f"{name}, IPC 5": flags + IPC5 for name, flags in TRANSFER.items()}
-VIEWS_SWEEP = {"DiT": TRANSFER["DiT"], "LGD (dit seed)": [], **{
-    f"LGD + views {k}, lambda {scale}": ["--guidance-views", str(k), "--guidance-scale", str(scale)]
-    for k in (4, 8) for scale in (125, 250)}}
 # The latent tier (`--dataset mnist`: the decoder inside the guidance gradient). Four evaluators score every set: the
 # ConvNet that guided, and three that took no part in any guidance: an MLP, logistic regression on the pixels, and
 # ResNetAP-10 at 32 px (the field's network, IDC's small stem).
@@ -147,9 +136,9 @@ MNIST_SWEEP = {"mnist: DiT": MNIST + ["--method", "dit"], **{
     for scale in (15, 30, 60) for gamma in (0, 1, 5)}}
 TABLES = {"sweep": (SWEEP, (0,)), "igd-sweep": (IGD_SWEEP, (0,)), "ablation": (ABLATION, SEEDS),
           "ablation-ipc5": (ABLATION_IPC5, SEEDS), "main": (MAIN, SEEDS), "transfer": (TRANSFER, SEEDS),
-          "transfer-ipc5": (TRANSFER_IPC5, SEEDS), "views-sweep": (VIEWS_SWEEP, (0,)),
+          "transfer-ipc5": (TRANSFER_IPC5, SEEDS),
           "mnist": (MNIST_TABLE, SEEDS), "mnist-sweep": (MNIST_SWEEP, (0,))}  # (cells, seeds)
-TRANSFER_TABLES = ("transfer", "transfer-ipc5", "views-sweep")
+TRANSFER_TABLES = ("transfer", "transfer-ipc5")
 MNIST_TABLES = ("mnist", "mnist-sweep")
 JUDGE = "convnet"  # validity is judged by the ConvNet theta* in every row, whichever architecture guided
 
@@ -348,7 +337,7 @@ def robustness(suffix="", dataset="digits", prefix=""):
         for k in range(1, info["ipc"] // info["stage_ipc"]):
             student = make_student("convnet", spec)
             student.load_state_dict(torch.load(student_path(lgd, k)))
-            score = Learnability(student, spec, reference, view, 0.5)
+            score = Learnability(student, spec, reference, view, GuidanceConfig().omega)
             items = [(c, i) for i in range(k * info["stage_ipc"], (k + 1) * info["stage_ipc"]) for c in range(10)]
             kept = decode_images(prior, torch.stack([torch.load(latent_path(stage_latents(lgd, k), spec, c, i))
                                                      for c, i in items]))  # the float images, before PNG
@@ -360,8 +349,7 @@ def robustness(suffix="", dataset="digits", prefix=""):
             assert torch.equal((plain * 255).round() / 255, stored), "re-sampled DiT images differ from the DiT set"
             y = torch.tensor([c for c, _ in items])
             # the same stage student in another family: trained on D_k as theta_k was (recipe, seeds), but an MLP
-            d_k = [stage_files(lgd, spec, j, info["stage_ipc"]) for j in range(k)]  # D_k, as curriculum.union
-            paths, labels = sum((p for p, _ in d_k), []), sum((y for _, y in d_k), [])
+            paths, labels = union(Run(lgd, spec, Plan(info["ipc"], info["stage_ipc"], seed), batch=1), k)  # D_k
             mlp = train_student(make_student("mlp", spec, seed=stream_seed(seed, SALT_STAGE_INIT, k)),
                                 ImageSet(paths, labels, channels=1), spec, "minimax",
                                 epochs_for_ipc(k * info["stage_ipc"], "minimax", dataset),
@@ -371,7 +359,7 @@ def robustness(suffix="", dataset="digits", prefix=""):
                     for part in ("S", "student_ce"):
                         value = lambda x: torch.stack([score.parts(v(x) * 2 - 1, y)[part] for v in views]).mean(0)
                         gains[name][part].append(float(value(kept).mean() - value(plain).mean()))
-                mlp_score = Learnability(mlp, spec, reference, view, 0.5)
+                mlp_score = Learnability(mlp, spec, reference, view, GuidanceConfig().omega)
                 for part in ("S", "student_ce"):
                     value = lambda x: mlp_score.parts(x * 2 - 1, y)[part]
                     gains[other][part].append(float(value(kept).mean() - value(plain).mean()))
@@ -391,7 +379,7 @@ def table(rows, header):
 
 
 def main(argv=None):
-    p = ArgumentParser(prog="python -m lab.results",
+    p = ArgumentParser(prog="python -m tools.results",
                        description="Make (or reuse) the digits runs behind the README's tables and print them.")
     p.add_argument("table", choices=list(TABLES) + ["robustness", "robustness-ipc5", "robustness-mnist"],
                    help="which table")
@@ -407,7 +395,7 @@ def main(argv=None):
                    if not os.path.exists(eval_path(folder(prefix + name + suffix, seed)))]
         if missing:  # (not require: its message is built before the test, and missing[0] needs one)
             raise UserError(f"robustness reads the DiT and LGD cells of `{source}`, and {missing[0]} is not made "
-                            f"yet: run `python -m lab.results {source}` first")
+                            f"yet: run `python -m tools.results {source}` first")
         rows = robustness(suffix, dataset, prefix)
         print(table(rows, ["LGD kept images vs DiT, same indices", "S gain", "of the float gain", "student CE gain",
                            "of the float gain"]))

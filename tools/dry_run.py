@@ -7,12 +7,14 @@ import json
 import os
 from dataclasses import asdict
 
-from curriculum import uses_igd
 from data import EMBEDDED, class_table
-from lab.folder import stage_summary
-from lab.preflight import eta_line, load_preflight
+from ground.folder import stage_summary
+from igd import ARCH as IGD_ARCH
+from igd import uses_igd
+from reference import reference_view, surrogate_cached, surrogate_epochs
+from tools.preflight import eta_line, load_preflight
 from train_prior import prior_path
-from train_student import IGD_ARCH, RECIPES, recipe_view, reference_view, surrogate_cached, surrogate_epochs
+from train_student import RECIPES, recipe_view
 
 
 def builds(args, spec, data_dir):
@@ -27,14 +29,13 @@ def builds(args, spec, data_dir):
         if args.reference is not None:
             items.append(f"theta*: your --reference {args.reference}")
         else:
-            items += [f"theta* {arch} ({epochs} epochs on the real train split; {cached(arch)})"
-                      for arch in args.reference_archs.split(",")]
+            items.append(f"theta* {args.arch} ({epochs} epochs on the real train split; {cached(args.arch)})")
         if RECIPES[args.recipe]["temperature"] is not None:
             items.append("the soft-label teacher (resnet18_bn)")
         stages = args.ipc // args.stage_ipc
-        items.append(f"{(stages - 1) * len(args.student_archs.split(','))} stage students ({args.student_archs})")
+        items.append(f"{stages - 1} stage students ({args.arch})")
     if uses_igd(args.method, args.seed_set):
-        shared = args.method == "lgd" and args.reference is None and IGD_ARCH in args.reference_archs.split(",")
+        shared = args.method == "lgd" and args.reference is None and IGD_ARCH == args.arch
         items.append("IGD's checkpoint selection on theta*'s trajectory" if shared else
                      f"IGD's surrogate trajectory {IGD_ARCH} ({epochs} epochs; {cached(IGD_ARCH)}) and its checkpoint "
                      f"selection")

@@ -1,6 +1,6 @@
 """
 lab: the machinery that keeps a many-hour lgd run safe, behind one seam. None of it is the method (guidance.py,
-curriculum.py); the stage loop reaches it through the run object of lab/run.py, and the command lines through
+curriculum.py); the stage loop reaches it through the run object of ground/run.py, and the command lines through
 the functions below. Nothing here runs at import.
 
   common.py    errors as one line, the CLI wrapper, device and torchrun, seeds, atomic writes (disk full named)
@@ -13,5 +13,5 @@ the functions below. Nothing here runs at import.
   preflight.py the first minutes of a real run: labels, guidance direction, the batch that fits, the price
   dry_run.py   --dry-run: the plan of a command before it runs
   export.py    copies of a set for RDED and DD-Ranking
-  results.py   every digits table of docs/results.md (`python -m lab.results <table>`)
+  results.py   every digits table of docs/results.md (`python -m tools.results <table>`)
 """

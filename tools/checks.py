@@ -1,14 +1,14 @@
 """
 The checks every distill.py flag passes before anything is written, trained or downloaded, and the settings a
-resumed run must keep. Each failure is one UserError line (lab.common.run_cli: `error: ...`, exit code 1).
+resumed run must keep. Each failure is one UserError line (ground.common.run_cli: `error: ...`, exit code 1).
 """
 import math
 import os
 import re
 
-from lab.common import require
-from model import ARCHS, DIGITS_SCHEDULE
-from train_student import surrogate_epochs
+from ground.common import require
+from model import DIGITS_SCHEDULE
+from reference import surrogate_epochs
 
 # settings that change the images: a rerun into the same folder must use the same ones (the data tree,
 # the precision, the sampler batch (float rounding) and the number of ranks a DDP student trains on
@@ -25,8 +25,7 @@ RESULT_ARGS = {"dataset": "--dataset", "method": "--method", "ipc": "--ipc", "st
                "reference_epochs": "--reference-epochs", "igd_scale": "--igd-scale", "igd_deviation": "--igd-deviation",
                "igd_from": "--igd-from", "igd_until": "--igd-until", "grad_ipc": "--grad-ipc",
                "igd_checkpoints": "--igd-checkpoints", "igd_threshold": "--igd-threshold",
-               "grad_decoder": "--grad-decoder", "views": "--guidance-views", "reference_archs": "--reference-archs",
-               "student_archs": "--student-archs"}
+               "grad_decoder": "--grad-decoder"}
 
 
 def _finite(name, value, low, inclusive=True):
@@ -50,12 +49,6 @@ def check_args(args, guide, igd_guide, uses_igd):
     require(args.guide_from >= 0, f"--guide-from must be >= 0, got {args.guide_from}")
     require(args.guide_from <= args.guide_until, "--guide-from must not exceed --guide-until")
     require(args.memory_cap >= 1, f"--memory-cap must be at least 1, got {args.memory_cap}")
-    require(args.views >= 1, f"--guidance-views must be at least 1, got {args.views}")
-    for flag, value in (("--reference-archs", args.reference_archs), ("--student-archs", args.student_archs)):
-        require(all(a in ARCHS for a in value.split(",")), f"{flag} must be architectures from {', '.join(ARCHS)}, "
-                f"got {value}")
-    require(args.reference is None or "," not in args.reference_archs,
-            "--reference gives one theta*; it cannot be combined with --reference-archs")
     require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
     require(args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}")
     require(args.student_epochs is None or args.student_epochs >= 1,

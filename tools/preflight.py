@@ -38,20 +38,8 @@ import time
 import numpy as np
 import torch
 
-from curriculum import Students, stage_views, uses_igd
 from data import ImageSet, classifier_input, load_real, resize_crop
-from evaluate import eval_points
-from guidance import (
-    Influence,
-    Learnability,
-    SamplerLog,
-    cfg_output,
-    decode_images,
-    guided_output,
-    sample,
-    weight_gradient,
-)
-from lab.common import (
+from ground.common import (
     SALT_PREFLIGHT,
     UserError,
     derive_seed,
@@ -64,25 +52,30 @@ from lab.common import (
     seconds_per_call,
     stream_seed,
 )
-from lab.folder import preflight_path
-from lab.records import image_record
-from lab.run import sampler_batches
+from ground.folder import preflight_path
+from ground.records import image_record
+from ground.run import sampler_batches
+from guidance import Learnability, cfg_output, decode_images, guided_output, sample, score_gradient
+from igd import ARCH as IGD_ARCH
+from igd import Influence, uses_igd, weight_gradient
 from model import make_student
-from train_student import (
-    IGD_ARCH,
-    RECIPES,
-    accuracy,
-    batch_size_for,
-    epochs_for_ipc,
-    eval_epochs,
-    recipe_settings,
-    recipe_view,
-    reference_models,
+from reference import (
+    reference_model,
     reference_view,
     soft_label_teacher,
     surrogate_cached,
     surrogate_epochs,
     surrogate_recipe,
+)
+from train_student import (
+    RECIPES,
+    accuracy,
+    batch_size_for,
+    epochs_for_ipc,
+    eval_epochs,
+    eval_points,
+    recipe_settings,
+    recipe_view,
     train_student,
 )
 
@@ -117,12 +110,11 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
     # 1. prior and labels: theta* as the run gets it (trained now and cached for the run, or loaded). A DiT set
     # uses no theta*: it is not trained for this check (only read when it is there, or given)
     ref_cached = args.reference is not None or surrogate_cached(spec, args.arch, data_dir, args.reference_epochs)
-    members, reference = None, None
+    reference = None
     t = time.time()
     if args.method != "dit" or ref_cached:
-        members = reference_models(spec, args.reference_archs, data_dir, device, args.reference_epochs,
-                                   args.num_workers, args.reference)  # the run's theta* (and --reference-archs)
-        reference, ref_view = members[0]
+        reference, ref_view = reference_model(spec, args.arch, data_dir, device, args.reference_epochs,
+                                              num_workers=args.num_workers, path=args.reference)  # the run's theta*
     measured["theta_star_s"] = time.time() - t
     noise = lambda index: [torch.Generator().manual_seed(derive_seed(args.seed, c, index, 0))
                            for c in range(n)]
@@ -152,9 +144,7 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
         train_student(student, ImageSet(list(uint8), classes.tolist()), student_view, args.recipe, STUDENT_EPOCHS,
                       seed=stream_seed(args.seed, SALT_PREFLIGHT, 1), device=device, desc="preflight student",
                       teacher=teacher)
-        views = stage_views(Students(args.arch, args.recipe, student_view), members, args.seed, 1, guide.views)
-        score = Learnability(student, student_view, [m for m, _ in members], [v for _, v in members], guide.omega,
-                             guide.views, views)
+        score = Learnability(student, student_view, reference, ref_view, guide.omega)
 
     # 3a. the sampler batch that fits (before the guided batch below, which must fit too)
     batch, largest, first_oom = pick_batch(prior, spec, sampler, guide if guided_run else None, args.batch_size,
@@ -167,19 +157,21 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
         guided_noise = lambda: [torch.Generator().manual_seed(derive_seed(args.seed, SALT_PREFLIGHT, 2, c))
                                 for c in range(n)]
         memories = [z_plain[c].flatten()[None].float().cpu() for c in range(n)] if guide.deviation else None
-        log = SamplerLog(check_gradient=False)
+        watch = Watch()
         x_guided = decode_images(prior, _in_chunks(lambda rows: sample(
             prior, labels[rows], _pick(guided_noise(), rows), sampler, score, classes[rows].to(prior.device),
-            _pick(memories, rows) if memories else None, guide, log), n, batch))
+            _pick(memories, rows) if memories else None, guide, watch), n, batch))
         x_twin = decode_images(prior, _in_chunks(lambda rows: sample(prior, labels[rows], _pick(guided_noise(), rows),
                                                                       sampler), n, batch))
         with torch.no_grad():
             s_guided = float(score(x_guided.to(device) * 2 - 1, classes.to(device)).mean())
             s_twin = float(score(x_twin.to(device) * 2 - 1, classes.to(device)).mean())
         result["guidance"] = dict(s_guided=s_guided, s_twin=s_twin, gain=s_guided - s_twin,
-                                  nan_fallbacks=log.nan_fallbacks, relative_push_per_step={
-                                      str(i): float(np.mean(v)) for i, v in sorted(log.guidance.items(), reverse=True)})
-        record_bytes = _record_bytes(log, kappa, args.twins)
+                                  nan_fallbacks=watch.fallbacks, relative_push_per_step={
+                                      str(i): float(np.mean(v)) for i, v in sorted(watch.push.items(), reverse=True)},
+                                  grad_decoder_cosine=decoder_cosine(prior, spec, sampler, guide, batch // kappa,
+                                                                     device, score))
+        record_bytes = _record_bytes(kappa)
     else:
         result["guidance"] = dict(s_guided=None, s_twin=None, gain=None, nan_fallbacks=0, relative_push_per_step={},
                                   note=f"not checked: --method {args.method} has no learnability-guided stage")
@@ -217,14 +209,36 @@ def _in_chunks(fn, n, batch):
     return torch.cat([fn(list(range(i, min(n, i + batch)))) for i in range(0, n, max(1, batch))])
 
 
-def _record_bytes(log, kappa, twins):
-    """Bytes of one image's record (stage_<k>/records/), from the preflight's guided batch: kappa candidates."""
+class Watch:
+    """What the guided steps of the preflight's batch did (the sampler's watch hook): per respaced step i the
+    relative size of each push (||push|| / ||z_{t-1}||), and how many samples fell back to the plain step."""
+
+    def __init__(self):
+        self.push, self.fallbacks = {}, 0
+
+    def __call__(self, i, z, z_prev, push, away, fallback):
+        size = push.flatten(1).float().norm(dim=1) / z_prev.flatten(1).float().norm(dim=1).clamp_min(1e-12)
+        self.push.setdefault(i, []).extend(size.tolist())
+        self.fallbacks += int(fallback.sum())
+
+
+def decoder_cosine(prior, spec, sampler, guide, b, device, score):
+    """With a cheap gradient decoder (--grad-decoder taesd): the cosine of its g to the exact g through the VAE, per
+    sample, at a step mid-window (None with the exact decoder). A shortcut that points elsewhere guides elsewhere."""
+    if prior.grad_vae is None:
+        return None
+    prior.scheduler.set_timesteps(sampler.steps)
+    t = prior.scheduler.timesteps[sampler.steps - 1 - (guide.guide_from + guide.guide_until) // 2]
+    z, labels, classes = _probe(prior, spec, max(1, b), device)
+    cheap, exact = (score_gradient(prior, z, t, labels, classes, sampler, score, guide.through_dit, decode)[1]
+                    for decode in (prior.decode_for_gradient, prior.decode))
+    return float(torch.nn.functional.cosine_similarity(cheap.flatten(1), exact.flatten(1), dim=1).mean())
+
+
+def _record_bytes(kappa):
+    """Bytes of one image's record (stage_<k>/records/): kappa candidates' score parts."""
     parts = {name: torch.zeros(1, kappa) for name in ("S", "student_ce", "reference_ce")}
-    twin = {name: torch.zeros(1) for name in parts} if twins else None
-    per_step = SamplerLog(guidance={i: v[:1] * kappa for i, v in log.guidance.items()},
-                          deviation={i: v[:1] * kappa for i, v in log.deviation.items()}, fallbacks=[0] * kappa)
-    report = dict(kappa=kappa, best=[0], parts=parts, twin=twin, log=per_step)
-    return len(json.dumps(image_record(0, report), indent=2))
+    return len(json.dumps(image_record(0, (torch.zeros(1, dtype=torch.long), parts)), indent=2))
 
 
 def _latent_stats(prior, z, real_x):
@@ -370,19 +384,19 @@ def _fits(prior, spec, sampler, guide, b, device, score):
 # ----------------------------------------------------------------------------- what things cost
 
 def batch_sizes(spec, batch, kappa):
-    """The samples in each sampler batch of one slot, cut exactly as the run cuts them (lab.run.sampler_batches):
+    """The samples in each sampler batch of one slot, cut exactly as the run cuts them (ground.run.sampler_batches):
     a block of classes, kappa candidates each."""
     return [len(block) * kappa for block in sampler_batches(spec.num_classes, batch, kappa)]
 
 
 def step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, device, score):
     """Seconds per sampler step at each batch size the run will use: unguided (the seed increment or a DiT set, the
-    twins, the steps outside the window), guided, and IGD's."""
+    steps outside the window), guided, and IGD's."""
     device = torch.device(device)
     timed = lambda g, b, s: seconds_per_call(lambda: _step(prior, spec, sampler, g, b, device, s), device, REPEATS,
                                              median=True)
     guided_sizes = batch_sizes(spec, batch, kappa) if score is not None else []
-    plain_sizes = set(batch_sizes(spec, batch, 1)) | set(guided_sizes) | {b // kappa for b in guided_sizes}
+    plain_sizes = set(batch_sizes(spec, batch, 1)) | set(guided_sizes)
     out = dict(unguided_step_s={str(b): timed(None, b, None) for b in sorted(plain_sizes)})
     if score is not None:
         out["guided_step_s"] = {str(b): timed(guide, b, score) for b in sorted(set(guided_sizes))}
@@ -443,7 +457,7 @@ def training_times(args, spec, x_plain, device, data_dir, ref_cached, teacher):
 
 def estimate(args, spec, guide, igd_guide, batch, kappa, m):
     """eta_s for the whole command and eta_stages_s per stage, from the measured seconds: for every slot, the run's
-    own sampler batches (batch_sizes, i.e. lab.run.sampler_batches), then the students' epochs x batches."""
+    own sampler batches (batch_sizes, i.e. ground.run.sampler_batches), then the students' epochs x batches."""
     C, steps = spec.num_classes, args.steps
     plain = lambda b: m["unguided_step_s"][str(b)]
     window, igd_window = guide.guided_steps(steps), igd_guide.guided_steps(steps)
@@ -456,9 +470,9 @@ def estimate(args, spec, guide, igd_guide, batch, kappa, m):
                        for b in batch_sizes(spec, batch, 1))
         return slots * per_slot + C * 4 * m["igd_real_gradient_s"]
 
-    def guided_stage(slots):  # kappa candidates per image in the window, + each kept image's twin (unguided)
-        per_slot = sum(window * m["guided_step_s"][str(b)] + (steps - window) * plain(b) +
-                       (steps * plain(b // kappa) if args.twins else 0.0) for b in batch_sizes(spec, batch, kappa))
+    def guided_stage(slots):  # kappa candidates per image in the window, the plain step outside it
+        per_slot = sum(window * m["guided_step_s"][str(b)] + (steps - window) * plain(b)
+                       for b in batch_sizes(spec, batch, kappa))
         return slots * per_slot
 
     def student_seconds(ipc, per_batch, recipe_epochs=None):  # epochs x batches per epoch x seconds per batch
@@ -588,6 +602,9 @@ def table(result):
                  ("non-finite fallbacks", str(g["nan_fallbacks"]), "need 0",
                   "ok" if not g["nan_fallbacks"] else "FAIL"),
                  ("push per guided step", f"{np.mean(pushes):.4f} of ||z|| (mean)" if pushes else "-", "", "")]
+        if g.get("grad_decoder_cosine") is not None:
+            rows.append(("gradient decoder", f"cosine {g['grad_decoder_cosine']:.3f} to the exact g",
+                         "--grad-decoder approximates the VAE's gradient", ""))
     else:
         rows.append(("guidance direction", g["note"], "", "-"))
     search = result["batch_search"]

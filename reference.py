@@ -1,0 +1,238 @@
+"""
+The reference model theta* of the learnability score (Chan-Santiago & Shah, CVPR 2026, Eq. "learnability": theta*
+is a ConvNet-6 trained on the full real training set, as IGD's surrogate), and the other models trained once on the
+real data: IGD's surrogate trajectory (igd.py picks its checkpoints) and RDED's soft-label teacher.
+
+  theta*        the last snapshot of the surrogate trajectory at IGD's view (the generated image as it is, mean =
+                std = 0.5); ImageNet-1K with resnet18_bn: torchvision's pretrained ResNet-18; or a user's file
+                (--reference, e.g. IGD's released surrogate, with its key names mapped to ours)
+  trajectory    IGD `train_ckpts.py`: SGD, no schedule, 50 epochs, parameters at init and after every epoch
+  recognised    theta*'s verdict on images: the share it classifies as their class (validity, the prior's check)
+
+Each is trained once per dataset, architecture, view and data tree and cached under out/cache (ground.locks:
+one builder at a time; a second run waits and reuses it).
+"""
+import hashlib
+import os
+import re
+
+import torch
+import torchvision
+
+from data import classifier_input, load_real, with_view
+from ground.common import UserError, barrier, is_main, load_saved, print0, save_torch
+from ground.locks import cache_entry
+from model import make_student
+from train_student import RECIPES, recipe_view, train_student
+
+# theta* and IGD's surrogate (IGD `train_ckpts.py`): SGD lr 0.01, momentum 0.9, wd 5e-4, batch 64, no
+# schedule, no CutMix, Minimax augmentation at the generated size (256 px), mean = std = 0.5, 50 epochs,
+# parameters saved at init and after every epoch (the trajectory IGD's checkpoints are chosen from).
+SURROGATE = dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="constant",
+                 cutmix=False, augment="minimax", pre_crop=True, temperature=None)
+SURROGATE_EPOCHS = 50
+
+
+def surrogate_recipe(spec):
+    """The surrogate's recipe for a dataset: SURROGATE, with MinimaxDiffusion `argument.py`'s settings for ImageNet
+    with more than 100 classes (lr 0.1, weight decay 1e-4, batch at least 128), which IGD's training inherits."""
+    if spec.num_classes > 100:
+        return dict(SURROGATE, lr=0.1, weight_decay=1e-4, batch_size=max(128, SURROGATE["batch_size"]))
+    return SURROGATE
+# NOTE(deviation): the embedded datasets' theta* converges sooner: 30 epochs on 8x8 digits (98% test accuracy),
+# 20 on MNIST's 4,000 training images (99%)
+EMBEDDED_SURROGATE_EPOCHS = {"digits": 30, "mnist": 20}
+
+
+def reference_view(spec):
+    """theta*'s view (IGD's surrogate): the generated image as it is (256 px), mean = std = 0.5."""
+    return with_view(spec, res=spec.image_size, crop_ratio=1.0, mean=(0.5,) * spec.channels, std=(0.5,) * spec.channels)
+
+
+@torch.no_grad()
+def recognised(model, view, images, classes):
+    """Per image, whether `model` (theta*) classifies it as its class: images (N, C, H, W) in [0, 1] -> (N,) bool."""
+    predicted = model(classifier_input(images.to(next(model.parameters()).device) * 2 - 1, view)).argmax(dim=1)
+    return predicted.cpu() == classes.cpu()
+
+
+# ----------------------------------------------------------------------------- models trained on the real data
+
+def _cache_path(kind, view, arch, data_dir, epochs, cache_dir):
+    """One cache file per (dataset, arch, view, epochs, data tree): different trees never share an entry."""
+    key = f"{view.name}_{arch}_res{view.res}_e{epochs}"
+    details = repr((view.mean, view.std, view.crop_ratio, os.path.abspath(data_dir) if data_dir else None))
+    return os.path.join(cache_dir, f"{kind}_{key}_{hashlib.sha1(details.encode()).hexdigest()[:8]}.pt")
+
+
+def _load_cached(path):
+    """A cached model (ours, never a user's file): damaged, it says to remove it, and a rerun rebuilds it."""
+    return load_saved(path, "it is a cache: remove it and rerun to retrain it")
+
+
+def load_user_weights(model, path, fits, flag="--reference"):
+    """A user's weights for `model` (theta* or a teacher), in the formats the field ships them in:
+      - a state dict, or a checkpoint dict holding one under "state_dict" / "model" (DD_IGD `train.py`),
+        with DataParallel's "module." prefixes stripped;
+      - a replay buffer [trajectory][epoch][parameter tensors] (IGD's surrogate trajectories, MTT's experts):
+        the last epoch of the first trajectory, in model.parameters() order.
+    Class index c must be the field's class c (data.py: ImageWoof in Minimax / IGD / MTT order), as IGD's own
+    surrogates are. Every failure is one line about `flag`, never a hint to delete the user's file."""
+    try:
+        obj = torch.load(path, map_location="cpu")
+    except Exception as e:  # a text file, a truncated download: the user's file, not a cache
+        raise UserError(f"{flag} {path} is not a PyTorch weights file ({e.__class__.__name__}); give a state dict "
+                        f"or an IGD / MTT replay buffer for {fits}") from None
+    where = f"{flag} {path}"
+    if isinstance(obj, (list, tuple)):  # a replay buffer: descend to one epoch's parameter list
+        while obj and isinstance(obj[0], (list, tuple)):
+            obj = obj[0] if (obj[0] and isinstance(obj[0][0], (list, tuple))) else obj[-1]
+        params = list(model.parameters())
+        if any(b.numel() for b in model.buffers()):
+            raise UserError(f"{where} holds parameters only; {fits} also needs its batch-norm statistics "
+                            f"(give a state dict)")
+        shapes = [tuple(t.shape) if torch.is_tensor(t) else None for t in obj]
+        if shapes != [tuple(p.shape) for p in params]:
+            raise UserError(f"{where} holds {len(shapes)} parameter tensors that do not fit {fits} "
+                            f"({len(params)} tensors, the first {tuple(params[0].shape)})")
+        with torch.no_grad():
+            for p, t in zip(params, obj):
+                p.copy_(t)
+        return model
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        obj = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+        obj = _our_names(obj, model)
+    try:
+        model.load_state_dict(obj)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UserError(f"{where} does not fit {fits}: {_layout_difference(obj, model) or str(e).splitlines()[0]}") \
+            from None
+    return model
+
+
+# Other repositories' names for the same tensors (MinimaxDiffusion `train_models/convnet.py` keeps its layers in a
+# ModuleDict of lists: layers.conv.<d>, layers.norm.<d>; ours (MTT's) are one Sequential of 4 modules per block).
+KEY_RENAMES = [(re.compile(r"^layers\.conv\.(\d+)\."), lambda m: f"features.{4 * int(m.group(1))}."),
+               (re.compile(r"^layers\.norm\.(\d+)\."), lambda m: f"features.{4 * int(m.group(1)) + 1}.")]
+
+
+def _our_names(state, model):
+    """A state dict in another repository's key layout -> ours: first the known renames (Minimax's ConvNet); if the
+    names still differ but the tensors line up one for one in order with the same shapes (Minimax / IDC
+    ResNetAP-10 and ResNet-18: layer0.conv1 ... fc, the same modules in the same order), by position."""
+    ours = model.state_dict()
+    if set(state) == set(ours):
+        return state
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replace in KEY_RENAMES:
+            key = pattern.sub(replace, key)
+        renamed[key] = value
+    if set(renamed) == set(ours):
+        return renamed
+    theirs = [(k, v) for k, v in state.items() if torch.is_tensor(v)]
+    if len(theirs) == len(ours) and all(tuple(v.shape) == tuple(o.shape) for (_, v), o in zip(theirs, ours.values())):
+        return {name: value for name, (_, value) in zip(ours, theirs)}
+    return state  # load_state_dict names the difference
+
+
+def _layout_difference(state, model):
+    """One phrase: what the model expected against what the file holds (the first differing key and shape)."""
+    ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    theirs = [(k, tuple(v.shape) if torch.is_tensor(v) else type(v).__name__) for k, v in state.items()]
+    for (k1, s1), (k2, s2) in zip(ours, theirs):
+        if (k1, s1) != (k2, s2):
+            return (f"expected {len(ours)} tensors starting {ours[0][0]} {ours[0][1]}, found {len(theirs)}; the first "
+                    f"difference: expected {k1} {s1}, found {k2} {s2}")
+    if len(ours) != len(theirs):
+        return f"expected {len(ours)} tensors, found {len(theirs)} (the first {min(len(ours), len(theirs))} agree)"
+    return None
+
+
+def surrogate_trajectory(view, arch, data_dir, device, epochs=None, cache_dir="out/cache", num_workers=0):
+    """IGD's surrogate trained on the full real train split, with its parameters at init and after every
+    epoch: a list of epochs + 1 state dicts (cached). view: the surrogate's view (reference_view).
+
+    Trained by rank 0 alone (the others wait), so the cache does not depend on the number of ranks.
+    """
+    path, epochs = surrogate_path(view, arch, data_dir, epochs, cache_dir)
+    if is_main():
+        # one run trains it; another run started meanwhile waits for it and reuses it (ground.locks.cache_entry)
+        with cache_entry(path, f"{arch} trained on the real {view.name} data") as missing:
+            if missing:
+                print0(f"training {arch} on the real {view.name} train split for {epochs} epochs (theta*, cached in "
+                       f"{path})")
+                trajectory = []
+                model = make_student(arch, view, seed=0)  # important! an init independent of what ran before
+                train_student(model, load_real(view, data_dir, "train"), view, surrogate_recipe(view), epochs, seed=0,
+                              device=device, desc=f"theta* {arch}", num_workers=num_workers,
+                              on_epoch=lambda e, m: trajectory.append({k: v.detach().cpu().clone()
+                                                                       for k, v in m.state_dict().items()}))
+                save_torch(trajectory, path)
+    barrier()
+    return _load_cached(path)
+
+
+def surrogate_epochs(dataset, epochs=None):
+    """The surrogate's training length: the given epochs, else IGD's 50 (digits 30). Its trajectory holds epochs + 1
+    snapshots (the init, then one per epoch)."""
+    return epochs or EMBEDDED_SURROGATE_EPOCHS.get(dataset, SURROGATE_EPOCHS)
+
+
+def surrogate_path(view, arch, data_dir, epochs=None, cache_dir="out/cache"):
+    """(cache file of the surrogate trajectory, its epochs)."""
+    epochs = surrogate_epochs(view.name, epochs)
+    return _cache_path("surrogate", view, arch, data_dir, epochs, cache_dir), epochs
+
+
+def pretrained_reference(spec, arch):
+    """[choice] theta* of ImageNet-1K with resnet18_bn: torchvision's pretrained ResNet-18 (trained on it already)."""
+    return spec.name == "imagenet" and arch == "resnet18_bn" and spec.num_classes == 1000
+
+
+def surrogate_cached(spec, arch, data_dir, epochs=None, cache_dir="out/cache"):
+    """Whether theta* for this dataset / arch needs no training: cached already, or torchvision's pretrained one."""
+    return pretrained_reference(spec, arch) or \
+        os.path.exists(surrogate_path(reference_view(spec), arch, data_dir, epochs, cache_dir)[0])
+
+
+def pretrained_resnet18(device):
+    """torchvision's ImageNet-1K ResNet-18 (hub weights): RDED's teacher, and theta* on ImageNet-1K."""
+    return torchvision.models.resnet18(weights="IMAGENET1K_V1").to(device).eval()
+
+
+def reference_model(spec, arch, data_dir, device, epochs=None, cache_dir="out/cache", num_workers=0, path=None):
+    """theta* and the view it sees: (model in eval mode, view spec).
+
+    [paper] a ConvNet-6 trained on the full real set, as IGD's surrogate: the last snapshot of
+    surrogate_trajectory at IGD's view (256 px, mean = std = 0.5). path: a user's state dict for `arch` at
+    that view (e.g. IGD's released surrogate). [choice] ImageNet-1K with resnet18_bn: torchvision's
+    pretrained ResNet-18 (trained on the full real set already), at its own view (224, ImageNet statistics).
+    """
+    view = reference_view(spec)
+    if path is None and pretrained_reference(spec, arch):
+        return pretrained_resnet18(device), recipe_view(spec, "rded")
+    model = make_student(arch, view, seed=0)
+    if path is not None:
+        load_user_weights(model, path, f"--arch {arch} at {view.res} px")
+    else:
+        model.load_state_dict(surrogate_trajectory(view, arch, data_dir, device, epochs, cache_dir, num_workers)[-1])
+    return model.to(device).eval(), view
+
+
+def soft_label_teacher(spec, recipe, data_dir, device, cache_dir="out/cache", num_workers=0):
+    """The RDED teacher for soft-label recipes (None for hard-label ones), in the students' view `spec`:
+    torchvision's pretrained ResNet-18 for ImageNet-1K [RDED/IGD/LGD protocol], else a ResNet-18 (BN)
+    trained on the real train split with the surrogate protocol."""
+    if RECIPES[recipe]["temperature"] is None:
+        return None
+    if spec.name == "imagenet" and spec.num_classes == 1000:
+        return pretrained_resnet18(device)
+    model = make_student("resnet18_bn", spec, seed=0)
+    model.load_state_dict(surrogate_trajectory(spec, "resnet18_bn", data_dir, device, None, cache_dir,
+                                               num_workers)[-1])
+    return model.to(device).eval()
