@@ -49,7 +49,7 @@ from ground.common import (
 )
 from guidance import GuidanceConfig, Learnability, SamplerConfig, cfg_output, guided_output
 from igd import Influence
-from model import DIGITS_PRIOR, Prior, make_scheduler, make_student
+from model import DIGITS_PRIOR, Prior, make_scheduler, make_student, predicted_clean
 from reference import reference_view
 from train_student import recipe_view, train_student
 
@@ -102,7 +102,7 @@ def step_parts(prior, z, t, labels, classes, sampler, score):
 
     def decoder(decode):
         def forward():
-            state["z0"] = ((z - (1 - alpha_bar).sqrt() * state["eps"].detach()) / alpha_bar.sqrt()).requires_grad_(True)
+            state["z0"] = predicted_clean(z, state["eps"].detach(), alpha_bar).requires_grad_(True)
             with torch.enable_grad():
                 state["x"] = decode(state["z0"])
 

@@ -137,7 +137,7 @@ def get_parser():
                    "paper's pipeline; the ImageNette/ImageWoof default) or a folder <class>/*.png")
     # IGD (--method igd, --seed-set igd): its own constants on the same knobs
     p.add_argument("--igd-scale", type=float, default=None,
-                   help=f"IGD's guidance scale k ({IGD_DEFAULTS['igd_scale']:g})")
+                   help=f"IGD's guidance scale lambda_I, its paper's k ({IGD_DEFAULTS['igd_scale']:g})")
     p.add_argument("--igd-deviation", type=float, default=None,
                    help="IGD's gamma (IGD Table 7: 50 at IPC 10, 120 at IPC 50/100 and on ImageNet-1K)")
     p.add_argument("--igd-from", type=int, default=None, help=f"IGD's window start ({IGD_DEFAULTS['igd_from']})")

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from data import classifier_input
+from model import predicted_clean
 
 
 @dataclass
@@ -140,7 +141,7 @@ def score_gradient(prior, z, t, labels, classes, sampler, score, through_dit, de
             with torch.no_grad():
                 out = cfg_output(prior, z, t, labels, sampler)
         eps = out[:, :c]  # (N, C, h, w): eps of DiT's (N, 2C, h, w) learned-variance output (all of it without one)
-        z0_hat = (z_in - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()  # Ho et al. Eq. 15, (N, C, h, w)
+        z0_hat = predicted_clean(z_in, eps, alpha_bar_t)  # (N, C, h, w)
         with prior.autocast():  # the classifiers in bf16 too when --precision bf16
             s = score(decode(z0_hat.to(z.dtype)).float(), classes)
         grad = torch.autograd.grad(s.float().sum(), z_in)[0].float()  # samples independent: sum = per-sample grads

@@ -6,7 +6,7 @@ LGD (guidance.py). Where LGD's S asks "does the current student get x wrong (and
 
   I(x, y)  = mean_j cos( grad_theta CE(f_theta_j(x), y),  g_real(j, y) ) - 1          (= -IGD's loss)
   g_real   = grad_theta of the mean CE over the first grad_ipc real images of class y, at theta_j
-  z_{t-1} -= k * rho_t * grad_{z_t} (-I)     in IGD's window (30..45 of 50), rho_t as in guidance.py
+  z_{t-1} += lambda_I * rho_t * grad_{z_t} I  in IGD's window (30..45 of 50), rho_t as in guidance.py
   z_{t-1} -= gamma * grad_{z_t} cos(z_t, m*)  the deviation guidance, M_c of this increment's own samples
 
 theta_j: snapshots of IGD's surrogate (ConvNet-6 trained on the real train split, its parameters at init and after
@@ -30,7 +30,7 @@ from reference import reference_view, surrogate_trajectory
 ARCH = "convnet"     # IGD's surrogate is ConvNet-6 whatever the evaluation network (DD_IGD `sample.py`, define_model)
 GRAD_IPC = 200       # real images per class in a target gradient (DD_IGD: 4 batches of 50)
 THRESHOLD = 0.7      # the adaptive rule's cosine threshold (IGD Sec. 4.3)
-SCALE = 5.0          # k, IGD's guidance scale (IGD Table 7 for DiT; DD_IGD `sample_mp.sh`)
+SCALE = 5.0          # lambda_I, IGD's guidance scale (its paper's k; IGD Table 7 for DiT, DD_IGD `sample_mp.sh`)
 WINDOW = (30, 45)    # IGD's window on the respaced index i of 50 steps
 
 

@@ -129,6 +129,12 @@ class Prior:
                 module.to(memory_format=torch.channels_last)
 
 
+def predicted_clean(z_t, eps, alpha_bar_t):
+    """z0_hat = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): the clean sample an eps prediction implies (Ho et al.
+    2020, Eq. 15); the guidance scores it, the prior's training loss and bench.py time it."""
+    return (z_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+
+
 def learns_variance(config):
     """A DiT config with 2C output channels predicts eps and a learned variance (DiT-XL/2: 8 = 4 + 4)."""
     return (config.out_channels or config.in_channels) == 2 * config.in_channels

@@ -7,7 +7,7 @@ real data: IGD's surrogate trajectory (igd.py picks its checkpoints) and RDED's 
                 std = 0.5); ImageNet-1K with resnet18_bn: torchvision's pretrained ResNet-18; or a user's file
                 (--reference, e.g. IGD's released surrogate, with its key names mapped to ours)
   trajectory    IGD `train_ckpts.py`: SGD, no schedule, 50 epochs, parameters at init and after every epoch
-  recognised    theta*'s verdict on images: the share it classifies as their class (validity, the prior's check)
+  recognises    theta*'s verdict on images: the share it classifies as their class (validity, the prior's check)
 
 Each is trained once per dataset, architecture, view and data tree and cached under out/cache (ground.locks:
 one builder at a time; a second run waits and reuses it).
@@ -50,7 +50,7 @@ def reference_view(spec):
 
 
 @torch.no_grad()
-def recognised(model, view, images, classes):
+def recognises(model, view, images, classes):
     """Per image, whether `model` (theta*) classifies it as its class: images (N, C, H, W) in [0, 1] -> (N,) bool."""
     predicted = model(classifier_input(images.to(next(model.parameters()).device) * 2 - 1, view)).argmax(dim=1)
     return predicted.cpu() == classes.cpu()

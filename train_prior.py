@@ -50,8 +50,17 @@ from ground.common import (
 )
 from ground.locks import cache_entry
 from guidance import SamplerConfig, decode_images, sample
-from model import DIGITS_PRIOR, DIGITS_SCHEDULE, MNIST_DIT, MNIST_SCHEDULE, MNIST_TAESD, MNIST_VAE, load_prior
-from reference import reference_model
+from model import (
+    DIGITS_PRIOR,
+    DIGITS_SCHEDULE,
+    MNIST_DIT,
+    MNIST_SCHEDULE,
+    MNIST_TAESD,
+    MNIST_VAE,
+    load_prior,
+    predicted_clean,
+)
+from reference import recognises, reference_model
 
 # How each embedded prior is trained (steps of batch 128). The digits prior: 2000 steps, about 2 minutes on 2 CPU
 # cores; its unguided samples are recognised by theta* as well as after the 4000 steps at lr 1e-3 of earlier
@@ -129,7 +138,7 @@ def variational_bound(scheduler, eps, variance_values, x0, xt, t):
     a, a_prev, b = abar[t].view(shape), abar_prev[t].view(shape), betas[t].view(shape)
     coef_x0, coef_xt = b * a_prev.sqrt() / (1 - a), (1 - a_prev) * (1 - b).sqrt() / (1 - a)
     true_mean, true_log_var = coef_x0 * x0 + coef_xt * xt, log_beta_tilde[t].view(shape)
-    x0_hat = (xt - (1 - a).sqrt() * eps) / a.sqrt()
+    x0_hat = predicted_clean(xt, eps, a)
     model_mean = coef_x0 * x0_hat + coef_xt * xt
     frac = (variance_values + 1) / 2
     model_log_var = frac * torch.log(b) + (1 - frac) * true_log_var
@@ -295,8 +304,7 @@ def recognised(prior, reference, view, cfg_scale, per_class, device):
     labels = torch.arange(10).repeat_interleave(per_class)
     generators = [torch.Generator().manual_seed(derive_seed(123, int(c), i)) for i, c in enumerate(labels)]
     images = decode_images(prior, sample(prior, labels, generators, SamplerConfig(cfg_scale=cfg_scale)))
-    predicted = reference(classifier_input(images.to(device) * 2 - 1, view)).argmax(dim=1).cpu()
-    return float((predicted == labels).float().mean()), images
+    return float(recognises(reference, view, images, labels).float().mean()), images
 
 
 def decoder_checks(prior, reference, view, device, n=200):

@@ -361,9 +361,9 @@ def test_a_finished_stages_image_that_is_not_the_runs_is_refused(uninterrupted, 
 
 
 def test_a_seed_set_image_of_another_mode_or_size_is_passed_over(tmp_path, capsys):
-    from curriculum import seed_set_files
     from data import get_spec
     from ground.common import save_png
+    from ground.folder import seed_set_files
     for c in range(10):
         for i in range(3):
             save_png(torch.rand(1, 8, 8), str(tmp_path / "seed" / str(c) / f"{i}.png"))

@@ -224,7 +224,8 @@ def test_the_eta_prices_the_test_passes_the_evaluation_makes(dataset, epochs, pa
     from types import SimpleNamespace
 
     from data import get_spec
-    from guidance import GuidanceConfig, igd_guidance
+    from guidance import GuidanceConfig
+    from igd import igd_guidance
     m = {"unguided_step_s": {str(b): 0.0 for b in range(1, 2000)}, "eval_batch_s": 0.0, "test_pass_s": 1.5}
     args = SimpleNamespace(steps=50, method="dit", ipc=10, eval=True, eval_runs=3, eval_epochs=epochs,
                            recipe="minimax", student_epochs=None)

@@ -60,6 +60,7 @@ from igd import ARCH as IGD_ARCH
 from igd import Influence, uses_igd, weight_gradient
 from model import make_student
 from reference import (
+    recognises,
     reference_model,
     reference_view,
     soft_label_teacher,
@@ -124,9 +125,7 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
     measured["unguided_samples_s"] = time.time() - t
     recognised = None
     if reference is not None:
-        with torch.no_grad():
-            predicted = reference(classifier_input(x_plain.to(device) * 2 - 1, ref_view)).argmax(dim=1).cpu()
-        recognised = (predicted == classes).tolist()
+        recognised = recognises(reference, ref_view, x_plain, classes).tolist()
     real = load_real(spec, data_dir, "train")
     firsts = [real.labels.index(c) for c in range(n)]
     real_x = torch.stack([resize_crop(real.load(i), spec.image_size) for i in firsts])
