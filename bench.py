@@ -39,7 +39,7 @@ from data import Augment, ImageSet, get_spec, load_real, sample_real_ipc
 from ground.common import (
     ArgumentParser,
     UserError,
-    check_writable,
+    check_output_file,
     get_device,
     load_json,
     require,
@@ -247,8 +247,10 @@ def main(argv=None):
             f"{args.batch_size}")
     require(args.repeats is None or args.repeats >= 1, f"--repeats must be at least 1, got {args.repeats}")
     if args.json:
-        check_writable(os.path.dirname(os.path.abspath(args.json)))
+        check_output_file(args.json, "--json")
     device = get_device(args.device)
+    if args.precision == "bf16" and device.type != "cuda":  # as distill.py: bf16 is CUDA autocast
+        raise UserError(f"--precision bf16 is CUDA autocast; this bench is on {device.type} (use --precision fp32)")
     if args.eta:
         result = dict(device=str(device), threads=torch.get_num_threads(),
                       eta=bench_eta(device, ["--dataset", args.dataset]))

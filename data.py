@@ -27,9 +27,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.models import ResNet18_Weights
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
 from ground.common import UserError, remove_path, temporary_path
 from ground.images import IMAGE_EXTENSIONS, list_image_folder, load_image
@@ -266,6 +268,21 @@ def load_real(spec, data_dir, split):
     folder = os.path.join(data_dir, "train" if split == "train" else "val")
     paths, labels = list_image_folder(folder, spec.class_names(), what="data split")
     return ImageSet(paths, labels, channels=spec.channels)
+
+
+def check_images(spec, data_dir):
+    """Every image of an ImageFolder tree's train and val splits opens (its header is read): a corrupt file is named,
+    with its remedy, before a run claims its folder rather than hours later when a split is first decoded."""
+    for split in ("train", "test"):
+        paths = load_real(spec, data_dir, split).items
+        for path in tqdm(paths, desc=f"opening the {split} images", unit="img", mininterval=2, leave=False,
+                         disable=len(paths) < 10000):
+            try:
+                with Image.open(path) as im:
+                    im.size
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                raise UserError(f"cannot read image {path}: {e.__class__.__name__}; remove or replace it (a class "
+                                f"keeps its other images)") from None
 
 
 def sample_real_ipc(real, ipc, seed):

@@ -44,7 +44,7 @@ from reference import reference_model, soft_label_teacher
 from tools.checks import check_args
 from tools.dry_run import print_plan
 from tools.preflight import DAY, duration, eta_line
-from tools.start import check_inputs, start_run
+from tools.start import check_inputs, check_settings, run_record, start_run
 from train_prior import load_run_prior
 from train_student import RECIPES, Trainer, recipe_view
 
@@ -223,7 +223,9 @@ def main(argv=None):
     spec = get_spec(args.dataset, res=args.res)
     data_dir = resolve_data_dir(spec, args.data_dir, fetch=False)  # a given tree is checked now, a download later
     if args.dry_run:
-        check_inputs(args, spec, torch.device("cpu"))  # what the run would refuse, the plan refuses too
+        # what the run would refuse, the plan refuses too: the settings of a run already in the folder, the inputs
+        check_settings(args, run_record(args, spec, int(os.environ.get("WORLD_SIZE", 1))))
+        check_inputs(args, spec, torch.device("cpu"))
         return print_plan(args, spec, data_dir, guidance_config(args), igd_config(args), sampler_config(args))
     device = get_device(args.device)
     if args.precision == "bf16" and device.type != "cuda":
@@ -245,12 +247,10 @@ def main(argv=None):
         distill(args, spec, device, rank, world, prior)
 
 
-def distill(args, spec, device, rank, world, prior=None):
+def distill(args, spec, device, rank, world, prior):
     """The run itself, once the folder is ours and the settings are recorded."""
     start = time.time()
     data_dir = resolve_data_dir(spec, args.data_dir)
-    if prior is None:  # the digits prior: trained once into the shared cache (waiting if another run builds it)
-        prior = load_run_prior(args, spec, device)
     sampler, out = sampler_config(args), args.out_dir
     plan = Plan(args.ipc, args.stage_ipc, args.seed)
     run = Run(out, spec, plan, args.batch_size, rank, world)
@@ -278,8 +278,12 @@ def distill(args, spec, device, rank, world, prior=None):
     if args.eval and is_main():  # evaluation is single-process: N small students, not worth sharding
         evaluate_folder(out, spec, data_dir, args.eval_arch, args.eval_runs, args.recipe, args.eval_epochs,
                         args.seed, device, num_workers=args.num_workers)
-        print0(f"next: python evaluate.py --redundancy {out}   (cross-increment redundancy), or "
-               f"python evaluate.py --compare {out} <other runs>")
+        # only what works on this folder as printed: a redundancy cut needs two increments, --compare the run's
+        # own eval.json (an --eval-arch of another family writes eval_<arch>.json)
+        if args.ipc // args.stage_ipc >= 2:
+            print0(f"next: python evaluate.py --redundancy {out}   (cross-increment redundancy)")
+        if args.eval_arch == args.arch:
+            print0(f"next: python evaluate.py --compare {out}   (add other runs' folders to compare them)")
     elif is_main():
         print0(f"next: python evaluate.py --distilled {out}   (-> {eval_path(out)})")
 

@@ -18,15 +18,17 @@ High off-diagonal accuracy = the increments teach the same thing. (LGD maximises
 student's loss on new increments, so a low R is partly optimised by construction: always read it
 beside test accuracy.)
 
+One mode per command (the flags below are exclusive; `--redundancy real --real-ipc K` is the one pair), and a
+result goes only into the run it describes, the random-real draw's own folder, or a fresh --out folder.
+
 Run:
   python evaluate.py --distilled out/digits_lgd_ipc10_seed0 --runs 3      # eval.json in that folder
   python evaluate.py --distilled out/digits_lgd_ipc10_seed0 --arch resnetap10   # eval_resnetap10.json
-  python evaluate.py --dataset digits --real-ipc 10 --runs 3 --out out/digits_real_ipc10
+  python evaluate.py --dataset digits --real-ipc 10 --runs 3                  # out/digits_real_ipc10_seed0
   python evaluate.py --redundancy out/digits_lgd_ipc10_seed0              # redundancy.json + heatmap
   python evaluate.py --redundancy real --dataset digits --real-ipc 10     # the same for random real images
   python evaluate.py --validity out/digits_lgd_ipc10_seed0                # share theta* recognises
-  python evaluate.py --compare out/digits_lgd_ipc10_seed0 out/digits_dit_ipc10_seed0 out/digits_real_ipc10
-  python evaluate.py --export out/imagewoof_lgd_ipc100_seed0 --layout ddranking --out out/woof_ddranking  # export.py
+  python evaluate.py --compare out/digits_lgd_ipc10_seed0 out/digits_dit_ipc10_seed0 out/digits_real_ipc10_seed0
 """
 import json
 import os
@@ -43,6 +45,7 @@ from ground.common import (
     ArgumentParser,
     UserError,
     atomic_write,
+    check_output_file,
     check_writable,
     get_device,
     git_commit,
@@ -61,6 +64,7 @@ from ground.folder import (
     distilled_folder,
     eval_path,
     heatmap_path,
+    is_run_folder,
     redundancy_path,
     run_info,
     set_files,
@@ -117,7 +121,8 @@ def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epo
     result = evaluate_set(train_set, test_set, view, arch, runs, recipe, epochs, seed, device, num_workers=num_workers,
                           teacher=teacher, ipc=min(counts))
     result = dict(dataset=spec.name, method=info.get("method", "unknown"), guiding_arch=info.get("arch"),
-                  **result, images_per_class=counts, distilled=os.path.abspath(run_dir))
+                  **result, images_per_class=counts, distilled=os.path.abspath(run_dir),
+                  subject=os.path.abspath(run_dir))
     write_eval(result, out)
     return result
 
@@ -191,7 +196,7 @@ def save_heatmap(matrix, path, title):
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def redundancy_report(increments, view, out_dir, label, **kwargs):
+def redundancy_report(increments, view, out_dir, label, subject=None, **kwargs):
     """Compute the matrix, print it, then write redundancy.json and redundancy.png in out_dir."""
     if len(increments) < 2:
         raise UserError(f"redundancy needs at least 2 increments to compare, {label} has {len(increments)} "
@@ -201,7 +206,7 @@ def redundancy_report(increments, view, out_dir, label, **kwargs):
     cut = f"{len(increments)} increments of {stage_ipc} images per class, in generation (index) order"
     print0(f"redundancy of {label}: {cut}")
     matrix, off = redundancy_matrix(increments, view, **kwargs)
-    result = dict(label=label, increments=len(increments), stage_ipc=stage_ipc, cut=cut,
+    result = dict(label=label, subject=subject, increments=len(increments), stage_ipc=stage_ipc, cut=cut,
                   arch=kwargs.get("arch", "convnet"), matrix=matrix, off_diagonal_mean=off,
                   diagonal_mean=float(np.mean(np.diag(matrix))))
     print0("\n".join(" ".join(f"{100 * v:5.1f}" for v in row) for row in matrix))
@@ -245,7 +250,7 @@ def compare(run_dirs, markdown_path):
             raise UserError(f"{run_dir} has no eval.json (run evaluate.py on it first)")
         ev = load_json(eval_path(run_dir))
         red = load_json(redundancy_path(run_dir)) if os.path.exists(redundancy_path(run_dir)) else None
-        row = [ev.get("method", "?"), str(ev["ipc"]), ev["arch"],
+        row = [ev.get("dataset", "?"), ev.get("method", "?"), str(ev["ipc"]), ev["arch"],
                f"{100 * ev['acc_mean']:.1f} +- {100 * ev['acc_std']:.1f} (n={ev['runs']})",
                f"{100 * ev['best_mean']:.1f} +- {100 * ev['best_std']:.1f}"]
         for arch in other_archs:  # the same set, students the sampling never saw
@@ -258,7 +263,7 @@ def compare(run_dirs, markdown_path):
         row += [cut, "-" if valid is None else f"{100 * valid:.1f}", run_dir]
         rows.append(row)
     # final and best-seen side by side: the honest number next to the one peers report
-    header = (["method", "IPC", "arch", "acc % (final)", "acc % (best seen)"] +
+    header = (["dataset", "method", "IPC", "arch", "acc % (final)", "acc % (best seen)"] +
               [f"{arch} acc % (final)" for arch in other_archs] + ["redundancy % (cut)", "theta* recognises %", "run"])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in [header] + rows)
@@ -296,9 +301,16 @@ def main(argv=None):
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     args = p.parse_args(argv)
+    # one mode per command: two modes in one would run one of them and drop the other without a word
+    modes = [flag for flag, given in (("--distilled", args.distilled), ("--validity", args.validity),
+                                      ("--redundancy", args.redundancy), ("--compare", args.compare),
+                                      ("--real-ipc", args.real_ipc is not None and args.redundancy != "real"))
+             if given]
+    if len(modes) > 1:
+        raise UserError(f"one mode per command: {' and '.join(modes)} were given; run them one at a time "
+                        f"(`--redundancy real --real-ipc K` is the one combination)")
     if args.compare:  # reads finished JSONs only: no dataset, no training
-        if os.path.isdir(args.markdown):
-            raise UserError(f"--markdown {args.markdown} is a folder; give a file path like out/compare.md")
+        check_output_file(args.markdown, "--markdown")
         compare(args.compare, args.markdown)
         return
     require(args.runs >= 1, f"--runs must be at least 1, got {args.runs}")
@@ -333,14 +345,15 @@ def main(argv=None):
     if run_dir is not None:
         spec.image_size = set_files(run_dir, spec, quiet=True)[2]  # the reader below names what it leaves out
     if args.validity is not None:
+        require(args.out is None, "--validity writes validity.json into the run it judges; drop --out")
         validity_report(run_dir, spec, data_dir, device, args.num_workers, args.arch)
         return
     view = recipe_view(spec, recipe)
     teacher = soft_label_teacher(view, recipe, data_dir, device, num_workers=args.num_workers)
     kwargs = dict(arch=arch, recipe=recipe, epochs=args.epochs, seed=args.seed, device=device, teacher=teacher)
 
+    out = result_folder(args, run_dir, spec)
     if args.real_ipc is not None:  # the random-real baseline
-        out = args.out or default_real_dir(spec.name, args.real_ipc)
         real = sample_real_ipc(load_real(spec, data_dir, "train"), args.real_ipc, args.seed)
         if args.redundancy == "real":  # the same matrix for random real images, cut in draw order
             stage_ipc = args.stage_ipc or min(args.real_ipc, 2 if spec.name in EMBEDDED else 10)
@@ -349,23 +362,52 @@ def main(argv=None):
             picked = real.subset(order)
             size = spec.num_classes * stage_ipc
             increments = [picked.subset(range(j, j + size)) for j in range(0, len(picked), size)]
-            redundancy_report(increments, view, out, f"real IPC {args.real_ipc}", **kwargs)
+            redundancy_report(increments, view, out, f"real IPC {args.real_ipc}", args.subject, **kwargs)
             return
-        check_writable(out)  # before the training, not after it
         result = evaluate_set(real, load_real(spec, data_dir, "test"), view, arch, args.runs, recipe, args.epochs,
                               args.seed, device, ipc=args.real_ipc, num_workers=args.num_workers, teacher=teacher)
-        write_eval(dict(dataset=spec.name, method="real", **result),
+        write_eval(dict(dataset=spec.name, method="real", subject=args.subject, draw_seed=args.seed, **result),
                    eval_path(out, None if arch == "convnet" else arch))
     elif args.redundancy is not None:
         stage_ipc = args.stage_ipc or info.get("stage_ipc")
         if not stage_ipc:
             raise UserError("--redundancy needs --stage-ipc (the run has no args.json)")
         increments = increments_of(run_dir, spec, stage_ipc)
-        redundancy_report(increments, view, args.out or run_dir, f"{info.get('method', run_dir)}", **kwargs)
+        redundancy_report(increments, view, out, f"{info.get('method', run_dir)}", args.subject, **kwargs)
     else:
         evaluate_folder(run_dir, spec, data_dir, arch, args.runs, recipe, args.epochs, args.seed, device,
-                        out=eval_path(args.out) if args.out else None, num_workers=args.num_workers,
-                        teacher=teacher)
+                        out=eval_path(out, None if arch == info.get("arch", "convnet") else arch),
+                        num_workers=args.num_workers, teacher=teacher)
+
+
+def subject(run_dir, spec, real_ipc, seed):
+    """What a result describes, written into it: a run folder (its absolute path), or a draw of random real images."""
+    return os.path.abspath(run_dir) if run_dir is not None else f"{spec.name}: {real_ipc} random real images per " \
+        f"class, draw seed {seed}"
+
+
+def result_folder(args, run_dir, spec):
+    """Where this command's result goes, checked before any training: into the run it describes, or the real
+    baseline's own folder (its seed in the name), or a fresh --out folder. Never into another run, and never over
+    another set's result."""
+    own = run_dir if run_dir is not None else default_real_dir(spec.name, args.real_ipc, args.seed)
+    out, args.subject = args.out or own, subject(run_dir, spec, args.real_ipc, args.seed)
+    if os.path.abspath(out) != os.path.abspath(own):
+        if is_run_folder(out):
+            raise UserError(f"--out {out} is another run's folder: its results would be replaced by {own}'s; give a "
+                            f"new folder, or drop --out to write into {own}")
+        others = [name for name in (os.listdir(out) if os.path.isdir(out) else [])
+                  if not (name.endswith(".json") and load_json(os.path.join(out, name)).get("subject") == args.subject)
+                  and name != os.path.basename(heatmap_path(out))]
+        if others:
+            raise UserError(f"--out {out} holds files that are not results of {args.subject} ({others[0]}, ...): give "
+                            f"a new folder, or drop --out to write into {own}")
+    try:
+        check_writable(out)  # before the training, not after it
+    except (UserError, OSError) as e:
+        raise UserError(f"cannot write in {out} ({e.strerror if isinstance(e, OSError) else e}): give --out NEWDIR "
+                        f"for the results") from None
+    return out
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ class Prior:
             vae.eval()
             self.scaling_factor = vae.config.scaling_factor  # never a magic 0.18215
             self.image_size = config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+            self.image_channels = vae.config.out_channels
         else:
-            self.scaling_factor, self.image_size = 1.0, config.sample_size
+            self.scaling_factor, self.image_size, self.image_channels = 1.0, config.sample_size, config.in_channels
         for module in (transformer, vae, grad_vae):
             if module is not None:
                 module.eval().requires_grad_(False)  # important! guidance differentiates w.r.t. inputs only
@@ -176,32 +177,52 @@ def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float3
     local = os.path.isdir(prior)
     if not local and (prior.startswith((".", "/", "out")) or prior.count("/") != 1):
         raise UserError(f"prior {prior} is neither a local directory nor a hub id like {DEFAULT_PRIOR}")
-    try:
-        sched_config = DDPMScheduler.load_config(prior, subfolder="scheduler")  # small: checked first
-        train_steps = int(sched_config.get("num_train_timesteps", 1000))
-        if steps is not None and not 1 <= steps <= train_steps:
-            raise UserError(f"--steps {steps} is outside 1..{train_steps} (the prior's training schedule)")
-        transformer = DiTTransformer2DModel.from_pretrained(prior, subfolder="transformer", torch_dtype=dtype,
-                                                            low_cpu_mem_usage=False)  # no accelerate needed
-        if vae == "auto":
-            own = os.path.join(prior, "vae")  # a local prior's own decoder (the stand-ins, the latent tiers)
-            vae = DEFAULT_VAE if prior == DEFAULT_PRIOR else (own if local and os.path.isdir(own) else "none")
-        vae_model = None if vae == "none" else AutoencoderKL.from_pretrained(vae, torch_dtype=dtype,
-                                                                             low_cpu_mem_usage=False)
-        if grad_decoder != "vae" and vae_model is None:
-            raise UserError(f"--grad-decoder {grad_decoder} replaces a VAE decoder; prior {prior} is in pixel space")
-        if grad_decoder == "taesd":  # a local prior's own tiny decoder (the mnist tier's), else madebyollin/taesd
-            own = os.path.join(prior, "taesd")
-            grad_decoder = own if local and os.path.isdir(own) else DEFAULT_TAESD
-        grad_vae = None if grad_decoder == "vae" else AutoencoderTiny.from_pretrained(
-            grad_decoder, torch_dtype=dtype, low_cpu_mem_usage=False)
-    except (OSError, ValueError, TypeError, KeyError) as e:  # missing files, offline hub, a damaged config
-        raise UserError(f"could not load prior {prior}: {e.__class__.__name__}: {(str(e).splitlines() or [''])[0]} "
-                        f"(offline? pass --prior DIR)") from None
+    sched_config = _read("the scheduler of prior", prior, lambda: DDPMScheduler.load_config(prior,
+                                                                                             subfolder="scheduler"))
+    train_steps = int(sched_config.get("num_train_timesteps", 1000))
+    if steps is not None and not 1 <= steps <= train_steps:
+        raise UserError(f"--steps {steps} is outside 1..{train_steps} (the prior's training schedule)")
+    transformer = _read("the DiT of prior", prior, lambda: DiTTransformer2DModel.from_pretrained(
+        prior, subfolder="transformer", torch_dtype=dtype, low_cpu_mem_usage=False))  # no accelerate needed
+    if vae == "auto":
+        own = os.path.join(prior, "vae")  # a local prior's own decoder (the stand-ins, the latent tiers)
+        vae = DEFAULT_VAE if prior == DEFAULT_PRIOR else (own if local and os.path.isdir(own) else "none")
+    vae_model = None if vae == "none" else _read("the VAE", vae, lambda: AutoencoderKL.from_pretrained(
+        vae, torch_dtype=dtype, low_cpu_mem_usage=False))
+    latent = transformer.config.in_channels
+    if vae_model is not None and vae_model.config.latent_channels != latent:
+        raise UserError(f"the DiT of prior {prior} makes {latent}-channel latents, the VAE {vae} decodes "
+                        f"{vae_model.config.latent_channels}-channel ones: they are not one prior")
+    if grad_decoder != "vae" and vae_model is None:
+        raise UserError(f"--grad-decoder {grad_decoder} replaces a VAE decoder; prior {prior} is in pixel space "
+                        f"(drop --grad-decoder)")
+    if grad_decoder == "taesd":  # a local prior's own tiny decoder (the mnist tier's), else madebyollin/taesd
+        own = os.path.join(prior, "taesd")
+        grad_decoder = own if local and os.path.isdir(own) else DEFAULT_TAESD
+    grad_vae = None if grad_decoder == "vae" else _read("the gradient decoder (--grad-decoder)", grad_decoder,
+                                                        lambda: AutoencoderTiny.from_pretrained(
+                                                            grad_decoder, torch_dtype=dtype, low_cpu_mem_usage=False))
     scheduler = make_scheduler(sched_config, sampler, pixel_space=vae_model is None,
                                learned_variance=learns_variance(transformer.config))
     return Prior(transformer.to(device), scheduler, vae_model.to(device) if vae_model is not None else None,
                  grad_vae.to(device) if grad_vae is not None else None)
+
+
+class PriorFiles(UserError):
+    """A part of a prior whose files could not be read; `path` says which files."""
+
+    def __init__(self, message, path):
+        super().__init__(message)
+        self.path = path
+
+
+def _read(what, path, load):
+    """load() of one part of a prior; missing or damaged files, or an offline hub, as one line naming the part."""
+    try:
+        return load()
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise PriorFiles(f"could not load {what} {path}: {e.__class__.__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]} (offline? pass a local directory)", path) from None
 
 
 # ----------------------------------------------------------------------------- the digits prior's shape

@@ -37,9 +37,10 @@ from ground.common import (
     UserError,
     all_reduce_sum,
     barrier,
-    check_writable,
+    check_output_file,
     derive_seed,
     get_device,
+    image_format,
     is_main,
     print0,
     remove_path,
@@ -57,6 +58,7 @@ from model import (
     MNIST_SCHEDULE,
     MNIST_TAESD,
     MNIST_VAE,
+    PriorFiles,
     load_prior,
     predicted_clean,
 )
@@ -276,8 +278,9 @@ def load_run_prior(args, spec, device):
     try:
         prior = load_prior(prior_path_, vae=args.vae, device=device, dtype=torch.float32, sampler=args.sampler,
                            steps=args.steps, grad_decoder=args.grad_decoder)
-    except UserError as e:
-        if args.prior is None:  # the cache is ours: say how to rebuild it
+    except PriorFiles as e:
+        if args.prior is None and os.path.abspath(e.path).startswith(os.path.abspath(prior_path_)):
+            # the cache is ours, and its own files are the cause: say how to rebuild it
             raise UserError(f"{e}; the cached {args.dataset} prior is broken: remove it (rm -r {prior_path_}) and "
                             f"rerun to retrain it") from None
         raise
@@ -288,6 +291,14 @@ def load_run_prior(args, spec, device):
         prior.channels_last()
     if args.compile:
         prior.compile()
+    # the prior must make the dataset's images: its channels, and for the embedded datasets their size
+    if prior.image_channels != spec.channels:
+        raise UserError(f"prior {prior_path_} makes {prior.image_channels}-channel images"
+                        f"{' (--vae none: its latents as they are)' if args.vae == 'none' else ''}; {args.dataset} "
+                        f"images have {spec.channels} (give a prior of {args.dataset}'s images)")
+    if spec.name in EMBEDDED and prior.image_size != spec.image_size:
+        raise UserError(f"prior {prior_path_} makes {prior.image_size} px images; {args.dataset} images are "
+                        f"{spec.image_size} px (give a prior of {args.dataset}'s images)")
     spec.image_size = prior.image_size  # stand-in priors in the tests generate smaller images
     # a class index past the prior's label table would silently become the CFG null label
     if max(spec.prior_labels) >= prior.null_label:
@@ -369,7 +380,8 @@ def main(argv=None):
     require(args.per_class >= 1, f"--per-class must be at least 1, got {args.per_class}")
     require(math.isfinite(args.cfg_scale) and args.cfg_scale >= 1,
             f"--cfg-scale must be a finite number >= 1, got {args.cfg_scale}")
-    check_writable(os.path.dirname(os.path.abspath(args.out)))
+    check_output_file(args.out, "--out")
+    image_format(args.out)  # the grid is written in the format its name asks for
     path = embedded_prior(args.dataset, check=False)
     check_prior(args.dataset, path, get_device(), args.cfg_scale, args.per_class, grid=args.out)
 

@@ -295,6 +295,15 @@ class Mismatch(UserError):
                          f"machine or thread count)")
 
 
+def file_sha256(path):
+    """The sha256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _same_bytes(a, b):
     with open(a, "rb") as fa, open(b, "rb") as fb:
         return fa.read() == fb.read()
@@ -316,6 +325,22 @@ def check_writable(folder):
     os.makedirs(folder, exist_ok=True)
     atomic_write(os.path.join(folder, ".write-check"), lambda tmp: open(tmp, "w").close())
     remove_path(os.path.join(folder, ".write-check"))
+
+
+def check_output_file(path, flag):
+    """An output file's path, checked before the work that fills it: not a folder, and its folder (made if need be)
+    writable. One line naming the path otherwise."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file path")
+    parent, probe = os.path.dirname(os.path.abspath(path)), os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe != os.path.abspath(path) and not os.path.isdir(probe):
+        raise UserError(f"{flag} {path}: {probe} is a file, not a folder")
+    try:
+        check_writable(parent)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from None
 
 
 def copy_file(source, path):
@@ -391,7 +416,16 @@ def save_grid(images, path, row_names, col_names, title="", cell=None):
             x = big[r * cols + j].clamp(0, 1)
             array = (x.expand(3, -1, -1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             canvas.paste(Image.fromarray(array, "RGB"), (left + j * (cw + 2), top + r * (ch + 2)))
-    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: canvas.save(tmp, format=image_format(path)))
+
+
+def image_format(path):
+    """The image format a file name asks for (.png, .jpg, ...), as PIL names it; an unknown extension is refused."""
+    extension = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(extension)
+    if fmt is None or fmt not in Image.SAVE:
+        raise UserError(f"{path}: cannot write an image with extension '{extension}' (use .png or .jpg)")
+    return fmt
 
 
 def load_saved(path, remedy):

@@ -6,11 +6,12 @@ loop reaches it through ground/run.py, evaluate.py and the other tools through t
   DIR/classes.json                           class index -> wnid, prior label, readable name (data.class_table)
   DIR/stage_<k>/images/<class>/<index>.png   T_{k+1}: indices k*stage_ipc .. (k+1)*stage_ipc - 1
   DIR/stage_<k>/latents/<class>/<index>.pt   the final latent of each kept image (the memory M_c)
-  DIR/stage_<k>/records/<class>/<index>.json what guidance did for that image (its candidates' scores, pushes)
+  DIR/stage_<k>/records/<class>/<index>.json what candidate selection saw for that image (its candidates' scores)
   DIR/stage_<k>/student.pt, student.json     theta_k and the exact list of files it was trained on
   DIR/stage_<k>/grid.png, log.json           this increment (one row per class); the stage's records summed up
-  DIR/stage_<k>/done.json                    written last: the stage is complete
+  DIR/stage_<k>/done.json                    written last: the stage is complete, with the sha256 of every file
   DIR/distilled/<class>/<index>.png          the set; DIR/grid.png its picture (DIR/latents/: --method igd's)
+  DIR/set.json                               written last: the sha256 of every file of the set
   DIR/eval.json, redundancy.json/.png, ...   written by evaluate.py; DIR/preflight.json/.png by the preflight
 
 Four rules keep it safe:
@@ -19,8 +20,9 @@ Four rules keep it safe:
   - settings: a rerun into a folder must use the settings that shaped its files (args.json);
   - temporaries: every write goes to `.<name>.lgd-tmp-<pid>` and is renamed into place (ground.common.atomic_write);
     whoever holds a folder's lock removes the temporaries a killed run left there, and nothing else;
-  - damage: a file that cannot be read back, or is not what the run planned, is named with what to do (or is
-    simply regenerated).
+  - content: a finished stage and a finished set record the sha256 of every file they made; whoever reads them
+    (a resume, evaluate.py, the export) checks the files against it and names the damaged ones with the command
+    that makes them again (the run is deterministic: deleting them and rerunning restores the same bytes).
 """
 import glob
 import os
@@ -29,7 +31,7 @@ from collections import Counter
 
 from PIL import Image, UnidentifiedImageError
 
-from ground.common import TEMPORARY, UserError, git_commit, is_main, load_json, load_saved, print0, save_json
+from ground.common import TEMPORARY, UserError, file_sha256, git_commit, is_main, load_json, print0, save_json
 from ground.images import list_image_folder, load_image, numeric_order
 from ground.locks import LOCK, Lock, holder_line, live_holder, lock_owner, remove_stale_temporaries
 
@@ -76,6 +78,10 @@ def student_path(out_dir, k, arch=None):
     return os.path.join(stage_dir(out_dir, k), "student.pt" if arch is None else f"student_{arch}.pt")
 
 
+def set_manifest_path(out_dir):
+    return os.path.join(out_dir, "set.json")
+
+
 def stage_log_path(out_dir, k):
     return os.path.join(stage_dir(out_dir, k), "log.json")
 
@@ -111,9 +117,10 @@ def default_run_dir(dataset, method, ipc, seed):
     return os.path.join("out", f"{dataset}_{method}_ipc{ipc}_seed{seed}")
 
 
-def default_real_dir(dataset, ipc):
-    """Where the random-real baseline of `evaluate.py --real-ipc` goes."""
-    return os.path.join("out", f"{dataset}_real_ipc{ipc}")
+def default_real_dir(dataset, ipc, seed):
+    """Where the random-real baseline of `evaluate.py --real-ipc` goes: one folder per draw (the seed draws the
+    images and seeds the students)."""
+    return os.path.join("out", f"{dataset}_real_ipc{ipc}_seed{seed}")
 
 
 def eval_path(out_dir, arch=None):
@@ -189,10 +196,11 @@ def set_files(run_dir, spec, quiet=False):
     it.
 
     A run folder knows its set: `distilled/<class>/<index>.png` for index < --ipc (args.json). A missing image means
-    the run has not finished: refused with the command that finishes it. An image of the plan that is not the run's
-    (another size than the others, or grey in a colour set) is refused with its remedy; files that are not in the
-    plan (an extra `00099.png`) are named in one notice and left out. A bare ImageFolder has no plan: every image is
-    taken, except those of another size or colour mode than the set's, named in one notice and left out.
+    the run has not finished: refused with the command that finishes it. A finished run's images are checked against
+    the sha256 it recorded (set.json): a damaged one is refused with the command that makes it again; files that are
+    not in the plan (an extra `00099.png`) are named in one notice and left out. A bare ImageFolder has no plan:
+    every image is taken, except those of another size or colour mode than the set's, named in one notice and left
+    out.
     quiet: the same answer without the notices (a caller that only needs the image side before the real read).
     """
     folder = distilled_folder(run_dir)
@@ -208,16 +216,18 @@ def set_files(run_dir, spec, quiet=False):
             raise UserError(f"{run_dir} holds {len(planned) - len(missing)} of the {len(planned)} images of its set "
                             f"(no {os.path.relpath(missing[0], folder)}, ...): the run has not finished; "
                             f"{finish_hint(run_dir)}")
+        record = set_manifest_path(run_dir)
+        bad = damaged(folder, load_json(record, what="the set's record").get("files", {})) \
+            if os.path.exists(record) else []
+        if bad:
+            raise UserError(damage_line(f"the set of {run_dir}", folder, bad, "delete them and rerun the run's "
+                                        f"command to make them again, byte for byte ({finish_hint(run_dir)})"))
         extra = sorted(p for p in headers if p not in planned)
         wanted = [(p, c) for p, c in planned.items()]
     else:
         extra, wanted = [], list(zip(paths, labels))
     side = Counter(headers[p][:2] for p, _ in wanted).most_common(1)[0][0]  # the set's own size
-    odd = [p for p, _ in wanted if headers[p] != (*side, spec.channels)]
-    if odd and info.get("ipc"):
-        raise UserError(f"{odd[0]} is {_describe(headers[odd[0]])}, not {_describe((*side, spec.channels))} like the "
-                        f"rest of the run's set ({len(odd)} such files): delete them and rerun the run's command to "
-                        f"write them again ({finish_hint(run_dir)})")
+    odd = [p for p, _ in wanted if headers[p] != (*side, spec.channels)] if not info.get("ipc") else []
     left_out = extra + odd
     if left_out and not quiet:
         print0(f"note: {len(left_out)} files in {folder} are not the set's and are left out: " +
@@ -306,6 +316,18 @@ def check_run_folder(out_dir):
         if owner is not None:
             raise UserError(f"{out_dir} is in use by another run ({holder_line(owner)}); wait for it or use another "
                             f"--out-dir")
+    # writable: a file made and removed in the folder (or in the nearest folder above it that exists), before any
+    # prior is built or loaded
+    probe = os.path.abspath(out_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    check = os.path.join(probe, f".write-check.lgd-tmp-{os.getpid()}")
+    try:
+        os.close(os.open(check, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
+        os.remove(check)
+    except OSError as e:
+        raise UserError(f"--out-dir {out_dir}: cannot write in {probe} ({e.strerror}); choose a writable place") \
+            from None
 
 
 # ----------------------------------------------------------------------------- settings
@@ -318,6 +340,10 @@ def changed_settings(out_dir, args, must_match):
     old = load_json(path, what="run settings")
     if not isinstance(old, dict):
         raise UserError(f"{path} is not an lgd args.json; move it away or use another --out-dir")
+    lost = [flag for key, flag in must_match.items() if key not in old]
+    if lost:  # damage, not defaults: a setting read as its default would continue another run
+        raise UserError(f"{path} is damaged: it does not say the run's {', '.join(lost[:4])}; restore it from a copy, "
+                        f"or start again with another --out-dir")
     changed = [k for k in must_match if k in old and old[k] != args.get(k)]
     if changed:
         details = ", ".join(f"{must_match[k]} {old[k]!r} -> {args.get(k)!r}" for k in changed[:4])
@@ -375,31 +401,21 @@ def write_classes(folder, table):
 
 # ----------------------------------------------------------------------------- damage
 
-def check_stage_files(out_dir, spec, k, stage_ipc, notice=True):
-    """A stage marked done must still hold every image, each the run's size and colour mode (a deleted, resized or
-    recoloured file would silently change the union, the students and the set); files that are not the stage's
-    (an extra PNG) are named in one notice: nothing reads them."""
-    remedy = f"restore it, or delete {stage_dir(out_dir, k)} and the later stages to regenerate them"
-    planned = stage_files(out_dir, spec, k, stage_ipc)[0]
-    for path in planned:
-        if not os.path.exists(path):
-            raise UserError(f"stage {k} is marked done but {path} is missing; {remedy}")
-        header = image_header(path)
-        if header != (spec.image_size, spec.image_size, spec.channels):
-            raise UserError(f"stage {k}: {path} is {_describe(header)}, not the run's "
-                            f"{_describe((spec.image_size, spec.image_size, spec.channels))}; {remedy}")
-    images = stage_images(out_dir, k)
-    extra = sorted(set(list_image_folder(images, spec.class_names(), what=f"stage {k}")[0]) - set(planned))
-    if extra and notice:
-        print0(f"note: {len(extra)} files in {images} are not stage {k}'s and are not used: "
-               + ", ".join(os.path.relpath(p, images) for p in extra[:5]) + (", ..." if len(extra) > 5 else ""))
+def manifest(folder, paths):
+    """{path relative to folder: sha256} of the given files: what a finished stage or set records of itself."""
+    return {os.path.relpath(p, folder): file_sha256(p) for p in sorted(paths)}
 
 
-def load_stage_file(path, out_dir, k):
-    """A saved tensor of a finished stage k (a latent of the memory M_c). A latent is where its image came from: it
-    cannot be regenerated alone, so the stage goes."""
-    return load_saved(path, f"delete {stage_dir(out_dir, k)} and the later stages, then rerun the same command to "
-                            f"regenerate them")
+def damaged(folder, recorded):
+    """The files of a manifest ({relative path: sha256}) that are missing from folder or hold other bytes."""
+    return [name for name, digest in recorded.items()
+            if not os.path.isfile(os.path.join(folder, name)) or file_sha256(os.path.join(folder, name)) != digest]
+
+
+def damage_line(what, folder, bad, remedy):
+    """One line naming the damaged files of `what` and the way out."""
+    names = ", ".join(os.path.join(folder, name) for name in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    return f"{what}: {len(bad)} files are missing or not what the run made ({names}); {remedy}"
 
 
 def seed_set_files(seed_dir, spec, stage_ipc):
@@ -425,4 +441,7 @@ def seed_set_files(seed_dir, spec, stage_ipc):
         for path in mine[:stage_ipc]:
             load_image(path, spec.channels)  # unreadable: one line naming the file
         chosen.append(mine[:stage_ipc])
+    if side[0] != spec.image_size or side[1] != spec.image_size:
+        raise UserError(f"seed set {seed_dir} holds {side[0]}x{side[1]} images; this run generates {spec.image_size}x"
+                        f"{spec.image_size} (give a seed set made by this prior, or by one of the same resolution)")
     return chosen

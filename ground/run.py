@@ -16,17 +16,20 @@ many-hour run safe happens here, out of its way:
 
 Paths come from ground/folder.py, writes go through ground/common.py (atomic, verified on resume, disk full named).
 """
+import glob
 import os
 
 import torch
 from tqdm import tqdm
 
 from ground.common import (
+    TEMPORARY,
     Mismatch,
     UserError,
     all_gather,
     barrier,
     copy_file,
+    file_sha256,
     is_main,
     load_json,
     load_or_none,
@@ -38,7 +41,8 @@ from ground.common import (
     save_torch,
 )
 from ground.folder import (
-    check_stage_files,
+    damage_line,
+    damaged,
     distilled_dir,
     done_path,
     grid_path,
@@ -46,9 +50,10 @@ from ground.folder import (
     image_path,
     increment_folder,
     latent_path,
-    load_stage_file,
+    manifest,
     record_path,
     run_latents,
+    set_manifest_path,
     stage_dir,
     stage_images,
     stage_latents,
@@ -95,13 +100,10 @@ class Increment:
         return all(os.path.exists(p) for p in paths)
 
     def latent(self, c, index):
-        """A kept image's final latent. Damaged, it names itself and the way out: in a finished stage it is where its
-        image came from (the stage goes); in the stage being sampled, deleting it and its PNG makes the rerun sample
-        that batch again (from the same seeded noise, in the same batch: the same bytes)."""
+        """A kept image's final latent (a finished stage's were checked by their sha256 before it is read). Unreadable
+        in the stage being sampled, deleting it and its PNG makes the rerun sample that batch again (from the same
+        seeded noise, in the same batch: the same bytes)."""
         path = latent_path(self.latents_dir, self.spec, c, index)
-        if self.done is not None and os.path.exists(self.done):
-            out_dir = os.path.dirname(os.path.dirname(self.done))
-            return load_stage_file(path, out_dir, int(os.path.basename(os.path.dirname(self.done))[len("stage_"):]))
         png = image_path(self.images_dir, self.spec, c, index)
         return load_saved(path, f"delete it and {png}, then rerun the same command to sample that image again")
 
@@ -192,16 +194,13 @@ class Run:
         self.bar.set_postfix(img_per_s=f"{self.bar.n / max(1e-9, self.bar.format_dict['elapsed']):.2f}")
 
     def copy_seed_set(self, inc, files, prior):
-        """Stage 0 from a user's folder (ground.folder.seed_set_files): each image stored at the generation size, and
-        its latent for M_c the VAE encoding of what is stored (posterior mean; the only place lgd encodes)."""
+        """Stage 0 from a user's folder (ground.folder.seed_set_files: images of the generation size), and each
+        image's latent for M_c the VAE encoding of what is stored (posterior mean; the only place lgd encodes)."""
         for c, mine in enumerate(files):
             for index, path in zip(inc.indices, mine):
                 if not is_main() or os.path.exists(image_path(inc.images_dir, self.spec, c, index)):
                     continue
                 x = load_image(path, self.spec.channels)
-                if x.shape[-1] != self.spec.image_size or x.shape[-2] != self.spec.image_size:
-                    x = torch.nn.functional.interpolate(x[None], size=(self.spec.image_size,) * 2, mode="bilinear",
-                                                        antialias=True, align_corners=False)[0].clamp(0, 1)
                 stored = (x.clamp(0, 1) * 255).round() / 255  # what an 8-bit PNG reads back as
                 latent = prior.encode((stored[None] * 2 - 1).to(prior.device))[0]
                 inc.write(c, index, latent, x, None)
@@ -210,13 +209,21 @@ class Run:
     # ------------------------------------------------------------------------- stages
 
     def stage_done(self, k):
-        """Whether stage k finished in an earlier start (done.json, written last), checked to be still whole."""
+        """Whether stage k finished in an earlier start (done.json, written last), its files checked against the sha256
+        it recorded of each: a damaged file is named with the way out (delete it and done.json, rerun: the stage
+        makes it again, byte for byte, and checks the files it keeps)."""
         if self.stages_bar is None:
             self.stages_bar = tqdm(total=self.plan.ipc // self.plan.stage_ipc, desc="LGD stages", unit="stage",
                                    disable=not is_main(), position=0)
-        if not os.path.exists(done_path(self.out_dir, k)):
+        done = done_path(self.out_dir, k)
+        if not os.path.exists(done):
             return False
-        check_stage_files(self.out_dir, self.spec, k, self.plan.stage_ipc)
+        folder = stage_dir(self.out_dir, k)
+        remedy = f"delete them and {done}, then rerun the same command: the stage makes them again, byte for byte"
+        recorded = load_json(done, what=f"stage {k}'s record", remedy="delete it and rerun the same command")
+        bad = damaged(folder, recorded.get("files", {}))
+        if bad:
+            raise UserError(damage_line(f"stage {k}", folder, bad, remedy))
         print0(f"stage {k}: done, skipping")
         self.stages_bar.update(1)
         return True
@@ -232,6 +239,8 @@ class Run:
         checkable after the fact)."""
         if is_main():
             path = student_path(self.out_dir, k)
+            # the files relative to the run folder: a copied or moved run still says what its students saw
+            info = dict(info, train_files=[os.path.relpath(p, self.out_dir) for p in info["train_files"]])
             save_json(info, path[:-len(".pt")] + ".json")
             save_torch(model.state_dict(), path)
         barrier()
@@ -255,23 +264,30 @@ class Run:
                                     f"sample them again")
                 save_json(summary, stage_log_path(self.out_dir, k))
                 print0(log_line(k, summary))
-            save_json(dict(stage=k, indices=[inc.indices[0], inc.indices[-1] + 1], sampler_batch=self.batch),
-                      done_path(self.out_dir, k))
+            folder = stage_dir(self.out_dir, k)
+            made = [p for p in glob.glob(os.path.join(glob.escape(folder), "**", "*"), recursive=True)
+                    if os.path.isfile(p) and not TEMPORARY.match(os.path.basename(p))]
+            save_json(dict(stage=k, indices=[inc.indices[0], inc.indices[-1] + 1], sampler_batch=self.batch,
+                           files=manifest(folder, made)), done_path(self.out_dir, k))
         self.stages_bar.update(1)
         barrier()
 
     def write_set(self, paths, labels):
-        """D_K -> distilled/<class>/<index>.png (atomic copies of the stages' images), the evaluator's input, laid out
-        exactly like a --method dit set."""
+        """D_K -> distilled/<class>/<index>.png (atomic copies of the stages' images, which their sha256 vouched for),
+        the evaluator's input, laid out exactly like a --method dit set. A copy that differs from its stage's image
+        is copied again."""
         if self.stages_bar is not None:
             self.stages_bar.close()
         if is_main():
-            for k in range(self.plan.ipc // self.plan.stage_ipc):
-                check_stage_files(self.out_dir, self.spec, k, self.plan.stage_ipc, notice=False)  # still whole
+            again = 0
             for path, c in zip(paths, labels):
                 target = os.path.join(distilled_dir(self.out_dir), self.spec.class_names()[c], os.path.basename(path))
-                if not os.path.exists(target):
+                if not os.path.isfile(target) or file_sha256(target) != file_sha256(path):
+                    again += os.path.exists(target)
                     copy_file(path, target)
+            if again:
+                print0(f"{again} images of {distilled_dir(self.out_dir)} differed from the stages' and were copied "
+                       f"again")
         barrier()
 
     def save_igd_checkpoints(self, info):
@@ -283,7 +299,20 @@ class Run:
     # ------------------------------------------------------------------------- the set
 
     def finish(self, method, guided=()):
-        """The set is complete: the sampler batch it used goes into args.json, its picture into grid.png."""
+        """The set is complete: the sha256 of each of its images into set.json (checked first where an earlier start
+        recorded them), the sampler batch it used into args.json, its picture into grid.png."""
+        if is_main():
+            folder = distilled_dir(self.out_dir)
+            planned = [image_path(folder, self.spec, c, i) for c in range(self.spec.num_classes)
+                       for i in range(self.plan.ipc)]
+            path = set_manifest_path(self.out_dir)
+            if os.path.exists(path):
+                bad = damaged(folder, load_json(path, what="the set's record", remedy="delete it and rerun the same "
+                                                "command").get("files", {}))
+                if bad:
+                    raise UserError(damage_line(f"the set of {self.out_dir}", folder, bad, "delete them and rerun "
+                                                "the same command: they are made again, byte for byte"))
+            save_json(dict(files=manifest(folder, planned)), path)
         update_args(self.out_dir, sampler_batch_used=self.batch)
         self.grid(distilled_dir(self.out_dir), range(self.plan.ipc), grid_path(self.out_dir),
                   f"{method}: {self.plan.ipc} images per class (* = guided); rows = classes", guided)

@@ -181,14 +181,11 @@ def test_a_bad_reference_is_about_the_users_file_and_refused_before_the_claim(tm
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("not a model")
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "args.json").write_text(json.dumps(dict(dataset="digits")))  # an earlier run's folder: left as it was
-    before = {p: (run / p).read_bytes() for p in tree(run)}
     code, lines = cli(distill.main, [*LGD, "--prior", pixel_prior, "--reference", tmp_path / "notes.txt",
                                      "--out-dir", run], capsys)
     one_error_line(code, lines, f"--reference {tmp_path / 'notes.txt'} is not a PyTorch weights file")
     assert "remove" not in lines[-1] and "cache" not in lines[-1]  # the user's file is not ours to delete
-    assert {p: (run / p).read_bytes() for p in tree(run)} == before
+    assert not run.exists()  # refused before the claim: no folder
     # the plan refuses what the run refuses: --dry-run loads the file too
     one_error_line(*cli(distill.main, [*LGD, "--prior", pixel_prior, "--reference", tmp_path / "notes.txt", "--dry-run",
                                        "--out-dir", run], capsys), "is not a PyTorch weights file")
@@ -317,7 +314,7 @@ def test_broken_prior_config_is_one_line(tmp_path, latent_prior, capsys, monkeyp
     config = json.loads((broken / "transformer" / "config.json").read_text())
     (broken / "transformer" / "config.json").write_text(json.dumps(dict(config, num_layers="four")))
     one_error_line(*cli(distill.main, ["--dataset", "digits", *DIT, "--prior", broken, "--out-dir", tmp_path / "r"],
-                        capsys), "could not load prior")
+                        capsys), "could not load the DiT of prior")
 
 
 def test_a_broken_digits_prior_cache_says_how_to_remove_it(tmp_path, capsys, monkeypatch):
@@ -354,7 +351,7 @@ def test_out_of_memory_becomes_a_batch_size_hint(capsys):
 ])
 @pytest.mark.parametrize("limit", [300 * 1024, 100])  # the issue's `ulimit -f 300`, and a limit below any header
 def test_every_write_that_runs_out_of_room_says_disk_full_and_names_the_file(tmp_path, write, limit):
-    path = str(tmp_path / "sub" / "file.bin")
+    path = str(tmp_path / "sub" / "file.png")  # a grid's format follows its name
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
     try:

@@ -6,6 +6,7 @@ import math
 import os
 import re
 
+from data import EMBEDDED
 from ground.common import require
 from model import DIGITS_SCHEDULE
 from reference import surrogate_epochs
@@ -50,6 +51,8 @@ def check_args(args, guide, igd_guide, uses_igd):
     require(args.guide_from <= args.guide_until, "--guide-from must not exceed --guide-until")
     require(args.memory_cap >= 1, f"--memory-cap must be at least 1, got {args.memory_cap}")
     require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
+    require(args.data_dir is None or args.dataset not in EMBEDDED, f"--data-dir is for the ImageFolder datasets; "
+            f"{args.dataset} ships inside its package (drop --data-dir)")
     require(args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}")
     require(args.student_epochs is None or args.student_epochs >= 1,
            f"--student-epochs must be at least 1, got {args.student_epochs}")
@@ -75,6 +78,9 @@ def check_args(args, guide, igd_guide, uses_igd):
                                                   args.igd_checkpoints.split(",")),
             f"--igd-checkpoints must be 'auto' or indices like 0,5,16,40, got {args.igd_checkpoints}")
     if args.igd_checkpoints != "auto":  # the surrogate's trajectory: the init and one snapshot per epoch
+        chosen = [int(p) for p in args.igd_checkpoints.split(",")]
+        require(all(a < b for a, b in zip(chosen, chosen[1:])), f"--igd-checkpoints {args.igd_checkpoints} must be "
+                f"strictly increasing (snapshots along the trajectory, each once), e.g. 0,5,16,40")
         last = surrogate_epochs(args.dataset, args.reference_epochs)
         require(max(int(p) for p in args.igd_checkpoints.split(",")) <= last,
                 f"--igd-checkpoints {args.igd_checkpoints}: the surrogate's trajectory has snapshots 0..{last} "

@@ -386,6 +386,9 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="cells run at a time (each with one CPU thread when > 1)")
     args = p.parse_args(argv)
     require(args.jobs >= 1, f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs > (os.cpu_count() or 1):  # more single-threaded cells than cores only queue for the same cores
+        print(f"--jobs {args.jobs} is more than the {os.cpu_count()} cores: running {os.cpu_count()} at a time")
+        args.jobs = os.cpu_count() or 1
     if args.table.startswith("robustness"):  # reads the LGD and DiT cells of `transfer` / `transfer-ipc5` / `mnist`
         suffix = ", IPC 5" if args.table.endswith("ipc5") else ""
         dataset = "mnist" if args.table.endswith("mnist") else "digits"

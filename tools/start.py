@@ -7,7 +7,7 @@ import contextlib
 import os
 import shlex
 
-from data import EMBEDDED, class_table, resolve_data_dir
+from data import EMBEDDED, check_images, class_table, resolve_data_dir
 from ground.common import UserError, all_gather, all_reduce_sum, barrier, is_main, print0
 from ground.folder import (
     changed_settings,
@@ -29,17 +29,15 @@ def start_run(args, spec, device, argv, world, batch_given, load_prior, configs)
     """`with start_run(...) as (prior, passed):` the run folder is this run's inside the block (rank 0 holds its lock).
 
     load_prior(args, spec, device) -> the run's prior; configs: (guidance, IGD guidance, sampler) for the preflight.
-    Yields the prior when it was loaded already (a given one is loaded before the claim: loading it is its check)
-    and the passing preflight (None without one).
+    Yields the prior (loaded before the claim: loading it is its check) and the passing preflight (None without
+    one).
     """
-    record = dict(vars(args), data_dir=resolve_data_dir(spec, args.data_dir, fetch=False),
-                  out_dir=os.path.abspath(args.out_dir), world_size=world,
-                  student_world=world if (args.method == "lgd" and args.student_ddp) else 1)
-    # every input is checked before the folder is claimed, so a refused start leaves the folder as it was: the
-    # folder and the settings of a run already in it (read only), a given prior (loading it is the check), the seed
-    # set, the reference model, the data (downloaded now if it must be). The digits prior is built after the claim.
-    check_run_folder(args.out_dir)
-    earlier = changed_settings(args.out_dir, record, {k: v for k, v in RESULT_ARGS.items() if k != "batch_size"})
+    record = run_record(args, spec, world)
+    # every input is loaded and checked before the folder is claimed, so a refused start leaves the folder as it was:
+    # the folder and the settings of a run already in it (read only), the prior (an embedded one is built into the
+    # shared cache first; loading it checks it against the dataset), the seed set, the reference model, the data
+    # (downloaded now if it must be, every image opened).
+    earlier = check_settings(args, record)
     # the sampler batch: the user's, else the run's own (a resume, or a preflight of a run that exists), else a
     # passing preflight's of these settings, else the preset's
     args.preflight_settings = {key: record[key] for key in RESULT_ARGS if key != "batch_size"}
@@ -52,17 +50,16 @@ def start_run(args, spec, device, argv, world, batch_given, load_prior, configs)
     record["batch_size"] = args.batch_size
     changed_settings(args.out_dir, record, RESULT_ARGS)
     check_classes(args.out_dir, class_table(spec), resume=True)
-    prior = load_prior(args, spec, device) if args.prior is not None else None
-    check_inputs(args, spec, device)
+    prior = load_prior(args, spec, device)
     if is_main():  # ImageNette / ImageWoof without --data-dir: fetched (once, shared) before the folder is claimed
         resolve_data_dir(spec, args.data_dir)
     barrier()
+    check_inputs(args, spec, device)
     record["command"] = shlex.join(["python", "distill.py", *argv])  # what finishes this run (evaluate/export say it)
     release = claim(args.out_dir)
     try:
         wanted = args.preflight if args.preflight is not None else args.dataset not in EMBEDDED
         if wanted and passed is None:  # before args.json: a failed one leaves no settings to resume or refuse
-            prior = prior or load_prior(args, spec, device)
             passed = preflight(args, spec, prior, device, configs)
             if not args.batch_fixed:
                 args.batch_size = record["batch_size"] = passed["sampler_batch"]
@@ -80,6 +77,20 @@ def start_run(args, spec, device, argv, world, batch_given, load_prior, configs)
         release()
 
 
+def run_record(args, spec, world):
+    """The settings args.json records for this command (what a rerun into the folder must match)."""
+    return dict(vars(args), data_dir=resolve_data_dir(spec, args.data_dir, fetch=False),
+                out_dir=os.path.abspath(args.out_dir), world_size=world,
+                student_world=world if (args.method == "lgd" and args.student_ddp) else 1)
+
+
+def check_settings(args, record):
+    """The folder is one a run may use, and a run already in it has these settings (the sampler batch aside: it is
+    settled after): its args.json (read only), or {} for a new folder. --dry-run refuses what the run would."""
+    check_run_folder(args.out_dir)
+    return changed_settings(args.out_dir, record, {k: v for k, v in RESULT_ARGS.items() if k != "batch_size"})
+
+
 def preflight(args, spec, prior, device, configs):
     """The preflight (tools/preflight.py) on every rank; the batch every rank fits, one report, one verdict for all."""
     result, images = run_preflight(args, spec, prior, device, resolve_data_dir(spec, args.data_dir), *configs)
@@ -92,11 +103,15 @@ def preflight(args, spec, prior, device, configs):
 
 
 def check_inputs(args, spec, device):
-    """The user's files, read before anything is written: every seed-set image the run will take, the reference."""
+    """The user's files, read before anything is written: every seed-set image the run will take (at the size the
+    prior generates, once it is loaded), the reference, every image of the data tree."""
     if args.method == "lgd" and args.seed_set not in ("dit", "igd"):
         seed_set_files(args.seed_set, spec, args.stage_ipc)
     if args.reference is not None:
         reference_model(spec, args.arch, None, device, path=args.reference)
+    data_dir = resolve_data_dir(spec, args.data_dir, fetch=False)
+    if data_dir is not None and os.path.isdir(data_dir):
+        check_images(spec, data_dir)
 
 
 def claim(out_dir):

@@ -1,0 +1,231 @@
+"""Nothing lost, by design: one mode per command and results only where they belong (evaluate.py); nothing written
+before every input is loaded and checked (a refused start leaves its folder as it was, and the corrected command
+then runs in it); finished files verified by their sha256 (ground/folder.py manifests), damage named with the way
+out, and the way out restoring the same bytes."""
+import errno
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import distill
+import evaluate
+from conftest import LGD, cli, dit_argv, file_hashes, make_tiny_pixel_prior, one_error_line, tree
+from ground.common import save_png
+
+# ----------------------------------------------------------------------------- one mode per command
+
+
+@pytest.mark.parametrize("second", [["--redundancy", "RUN"], ["--validity", "RUN"], ["--real-ipc", 2],
+                                    ["--compare", "RUN"]])
+def test_two_modes_in_one_evaluate_command_are_refused_before_anything_runs(dit_run, tmp_path, capsys, second):
+    run = shutil.copytree(dit_run, tmp_path / "run")
+    before = file_hashes(run)
+    argv = ["--distilled", run] + [run if a == "RUN" else a for a in second]
+    one_error_line(*cli(evaluate.main, argv, capsys), "one mode per command", "--distilled and " + second[0])
+    assert file_hashes(run) == before
+
+
+def test_a_result_never_lands_in_another_run(dit_run, tmp_path, capsys):
+    a, b = shutil.copytree(dit_run, tmp_path / "a"), shutil.copytree(dit_run, tmp_path / "b")
+    (b / "eval.json").write_text(json.dumps(dict(acc_mean=0.5)))
+    before = file_hashes(b)
+    one_error_line(*cli(evaluate.main, ["--distilled", a, "--out", b, "--runs", 1, "--epochs", 1], capsys),
+                   "another run's folder", "drop --out")
+    assert file_hashes(b) == before
+    # a fresh --out folder takes the result, with what it describes written inside
+    assert cli(evaluate.main, ["--distilled", a, "--out", tmp_path / "fresh", "--runs", 1, "--epochs", 1],
+               capsys)[0] == 0
+    assert json.loads((tmp_path / "fresh" / "eval.json").read_text())["subject"] == str(a)
+
+
+def test_real_baselines_carry_their_seed_and_never_replace_another_draw(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for seed in (0, 1):
+        assert cli(evaluate.main, ["--dataset", "digits", "--real-ipc", 2, "--seed", seed, "--runs", 1, "--epochs", 1],
+                   capsys)[0] == 0
+    results = {seed: json.loads((tmp_path / "out" / f"digits_real_ipc2_seed{seed}" / "eval.json").read_text())
+               for seed in (0, 1)}
+    assert [results[s]["draw_seed"] for s in (0, 1)] == [0, 1]
+    # seed 1's result into seed 0's folder: refused, seed 0's result kept
+    one_error_line(*cli(evaluate.main, ["--dataset", "digits", "--real-ipc", 2, "--seed", 1, "--runs", 1, "--epochs",
+                                        1, "--out", tmp_path / "out" / "digits_real_ipc2_seed0"], capsys),
+                   "not results of digits: 2 random real images per class, draw seed 1")
+    assert json.loads((tmp_path / "out" / "digits_real_ipc2_seed0" / "eval.json").read_text()) == results[0]
+
+
+def test_compare_shows_each_runs_dataset(tmp_path, capsys):
+    for name, dataset in (("a", "digits"), ("b", "mnist")):
+        os.makedirs(tmp_path / name)
+        result = dict(dataset=dataset, method="dit", ipc=10, arch="convnet", acc_mean=0.9, acc_std=0.0, best_mean=0.9,
+                      best_std=0.0, runs=3)
+        (tmp_path / name / "eval.json").write_text(json.dumps(result))
+    out = []
+    assert cli(evaluate.main, ["--compare", tmp_path / "a", tmp_path / "b", "--markdown", tmp_path / "c.md"], capsys,
+               out)[0] == 0
+    lines = (tmp_path / "c.md").read_text().splitlines()
+    assert lines[0].startswith("| dataset |") and lines[2].startswith("| digits |") and lines[3].startswith("| mnist |")
+
+
+def test_an_unwritable_place_is_one_line_with_a_remedy_that_works(dit_run, tmp_path, capsys, monkeypatch):
+    run = shutil.copytree(dit_run, tmp_path / "run")
+    (tmp_path / "afile").write_text("")
+    one_error_line(*cli(evaluate.main, ["--compare", run, "--markdown", tmp_path / "afile" / "x.md"], capsys),
+                   "afile is a file, not a folder")
+    def read_only(folder):  # a read-only mount (root writes through file modes, so it is simulated)
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(folder, ".write-check.lgd-tmp-1"))
+    monkeypatch.setattr(evaluate, "check_writable", read_only)
+    one_error_line(*cli(evaluate.main, ["--distilled", run, "--runs", 1, "--epochs", 1], capsys),
+                   f"cannot write in {run} (Read-only file system): give --out NEWDIR")
+    monkeypatch.undo()
+    assert cli(evaluate.main, ["--distilled", run, "--runs", 1, "--epochs", 1, "--out", tmp_path / "new"],
+               capsys)[0] == 0
+
+
+def test_every_next_line_a_run_prints_works_as_printed(pixel_prior, tmp_path, capsys, monkeypatch):
+    """distill.py ends by naming what to run next; each such line runs as printed, for a guided run, a run evaluated
+    with another architecture, and a one-increment set (where a redundancy cut has nothing to compare)."""
+    monkeypatch.chdir(tmp_path)
+    base = [*LGD[:-1], "--prior", pixel_prior, "--eval-runs", 1, "--eval-epochs", 1]
+    for extra in ([], ["--eval-arch", "mlp"], ["--method", "dit", "--ipc", 1]):
+        out = []
+        assert cli(distill.main, [*base, *extra, "--out-dir", tmp_path / f"run{len(extra)}"], capsys, out)[0] == 0
+        nexts = [line.split("next: ", 1)[1].split("   (")[0] for line in out[0].splitlines() if "next: " in line]
+        assert nexts or extra == ["--eval-arch", "mlp"]
+        for line in nexts:
+            script, *argv = line.split()[1:]
+            main = {"evaluate.py": evaluate.main, "distill.py": distill.main}[script]
+            assert cli(main, argv, capsys)[0] == 0, line
+
+
+# ----------------------------------------------------------------------------- nothing written before all is loaded
+
+def refusals(tmp_path, pixel_prior, latent_prior):
+    """{case: (flags that are refused, a fragment of the refusal, the corrected flags)} on a digits LGD run."""
+    small = make_tiny_pixel_prior(str(tmp_path / "small"))  # 8 px: a prior whose config is then damaged below
+    os.remove(os.path.join(small, "transformer", "config.json"))
+    broken = make_tiny_pixel_prior(str(tmp_path / "broken"))
+    with open(os.path.join(broken, "scheduler", "scheduler_config.json"), "w") as f:
+        f.write("{not json")
+    big = tmp_path / "seed32"
+    for c in range(10):
+        save_png(torch.rand(1, 32, 32), str(big / str(c) / "00000.png"))
+    ok = ["--prior", pixel_prior]
+    return {
+        "prior without a config": (["--prior", small], "could not load the DiT", ok),
+        "broken scheduler json": (["--prior", broken], "could not load the scheduler", ok),
+        "grad decoder on a pixel prior": (["--prior", pixel_prior, "--grad-decoder", "taesd"], "pixel space", ok),
+        "missing grad decoder": (["--prior", latent_prior, "--grad-decoder", tmp_path / "none"],
+                                 "could not load the gradient decoder", ok),
+        "an RGB prior for grey digits": (["--prior", latent_prior], "3-channel images", ok),
+        "data dir on digits": (["--prior", pixel_prior, "--data-dir", tmp_path], "--data-dir", ok),
+        "a 32 px seed set into an 8 px run": (["--prior", pixel_prior, "--seed-set", big], "32x32", ok),
+    }
+
+
+CASES = ["prior without a config", "broken scheduler json", "grad decoder on a pixel prior", "missing grad decoder",
+         "an RGB prior for grey digits", "data dir on digits", "a 32 px seed set into an 8 px run"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_refused_start_leaves_the_folder_as_it_was_and_the_corrected_command_runs_there(
+        case, tmp_path, pixel_prior, latent_prior, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad, fragment, good = refusals(tmp_path, pixel_prior, latent_prior)[case]
+    run = tmp_path / "run"
+    code, lines = cli(distill.main, [*LGD, *bad, "--out-dir", run], capsys)
+    one_error_line(code, lines, fragment)
+    assert "rm -r" not in lines[-1]  # no cache advice: the cache is not the cause
+    assert not run.exists()  # a new folder: not made
+    assert cli(distill.main, [*LGD, *good, "--out-dir", run], capsys)[0] == 0
+    before = file_hashes(run)
+    one_error_line(*cli(distill.main, [*LGD, *bad, "--out-dir", run], capsys))  # (or its settings differ)
+    assert file_hashes(run) == before  # a finished run: untouched
+    assert cli(distill.main, [*LGD, *good, "--out-dir", run], capsys)[0] == 0
+
+
+def test_cache_advice_only_where_the_cache_is_the_cause(pixel_prior, tmp_path, capsys, monkeypatch):
+    """The embedded prior is fine and a flag is wrong: the refusal names the flag, and does not tell the user to
+    delete the cached prior."""
+    import train_prior
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_prior, "embedded_prior", lambda *a, **k: pixel_prior)  # the cached digits prior
+    code, lines = cli(distill.main, [*LGD, "--grad-decoder", tmp_path / "nonexistent", "--out-dir", tmp_path / "r"],
+                      capsys)
+    one_error_line(code, lines, "--grad-decoder", "pixel space")
+    assert "rm -r" not in lines[-1] and not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------- finished files verified by content
+
+@pytest.fixture
+def finished_lgd(pixel_prior, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [*LGD, "--prior", pixel_prior, "--out-dir", tmp_path / "run"]
+    assert cli(distill.main, argv, capsys)[0] == 0
+    return argv, tmp_path / "run", file_hashes(tmp_path / "run")
+
+
+def unchanged(before, after):
+    mine = ("args.json",)  # each start appends itself
+    return {k: v for k, v in before.items() if k not in mine} == {k: v for k, v in after.items() if k not in mine}
+
+
+@pytest.mark.parametrize("damage", ["nan latent", "zero latent", "latent as a dict", "png as text", "student"])
+def test_a_damaged_finished_stage_is_named_and_deleting_it_restores_the_same_bytes(finished_lgd, capsys, damage):
+    argv, run, before = finished_lgd
+    target = {"nan latent": "stage_0/latents/3/00000.pt", "zero latent": "stage_0/latents/3/00000.pt",
+              "latent as a dict": "stage_0/latents/3/00000.pt", "png as text": "stage_1/images/5/00001.png",
+              "student": "stage_1/student.pt"}[damage]
+    path = run / target
+    if damage == "png as text":
+        path.write_text("not an image")
+    elif damage == "student":
+        torch.save({"weight": torch.zeros(1)}, path)
+    else:
+        torch.save({"nan latent": torch.full((1, 8, 8), float("nan")), "zero latent": torch.zeros(1, 8, 8),
+                    "latent as a dict": {"z": torch.zeros(1, 8, 8)}}[damage], path)
+    stage = target.split("/")[0]
+    one_error_line(*cli(distill.main, argv, capsys), f"{stage.replace('_', ' ')}:", target.split("/", 1)[1],
+                   "delete them and", "done.json")
+    os.remove(path)
+    os.remove(run / stage / "done.json")
+    assert cli(distill.main, argv, capsys)[0] == 0
+    assert unchanged(before, file_hashes(run))
+
+
+def test_a_recoloured_image_of_the_set_is_copied_again_from_the_stages(finished_lgd, capsys):
+    argv, run, before = finished_lgd
+    save_png(torch.rand(1, 8, 8), str(run / "distilled" / "2" / "00001.png"))
+    one_error_line(*cli(evaluate.main, ["--distilled", run, "--runs", 1, "--epochs", 1], capsys), "2/00001.png",
+                   "delete them and rerun")
+    out = []
+    assert cli(distill.main, argv, capsys, out)[0] == 0
+    assert "differed from the stages' and were copied again" in out[0]
+    assert unchanged(before, file_hashes(run))
+
+
+def test_a_damaged_image_of_a_dit_set_is_named_and_deleting_it_restores_it(dit_run, pixel_prior, tmp_path, capsys,
+                                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = shutil.copytree(dit_run, tmp_path / "run")
+    before = file_hashes(run)
+    save_png(torch.rand(1, 8, 8), str(run / "distilled" / "7" / "00002.png"))
+    argv = dit_argv(pixel_prior, run)
+    one_error_line(*cli(distill.main, argv, capsys), "7/00002.png", "delete them and rerun")
+    one_error_line(*cli(evaluate.main, ["--redundancy", run, "--stage-ipc", 2], capsys), "7/00002.png")
+    os.remove(run / "distilled" / "7" / "00002.png")
+    assert cli(distill.main, argv, capsys)[0] == 0
+    assert unchanged(before, file_hashes(run))
+
+
+def test_args_json_with_a_setting_missing_is_damage_not_a_default(finished_lgd, capsys):
+    argv, run, before = finished_lgd
+    settings = json.loads((run / "args.json").read_text())
+    del settings["seed"]
+    (run / "args.json").write_text(json.dumps(settings))
+    one_error_line(*cli(distill.main, argv, capsys), "args.json is damaged", "--seed")
+    assert "seed" not in json.loads((run / "args.json").read_text())  # not rewritten under a default
+    assert len(tree(run)) == len(before)
