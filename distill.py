@@ -34,7 +34,16 @@ import torch
 from curriculum import Plan, Students, generate_increment, run_stages
 from data import EMBEDDED, get_spec, resolve_data_dir
 from evaluate import evaluate_folder
-from ground.common import ArgumentParser, UserError, get_device, is_main, print0, run_cli, setup_distributed
+from ground.common import (
+    DIST_TIMEOUT_S,
+    ArgumentParser,
+    UserError,
+    get_device,
+    is_main,
+    print0,
+    run_cli,
+    setup_distributed,
+)
 from ground.folder import default_run_dir, distilled_dir, eval_path, preflight_path, seed_set_files
 from ground.run import Run
 from guidance import GuidanceConfig, SamplerConfig
@@ -113,6 +122,11 @@ def get_parser():
                    help="torch.compile the DiT and the decoders (first-order gradients only, as LGD needs)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC decoders and classifiers (default: on with CUDA)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="TF32 matrix multiplies and convolutions in fp32 (default: on with CUDA, as DiT's own sampler; "
+                        "Ampere and newer)")
+    p.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S / 60,
+                   help="under torchrun: minutes a rank may wait for the others in a collective")
     # learnability guidance (the paper's score and guided sampler); defaults: guidance.GuidanceConfig, then the preset
     p.add_argument("--guidance-scale", dest="scale", type=float, default=None,
                    help=f"lambda: learnability guidance scale (paper {PAPER['scale']:g})")
@@ -234,7 +248,11 @@ def main(argv=None):
         args.num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     if args.channels_last is None:
         args.channels_last = device.type == "cuda"
-    rank, world = setup_distributed(device)
+    if args.tf32 is None:
+        args.tf32 = device.type == "cuda"
+    if device.type == "cuda":  # fp32 weights, TF32 tensor cores for their matrix multiplies (float rounding only)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    rank, world = setup_distributed(device, args.dist_timeout * 60)
     configs = (guidance_config(args), igd_config(args), sampler_config(args))
     # the folder is claimed, the inputs checked, the preflight run or reused (tools/start.py); released whatever happens
     with start_run(args, spec, device, argv, world, batch_given, load_run_prior, configs) as (prior, passed):

@@ -114,14 +114,16 @@ class Prior:
         if self.vae is not None:
             self.vae.enable_gradient_checkpointing()
 
-    def compile(self):
-        """torch.compile the DiT and the decoders as separate modules (in place: configs stay reachable).
+    def compile(self, **options):
+        """torch.compile what the sampler calls, in place (configs stay reachable): the DiT, called as a module, and
+        the decoders' `decoder` modules, since the VAE and TAESD are called through `.decode()`, not `forward`.
 
-        LGD needs first-order gradients only (w.r.t. z_t), which compiled modules support.
+        LGD needs first-order gradients only (w.r.t. z_t), which compiled modules support. options: torch.compile's.
         """
-        for module in (self.transformer, self.vae, self.grad_vae):
-            if module is not None:
-                module.compile()
+        self.transformer.compile(**options)
+        for vae in (self.vae, self.grad_vae):
+            if vae is not None:
+                vae.decoder.compile(**options)
 
     def channels_last(self):
         """NHWC weights for the convolutional decoders (faster convolutions on recent GPUs, bf16 above all)."""

@@ -20,7 +20,7 @@ import torch
 import torchvision
 
 from data import classifier_input, load_real, with_view
-from ground.common import UserError, barrier, is_main, load_saved, print0, save_torch
+from ground.common import UserError, is_main, load_saved, print0, save_torch, wait_for_rank0
 from ground.locks import cache_entry
 from model import make_student
 from train_student import RECIPES, recipe_view, train_student
@@ -173,7 +173,7 @@ def surrogate_trajectory(view, arch, data_dir, device, epochs=None, cache_dir="o
                               on_epoch=lambda e, m: trajectory.append({k: v.detach().cpu().clone()
                                                                        for k, v in m.state_dict().items()}))
                 save_torch(trajectory, path)
-    barrier()
+    wait_for_rank0(path, f"{arch} trained on the real {view.name} data")
     return _load_cached(path)
 
 

@@ -36,7 +36,6 @@ from ground.common import (
     ArgumentParser,
     UserError,
     all_reduce_sum,
-    barrier,
     check_output_file,
     derive_seed,
     get_device,
@@ -48,6 +47,7 @@ from ground.common import (
     run_cli,
     save_grid,
     save_torch,
+    wait_for_rank0,
 )
 from ground.locks import cache_entry
 from guidance import SamplerConfig, decode_images, sample
@@ -230,7 +230,7 @@ def embedded_prior(dataset, cache_dir="out/cache", training=None, check=True):
                 else:
                     build_mnist_prior(path, training or MNIST_TRAINING)
             fresh = int(missing and training is None)
-    barrier()
+    wait_for_rank0(path, f"the {dataset} prior")
     if all_reduce_sum(fresh) and check:  # freshly trained: whether it can be trusted, before a run builds on it
         check_prior(dataset, path, get_device())  # every rank: theta* is trained behind a barrier
     return path

@@ -11,7 +11,9 @@ None of this is the method; it is what makes a many-hour run safe to interrupt:
     what ran before it in the process.
 """
 import argparse
+import datetime
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -62,7 +64,7 @@ def run_cli(main):
             line = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
         elif isinstance(e, OSError):
             line = os_error_line(e)
-        elif isinstance(e, torch.OutOfMemoryError):
+        elif out_of_memory(e):
             line = "out of GPU memory; lower --batch-size (and/or pass --grad-checkpoint)"
         else:
             raise
@@ -109,8 +111,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------- device & torchrun
 
+DIST_TIMEOUT_S = 24 * 3600  # a collective's patience under torchrun (setup_distributed; NCCL's own is 10 minutes)
+
+
 def get_device(name="auto"):
-    """cuda > mps > cpu, or the device the user named. Nothing touches CUDA unless it exists."""
+    """cuda > mps > cpu, or the device the user named. Nothing touches CUDA unless it exists.
+
+    Under torchrun each rank takes its own GPU, cuda:LOCAL_RANK: `--device cuda` means that; an explicit index would
+    put every rank on one GPU, so it is refused."""
+    name = rank_device(name, torch.cuda.is_available())
     if name != "auto":
         try:
             device = torch.device(name)
@@ -129,28 +138,72 @@ def get_device(name="auto"):
                 from None
         return device
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device(f"cuda:{local_rank}")
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
 
-def setup_distributed(device):
-    """Join the process group if launched by torchrun; return (rank, world_size)."""
+def rank_device(name, cuda):
+    """--device as this rank reads it: under torchrun `cuda` is cuda:LOCAL_RANK, and an explicit index is refused
+    (it would put every rank on one GPU)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and name.startswith("cuda:"):
+        raise UserError(f"--device {name} under torchrun would put every rank on one GPU; pass --device cuda (each "
+                        f"rank takes cuda:LOCAL_RANK)")
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if name == "cuda" and cuda else name
+
+
+def setup_distributed(device, timeout_s=DIST_TIMEOUT_S):
+    """Join the process group if launched by torchrun; return (rank, world_size).
+
+    timeout_s: how long a collective may wait. NCCL's default (10 minutes) is shorter than the one-rank work a run
+    does while the others wait (rank 0 trains theta* or IGD's surrogate, downloads a dataset, samples a class block
+    more than another rank): the other ranks wait for such work by polling for its file (wait_for_rank0) and every
+    collective gets this timeout (`--dist-timeout`)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"  # gloo = the CPU test path
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world
+
+
+OUT_OF_MEMORY = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                 "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")  # how allocation failures read when they surface as RuntimeError
+
+
+def out_of_memory(e):
+    """Whether an exception is the device running out of memory: torch.OutOfMemoryError, or a RuntimeError from CUDA,
+    cuBLAS or cuDNN that says so."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and
+                                                      any(text in str(e) for text in OUT_OF_MEMORY))
+
+
+def free_memory():
+    """Give the device's cached memory back (call outside an `except`: its traceback keeps the failed tensors)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def wait_for_rank0(path, what, poll_s=1.0):
+    """Ranks other than 0 wait until rank 0 has made `path` (a cache entry, a download) by looking for it, not in a
+    collective that would time out during hours of one-rank work; then all ranks meet. Rank 0 returns at once."""
+    if dist.is_initialized() and not is_main():
+        shown = False
+        while not os.path.exists(path):
+            if not shown:
+                print(f"rank {dist.get_rank()}: waiting for rank 0 to make {what} ({path})", flush=True)
+                shown = True
+            time.sleep(poll_s)
+    barrier()
 
 
 def all_reduce_sum(value):

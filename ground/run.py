@@ -30,10 +30,12 @@ from ground.common import (
     barrier,
     copy_file,
     file_sha256,
+    free_memory,
     is_main,
     load_json,
     load_or_none,
     load_saved,
+    out_of_memory,
     print0,
     save_grid,
     save_json,
@@ -67,11 +69,19 @@ from ground.records import image_record, log_line, summarise_records
 
 
 def sampler_batches(num_classes, batch, kappa, rank=0, world=1):
-    """The classes that share a sampler batch, for one slot: fixed blocks of batch // kappa classes (kappa candidates
-    each), dealt round-robin to the ranks, so which images share a batch does not depend on the number of ranks.
-    The sampler (Run.blocks) and the preflight's price (tools/preflight.py) both cut batches with this function."""
+    """The classes that share a sampler batch, for one slot: blocks of batch // kappa classes (kappa candidates each),
+    dealt round-robin to the ranks. With at least as many blocks as ranks, the blocks do not depend on the number
+    of ranks (the same batches: the same bytes as one process). With fewer (10 classes in blocks of 8 on 8 GPUs),
+    the classes are cut into min(world, classes) nearly equal blocks instead, so every rank that can have work has
+    some; those batches are smaller than one process's, so such a set equals the single-process set up to float
+    rounding, and byte for byte any run with the same ranks and batch (the number of ranks is a setting a resume
+    keeps). The sampler (Run.blocks) and the preflight's price (tools/preflight.py) both cut batches here."""
     per_block = max(1, batch // kappa)
     blocks = [list(range(c, min(c + per_block, num_classes))) for c in range(0, num_classes, per_block)]
+    if len(blocks) < world:
+        n = min(world, num_classes)
+        edges = [round(j * num_classes / n) for j in range(n + 1)]
+        blocks = [list(range(edges[j], edges[j + 1])) for j in range(n)]
     return blocks[rank::world]
 
 
@@ -180,16 +190,17 @@ class Run:
                         inc.write(c, index, latents[n], images[n],
                                   image_record(n, candidates) if candidates is not None else None)
                 break
-            except torch.OutOfMemoryError:
-                if per_chunk == 1:
-                    raise
-                self.batch = max(self.kappa, self.batch // 2)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                print(f"out of memory: sampler batch halved to {self.batch} (same images, seeded one by one)")
             except Mismatch as e:  # a file this run wrote earlier is not what it computes now
                 raise UserError(f"{e}; rerun where it was written, or delete "
                                 f"{increment_folder(inc.images_dir)} to sample it again") from None
+            except RuntimeError as e:  # torch.OutOfMemoryError, and CUDA / cuBLAS / cuDNN allocation failures
+                if not out_of_memory(e) or per_chunk == 1:
+                    raise
+            # out of memory: freed here, outside the except (its traceback held the failed step's tensors), then the
+            # slot is tried again at half the batch
+            free_memory()
+            self.batch = max(self.kappa, self.batch // 2)
+            print(f"out of memory: sampler batch halved to {self.batch} (same images, seeded one by one)")
         self.bar.update(len(block))
         self.bar.set_postfix(img_per_s=f"{self.bar.n / max(1e-9, self.bar.format_dict['elapsed']):.2f}")
 

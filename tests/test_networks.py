@@ -326,3 +326,21 @@ def test_the_mnist_prior_is_in_the_hub_layout_and_its_vae_round_trips(mnist_prio
     with torch.no_grad():
         assert torch.equal(prior.decode(z), vae.decode(z / vae.config.scaling_factor).sample)
     assert F.mse_loss(decode_images(prior, z), x) < 0.5 * x.var()  # the round trip keeps the digit
+
+
+def test_compile_reaches_the_modules_the_sampler_calls(latent_prior, tmp_path):
+    """--compile: the DiT and the decoder that prior.decode runs are the compiled ones (a recording backend sees
+    each traced); Module.compile on the VAE itself would never run, since the sampler calls vae.decode()."""
+    prior = load_prior(latent_prior)
+    traced = []
+
+    def recording(graph, example_inputs):  # a torch.compile backend that runs the traced graph as it is
+        traced.append(graph)
+        return graph.forward
+    prior.compile(backend=recording)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        prior.decode(z)
+        assert len(traced) >= 1  # the decoder's graph
+        prior.dit(z, torch.tensor([500]), torch.tensor([3]))
+    assert len(traced) >= 2  # and the DiT's

@@ -22,7 +22,9 @@ RESULT_ARGS = {"dataset": "--dataset", "method": "--method", "ipc": "--ipc", "st
                "guide_from": "--guide-from", "guide_until": "--guide-until", "form": "--guidance-form",
                "through_dit": "--grad-through-dit", "memory_cap": "--memory-cap", "seed_set": "--seed-set",
                "res": "--res", "data_dir": "--data-dir", "precision": "--precision", "batch_size": "--batch-size",
-               "student_ddp": "--student-ddp", "student_world": "ranks of a DDP student", "reference": "--reference",
+               "student_ddp": "--student-ddp", "student_world": "ranks of a DDP student",
+               "world_size": "ranks (torchrun --nproc_per_node: they cut the sampler's batches)",
+               "reference": "--reference",
                "reference_epochs": "--reference-epochs", "igd_scale": "--igd-scale", "igd_deviation": "--igd-deviation",
                "igd_from": "--igd-from", "igd_until": "--igd-until", "grad_ipc": "--grad-ipc",
                "igd_checkpoints": "--igd-checkpoints", "igd_threshold": "--igd-threshold",
@@ -51,6 +53,7 @@ def check_args(args, guide, igd_guide, uses_igd):
     require(args.guide_from <= args.guide_until, "--guide-from must not exceed --guide-until")
     require(args.memory_cap >= 1, f"--memory-cap must be at least 1, got {args.memory_cap}")
     require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
+    _finite("dist-timeout", args.dist_timeout, 0.0, inclusive=False)
     require(args.data_dir is None or args.dataset not in EMBEDDED, f"--data-dir is for the ImageFolder datasets; "
             f"{args.dataset} ships inside its package (drop --data-dir)")
     require(args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}")

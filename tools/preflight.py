@@ -28,7 +28,6 @@ is marked `x` where theta* does not recognise the unguided sample). A failed che
 Run: python distill.py --dataset imagewoof --preflight          (then the same command without --preflight)
      python distill.py --preflight                             (the digits preset: seconds on a CPU)
 """
-import gc
 import io
 import json
 import math
@@ -43,8 +42,10 @@ from ground.common import (
     SALT_PREFLIGHT,
     UserError,
     derive_seed,
+    free_memory,
     is_main,
     load_json,
+    out_of_memory,
     png_image,
     print0,
     save_grid,
@@ -369,15 +370,16 @@ def _step(prior, spec, sampler, guide, b, device, score):
 
 
 def _fits(prior, spec, sampler, guide, b, device, score):
-    """Whether one step at batch b runs; out-of-memory is the answer no, and the memory it held is given back."""
+    """Whether one step at batch b runs; out of memory (an OutOfMemoryError or a CUDA / cuBLAS / cuDNN allocation
+    failure) is the answer no, and the memory it held is given back once the exception is gone."""
     try:
         _step(prior, spec, sampler, guide, b, device, score)
         return True
-    except torch.OutOfMemoryError:
-        gc.collect()  # the failed step's tensors hang on its traceback until collected
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return False
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+    free_memory()
+    return False
 
 
 # ----------------------------------------------------------------------------- what things cost

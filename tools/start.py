@@ -8,7 +8,7 @@ import os
 import shlex
 
 from data import EMBEDDED, check_images, class_table, resolve_data_dir
-from ground.common import UserError, all_gather, all_reduce_sum, barrier, is_main, print0
+from ground.common import UserError, all_gather, all_reduce_sum, barrier, is_main, print0, wait_for_rank0
 from ground.folder import (
     changed_settings,
     check_classes,
@@ -53,7 +53,8 @@ def start_run(args, spec, device, argv, world, batch_given, load_prior, configs)
     prior = load_prior(args, spec, device)
     if is_main():  # ImageNette / ImageWoof without --data-dir: fetched (once, shared) before the folder is claimed
         resolve_data_dir(spec, args.data_dir)
-    barrier()
+    target = resolve_data_dir(spec, args.data_dir, fetch=False)
+    wait_for_rank0(target, "the dataset") if target is not None else barrier()
     check_inputs(args, spec, device)
     record["command"] = shlex.join(["python", "distill.py", *argv])  # what finishes this run (evaluate/export say it)
     release = claim(args.out_dir)

@@ -1,0 +1,123 @@
+"""The code paths a first GPU run takes, proven where no GPU is: torchrun's one-rank waits (gloo, a short timeout, a
+slow rank 0), how class blocks are dealt to ranks, devices under torchrun, out-of-memory errors in every form CUDA
+raises them, TF32 recorded."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distill
+from conftest import LGD, REPO, cli, one_error_line
+from ground import common
+from ground.common import UserError, out_of_memory, rank_device
+from ground.run import sampler_batches
+
+SLOW_RANK_0 = """
+import sys, time
+import torch
+from ground.common import setup_distributed, wait_for_rank0
+rank, world = setup_distributed(torch.device("cpu"), timeout_s=float(sys.argv[2]))
+if rank == 0:
+    time.sleep(3 * float(sys.argv[2]))  # one-rank work (theta*, a download) longer than the collectives' timeout
+    open(sys.argv[1], "w").close()
+wait_for_rank0(sys.argv[1], "the entry", poll_s=0.05)
+print("through", rank, flush=True)
+"""
+
+
+def test_a_rank_waits_out_long_one_rank_work_without_a_collective_timing_out(tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_RANK_0)
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+                        str(script), str(tmp_path / "entry"), "2"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(line for line in r.stdout.splitlines() if line.startswith("through")) == ["through 0", "through 1"]
+    assert "waiting for rank 0 to make the entry" in r.stdout
+
+
+@pytest.mark.parametrize("classes,batch,kappa", [(10, 24, 3), (10, 24, 1), (10, 128, 2), (1000, 24, 3),
+                                                 (1000, 5000, 1)])
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_no_rank_is_idle_while_another_has_two_blocks_and_every_class_is_dealt_once(classes, batch, kappa, world):
+    dealt = [sampler_batches(classes, batch, kappa, rank, world) for rank in range(world)]
+    counts = [len(blocks) for blocks in dealt]
+    assert not (min(counts) == 0 and max(counts) >= 2)
+    assert max(counts) - min(counts) <= 1  # round robin: balanced to one block
+    assert sorted(c for blocks in dealt for block in blocks for c in block) == list(range(classes))
+    assert all(len(block) * kappa <= max(batch, kappa) for blocks in dealt for block in blocks)  # never over the batch
+    if world <= classes:
+        assert min(counts) >= 1  # every rank has work when there are classes enough
+    single = sampler_batches(classes, batch, kappa)
+    if len(single) >= world:  # as many blocks as ranks: the same batches as one process (the same bytes)
+        assert sorted(map(tuple, (b for blocks in dealt for b in blocks))) == sorted(map(tuple, single))
+
+
+def test_ten_classes_on_eight_gpus_keep_eight_busy():
+    """ImageWoof's batch 24 with kappa 3 made 2 blocks of 8 and 2 classes: 6 of 8 GPUs idle; now 8 blocks."""
+    assert sum(1 for rank in range(8) if sampler_batches(10, 24, 3, rank, 8)) == 8
+
+
+def test_devices_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert rank_device("cuda", cuda=True) == "cuda:3"
+    assert rank_device("cpu", cuda=True) == "cpu"
+    with pytest.raises(UserError, match="would put every rank on one GPU; pass --device cuda"):
+        rank_device("cuda:0", cuda=True)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert rank_device("cuda:1", cuda=True) == "cuda:1"  # a single process may pick its GPU
+
+
+@pytest.mark.parametrize("error,oom", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("CUDA error: out of memory"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"), True),
+    (RuntimeError("shape '[2, 3]' is invalid for input of size 5"), False),
+])
+def test_out_of_memory_in_every_form_cuda_raises_it(error, oom, capsys):
+    assert out_of_memory(error) == oom
+    def fails():
+        raise error
+    if oom:  # the CLI's line says what to do
+        with pytest.raises(SystemExit):
+            common.run_cli(fails)
+        assert "lower --batch-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA error: out of memory"),
+                                   RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")])
+def test_a_runtime_out_of_memory_halves_the_batch_like_any_other(pixel_prior, tmp_path, monkeypatch, capsys, error):
+    import curriculum
+    monkeypatch.chdir(tmp_path)
+    original = curriculum.sample_images
+
+    def small_device(prior, spec, classes, *args, **kwargs):
+        if len(classes) > 5:  # "the GPU" holds 5 classes
+            raise error
+        return original(prior, spec, classes, *args, **kwargs)
+    monkeypatch.setattr(curriculum, "sample_images", small_device)
+    out = []
+    assert cli(distill.main, [*LGD, "--prior", pixel_prior, "--batch-size", 20, "--out-dir", tmp_path / "r"], capsys,
+               out)[0] == 0
+    assert "sampler batch halved to 10" in out[0]
+
+    def broken(*args, **kwargs):  # not memory: raised as it is
+        raise RuntimeError("shape mismatch")
+    monkeypatch.setattr(curriculum, "sample_images", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        distill.main([str(a) for a in [*LGD, "--prior", pixel_prior, "--out-dir", tmp_path / "s"]])
+
+
+def test_tf32_and_the_timeout_are_recorded_and_checked(pixel_prior, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli(distill.main, [*LGD, "--prior", pixel_prior, "--out-dir", tmp_path / "r"], capsys)[0] == 0
+    settings = json.loads((tmp_path / "r" / "args.json").read_text())
+    assert settings["tf32"] is False and settings["dist_timeout"] == 24 * 60  # a CPU run: no TF32
+    one_error_line(*cli(distill.main, [*LGD, "--dist-timeout", 0, "--out-dir", tmp_path / "s"], capsys),
+                   "--dist-timeout must be a finite number > 0")
