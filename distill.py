@@ -271,7 +271,7 @@ def distill(args, spec, device, rank, world, prior):
     data_dir = resolve_data_dir(spec, args.data_dir)
     sampler, out = sampler_config(args), args.out_dir
     plan = Plan(args.ipc, args.stage_ipc, args.seed)
-    run = Run(out, spec, plan, args.batch_size, rank, world)
+    run = Run(out, spec, plan, args.batch_size, rank, world, tolerant=device.type == "cuda")
     trainer = Trainer(device, args.num_workers, rank, world, args.student_ddp, args.channels_last)
     igd = IGD(igd_config(args), data_dir, args.grad_ipc, args.igd_checkpoints, args.igd_threshold,
               args.reference_epochs)

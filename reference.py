@@ -15,6 +15,7 @@ one builder at a time; a second run waits and reuses it).
 import hashlib
 import os
 import re
+import urllib.error
 
 import torch
 import torchvision
@@ -201,8 +202,15 @@ def surrogate_cached(spec, arch, data_dir, epochs=None, cache_dir="out/cache"):
 
 
 def pretrained_resnet18(device):
-    """torchvision's ImageNet-1K ResNet-18 (hub weights): RDED's teacher, and theta* on ImageNet-1K."""
-    return torchvision.models.resnet18(weights="IMAGENET1K_V1").to(device).eval()
+    """torchvision's ImageNet-1K ResNet-18 (hub weights): RDED's teacher, and theta* on ImageNet-1K. Offline, the
+    refusal names the file and where torchvision looks for it."""
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    try:
+        return torchvision.models.resnet18(weights=weights).to(device).eval()
+    except (OSError, urllib.error.URLError) as e:  # no internet (URLError is an OSError), a truncated download
+        target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        raise UserError(f"could not get torchvision's ResNet-18 weights ({e.__class__.__name__}): download "
+                        f"{weights.url} on a machine with internet and copy it to {target}") from None
 
 
 def reference_model(spec, arch, data_dir, device, epochs=None, cache_dir="out/cache", num_workers=0, path=None):

@@ -35,6 +35,9 @@ from ground.common import (
     load_json,
     load_or_none,
     load_saved,
+    near_json,
+    near_pngs,
+    near_tensors,
     out_of_memory,
     print0,
     save_grid,
@@ -117,14 +120,17 @@ class Increment:
         png = image_path(self.images_dir, self.spec, c, index)
         return load_saved(path, f"delete it and {png}, then rerun the same command to sample that image again")
 
-    def write(self, c, index, latent, image, record):
+    def write(self, c, index, latent, image, record, tolerant=False):
         """An image's files, the latent first and the PNG last (a PNG on disk means the image is complete). A file
-        already on disk (a resumed batch) must be the same bytes: it is checked, not written."""
+        already on disk (a resumed batch) must be the same bytes: it is checked, not written. tolerant (a CUDA run):
+        a file recomputed within ground.common.NEAR of the one on disk is accepted, and the disk's kept."""
         if self.latents_dir is not None:
-            save_torch(latent.detach().cpu().clone(), latent_path(self.latents_dir, self.spec, c, index), verify=True)
+            save_torch(latent.detach().cpu().clone(), latent_path(self.latents_dir, self.spec, c, index),
+                       verify=near_tensors if tolerant else True)
         if self.records_dir is not None and record is not None:
-            save_json(record, record_path(self.records_dir, self.spec, c, index), verify=True)
-        save_png(image, image_path(self.images_dir, self.spec, c, index), verify=True)
+            save_json(record, record_path(self.records_dir, self.spec, c, index),
+                      verify=near_json if tolerant else True)
+        save_png(image, image_path(self.images_dir, self.spec, c, index), verify=near_pngs if tolerant else True)
 
     def record_files(self):
         """The records on disk, in image order (index, then class)."""
@@ -138,8 +144,9 @@ class Increment:
 class Run:
     """A run folder, claimed and checked (distill.py), for the plan it was started with (curriculum.Plan)."""
 
-    def __init__(self, out_dir, spec, plan, batch, rank=0, world=1):
+    def __init__(self, out_dir, spec, plan, batch, rank=0, world=1, tolerant=False):
         self.out_dir, self.spec, self.plan, self.rank, self.world = out_dir, spec, plan, rank, world
+        self.tolerant = tolerant  # a nondeterministic device (CUDA): recomputed files compared within NEAR
         self.batch = batch  # the sampler batch (candidates included); halved on out-of-memory, then kept
         self.stages_bar = self.bar = None
         self.kappa = 1
@@ -188,7 +195,7 @@ class Run:
                     latents, images, candidates = make(chunk)
                     for n, c in enumerate(chunk):
                         inc.write(c, index, latents[n], images[n],
-                                  image_record(n, candidates) if candidates is not None else None)
+                                  image_record(n, candidates) if candidates is not None else None, self.tolerant)
                 break
             except Mismatch as e:  # a file this run wrote earlier is not what it computes now
                 raise UserError(f"{e}; rerun where it was written, or delete "

@@ -121,3 +121,31 @@ def test_tf32_and_the_timeout_are_recorded_and_checked(pixel_prior, tmp_path, ca
     assert settings["tf32"] is False and settings["dist_timeout"] == 24 * 60  # a CPU run: no TF32
     one_error_line(*cli(distill.main, [*LGD, "--dist-timeout", 0, "--out-dir", tmp_path / "s"], capsys),
                    "--dist-timeout must be a finite number > 0")
+
+
+@pytest.mark.parametrize("tolerant", [False, True])
+def test_a_recomputation_that_differs_in_the_last_bits_keeps_the_disks_file_only_on_a_tolerant_device(tmp_path,
+                                                                                                     tolerant):
+    """A device whose recomputation differs in the last bits (simulated: the same latent x (1 + 1e-6), the same
+    image, the same record numbers x (1 + 1e-6)): on CUDA (tolerant) the disk's files are kept; on the CPU, whose
+    recomputation is exact, any difference is damage. A real difference is damage everywhere."""
+    from data import get_spec
+    from ground.common import Mismatch
+    from ground.run import Increment
+    spec = get_spec("digits")
+    inc = Increment(spec, str(tmp_path / "images"), str(tmp_path / "latents"), str(tmp_path / "records"), range(1))
+    latent, image = torch.randn(1, 8, 8), torch.rand(1, 8, 8)
+    record = dict(kept_candidate=1, candidates={"S": [0.25, 1.5, -0.75]})
+    inc.write(3, 0, latent, image, record)
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    last_bits = dict(kept_candidate=1, candidates={"S": [v * (1 + 1e-6) for v in record["candidates"]["S"]]})
+    if tolerant:
+        inc.write(3, 0, latent * (1 + 1e-6), image, last_bits, tolerant=True)
+        assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # the disk's kept
+    else:
+        with pytest.raises(Mismatch):
+            inc.write(3, 0, latent * (1 + 1e-6), image, last_bits, tolerant=False)
+    with pytest.raises(Mismatch):  # a different latent: damage, whatever the device
+        inc.write(3, 0, latent + 0.1, image, record, tolerant=tolerant)
+    with pytest.raises(Mismatch):  # a different image
+        inc.write(3, 0, latent, 1 - image, record, tolerant=tolerant)

@@ -344,3 +344,29 @@ def test_compile_reaches_the_modules_the_sampler_calls(latent_prior, tmp_path):
         assert len(traced) >= 1  # the decoder's graph
         prior.dit(z, torch.tensor([500]), torch.tensor([3]))
     assert len(traced) >= 2  # and the DiT's
+
+
+def test_offline_the_resnet18_weights_are_named_with_where_they_go(monkeypatch):
+    import urllib.error
+
+    import reference
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(reference.torchvision.models, "resnet18", offline)
+    with pytest.raises(UserError, match=r"download https://download.pytorch.org/models/resnet18-f37072fd.pth .* "
+                                        r"copy it to .*checkpoints/resnet18-f37072fd.pth"):
+        reference.pretrained_resnet18("cpu")
+
+
+def test_the_vae_decoder_checkpoints_in_eval_mode(latent_prior):
+    """--grad-checkpoint on the guided step (eval mode, gradients on) must checkpoint the VAE decoder; diffusers before
+    0.32 did so only in training mode (hence the pin in requirements.txt)."""
+    prior = load_prior(latent_prior)
+    prior.enable_gradient_checkpointing()
+    calls, decoder = [], prior.vae.decoder
+    original = decoder._gradient_checkpointing_func
+    decoder._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or original(*a, **k)
+    z = torch.randn(1, 4, 8, 8, requires_grad=True)
+    prior.decode(z).sum().backward()
+    assert not decoder.training and calls and z.grad is not None
