@@ -231,3 +231,22 @@ def test_the_eta_prices_the_test_passes_the_evaluation_makes(dataset, epochs, pa
                            recipe="minimax", student_epochs=None)
     eta = preflight.estimate(args, get_spec(dataset), GuidanceConfig(), igd_guidance(), 10, 1, m)
     assert eta["eta_other_s"]["eval_s"] == pytest.approx(3 * passes * 1.5, rel=1e-9)
+
+
+def test_the_batch_fits_igds_step_too(empirical, tmp_path, capsys, monkeypatch):
+    """LGD on IGD's seed samples both steps at one sampler batch: on a device where IGD's per-sample double backward
+    holds at most 4 samples (and a learnability step 30), the preflight sizes IGD's step too and the run starts at a
+    batch both fit, instead of dying in IGD's sampling."""
+    from igd import Influence
+    original = preflight._step
+
+    def small_device(prior, spec, sampler, guide, b, device, score):
+        if isinstance(score, Influence) and b > 4:
+            raise RuntimeError("CUDA error: out of memory (simulated)")  # as a RuntimeError, as CUDA may raise it
+        return original(prior, spec, sampler, guide, b, device, score)
+    monkeypatch.setattr(preflight, "_step", small_device)
+    assert cli(distill.main, [*RUN, "--seed-set", "igd", "--grad-ipc", 5, "--preflight", "--out-dir",
+                              tmp_path / "run"], capsys)[0] == 0
+    result = json.loads((tmp_path / "run" / "preflight.json").read_text())
+    assert result["batch_search"]["igd"]["largest_that_fitted"] == 4 and result["sampler_batch"] <= 4
+    assert set(map(int, result["measured"]["igd_step_s"])) <= {1, 2, 3, 4}  # timed only at sizes that fit

@@ -146,9 +146,18 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
                       teacher=teacher)
         score = Learnability(student, student_view, reference, ref_view, guide.omega)
 
-    # 3a. the sampler batch that fits (before the guided batch below, which must fit too)
+    # 3a. the sampler batch that fits (before the guided batch below, which must fit too): the learnability step's,
+    # and IGD's (a double backward per sample) where the run samples an IGD increment at the same batch
+    fixed = getattr(args, "batch_fixed", False)
     batch, largest, first_oom = pick_batch(prior, spec, sampler, guide if guided_run else None, args.batch_size,
-                                           kappa, device, score, fixed=getattr(args, "batch_fixed", False))
+                                           kappa, device, score, fixed=fixed)
+    probe = igd_probe(spec, device) if uses_igd(args.method, args.seed_set) else None
+    igd_search = None
+    if probe is not None:
+        igd_batch, igd_largest, igd_oom = pick_batch(prior, spec, sampler, igd_guide, batch, 1, device, probe[0],
+                                                     fixed=fixed)
+        igd_search = dict(largest_that_fitted=igd_largest, first_out_of_memory=igd_oom)
+        batch = min(batch, igd_batch)
 
     # 2. guidance direction: a guided batch at the stage-1 settings (M_c = the samples above) against its
     # unguided twins from the same noise, one candidate per image (before selection)
@@ -177,10 +186,11 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
                                   note=f"not checked: --method {args.method} has no learnability-guided stage")
 
     # 3b. what everything costs at that batch
-    measured.update(step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, device, score))
+    measured.update(step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, device, score, probe))
     measured.update(training_times(args, spec, x_plain, device, data_dir, ref_cached, teacher))
     result.update(sampler_batch=batch, batch_search=dict(start=args.batch_size, largest_that_fitted=largest,
-                                                         first_out_of_memory=first_oom, headroom=HEADROOM),
+                                                         first_out_of_memory=first_oom, headroom=HEADROOM,
+                                                         igd=igd_search),
                   stages=args.ipc // args.stage_ipc if args.method == "lgd" else 1,
                   **estimate(args, spec, guide, igd_guide, batch, kappa, measured),
                   disk_bytes=disk_bytes(args, spec, x_plain, z_plain, record_bytes, reference),
@@ -390,7 +400,17 @@ def batch_sizes(spec, batch, kappa):
     return [len(block) * kappa for block in sampler_batches(spec.num_classes, batch, kappa)]
 
 
-def step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, device, score):
+def igd_probe(spec, device):
+    """IGD's score on random surrogate snapshots (4, as IGD keeps; weights do not change its cost), for sizing and
+    timing its step: (the score, the nets, their view)."""
+    view = reference_view(spec)
+    nets = [make_student(IGD_ARCH, view, seed=j).to(device) for j in range(4)]
+    size = sum(p.numel() for p in nets[0].parameters())
+    targets = {}
+    return Influence(nets, view, lambda j, c: targets.setdefault((j, c), torch.randn(size, device=device))), nets, view
+
+
+def step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, device, score, probe=None):
     """Seconds per sampler step at each batch size the run will use: unguided (the seed increment or a DiT set, the
     steps outside the window), guided, and IGD's."""
     device = torch.device(device)
@@ -401,13 +421,9 @@ def step_times(prior, spec, sampler, guide, igd_guide, args, batch, kappa, devic
     out = dict(unguided_step_s={str(b): timed(None, b, None) for b in sorted(plain_sizes)})
     if score is not None:
         out["guided_step_s"] = {str(b): timed(guide, b, score) for b in sorted(set(guided_sizes))}
-    if uses_igd(args.method, args.seed_set):  # IGD's step: a double backward per checkpoint (weights do not change
-        view = reference_view(spec)           # its cost: random ones stand in)
-        nets = [make_student(IGD_ARCH, view, seed=j).to(device) for j in range(4)]
-        size = sum(p.numel() for p in nets[0].parameters())
-        targets = {}
-        influence = Influence(nets, view, lambda j, c: targets.setdefault((j, c), torch.randn(size, device=device)))
-        out["igd_step_s"] = {str(b): timed(igd_guide, b, influence) for b in sorted(set(batch_sizes(spec, batch, 1)))}
+    if probe is not None:  # IGD's step: a double backward per checkpoint
+        score_igd, nets, view = probe
+        out["igd_step_s"] = {str(b): timed(igd_guide, b, score_igd) for b in sorted(set(batch_sizes(spec, batch, 1)))}
         x = torch.rand(args.grad_ipc, spec.channels, view.res, view.res, device=device)
         y = torch.zeros(len(x), dtype=torch.long, device=device)
         out["igd_real_gradient_s"] = seconds_per_call(
