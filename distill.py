@@ -38,6 +38,7 @@ from ground.common import (
     DIST_TIMEOUT_S,
     ArgumentParser,
     UserError,
+    default_workers,
     get_device,
     is_main,
     print0,
@@ -244,8 +245,8 @@ def main(argv=None):
     device = get_device(args.device)
     if args.precision == "bf16" and device.type != "cuda":
         raise UserError(f"--precision bf16 is CUDA autocast; this run is on {device.type} (use --precision fp32)")
-    if args.num_workers is None:  # a GPU trains faster than one process decodes JPEGs
-        args.num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    if args.num_workers is None:
+        args.num_workers = default_workers(device)
     if args.channels_last is None:
         args.channels_last = device.type == "cuda"
     if args.tf32 is None:

@@ -47,6 +47,7 @@ from ground.common import (
     atomic_write,
     check_output_file,
     check_writable,
+    default_workers,
     get_device,
     git_commit,
     load_json,
@@ -298,7 +299,8 @@ def main(argv=None):
     p.add_argument("--res", type=int, default=None, help="classifier resolution (default: the dataset's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the students (and of the real-image draw)")
     p.add_argument("--out", default=None, help="output folder (default: the run folder; real: out/<ds>_real_ipcK)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers decoding images (default: as "
+                   "distill.py, 8 with CUDA, else 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     args = p.parse_args(argv)
     # one mode per command: two modes in one would run one of them and drop the other without a word
@@ -319,7 +321,7 @@ def main(argv=None):
     require(args.epochs is None or args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}")
     require(args.res is None or args.res >= 8, f"--res must be at least 8, got {args.res}")
     require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
-    require(args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
+    require(args.num_workers is None or args.num_workers >= 0, f"--num-workers must be >= 0, got {args.num_workers}")
     run_dir = args.distilled or args.validity or \
         (args.redundancy if args.redundancy not in (None, "real") else None)
     if run_dir is None and args.real_ipc is None:
@@ -342,6 +344,7 @@ def main(argv=None):
         check_classes(run_dir, class_table(spec))
     arch, recipe = args.arch or info.get("arch") or "convnet", args.recipe or info.get("recipe") or "minimax"
     device = get_device(args.device)
+    args.num_workers = default_workers(device) if args.num_workers is None else args.num_workers
     if run_dir is not None:
         spec.image_size = set_files(run_dir, spec, quiet=True)[2]  # the reader below names what it leaves out
     if args.validity is not None:

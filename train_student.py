@@ -148,17 +148,45 @@ def images_channels(images):
     return images.channels or images.load(0).shape[0]
 
 
-def batches(images, size, order, batch_size, num_workers, crop_ratio=1.0):
-    """(uint8 images, labels) batches in `order`: from memory, or streamed from disk for a large set."""
+class _Order(torch.utils.data.Sampler):
+    """The batches of the current epoch, set before each epoch: one DataLoader (and its workers) serves them all."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def __iter__(self):
+        return iter(self.chunks)
+
+    def __len__(self):
+        return len(self.chunks)
+
+
+def _stream(images, size, crop_ratio, num_workers):
+    """A large set's loader, made once per set and view and kept on the set: its workers persist across epochs and
+    test passes, and batches land in pinned memory when a GPU takes them."""
+    key = ("loader", size, crop_ratio, num_workers)
+    cache = images.__dict__.setdefault("_prepared", {})
+    if key not in cache:
+        order = _Order()
+        cache[key] = order, DataLoader(_Storage(images, size, crop_ratio), batch_sampler=order,
+                                       num_workers=num_workers, persistent_workers=num_workers > 0,
+                                       pin_memory=torch.cuda.is_available())
+    return cache[key]
+
+
+def batches(images, size, order, batch_size, num_workers, crop_ratio=1.0, rank=0, world=1):
+    """(uint8 images, labels) batches in `order`, each this rank's slice of the global batch (every rank reads only
+    its own images): from memory, or streamed from disk for a large set."""
     labels = torch.as_tensor(images.labels)
     cached = prepared(images, size, crop_ratio, num_workers)
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = [order[i:i + batch_size][rank::world] for i in range(0, len(order), batch_size)]
     if cached is not None:
         for idx in chunks:
             yield cached[idx], labels[idx]
     else:
-        yield from DataLoader(_Storage(images, size, crop_ratio), batch_sampler=[c.tolist() for c in chunks],
-                              num_workers=num_workers)
+        sampler, loader = _stream(images, size, crop_ratio, num_workers)
+        sampler.chunks = [c.tolist() for c in chunks]
+        yield from loader
 
 
 def recipe_settings(recipe):
@@ -225,8 +253,8 @@ def train_student(model, train_set, view, recipe="minimax", epochs=100, seed=0, 
     bar = tqdm(total=epochs, desc=desc, disable=not is_main(), leave=False, mininterval=2, unit="epoch")
     for epoch in range(epochs):
         order = torch.randperm(len(train_set), generator=order_gen)
-        for x, y in batches(train_set, size, order, batch_size, num_workers):
-            x, y = x[rank::world].to(device, non_blocking=True), y[rank::world].to(device, non_blocking=True)
+        for x, y in batches(train_set, size, order, batch_size, num_workers, rank=rank, world=world):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x = augment(x)  # uint8 -> augmented, normalised float on the device
             if r["cutmix"]:
                 x, target = cutmix(x, y, view.num_classes, augment.g)

@@ -145,6 +145,12 @@ def get_device(name="auto"):
     return torch.device("cpu")
 
 
+def default_workers(device):
+    """DataLoader workers decoding images: 8 (at most the cores) with CUDA, whose students train faster than one
+    process decodes JPEGs; none on a CPU, whose cores the training itself needs."""
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
 def rank_device(name, cuda):
     """--device as this rank reads it: under torchrun `cuda` is cuda:LOCAL_RANK, and an explicit index is refused
     (it would put every rank on one GPU)."""

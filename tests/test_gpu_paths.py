@@ -149,3 +149,31 @@ def test_a_recomputation_that_differs_in_the_last_bits_keeps_the_disks_file_only
         inc.write(3, 0, latent + 0.1, image, record, tolerant=tolerant)
     with pytest.raises(Mismatch):  # a different image
         inc.write(3, 0, latent, 1 - image, record, tolerant=tolerant)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_rank_reads_only_its_slice_and_a_large_set_keeps_one_loader(stream, monkeypatch):
+    """Under DDP every rank takes its slice of each global batch: the ranks' slices are the global batch, and a set
+    streamed from disk (over the in-memory cap) decodes on each rank only its own images, through one DataLoader
+    kept for every epoch (its workers persist)."""
+    import train_student as ts
+    from data import ImageSet, get_spec, load_real
+    real = load_real(get_spec("digits"), None, "train").subset(range(40))
+    if stream:
+        monkeypatch.setattr(ts, "MAX_IN_MEMORY", 0)
+    loads = []
+    load = real.load
+    real.load = lambda i: loads.append(i) or load(i)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    whole = [(x, y) for x, y in ts.batches(real, 8, order, 16, 0)]
+    loads.clear()
+    parts = [[(x, y) for x, y in ts.batches(real, 8, order, 16, 0, rank=r, world=2)] for r in range(2)]
+    for n, (x, y) in enumerate(whole):  # rank r holds rows r, r + 2, ... of each global batch
+        assert torch.equal(x[0::2], parts[0][n][0]) and torch.equal(x[1::2], parts[1][n][0])
+        assert torch.equal(y[1::2], parts[1][n][1])
+    if stream:
+        # each image decoded once over both ranks, not once per rank (image 0 is also opened to learn the channels)
+        assert all(loads.count(i) == 1 for i in range(1, 40)) and set(loads) == set(range(40))
+        loaders = {id(ts._stream(real, 8, 1.0, 0)[1]) for _ in range(3)}
+        assert len(loaders) == 1  # one loader for every epoch
+    assert isinstance(real, ImageSet)
