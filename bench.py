@@ -136,6 +136,8 @@ def bench_sampler(args, device, batch):
     prior.bf16 = args.precision == "bf16" and device.type == "cuda"
     if args.grad_checkpoint:
         prior.enable_gradient_checkpointing()
+    if args.channels_last:
+        prior.channels_last()
     spec.image_size = prior.image_size
     view, ref_view = recipe_view(spec, "minimax"), reference_view(spec)
     student, reference = make_student("convnet", view).to(device), make_student("convnet", ref_view).to(device)
@@ -237,6 +239,10 @@ def main(argv=None):
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast (CUDA)")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="gradient checkpointing in DiT/VAE during the guided step")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="TF32 matrix multiplies in fp32 (default: on with CUDA, as distill.py)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC decoders (default: on with CUDA, as distill.py)")
     p.add_argument("--student", action="store_true", help="time student training instead of sampling steps")
     p.add_argument("--eta", action="store_true", help="a preflight, then the run it priced: ETA / measured")
     p.add_argument("--dataset", default="digits", choices=["digits", "mnist"], help="--eta: the embedded run priced")
@@ -251,6 +257,10 @@ def main(argv=None):
     device = get_device(args.device)
     if args.precision == "bf16" and device.type != "cuda":  # as distill.py: bf16 is CUDA autocast
         raise UserError(f"--precision bf16 is CUDA autocast; this bench is on {device.type} (use --precision fp32)")
+    args.tf32 = device.type == "cuda" if args.tf32 is None else args.tf32
+    args.channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     if args.eta:
         result = dict(device=str(device), threads=torch.get_num_threads(),
                       eta=bench_eta(device, ["--dataset", args.dataset]))
@@ -269,7 +279,8 @@ def main(argv=None):
         for batch in args.batch_size:
             run = bench_sampler(args, device, batch)
             result["runs"].append(run)
-            print(f"\nbench: size {args.size}, batch {batch}, {device}, {args.precision}, {args.repeats} repeats")
+            print(f"\nbench: size {args.size}, batch {batch}, {device}, {args.precision}, tf32 {args.tf32}, "
+                  f"channels_last {args.channels_last}, {args.repeats} repeats")
             print(f"{'variant':<16} {'step s':>9} {'x unguided':>11} {'GFLOP':>9} {'img/s':>8} {'peak MB':>9}")
             for row in run["rows"]:
                 print(f"{row['variant']:<16} {row['step_s']:9.4f} {row['ratio']:11.2f} {row['gflops']:9.1f} "

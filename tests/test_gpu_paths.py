@@ -177,3 +177,14 @@ def test_each_rank_reads_only_its_slice_and_a_large_set_keeps_one_loader(stream,
         loaders = {id(ts._stream(real, 8, 1.0, 0)[1]) for _ in range(3)}
         assert len(loaders) == 1  # one loader for every epoch
     assert isinstance(real, ImageSet)
+
+
+def test_the_gpu_check_runs_its_checks_on_tiny_shapes(tmp_path, capsys):
+    """`python -m tools.gpu_check` is what a first GPU user runs; here on the CPU with tiny shapes: the preflight
+    (its verdict on random weights aside), a guided run killed with SIGKILL and resumed to the uninterrupted set, the
+    bench; torchrun skipped without two GPUs."""
+    from tools import gpu_check
+    gpu_check.main(["--size", "tiny", "--device", "cpu", "--work", tmp_path / "work"])
+    lines = capsys.readouterr().out.splitlines()
+    verdicts = {line.split()[1]: line.split()[0] for line in lines if line[:4] in ("PASS", "FAIL", "SKIP")}
+    assert verdicts == {"preflight": "PASS", "resume": "PASS", "bench": "PASS", "torchrun": "SKIP"}, lines

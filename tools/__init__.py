@@ -8,4 +8,5 @@ igd.py) imports it; it imports the method, the protocol and ground/. Nothing her
   dry_run.py    --dry-run: the plan of a command before it runs
   export.py     copies of a set for RDED and DD-Ranking (`python -m tools.export`)
   results.py    every table of docs/results.md (`python -m tools.results <table>`)
+  gpu_check.py  the first command on a GPU machine (`python -m tools.gpu_check`): PASS / FAIL per check
 """
