@@ -250,16 +250,6 @@ def run_info(run_dir):
     return load_json(args_path(run_dir), what="run settings") if is_run_folder(run_dir) else {}
 
 
-def stage_files(out_dir, spec, k, stage_ipc):
-    """(paths, labels) of stage k's increment, class by class, in index order."""
-    paths, labels = [], []
-    for c in range(spec.num_classes):
-        for index in range(k * stage_ipc, (k + 1) * stage_ipc):
-            paths.append(image_path(stage_images(out_dir, k), spec, c, index))
-            labels.append(c)
-    return paths, labels
-
-
 def stage_summary(out_dir):
     """[(k, done)] for the stage folders of a run, for --dry-run and the README."""
     stages = sorted(int(d.split("_")[1]) for d in os.listdir(out_dir) if d.startswith("stage_"))

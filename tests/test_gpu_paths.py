@@ -184,7 +184,7 @@ def test_the_gpu_check_runs_its_checks_on_tiny_shapes(tmp_path, capsys):
     (its verdict on random weights aside), a guided run killed with SIGKILL and resumed to the uninterrupted set, the
     bench; torchrun skipped without two GPUs."""
     from tools import gpu_check
-    gpu_check.main(["--size", "tiny", "--device", "cpu", "--work", tmp_path / "work"])
+    gpu_check.main(["--size", "tiny", "--device", "cpu", "--work", str(tmp_path / "work")])
     lines = capsys.readouterr().out.splitlines()
     verdicts = {line.split()[1]: line.split()[0] for line in lines if line[:4] in ("PASS", "FAIL", "SKIP")}
     assert verdicts == {"preflight": "PASS", "resume": "PASS", "bench": "PASS", "torchrun": "SKIP"}, lines
