@@ -140,10 +140,10 @@ def test_a_refused_start_leaves_the_folder_as_it_was_and_the_corrected_command_r
     assert "rm -r" not in lines[-1]  # no cache advice: the cache is not the cause
     assert not run.exists()  # a new folder: not made
     assert cli(distill.main, [*LGD, *good, "--out-dir", run], capsys)[0] == 0
-    before = file_hashes(run)
-    one_error_line(*cli(distill.main, [*LGD, *bad, "--out-dir", run], capsys))  # (or its settings differ)
-    assert file_hashes(run) == before  # a finished run: untouched
-    assert cli(distill.main, [*LGD, *good, "--out-dir", run], capsys)[0] == 0
+    if case == CASES[0]:  # and a finished run refuses it too, untouched (its settings may be what differs first)
+        before = file_hashes(run)
+        one_error_line(*cli(distill.main, [*LGD, *bad, "--out-dir", run], capsys))
+        assert file_hashes(run) == before
 
 
 def test_cache_advice_only_where_the_cache_is_the_cause(pixel_prior, tmp_path, capsys, monkeypatch):
