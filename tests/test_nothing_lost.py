@@ -229,3 +229,54 @@ def test_args_json_with_a_setting_missing_is_damage_not_a_default(finished_lgd, 
     one_error_line(*cli(distill.main, argv, capsys), "args.json is damaged", "--seed")
     assert "seed" not in json.loads((run / "args.json").read_text())  # not rewritten under a default
     assert len(tree(run)) == len(before)
+
+
+# ----------------------------------------------------------------------------- the side tools
+
+def test_dry_run_refuses_what_the_run_refuses(finished_lgd, capsys):
+    argv, run, before = finished_lgd
+    one_error_line(*cli(distill.main, [*argv, "--guidance-scale", 3, "--dry-run"], capsys), "holds a run with "
+                   "different --guidance-scale")
+    out = []
+    assert cli(distill.main, [*argv, "--dry-run"], capsys, out)[0] == 0 and "will be skipped" in out[0]
+
+
+@pytest.mark.parametrize("flags", [["--igd-checkpoints", "5,0"], ["--igd-checkpoints", "0,0,5"]])
+def test_igd_checkpoint_lists_are_strictly_increasing(tmp_path, capsys, flags):
+    one_error_line(*cli(distill.main, ["--method", "igd", *flags, "--out-dir", tmp_path / "r"], capsys),
+                   "must be strictly increasing")
+    assert not (tmp_path / "r").exists()
+
+
+def test_output_paths_are_checked_before_the_work_and_formats_follow_extensions(tmp_path, capsys):
+    import bench
+    import train_prior
+    (tmp_path / "out").mkdir()
+    for main, argv, said in [(train_prior.main, ["--out", tmp_path / "out"], "is a folder"),
+                             (train_prior.main, ["--out", tmp_path / "grid.xyz"], "extension '.xyz'"),
+                             (bench.main, ["--json", tmp_path / "out"], "--json"),
+                             (bench.main, ["--precision", "bf16", "--device", "cpu"], "bf16 is CUDA autocast")]:
+        one_error_line(*cli(main, argv, capsys), said)
+    assert os.listdir(tmp_path / "out") == []  # nothing trained or written first
+    from PIL import Image
+
+    from ground.common import save_grid
+    save_grid(torch.rand(2, 1, 8, 8), str(tmp_path / "grid.jpg"), ["a"], ["0", "1"])
+    with Image.open(tmp_path / "grid.jpg") as im:
+        assert im.format == "JPEG"  # .jpg is a JPEG, not PNG bytes
+
+
+def test_jobs_are_capped_at_the_cores_with_one_line(monkeypatch, capsys):
+    from tools import results
+    seen = []
+
+    class Pool:  # the pool the cells would run in: what it was asked for is all this test needs
+        def __init__(self, jobs):
+            seen.append(jobs)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(results, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(results, "fill", lambda *a, **k: None)
+    with pytest.raises(KeyboardInterrupt):
+        results.main(["main", "--jobs", "1000000"])
+    assert seen == [os.cpu_count()]
+    assert f"--jobs 1000000 is more than the {os.cpu_count()} cores" in capsys.readouterr().out
