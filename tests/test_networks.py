@@ -370,3 +370,42 @@ def test_the_vae_decoder_checkpoints_in_eval_mode(latent_prior):
     z = torch.randn(1, 4, 8, 8, requires_grad=True)
     prior.decode(z).sum().backward()
     assert not decoder.training and calls and z.grad is not None
+
+
+def test_the_batched_augmentation_matches_the_per_image_one_it_replaced():
+    """Minimax's augmentation runs on the whole batch: the same random draws as the per-image loop it replaced (the
+    same generator stream), ColorJitter's arithmetic equal to the loop's, and the crops resized by one roi_align within
+    one 8-bit level on average (at most 8) of torchvision's antialiased per-image resized_crop on smooth images."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from data import _grey
+    spec = recipe_view(get_spec("imagewoof", res=32), "minimax")
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(6, 3, 8, 8, generator=g), size=64, mode="bilinear")
+    # ColorJitter: the loop of the previous code, on the same draws
+    batched = Augment(spec, "minimax", torch.Generator().manual_seed(5)).color_jitter(smooth.clone(), 0.4)
+    ref_g, looped = torch.Generator().manual_seed(5), smooth.clone()
+    for i in range(len(looped)):
+        for op in torch.randperm(3, generator=ref_g).tolist():
+            alpha = (torch.rand(1, generator=ref_g) * 0.8 - 0.4).item()
+            target = [torch.zeros_like(looped[i]), _grey(looped[i]).mean().expand_as(looped[i]),
+                      _grey(looped[i]).expand_as(looped[i])][op]
+            looped[i] = looped[i].lerp(target, alpha)
+    assert torch.allclose(batched, looped, atol=1e-6)
+    # RandomResizedCrop: the same boxes as the loop drew, resized in one call
+    crops = Augment(spec, "minimax", torch.Generator().manual_seed(7)).random_resized_crop(smooth, (0.5, 1.0))
+    ref_g, expected = torch.Generator().manual_seed(7), []
+    for i in range(len(smooth)):
+        while True:
+            area = 64 * 64 * (torch.rand(1, generator=ref_g) * 0.5 + 0.5).item()
+            low, high = math.log(3 / 4), math.log(4 / 3)
+            aspect = math.exp((torch.rand(1, generator=ref_g) * (high - low) + low).item())
+            cw, ch = round((area * aspect) ** 0.5), round((area / aspect) ** 0.5)
+            if 0 < cw <= 64 and 0 < ch <= 64:
+                top = int(torch.randint(0, 64 - ch + 1, (1,), generator=ref_g))
+                left = int(torch.randint(0, 64 - cw + 1, (1,), generator=ref_g))
+                break
+        expected.append(TF.resized_crop(smooth[i], top, left, ch, cw, [32, 32], antialias=True))
+    assert crops.shape == (6, 3, 32, 32)
+    difference = (crops - torch.stack(expected)).abs()  # an area average against torchvision's antialias filter
+    assert difference.mean() < 1 / 255 and difference.max() < 8 / 255
