@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.models import ResNet18_Weights
-from torchvision.ops import roi_align
+from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from ground.common import UserError, remove_path, temporary_path
@@ -358,8 +358,8 @@ EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [
 
 
 def _grey(image):
-    """(..., 3, H, W) RGB -> (..., H, W) grey level (ITU-R 601 weights, as torchvision's rgb_to_grayscale)."""
-    return 0.299 * image[..., 0, :, :] + 0.587 * image[..., 1, :, :] + 0.114 * image[..., 2, :, :]
+    """(3, H, W) RGB -> (H, W) grey level (ITU-R 601 weights, as torchvision's rgb_to_grayscale)."""
+    return 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]
 
 
 def storage_size(view, pre_crop):
@@ -416,13 +416,11 @@ class Augment:
         return padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
 
     def random_resized_crop(self, x, scale, ratio=(3 / 4, 4 / 3)):
-        """torchvision's RandomResizedCrop.get_params per image (10 tries, then the centre crop; CPU scalars), then
-        every crop resized in one batched call: roi_align averages ceil(crop / res) samples per output pixel, the
-        area average an antialiased resize does (one kernel for the batch instead of one per image)."""
+        """torchvision's RandomResizedCrop.get_params per image (10 tries, then the centre crop), antialiased."""
         n, _, h, w = x.shape
-        boxes = []
+        out = []
         log_ratio = torch.log(torch.tensor(ratio))
-        for _ in range(n):
+        for i in range(n):
             for _ in range(10):
                 area = h * w * self.uniform(1, *scale).item()
                 aspect = torch.exp(self.uniform(1, *log_ratio.tolist())).item()
@@ -434,27 +432,20 @@ class Augment:
             else:  # fallback: whole image at the nearest allowed aspect (as torchvision)
                 ch, cw = h, w
                 top = left = 0
-            boxes.append([left, top, left + cw, top + ch])
-        rois = torch.cat([torch.arange(n)[:, None], torch.tensor(boxes)], dim=1).to(x.device, x.dtype)  # (N, 5)
-        return roi_align(x, rois, output_size=self.view.res, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+            out.append(TF.resized_crop(x[i], top, left, ch, cw, [self.view.res] * 2, antialias=True))
+        return torch.stack(out)
 
     def color_jitter(self, x, strength):
-        """Minimax's ColorJitter: per image, brightness, contrast and saturation in a random order, each
-        x.lerp(target, U(-strength, strength)). The draws are made image by image (the same stream as a loop over
-        images); the arithmetic runs on the whole batch, position by position, each image its own op."""
-        n = len(x)
-        order, alphas = torch.zeros(n, 3, dtype=torch.long), torch.zeros(n, 3)
-        for i in range(n):
-            order[i] = torch.randperm(3, generator=self.g)
-            for p in range(3):
-                alphas[i, p] = self.uniform(1, -strength, strength)
-        order, alphas = order.to(x.device), alphas.to(x.device, x.dtype)
-        for p in range(3):
-            grey = _grey(x)[:, None]                                               # (N, 1, H, W)
-            targets = torch.stack([torch.zeros_like(x), grey.mean(dim=(1, 2, 3), keepdim=True).expand_as(x),
-                                   grey.expand_as(x)])                             # (3, N, C, H, W): the three ops
-            target = targets[order[:, p], torch.arange(n, device=x.device)]        # (N, C, H, W): each image's op
-            x = x.lerp(target, alphas[:, p].view(-1, 1, 1, 1))
+        for i in range(len(x)):  # three ops in a random order per image, as Minimax's ColorJitter
+            for op in torch.randperm(3, generator=self.g).tolist():
+                alpha = self.uniform(1, -strength, strength).item()
+                if op == 0:    # brightness: towards black
+                    target = torch.zeros_like(x[i])
+                elif op == 1:  # contrast: towards the mean grey level
+                    target = _grey(x[i]).mean().expand_as(x[i])
+                else:          # saturation: towards the grey image
+                    target = _grey(x[i]).expand_as(x[i])
+                x[i] = x[i].lerp(target, alpha)
         return x
 
     def lighting(self, x, std=0.1):
