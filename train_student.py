@@ -20,10 +20,12 @@ Recipes (`--recipe`), each re-written from the public code that defines it:
            Test: Resize(256) + CenterCrop(224).
 
 Data path (kept on the training device): a set is decoded once into uint8 images at the recipe's
-storage size (data.storage_size), every batch is augmented on the device by data.Augment with a
-seeded CPU generator, so a GPU is not starved by per-image PIL work and a seed gives the same run on
-any device. Sets larger than a few GB stream through DataLoader workers instead (same batches).
-The test split is decoded once per evaluation at the test view and reused at every checkpoint.
+storage size (data.storage_size): in memory up to 4 GiB, beyond that into a uint8 memmap on disk that
+every epoch, test pass and run reading the same files shares (only a set too big for the disk streams
+through one DataLoader kept for the whole training: persistent workers, pinned memory). Every batch
+is augmented on the device by data.Augment with a seeded CPU generator, so a GPU is not starved by
+per-image PIL work and a seed gives the same run on any device. The test split is decoded once per
+evaluation at the test view and reused at every checkpoint.
 
 Under torchrun the student is trained with DistributedDataParallel: every rank takes its slice of
 each global batch of the same permutation.
@@ -32,9 +34,13 @@ Nothing here runs on its own: `python evaluate.py --real-ipc 10` trains students
 per class with it, `python evaluate.py --distilled DIR` on a distilled set. theta* and the other models
 trained on the real data are in reference.py.
 """
+import hashlib
 import math
+import os
+import shutil
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -52,7 +58,9 @@ from data import (
 from ground.common import (
     UserError,
     is_main,
+    temporary_path,
 )
+from ground.locks import cache_entry
 
 RECIPES = {
     "minimax": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64, schedule="multistep",
@@ -129,19 +137,51 @@ class _Storage(torch.utils.data.Dataset):
         return (x * 255).round().clamp(0, 255).to(torch.uint8), self.images.labels[i]
 
 
-MAX_IN_MEMORY = 4 * 2**30  # bytes of uint8 images held in memory; a bigger set streams from disk
+MAX_IN_MEMORY = 4 * 2**30    # bytes of uint8 images held in memory
+MAX_DECODED = 512 * 2**30     # a bigger set of files is decoded once into a uint8 memmap on disk, up to this size
+DECODED_DIR = "out/cache/decoded"  # (a still bigger one, or one the disk has no room for, streams every epoch)
 
 
 def prepared(images, size, crop_ratio=1.0, num_workers=0):
-    """The set as one uint8 tensor (N, C, size, size), decoded once and cached on the set; None if too big."""
+    """The set as one uint8 tensor (N, C, size, size), decoded once: in memory, or for a large set of files a memmap
+    on disk (decoded_on_disk); cached on the set. None: too big for either, the set streams from its files."""
     key = (size, crop_ratio)
     cache = images.__dict__.setdefault("_prepared", {})
     if key not in cache:
-        if len(images) * images_channels(images) * size * size > MAX_IN_MEMORY:
+        shape = (len(images), images_channels(images) if len(images) else 1, size, size)
+        nbytes = math.prod(shape)
+        if nbytes <= MAX_IN_MEMORY:
+            loader = DataLoader(_Storage(images, size, crop_ratio), batch_size=64, num_workers=num_workers)
+            cache[key] = torch.cat([x for x, _ in loader]) if len(images) else torch.zeros(0, 1, size, size)
+        elif nbytes <= MAX_DECODED and all(isinstance(item, str) for item in images.items):
+            cache[key] = decoded_on_disk(images, shape, crop_ratio, num_workers)
+        else:
             return None
-        loader = DataLoader(_Storage(images, size, crop_ratio), batch_size=64, num_workers=num_workers)
-        cache[key] = torch.cat([x for x, _ in loader]) if len(images) else torch.zeros(0, 1, size, size)
     return cache[key]
+
+
+def decoded_on_disk(images, shape, crop_ratio, num_workers):
+    """A large set of image files decoded once into DECODED_DIR/<key>.u8 (uint8, (N, C, size, size)), shared by every
+    epoch, test pass and run that reads the same files at the same size (the key: their paths, sizes and times).
+    None when the disk has no room for it."""
+    stamp = repr([(p, os.path.getsize(p), os.path.getmtime(p)) for p in images.items] + [shape, crop_ratio])
+    path = os.path.join(DECODED_DIR, hashlib.sha1(stamp.encode()).hexdigest()[:16] + ".u8")
+    with cache_entry(path, f"{shape[0]} images decoded at {shape[-1]} px") as missing:
+        if missing:
+            os.makedirs(DECODED_DIR, exist_ok=True)
+            if shutil.disk_usage(DECODED_DIR).free < 1.1 * math.prod(shape):
+                return None
+            tmp = temporary_path(path)
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            loader = DataLoader(_Storage(images, shape[-1], crop_ratio), batch_size=64, num_workers=num_workers)
+            start = 0
+            for x, _ in tqdm(loader, desc="decoding the set once", unit="batch", leave=False, mininterval=2):
+                out[start:start + len(x)] = x.numpy()
+                start += len(x)
+            out.flush()
+            del out
+            os.replace(tmp, path)
+    return torch.from_numpy(np.load(path, mmap_mode="c"))  # copy-on-write: read-only on disk, no warning
 
 
 def images_channels(images):

@@ -159,8 +159,9 @@ def test_each_rank_reads_only_its_slice_and_a_large_set_keeps_one_loader(stream,
     import train_student as ts
     from data import ImageSet, get_spec, load_real
     real = load_real(get_spec("digits"), None, "train").subset(range(40))
-    if stream:
+    if stream:  # over both caps: streamed from its files every epoch
         monkeypatch.setattr(ts, "MAX_IN_MEMORY", 0)
+        monkeypatch.setattr(ts, "MAX_DECODED", 0)
     loads = []
     load = real.load
     real.load = lambda i: loads.append(i) or load(i)
@@ -188,3 +189,26 @@ def test_the_gpu_check_runs_its_checks_on_tiny_shapes(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     verdicts = {line.split()[1]: line.split()[0] for line in lines if line[:4] in ("PASS", "FAIL", "SKIP")}
     assert verdicts == {"resume": "PASS", "bench": "PASS", "torchrun": "SKIP"}, lines
+
+
+def test_a_large_set_of_files_is_decoded_once_into_a_memmap_every_run_shares(tmp_path, monkeypatch):
+    """Over the in-memory cap, a set of image files is decoded once into a uint8 memmap on disk: the same tensor as
+    the in-memory decode, and a second reader of the same files (another run, another epoch) decodes nothing."""
+    import train_student as ts
+    from data import ImageSet
+    from ground.common import save_png
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(12):
+        save_png(torch.rand(3, 20, 20, generator=g), str(tmp_path / "set" / f"{i}.png"))
+        paths.append(str(tmp_path / "set" / f"{i}.png"))
+    labels = [i % 3 for i in range(12)]
+    in_memory = ts.prepared(ImageSet(paths, labels, channels=3), 16)
+    monkeypatch.setattr(ts, "MAX_IN_MEMORY", 0)
+    monkeypatch.setattr(ts, "DECODED_DIR", str(tmp_path / "decoded"))
+    first = ts.prepared(ImageSet(paths, labels, channels=3), 16)
+    assert torch.equal(first, in_memory) and len(os.listdir(tmp_path / "decoded")) == 1
+    again, loads = ImageSet(paths, labels, channels=3), []
+    load = again.load
+    again.load = lambda i: loads.append(i) or load(i)
+    assert torch.equal(ts.prepared(again, 16), in_memory) and loads == []  # decoded once, read back
