@@ -92,10 +92,9 @@ class Increment:
     """Where one increment's files go: images (PNG), final latents (the memory M_c; None: not kept) and the records
     of what guidance did (None: not kept), for the image indices of its slots."""
 
-    def __init__(self, spec, images_dir, latents_dir, records_dir, indices, done=None):
+    def __init__(self, spec, images_dir, latents_dir, records_dir, indices):
         self.spec, self.indices = spec, indices
         self.images_dir, self.latents_dir, self.records_dir = images_dir, latents_dir, records_dir
-        self.done = done  # the path of the stage's done.json (None: a one-pass method's set)
 
     def files(self):
         """(paths, labels) of its images, class by class, in index order."""
@@ -158,8 +157,7 @@ class Run:
         (k+1)*stage_ipc - 1."""
         first = k * self.plan.stage_ipc
         return Increment(self.spec, stage_images(self.out_dir, k), stage_latents(self.out_dir, k),
-                         stage_records(self.out_dir, k) if k else None, range(first, first + self.plan.stage_ipc),
-                         done_path(self.out_dir, k))
+                         stage_records(self.out_dir, k) if k else None, range(first, first + self.plan.stage_ipc))
 
     def one_pass(self, latents):
         """The set of a one-pass method (--method dit / igd), written straight into distilled/ (IGD keeps its final
