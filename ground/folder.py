@@ -216,12 +216,8 @@ def set_files(run_dir, spec, quiet=False):
             raise UserError(f"{run_dir} holds {len(planned) - len(missing)} of the {len(planned)} images of its set "
                             f"(no {os.path.relpath(missing[0], folder)}, ...): the run has not finished; "
                             f"{finish_hint(run_dir)}")
-        record = set_manifest_path(run_dir)
-        bad = damaged(folder, load_json(record, what="the set's record").get("files", {})) \
-            if os.path.exists(record) else []
-        if bad:
-            raise UserError(damage_line(f"the set of {run_dir}", folder, bad, "delete them and rerun the run's "
-                                        f"command to make them again, byte for byte ({finish_hint(run_dir)})"))
+        check_set(run_dir, f"delete them and rerun the run's command to make them again, byte for byte "
+                           f"({finish_hint(run_dir)})")
         extra = sorted(p for p in headers if p not in planned)
         wanted = [(p, c) for p, c in planned.items()]
     else:
@@ -400,6 +396,19 @@ def damaged(folder, recorded):
     """The files of a manifest ({relative path: sha256}) that are missing from folder or hold other bytes."""
     return [name for name, digest in recorded.items()
             if not os.path.isfile(os.path.join(folder, name)) or file_sha256(os.path.join(folder, name)) != digest]
+
+
+def check_set(run_dir, remedy):
+    """A finished set's images against the sha256 its set.json recorded (nothing to check before it is written); the
+    damaged ones are refused in one line with `remedy`."""
+    record = set_manifest_path(run_dir)
+    if not os.path.exists(record):
+        return
+    folder = distilled_dir(run_dir)
+    bad = damaged(folder, load_json(record, what="the set's record", remedy="delete it and rerun the run's command")
+                  .get("files", {}))
+    if bad:
+        raise UserError(damage_line(f"the set of {run_dir}", folder, bad, remedy))
 
 
 def damage_line(what, folder, bad, remedy):

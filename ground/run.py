@@ -46,6 +46,7 @@ from ground.common import (
     save_torch,
 )
 from ground.folder import (
+    check_set,
     damage_line,
     damaged,
     distilled_dir,
@@ -321,14 +322,8 @@ class Run:
             folder = distilled_dir(self.out_dir)
             planned = [image_path(folder, self.spec, c, i) for c in range(self.spec.num_classes)
                        for i in range(self.plan.ipc)]
-            path = set_manifest_path(self.out_dir)
-            if os.path.exists(path):
-                bad = damaged(folder, load_json(path, what="the set's record", remedy="delete it and rerun the same "
-                                                "command").get("files", {}))
-                if bad:
-                    raise UserError(damage_line(f"the set of {self.out_dir}", folder, bad, "delete them and rerun "
-                                                "the same command: they are made again, byte for byte"))
-            save_json(dict(files=manifest(folder, planned)), path)
+            check_set(self.out_dir, "delete them and rerun the same command: they are made again, byte for byte")
+            save_json(dict(files=manifest(folder, planned)), set_manifest_path(self.out_dir))
         update_args(self.out_dir, sampler_batch_used=self.batch)
         self.grid(distilled_dir(self.out_dir), range(self.plan.ipc), grid_path(self.out_dir),
                   f"{method}: {self.plan.ipc} images per class (* = guided); rows = classes", guided)
