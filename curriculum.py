@@ -122,9 +122,11 @@ def initial_memory(run, k, cap):
 
 # ----------------------------------------------------------------------------- generating an increment
 
-def generate_increment(run, inc, prior, plan, sampler, score=None, guide=None, memory=None, desc="sampling"):
+def generate_increment(run, inc, prior, plan, sampler, score=None, guide=None, memory=None, desc="sampling",
+                       pull=None):
     """Fill increment `inc`: for each of its slots, an image per class; guided when a score is given (kappa
-    candidates each, the highest score kept, pushed away from M_c), else the plain DiT sampler.
+    candidates each, the highest score kept, pushed away from M_c), else the plain DiT sampler (with pull(classes,
+    index) -> the sampler's gradient-free pull for those images, e.g. MGD3's, when given).
 
     The slots of a class are filled in order, so M_c grows within a stage: after a slot, its kept latents (read back
     from disk, so a resumed run sees the same memory) join M_c. The classes of a block share a sampler batch."""
@@ -132,13 +134,13 @@ def generate_increment(run, inc, prior, plan, sampler, score=None, guide=None, m
     for block in run.blocks(inc, kappa, desc):  # classes sampled together (under torchrun: this rank's)
         for index in inc.indices:  # slot by slot: M_c of a class depends only on its own earlier slots
             run.fill(inc, block, index, lambda classes: sample_images(prior, run.spec, classes, index, plan.seed,
-                                                                      sampler, score, guide, memory))
+                                                                      sampler, score, guide, memory, pull))
             if memory is not None:
                 for c in block:
                     add_to_memory(memory, c, inc.latent(c, index)[None], guide.memory_cap)
 
 
-def sample_images(prior, spec, classes, index, seed, sampler, score=None, guide=None, memory=None):
+def sample_images(prior, spec, classes, index, seed, sampler, score=None, guide=None, memory=None, pull=None):
     """The images of `classes` at slot `index` -> (final latents (n, C, h, w), images (n, C, H, W) in [0, 1],
     candidates: None unguided, else (kept candidate (n,), every candidate's score parts {name: (n, kappa)})).
 
@@ -150,7 +152,7 @@ def sample_images(prior, spec, classes, index, seed, sampler, score=None, guide=
     labels = torch.tensor([spec.prior_labels[c] for c, _ in items])  # the prior's ids (ImageNet's for the DiT)
     generators = [torch.Generator().manual_seed(derive_seed(seed, c, index, j)) for c, j in items]
     if score is None:
-        z0 = sample(prior, labels, generators, sampler)
+        z0 = sample(prior, labels, generators, sampler, pull=pull(classes, index) if pull is not None else None)
         return z0, decode_images(prior, z0), None
     memories = [memory.get(c) for c, _ in items] if memory is not None else None
     targets = torch.tensor([c for c, _ in items], device=prior.device)  # y of S: the dataset's class index

@@ -7,6 +7,8 @@ learnability-guided sampler of guidance.py), or a baseline sampler of the paper'
   --method dit   plain class-conditional DiT sampling with CFG: the "DiT" row of every table.
   --method igd   influence-guided sampling (IGD, Chen et al., ICLR 2025), the paper's seed increment and main
                  baseline; `--method lgd --seed-set igd` is the paper's pipeline (T_1 from IGD).
+  --method mgd3  mode-guided sampling (MGD3, Chan-Santiago et al., ICML 2025), the strongest baseline: each image
+                 pulled toward a k-means mode of its class's real latents, no gradient (mgd3.py).
 
 Every method writes DIR/distilled/<class>/<index>.png (an ImageFolder any evaluator reads), DIR/args.json (the
 settings, the git commit and the command of every start), DIR/grid.png, and with --eval DIR/eval.json
@@ -49,9 +51,10 @@ from ground.folder import default_run_dir, distilled_dir, eval_path, preflight_p
 from ground.run import Run
 from guidance import GuidanceConfig, SamplerConfig
 from igd import GRAD_IPC, IGD, deviation_for, igd_guidance, igd_increment, uses_igd
+from mgd3 import MGD3, class_modes, mgd3_increment, uses_mgd3
 from model import ARCHS, DEFAULT_PRIOR
-from reference import reference_model, soft_label_teacher
-from tools.checks import check_args
+from reference import real_modes, reference_model, soft_label_teacher
+from tools.checks import check_args, mode_count
 from tools.dry_run import print_plan
 from tools.preflight import DAY, duration, eta_line
 from tools.start import check_inputs, check_settings, run_record, start_run
@@ -88,13 +91,14 @@ PRESETS = {
 }
 _IGD = igd_guidance()  # IGD's own constants: one home, igd.py
 IGD_DEFAULTS = dict(igd_scale=_IGD.scale, igd_from=_IGD.guide_from, igd_until=_IGD.guide_until, grad_ipc=GRAD_IPC)
+MGD3_DEFAULTS = dict(mode_scale=MGD3().scale, mode_stop=MGD3().stop)  # MGD3's own constants: one home, mgd3.py
 
 
 def get_parser():
     p = ArgumentParser(prog="distill.py", description="Distil a dataset with learnability-guided diffusion (LGD).")
     p.add_argument("--dataset", default="digits", help="digits | mnist | imagenette | imagewoof | imagenet")
-    p.add_argument("--method", default="lgd", choices=["lgd", "dit", "igd"],
-                   help="LGD stage loop, unguided DiT, or influence-guided IGD")
+    p.add_argument("--method", default="lgd", choices=["lgd", "dit", "igd", "mgd3"],
+                   help="LGD stage loop, unguided DiT, influence-guided IGD or mode-guided MGD3")
     p.add_argument("--ipc", type=int, default=None,
                    help="images per class in total (preset: 10 digits/mnist, 100, 50 IN-1K)")
     p.add_argument("--stage-ipc", type=int, default=None,
@@ -149,7 +153,7 @@ def get_parser():
     p.add_argument("--memory-cap", type=int, default=None,
                    help=f"|M_c|: latents kept per class ({PAPER['memory_cap']})")
     p.add_argument("--seed-set", default=None, help="stage 0: 'dit' (unguided samples), 'igd' (IGD's samples, the "
-                   "paper's pipeline; the ImageNette/ImageWoof default) or a folder <class>/*.png")
+                   "paper's pipeline; the ImageNette/ImageWoof default), 'mgd3' (MGD3's) or a folder <class>/*.png")
     # IGD (--method igd, --seed-set igd): its own constants on the same knobs
     p.add_argument("--igd-scale", type=float, default=None,
                    help=f"IGD's guidance scale lambda_I, its paper's k ({IGD_DEFAULTS['igd_scale']:g})")
@@ -163,6 +167,11 @@ def get_parser():
                    "e.g. 0,5,16,40 (IGD's ImageWoof list)")
     p.add_argument("--igd-threshold", type=float, default=0.7, help="IGD's rule: keep a snapshot when the cosine of "
                    "its class gradients to the last kept one falls below this")
+    # MGD3 (--method mgd3, --seed-set mgd3): the pull toward a mode of the class, its own knobs
+    p.add_argument("--mode-scale", type=float, default=None,
+                   help=f"MGD3's lambda: pull toward the image's mode ({MGD3_DEFAULTS['mode_scale']:g})")
+    p.add_argument("--mode-stop", type=int, default=None, help="MGD3's t_stop: the pull acts at respaced index i > "
+                   f"t_stop ({MGD3_DEFAULTS['mode_stop']} of 50: the first 24 steps)")
     # students (per-stage theta_k, reference theta*, evaluation)
     p.add_argument("--arch", default=None, choices=ARCHS, help="per-stage student and reference model architecture")
     p.add_argument("--recipe", default=None, choices=list(RECIPES), help="student training recipe")
@@ -196,20 +205,22 @@ def resolve_args(args):
     """Fill unset flags from the dataset preset and the paper's constants; check every one before any write."""
     if args.dataset not in PRESETS:
         raise UserError(f"unknown dataset '{args.dataset}' (choose from {', '.join(PRESETS)})")
-    for key, value in {**PAPER, **IGD_DEFAULTS, "eval": False, "seed_set": "dit", **PRESETS[args.dataset]}.items():
+    for key, value in {**PAPER, **IGD_DEFAULTS, **MGD3_DEFAULTS, "eval": False, "seed_set": "dit",
+                       **PRESETS[args.dataset]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.igd_deviation is None:  # IGD's gamma for the size of the set it samples
         args.igd_deviation = deviation_for(args.ipc if args.method == "igd" else args.stage_ipc)
     if args.method != "lgd":  # no stages; stage_ipc only says how evaluate.py --redundancy cuts the set
         args.stage_ipc = min(args.stage_ipc, args.ipc) if args.ipc > 0 else args.stage_ipc
-    check_args(args, guidance_config(args), igd_config(args), uses_igd(args.method, args.seed_set))
+    check_args(args, guidance_config(args), igd_config(args), uses_igd(args.method, args.seed_set),
+               uses_mgd3(args.method, args.seed_set))
     if args.prior is None and args.dataset not in EMBEDDED:
         args.prior = DEFAULT_PRIOR
     # paths are stored resolved, so evaluate.py finds them from any working directory
     for key in ("data_dir", "prior", "seed_set", "reference"):
         value = getattr(args, key)
-        if value is not None and value not in ("dit", "igd") and os.path.exists(value):
+        if value is not None and value not in ("dit", "igd", "mgd3") and os.path.exists(value):
             setattr(args, key, os.path.abspath(value))
     args.eval_arch = args.eval_arch or args.arch
     args.out_dir = args.out_dir or default_run_dir(args.dataset, args.method, args.ipc, args.seed)
@@ -224,6 +235,10 @@ def igd_config(args):
     return igd_guidance(deviation=args.igd_deviation, scale=args.igd_scale, guide_from=args.igd_from,
                         guide_until=args.igd_until, c0=args.c0, through_dit=args.through_dit,
                         memory_cap=args.memory_cap)
+
+
+def mgd3_config(args):
+    return MGD3(scale=args.mode_scale, stop=args.mode_stop)
 
 
 def sampler_config(args):
@@ -280,6 +295,9 @@ def distill(args, spec, device, rank, world, prior):
         generate_increment(run, run.one_pass(latents=False), prior, plan, sampler, desc="dit sampling")
     elif args.method == "igd":
         igd_increment(run, run.one_pass(latents=True), prior, plan, sampler, igd, trainer)
+    elif args.method == "mgd3":  # one mode per image of the class: k = IPC
+        mgd3_increment(run, run.one_pass(latents=False), prior, plan, sampler, mgd3_config(args),
+                       modes(args, spec, prior, data_dir))
     else:
         # theta*, trained once per dataset/arch/view and cached under out/cache (or the user's file)
         theta_star, reference_view = reference_model(spec, args.arch, data_dir, device, args.reference_epochs,
@@ -289,7 +307,7 @@ def distill(args, spec, device, rank, world, prior):
         students = Students(args.arch, args.recipe, student_view, trainer, args.student_epochs, teacher)
         run_stages(run, prior, plan, sampler, guidance_config(args), students,
                    (trainer.place(theta_star), reference_view),
-                   seed_increment(args, run, prior, plan, sampler, igd, trainer))
+                   seed_increment(args, run, prior, plan, sampler, igd, trainer, data_dir))
     run.finish(args.method, guided=range(args.stage_ipc, args.ipc) if plan.stages > 1 and args.method == "lgd"
                else ())
     print0(f"wrote {spec.num_classes * args.ipc} images to {distilled_dir(out)} in {time.time() - start:.0f} s "
@@ -307,14 +325,29 @@ def distill(args, spec, device, rank, world, prior):
         print0(f"next: python evaluate.py --distilled {out}   (-> {eval_path(out)})")
 
 
-def seed_increment(args, run, prior, plan, sampler, igd, trainer):
-    """T_1 by --seed-set: IGD's increment (the paper's pipeline), unguided DiT samples, or a user's folder (its latents
-    for M_c are the VAE encodings of its images). Returns the function that fills it."""
+def seed_increment(args, run, prior, plan, sampler, igd, trainer, data_dir):
+    """T_1 by --seed-set: IGD's increment (the paper's pipeline), unguided DiT samples, MGD3's (one mode per image
+    of T_1: k = stage_ipc), or a user's folder (its latents for M_c are the VAE encodings of its images). Returns the
+    function that fills it."""
     if args.seed_set == "igd":
         return lambda inc: igd_increment(run, inc, prior, plan, sampler, igd, trainer)
+    if args.seed_set == "mgd3":
+        return lambda inc: mgd3_increment(run, inc, prior, plan, sampler, mgd3_config(args),
+                                          modes(args, run.spec, prior, data_dir))
     if args.seed_set == "dit":
         return lambda inc: generate_increment(run, inc, prior, plan, sampler, desc="stage 0 (unguided)")
     return lambda inc: run.copy_seed_set(inc, seed_set_files(args.seed_set, run.spec, plan.stage_ipc), prior)
+
+
+def modes(args, spec, prior, data_dir):
+    """MGD3's modes, one per image of a class it makes (k = --ipc, or --stage-ipc as LGD's seed), computed once per
+    dataset, encoder and k (cached under out/cache). NOTE(deviation):
+    MGD3 flips its feature images at random; the embedded digits are not flipped (a flipped digit is another digit),
+    the full-scale images by a fixed coin per image."""
+    k, flag = mode_count(args)
+    return real_modes(spec, prior, prior.encoder, data_dir, k, class_modes, flip=spec.name not in EMBEDDED,
+                      flag=flag, num_workers=args.num_workers)
+
 
 
 if __name__ == "__main__":

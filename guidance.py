@@ -188,14 +188,16 @@ def deviation_gradient(z, memories):
 # ----------------------------------------------------------------------------- the sampler
 
 @torch.no_grad()
-def sample(prior, labels, generators, sampler, score=None, classes=None, memories=None, guide=None, watch=None):
+def sample(prior, labels, generators, sampler, score=None, classes=None, memories=None, guide=None, watch=None,
+           pull=None):
     """Sample final latents z_0 (N, C, h, w) for prior labels (N,), one generator per image.
 
     Unguided unless `score` and `guide` are given (classes: the score's y; memories: M_c of each sample, or None
     for no deviation guidance). Inside the window the guided code runs even at lambda = gamma = 0, and then
     changes nothing (tested bit for bit). watch(i, z_t, z_prev, push, away, fallback), if given, sees every guided
     step: the pushes it added (push: on z_{t-1} in the z form, on eps in the eps form) and which samples fell back
-    to the plain step; the preflight watches with it.
+    to the plain step; the preflight watches with it. pull(i, t, z_t, output), if given, is a gradient-free term
+    added to z_{t-1} after each plain step (None: nothing); MGD3's mode guidance (mgd3.py) is one.
     """
     scheduler = prior.scheduler
     scheduler.set_timesteps(sampler.steps)
@@ -206,7 +208,10 @@ def sample(prior, labels, generators, sampler, score=None, classes=None, memorie
     for step, t in enumerate(scheduler.timesteps):
         i = sampler.steps - 1 - step  # respaced index, counting down 49 .. 0 (the paper's window is on it)
         if score is None or not guide.active(i):
-            z = prior.step(cfg_output(prior, z, t, labels, sampler), t, z, generators)  # the plain CFG DDPM step
+            out = cfg_output(prior, z, t, labels, sampler)
+            z_prev = prior.step(out, t, z, generators)  # the plain CFG DDPM step
+            term = pull(i, t, z, out) if pull is not None else None
+            z = z_prev if term is None else z_prev + term
             continue
         out, push, fallback = guided_output(prior, z, t, labels, classes, sampler, score, guide)
         if guide.form == "eps":  # the printed form: eps~ = eps - lambda rho_t g (raises S), then the variance

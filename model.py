@@ -62,6 +62,7 @@ class Prior:
             if module is not None:
                 module.eval().requires_grad_(False)  # important! guidance differentiates w.r.t. inputs only
         self.bf16 = False  # bf16 autocast of DiT, decoders and classifiers (`--precision bf16`, CUDA)
+        self.encoder = "pixels" if vae is None else None  # what identifies the encoder (load_prior: encoder_key)
 
     def autocast(self):
         """The precision the prior runs in (and the classifiers inside the guided step): bf16 autocast or fp32."""
@@ -93,6 +94,19 @@ class Prior:
         (tests/test_guidance.py checks both on a random one).
         """
         return self.decode(z) if self.grad_vae is None else self._decode_with(self.grad_vae, z)
+
+    @property
+    def deterministic(self):
+        """DDIM (eta 0): a step adds no noise."""
+        return isinstance(self.scheduler, DDIMScheduler)
+
+    def step_std(self, out, t):
+        """sigma_t of the DDPM step from z_t, the standard deviation of the noise `step` adds, read from the scheduler
+        as its step reads it: (N, C, h, w) with DiT's learned variance (exp(log variance / 2) of its interpolated log
+        variance), a scalar with the fixed one. MGD3 scales its pull by it."""
+        if self.scheduler.config.variance_type == "learned_range":
+            return torch.exp(0.5 * self.scheduler._get_variance(t, predicted_variance=out[:, self.channels:]))
+        return self.scheduler._get_variance(t) ** 0.5
 
     def step(self, out, t, z, generators):
         """z_{t-1} from the DiT output at z_t: the scheduler's step, with each image's generator for its noise. DDPM
@@ -206,8 +220,20 @@ def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float3
                                                             grad_decoder, torch_dtype=dtype, low_cpu_mem_usage=False))
     scheduler = make_scheduler(sched_config, sampler, pixel_space=vae_model is None,
                                learned_variance=learns_variance(transformer.config))
-    return Prior(transformer.to(device), scheduler, vae_model.to(device) if vae_model is not None else None,
-                 grad_vae.to(device) if grad_vae is not None else None)
+    loaded = Prior(transformer.to(device), scheduler, vae_model.to(device) if vae_model is not None else None,
+                   grad_vae.to(device) if grad_vae is not None else None)
+    loaded.encoder = encoder_key(vae)
+    return loaded
+
+
+def encoder_key(vae):
+    """What identifies a prior's encoder (MGD3's modes depend on nothing else of it): "pixels", a hub id, or a local
+    folder with the sizes and times of its files (a retrained cache is another encoder)."""
+    if vae == "none" or not os.path.isdir(vae):
+        return "pixels" if vae == "none" else vae
+    stats = sorted((os.path.relpath(os.path.join(root, name), vae), os.path.getsize(os.path.join(root, name)),
+                    os.path.getmtime(os.path.join(root, name))) for root, _, names in os.walk(vae) for name in names)
+    return repr((os.path.abspath(vae), stats))
 
 
 class PriorFiles(UserError):

@@ -8,10 +8,13 @@ real data: IGD's surrogate trajectory (igd.py picks its checkpoints) and RDED's 
                 (--reference, e.g. IGD's released surrogate, with its key names mapped to ours)
   trajectory    IGD `train_ckpts.py`: SGD, no schedule, 50 epochs, parameters at init and after every epoch
   recognises    theta*'s verdict on images: the share it classifies as their class (validity, the prior's check)
+  real_modes    MGD3's modes: each class's training images through the prior's encoder, clustered (mgd3.py)
 
-Each is trained once per dataset, architecture, view and data tree and cached under out/cache (ground.locks:
+Each is trained (the modes: computed) once per dataset, architecture (prior), view and data tree and cached under
+out/cache (ground.locks:
 one builder at a time; a second run waits and reuses it).
 """
+import functools
 import hashlib
 import os
 import re
@@ -19,8 +22,9 @@ import urllib.error
 
 import torch
 import torchvision
+from tqdm import tqdm
 
-from data import classifier_input, load_real, with_view
+from data import classifier_input, load_real, resize_crop, with_view
 from ground.common import UserError, is_main, load_saved, print0, save_torch, wait_for_rank0
 from ground.locks import cache_entry
 from model import make_student
@@ -244,3 +248,61 @@ def soft_label_teacher(spec, recipe, data_dir, device, cache_dir="out/cache", nu
     model.load_state_dict(surrogate_trajectory(spec, "resnet18_bn", data_dir, device, None, cache_dir,
                                                num_workers)[-1])
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- the modes of the real data (MGD3)
+
+def modes_path(spec, prior_key, data_dir, k, flip, cache_dir="out/cache"):
+    """One cache file per (dataset, prior, data tree, k, flip): another prior or tree never shares an entry."""
+    details = repr((prior_key, os.path.abspath(data_dir) if data_dir else None, flip))
+    return os.path.join(cache_dir, f"modes_{spec.name}_k{k}_{hashlib.sha1(details.encode()).hexdigest()[:8]}.pt")
+
+
+def mode_members(spec, data_dir, k, flag):
+    """(the real train split, {class: indices of its images} in the split's order): what k modes per class are
+    computed from, refused in one line when a class has fewer than k images (one mode per image it makes)."""
+    real = load_real(spec, data_dir, "train")
+    members = {c: [] for c in range(spec.num_classes)}
+    for i, y in enumerate(real.labels):
+        members[y].append(i)
+    c = min(members, key=lambda c: len(members[c]))
+    if len(members[c]) < k:
+        raise UserError(f"MGD3 ties each image of a class to one of its {k} modes, and class {c} has only "
+                        f"{len(members[c])} training images: lower {flag} to at most {len(members[c])}")
+    return real, members
+
+
+def real_modes(spec, prior, prior_key, data_dir, k, cluster, flip, flag, cache_dir="out/cache", num_workers=0):
+    """MGD3's modes {class: (k, C, h, w)}: cluster(latents, k) of each class's real training images, encoded by the
+    prior (the VAE's posterior mean times its scaling factor; pixels in pixel space) at the size it generates (the
+    shorter side resized, centre-cropped: ADM's crop at 256 px). flip: each image flipped or not by a coin seeded
+    with its class (MGD3's feature loader flips at random; here the coin is fixed, so the modes are too).
+
+    Built by rank 0 alone (the others wait) class by class, so a class's latents are all that is held at once
+    (ImageNet-1K's would be 21 GB); cached under out/cache, keyed by prior_key (what identifies the prior's encoder).
+    flag: the flag that set k, named if a class is too small.
+    """
+    path = modes_path(spec, prior_key, data_dir, k, flip, cache_dir)
+    what = f"MGD3's modes of the real {spec.name} train split"
+    if is_main():
+        with cache_entry(path, what) as missing:
+            if missing:
+                print0(f"encoding the real {spec.name} train split and clustering each class into {k} modes (cached "
+                       f"in {path})")
+                real, members = mode_members(spec, data_dir, k, flag)
+                real.transform = functools.partial(resize_crop, size=prior.image_size)
+                modes = {}
+                for c in tqdm(range(spec.num_classes), desc="MGD3 modes", unit="class"):
+                    loader = torch.utils.data.DataLoader(real.subset(members[c]), batch_size=64,
+                                                         num_workers=num_workers)
+                    coins = torch.rand(len(members[c]), generator=torch.Generator().manual_seed(c)) < 0.5
+                    latents, seen = [], 0
+                    for x, _ in loader:
+                        if flip:
+                            x = torch.where(coins[seen:seen + len(x)].view(-1, 1, 1, 1), x.flip(-1), x)
+                        seen += len(x)
+                        latents.append(prior.encode(x.to(prior.device) * 2 - 1).float().cpu())
+                    modes[c] = cluster(torch.cat(latents), k)
+                save_torch(modes, path)
+    wait_for_rank0(path, what)
+    return load_saved(path, "it is a cache: remove it and rerun to recompute it")

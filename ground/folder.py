@@ -326,15 +326,15 @@ def changed_settings(out_dir, args, must_match):
     old = load_json(path, what="run settings")
     if not isinstance(old, dict):
         raise UserError(f"{path} is not an lgd args.json; move it away or use another --out-dir")
+    changed = [k for k in must_match if k in old and old[k] != args.get(k)]
+    if changed:  # said first: a run of other settings (another method's keys missing from it is no damage)
+        details = ", ".join(f"{must_match[k]} {old[k]!r} -> {args.get(k)!r}" for k in changed[:4])
+        raise UserError(f"{out_dir} holds a run with different {', '.join(must_match[k] for k in changed)} "
+                        f"({details}); use another --out-dir or the same settings to resume")
     lost = [flag for key, flag in must_match.items() if key not in old]
     if lost:  # damage, not defaults: a setting read as its default would continue another run
         raise UserError(f"{path} is damaged: it does not say the run's {', '.join(lost[:4])}; restore it from a copy, "
                         f"or start again with another --out-dir")
-    changed = [k for k in must_match if k in old and old[k] != args.get(k)]
-    if changed:
-        details = ", ".join(f"{must_match[k]} {old[k]!r} -> {args.get(k)!r}" for k in changed[:4])
-        raise UserError(f"{out_dir} holds a run with different {', '.join(must_match[k] for k in changed)} "
-                        f"({details}); use another --out-dir or the same settings to resume")
     return old
 
 

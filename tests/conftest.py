@@ -219,6 +219,9 @@ owner = importlib.import_module(module)
 for part in path:
     owner = getattr(owner, part)
 original, when, sig = getattr(owner, name), sys.argv[2], getattr(signal, sys.argv[3])
+# Ctrl-C as a terminal delivers it, even when the suite itself runs in the background (a shell starts background
+# jobs with SIGINT ignored, and a child inherits that)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 @functools.wraps(original)
 def signalled(*a, **kw):

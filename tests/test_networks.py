@@ -94,6 +94,24 @@ def test_minimax_augmentation_is_seeded_and_device_side():
     assert (out - out.mean(dim=(2, 3), keepdim=True)).abs().max() < 1e-5
 
 
+def test_color_jitter_on_the_batch_is_minimax_per_image_loop():
+    """The batched ColorJitter draws what a loop over images drew (one generator stream: an op order, then three
+    alphas, image by image) and gives each image what Minimax's per-image loop gives it."""
+    from data import _grey
+    spec = recipe_view(get_spec("imagewoof", res=16), "minimax")
+    x = torch.rand(7, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    batched = Augment(spec, "minimax", torch.Generator().manual_seed(5)).color_jitter(x.clone(), 0.4)
+    g, looped = torch.Generator().manual_seed(5), x.clone()
+    for i in range(len(looped)):
+        for op in torch.randperm(3, generator=g).tolist():
+            alpha = (torch.rand(1, generator=g) * 0.8 - 0.4).item()
+            target = [torch.zeros_like(looped[i]), _grey(looped[i]).mean().expand_as(looped[i]),
+                      _grey(looped[i]).expand_as(looped[i])][op]
+            looped[i] = looped[i].lerp(target, alpha)
+    assert not torch.allclose(looped, x, atol=1e-2)  # the jitter moved the images
+    assert torch.allclose(batched, looped, rtol=1e-5, atol=1e-6)
+
+
 def test_cutmix_mixes_labels_by_the_pasted_area():
     x = torch.cat([torch.zeros(1, 1, 20, 20), torch.ones(1, 1, 20, 20)])
     y = torch.tensor([0, 1])

@@ -8,6 +8,7 @@ import re
 
 from data import EMBEDDED
 from ground.common import require
+from mgd3 import uses_mgd3
 from model import DIGITS_SCHEDULE
 from reference import surrogate_epochs
 
@@ -29,6 +30,14 @@ RESULT_ARGS = {"dataset": "--dataset", "method": "--method", "ipc": "--ipc", "st
                "igd_from": "--igd-from", "igd_until": "--igd-until", "grad_ipc": "--grad-ipc",
                "igd_checkpoints": "--igd-checkpoints", "igd_threshold": "--igd-threshold",
                "grad_decoder": "--grad-decoder"}
+# MGD3's, for the runs that sample with it only: a run of another method (or of an lgd older than MGD3) does not
+# depend on them, and its args.json need not say them
+MGD3_ARGS = {"mode_scale": "--mode-scale", "mode_stop": "--mode-stop"}
+
+
+def result_args(args):
+    """The settings a rerun into the same folder must keep: RESULT_ARGS, and MGD3_ARGS where the run uses MGD3."""
+    return {**RESULT_ARGS, **(MGD3_ARGS if uses_mgd3(args.method, args.seed_set) else {})}
 
 
 def _finite(name, value, low, inclusive=True):
@@ -37,12 +46,13 @@ def _finite(name, value, low, inclusive=True):
     require(ok, f"--{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, got {value}")
 
 
-def check_args(args, guide, igd_guide, uses_igd):
+def check_args(args, guide, igd_guide, uses_igd, uses_mgd3):
     """Every flag in range, after the presets filled the unset ones (args: distill.py's namespace; guide, igd_guide:
-    the LGD and IGD guidance it resolves to; uses_igd: whether the run samples an IGD increment)."""
+    the LGD and IGD guidance it resolves to; uses_igd, uses_mgd3: whether the run samples an IGD, an MGD3
+    increment)."""
     require(args.ipc > 0, f"--ipc must be positive, got {args.ipc}")
     require(args.stage_ipc > 0, f"--stage-ipc must be positive, got {args.stage_ipc}")
-    require(args.method == "dit" or args.ipc % args.stage_ipc == 0,
+    require(args.method in ("dit", "mgd3") or args.ipc % args.stage_ipc == 0,
            f"--ipc {args.ipc} is not a multiple of --stage-ipc {args.stage_ipc}")
     require(args.steps > 0, f"--steps must be positive, got {args.steps}")
     require(args.prior is not None or args.steps <= DIGITS_SCHEDULE["num_train_timesteps"],
@@ -88,8 +98,13 @@ def check_args(args, guide, igd_guide, uses_igd):
         require(max(int(p) for p in args.igd_checkpoints.split(",")) <= last,
                 f"--igd-checkpoints {args.igd_checkpoints}: the surrogate's trajectory has snapshots 0..{last} "
                 f"(--reference-epochs {last})")
-    require(args.seed_set in ("dit", "igd") or os.path.isdir(args.seed_set),
-           f"--seed-set {args.seed_set} is not a folder (or 'dit', 'igd')")
+    require(args.seed_set in ("dit", "igd", "mgd3") or os.path.isdir(args.seed_set),
+           f"--seed-set {args.seed_set} is not a folder (or 'dit', 'igd', 'mgd3')")
+    _finite("mode-scale", args.mode_scale, 0.0)
+    if uses_mgd3:  # a t_stop that leaves no step pulled would run "MGD3" as plain DiT
+        require(0 <= args.mode_stop <= args.steps - 2,
+                f"--mode-stop {args.mode_stop} is outside the schedule: the pull acts at respaced indices i > t_stop "
+                f"of {args.steps - 1} .. 0, so t_stop must be in 0 .. {args.steps - 2}")
     require(args.reference is None or os.path.isfile(args.reference), f"--reference {args.reference} is not a file")
     # a guided sampler whose window holds no sampling step would run "LGD" (or IGD) without one guided step
     windows = []
@@ -102,3 +117,9 @@ def check_args(args, guide, igd_guide, uses_igd):
                 f"the guidance window {start} {window.guide_from} .. {end} {window.guide_until} holds none of the "
                 f"{args.steps} sampling steps (respaced indices {args.steps - 1} .. 0): nothing would be guided; use "
                 f"more --steps or a window inside 0 .. {args.steps - 1}")
+
+
+def mode_count(args):
+    """(k, the flag that sets it): MGD3's modes per class, one per image of the class it makes: the set's IPC, or
+    T_1's images per class when MGD3 seeds LGD."""
+    return (args.ipc, "--ipc") if args.method == "mgd3" else (args.stage_ipc, "--stage-ipc")

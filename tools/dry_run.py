@@ -11,7 +11,9 @@ from data import EMBEDDED, class_table
 from ground.folder import stage_summary
 from igd import ARCH as IGD_ARCH
 from igd import uses_igd
+from mgd3 import uses_mgd3
 from reference import reference_view, surrogate_cached, surrogate_epochs
+from tools.checks import mode_count
 from tools.preflight import eta_line, load_preflight
 from train_prior import prior_path
 from train_student import RECIPES, recipe_view
@@ -39,6 +41,9 @@ def builds(args, spec, data_dir):
         items.append("IGD's checkpoint selection on theta*'s trajectory" if shared else
                      f"IGD's surrogate trajectory {IGD_ARCH} ({epochs} epochs; {cached(IGD_ARCH)}) and its checkpoint "
                      f"selection")
+    if uses_mgd3(args.method, args.seed_set):
+        items.append(f"MGD3's modes: k-means of each class's real training latents into {mode_count(args)[0]} "
+                     f"(once per encoder, cached)")
     if args.eval:
         items.append(f"{args.eval_runs} evaluation students ({args.eval_arch})")
     return items
@@ -84,6 +89,11 @@ def print_plan(args, spec, data_dir, guide, igd_guide, sampler):
     if args.method == "dit":
         print(f"  one unguided pass: {c * args.ipc} images x {args.steps} steps (CFG: 2 DiT passes per step)")
         return print_eta(args, measured)
+    pulled = max(0, args.steps - 1 - args.mode_stop)  # respaced indices i > t_stop
+    mgd3 = f"{pulled} pulled toward the image's mode: lambda {args.mode_scale:g}, t_stop {args.mode_stop}"
+    if args.method == "mgd3":
+        print(f"  one mode-guided pass: {c * args.ipc} images x {args.steps} steps ({mgd3}; no gradient)")
+        return print_eta(args, measured)
     if args.method == "igd":
         print(f"  the surrogate trajectory of theta* (cached), checkpoints {args.igd_checkpoints}, then "
               f"{c * args.ipc} images x {args.steps} steps ({igd_window} guided: a double backward per checkpoint)")
@@ -94,6 +104,8 @@ def print_plan(args, spec, data_dir, guide, igd_guide, sampler):
         if k == 0 and args.seed_set == "igd":
             print(f"  stage 0: IGD's increment, {n} images x {args.steps} steps ({igd_window} influence-guided)"
                   f"{status}")
+        elif k == 0 and args.seed_set == "mgd3":
+            print(f"  stage 0: MGD3's increment, {n} images x {args.steps} steps ({mgd3}){status}")
         elif k == 0:
             print(f"  stage 0: seed set ({args.seed_set}), {n} images x {args.steps} unguided steps{status}")
         else:

@@ -109,12 +109,12 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
     kappa = guide.candidates if guided_run else 1
     measured = {}
 
-    # 1. prior and labels: theta* as the run gets it (trained now and cached for the run, or loaded). A DiT set
-    # uses no theta*: it is not trained for this check (only read when it is there, or given)
+    # 1. prior and labels: theta* as the run gets it (trained now and cached for the run, or loaded). A DiT or MGD3
+    # set uses no theta*: it is not trained for this check (only read when it is there, or given)
     ref_cached = args.reference is not None or surrogate_cached(spec, args.arch, data_dir, args.reference_epochs)
     reference = None
     t = time.time()
-    if args.method != "dit" or ref_cached:
+    if args.method in ("lgd", "igd") or ref_cached:
         reference, ref_view = reference_model(spec, args.arch, data_dir, device, args.reference_epochs,
                                               num_workers=args.num_workers, path=args.reference)  # the run's theta*
     measured["theta_star_s"] = time.time() - t
@@ -498,13 +498,13 @@ def estimate(args, spec, guide, igd_guide, batch, kappa, m):
         return epochs * math.ceil(C * ipc / bs) * per_batch
 
     stages = []
-    if args.method == "dit":
+    if args.method in ("dit", "mgd3"):  # MGD3's pull is arithmetic on the step's own output: a DiT step's price
         stages.append(unguided_stage(args.ipc))
     elif args.method == "igd":
         stages.append(igd_stage(args.ipc))
     else:
         stages.append(igd_stage(args.stage_ipc) if args.seed_set == "igd" else
-                      0.0 if args.seed_set != "dit" else unguided_stage(args.stage_ipc))
+                      unguided_stage(args.stage_ipc) if args.seed_set in ("dit", "mgd3") else 0.0)
         for k in range(1, args.ipc // args.stage_ipc):  # a guided stage: its student, then its samples
             student = student_seconds(k * args.stage_ipc, m["student_batch_s"], args.student_epochs)
             stages.append(guided_stage(args.stage_ipc) + student)

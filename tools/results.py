@@ -9,6 +9,8 @@ reuses): the tables are regenerated from the current commit by running it, not t
   python -m tools.results main          # the LGD / DiT / random real rows of `ablation` (the headline table)
   python -m tools.results ablation --jobs 2   # two runs at a time, one CPU thread each
   python -m tools.results mnist-sweep   # the latent tier's lambda and gamma (seed 0 only, the rule at MNIST_SWEEP)
+  python -m tools.results mgd3-sweep    # MGD3's digits lambda and t_stop (seed 0 only, the rule at MGD3_SWEEP)
+  python -m tools.results mgd3-mnist-sweep   # the same on mnist
   python -m tools.results mnist         # the latent tier: DiT .. LGD .. random real, four evaluators, 3 x 3
   python -m tools.results robustness-mnist   # how much of LGD's S gain survives small changes, on mnist
 
@@ -78,12 +80,16 @@ ABLATION = {
     "DiT + candidates (kappa 3, lambda 0)": ["--guidance-scale", "0", "--deviation-scale", "0"],
     "DiT + deviation (lambda 0, kappa 1)": ["--guidance-scale", "0", "--candidates", "1"],
     "IGD": ["--method", "igd"],
+    "MGD3": ["--method", "mgd3"],
     "LGD (dit seed)": [],
     "LGD (igd seed)": ["--seed-set", "igd"],
+    "LGD (mgd3 seed)": ["--seed-set", "mgd3"],
     "LGD, omega 0 (DiT+Loss)": ["--omega", "0"],
     "random real": "real",
 }
-MAIN = {name: ABLATION[name] for name in ("LGD (dit seed)", "DiT", "random real")}
+# the headline table: the paper's four generators on one sampler (DiT, IGD, MGD3, LGD), LGD on each seed, random real
+MAIN = {name: ABLATION[name] for name in ("DiT", "IGD", "MGD3", "LGD (dit seed)", "LGD (igd seed)", "LGD (mgd3 seed)",
+                                          "random real")}
 IPC5 = ["--ipc", "5", "--stage-ipc", "1"]
 ABLATION_IPC5 = {f"{name}, IPC 5": (flags + IPC5 if flags != "real" else "real5") for name, flags in ABLATION.items()}
 IGD_SWEEP = {f"IGD k {k:g}, gamma {gamma:g}": ["--method", "igd", "--igd-scale", str(k), "--igd-deviation", str(gamma)]
@@ -120,8 +126,10 @@ MNIST_TABLE = {
     "mnist: DiT": MNIST + ["--method", "dit"],
     "mnist: DiT + candidates (kappa 3, lambda 0)": MNIST + ["--guidance-scale", "0", "--deviation-scale", "0"],
     "mnist: IGD": MNIST + ["--method", "igd"],
+    "mnist: MGD3": MNIST + ["--method", "mgd3"],
     "mnist: LGD (dit seed)": MNIST,
     "mnist: LGD (igd seed)": MNIST + ["--seed-set", "igd"],
+    "mnist: LGD (mgd3 seed)": MNIST + ["--seed-set", "mgd3"],
     "mnist: random real": "real-mnist",
 }
 # The mnist preset's lambda and gamma, picked on seed 0 only; seeds 1 and 2 stay held out. The rule, fixed before
@@ -134,12 +142,26 @@ MNIST_SWEEP = {"mnist: DiT": MNIST + ["--method", "dit"], **{
     f"mnist: lambda {scale:g}, gamma {gamma:g}": MNIST + ["--guidance-scale", str(scale), "--deviation-scale",
                                                           str(gamma)]
     for scale in (15, 30, 60) for gamma in (0, 1, 5)}}
+# MGD3's lambda and t_stop on each embedded tier, picked on seed 0 only (seeds 1 and 2 stay held out). The rule,
+# fixed before any cell ran: the highest mean of the ConvNet's and the MLP's accuracy (seed 0, 3 students each; MGD3
+# steers by no classifier, so both are evaluators it did not tune to); MGD3's own (lambda 0.1, t_stop 25) unless
+# another setting beats it by more than 1 point. The grid: MGD3's lambda and larger ones (its pull is a share
+# sigma_t of the distance to the mode, and sigma_t is smaller on these short schedules), its t_stop and a later one.
+MGD3_GRID = [(scale, stop) for scale in (0.1, 0.3, 1.0, 3.0) for stop in (25, 10)]
+MGD3_SWEEP = {"DiT": ["--method", "dit"], **{
+    f"MGD3 lambda {scale:g}, t_stop {stop}": ["--method", "mgd3", "--mode-scale", str(scale), "--mode-stop", str(stop)]
+    for scale, stop in MGD3_GRID}}
+MGD3_MNIST_SWEEP = {"mnist: DiT": MNIST + ["--method", "dit"], **{
+    f"mnist: MGD3 lambda {scale:g}, t_stop {stop}": MNIST + ["--method", "mgd3", "--mode-scale", str(scale),
+                                                             "--mode-stop", str(stop)]
+    for scale, stop in MGD3_GRID}}
 TABLES = {"sweep": (SWEEP, (0,)), "igd-sweep": (IGD_SWEEP, (0,)), "ablation": (ABLATION, SEEDS),
           "ablation-ipc5": (ABLATION_IPC5, SEEDS), "main": (MAIN, SEEDS), "transfer": (TRANSFER, SEEDS),
           "transfer-ipc5": (TRANSFER_IPC5, SEEDS),
-          "mnist": (MNIST_TABLE, SEEDS), "mnist-sweep": (MNIST_SWEEP, (0,))}  # (cells, seeds)
+          "mnist": (MNIST_TABLE, SEEDS), "mnist-sweep": (MNIST_SWEEP, (0,)), "mgd3-sweep": (MGD3_SWEEP, (0,)),
+          "mgd3-mnist-sweep": (MGD3_MNIST_SWEEP, (0,))}  # (cells, seeds)
 TRANSFER_TABLES = ("transfer", "transfer-ipc5")
-MNIST_TABLES = ("mnist", "mnist-sweep")
+MNIST_TABLES = ("mnist", "mnist-sweep", "mgd3-mnist-sweep")
 JUDGE = "convnet"  # validity is judged by the ConvNet theta* in every row, whichever architecture guided
 
 
@@ -173,7 +195,8 @@ def commands(name, flags, seed):
     out, py = folder(name, seed), [sys.executable]
     dataset = dataset_of(flags)
     # the evaluators that did not guide (a cell of the mnist sweep only: the MLP, as on digits)
-    others = (CROSS,) if dataset == "digits" or (name in MNIST_SWEEP and name not in MNIST_TABLE) else MNIST_EVALUATORS
+    sweep_only = name not in MNIST_TABLE and (name in MNIST_SWEEP or name in MGD3_MNIST_SWEEP)
+    others = (CROSS,) if dataset == "digits" or sweep_only else MNIST_EVALUATORS
     if flags in ("real", "real5", "real-mnist"):  # random real images: K per class drawn with the cell's seed
         ipc = "5" if flags == "real5" else "10"
         base = [os.path.join(HERE, "evaluate.py"), "--dataset", dataset, "--real-ipc", ipc, "--seed", str(seed)]
@@ -281,9 +304,10 @@ def mnist_summary(name, flags, seeds):
         red.append(load_json(redundancy_path(out))["off_diagonal_mean"])
         if os.path.exists(validity_path(out)):  # random real cells have no theta* validity
             valid.append(load_json(validity_path(out))["validity"])
-    # the ConvNet family steered every set but DiT's and the real images (IGD's surrogate is a ConvNet too)
-    guided = isinstance(flags, list) and flags[flags.index("--method") + 1] != "dit" if "--method" in flags else \
-        isinstance(flags, list)
+    # the ConvNet family steered every set but DiT's, MGD3's (no classifier) and the real images (IGD's surrogate is a
+    # ConvNet too)
+    method = flags[flags.index("--method") + 1] if isinstance(flags, list) and "--method" in flags else "lgd"
+    guided = isinstance(flags, list) and method not in ("dit", "mgd3")
     return [name] + [pct(accs[a]) + (" *" if a == "convnet" and guided else "") for a in accs] + \
         [per_seed(red), per_seed(valid)]
 
@@ -424,7 +448,8 @@ def main(argv=None):
         print(table([transfer_summary(name, flags, seeds) for name, flags in cells.items()], header))
         print("\n(* = an architecture that steered the sampling: theta*, a per-stage student or an ensemble member)")
     else:  # the digits ablations and sweeps, and mnist's sweep (its ConvNet and MLP columns)
-        header = [f"{'' if args.table.startswith('mnist') else 'digits: '}{args.table}", "acc % ConvNet (guiding arch)",
+        header = [f"{'' if 'mnist' in args.table else 'digits: '}{args.table}",
+                  "acc % ConvNet" + ("" if args.table.startswith("mgd3") else " (guiding arch)"),
                   f"acc % {CROSS} (cross-arch)",
                   "redundancy % (5 increments)", "theta* recognises %"]
         print(table([summary(name, flags, seeds) for name, flags in cells.items()], header))

@@ -19,8 +19,9 @@ from ground.folder import (
     seed_set_files,
     write_classes,
 )
-from reference import reference_model
-from tools.checks import RESULT_ARGS
+from mgd3 import uses_mgd3
+from reference import mode_members, reference_model
+from tools.checks import mode_count, result_args
 from tools.preflight import eta_line, load_passing, report, run_preflight
 
 
@@ -40,7 +41,7 @@ def start_run(args, spec, device, argv, world, batch_given, load_prior, configs)
     earlier = check_settings(args, record)
     # the sampler batch: the user's, else the run's own (a resume, or a preflight of a run that exists), else a
     # passing preflight's of these settings, else the preset's
-    args.preflight_settings = {key: record[key] for key in RESULT_ARGS if key != "batch_size"}
+    args.preflight_settings = {key: record[key] for key in result_args(args) if key != "batch_size"}
     passed = load_passing(args.out_dir, args.preflight_settings)
     if not batch_given and earlier:
         args.batch_size = earlier.get("batch_size", args.batch_size)
@@ -48,7 +49,7 @@ def start_run(args, spec, device, argv, world, batch_given, load_prior, configs)
         args.batch_size = passed["sampler_batch"]
     args.batch_fixed = batch_given or bool(earlier)  # the preflight checks this batch instead of searching one
     record["batch_size"] = args.batch_size
-    changed_settings(args.out_dir, record, RESULT_ARGS)
+    changed_settings(args.out_dir, record, result_args(args))
     check_classes(args.out_dir, class_table(spec), resume=True)
     prior = load_prior(args, spec, device)
     if is_main():  # ImageNette / ImageWoof without --data-dir: fetched (once, shared) before the folder is claimed
@@ -70,7 +71,7 @@ def start_run(args, spec, device, argv, world, batch_given, load_prior, configs)
             print0(f"sampler batch {args.batch_size} ({'--batch-size' if batch_given else 'the run in ' + args.out_dir}"
                    f"), not the preflight's {passed['sampler_batch']}")
         if is_main():
-            record_args(args.out_dir, record, RESULT_ARGS)
+            record_args(args.out_dir, record, result_args(args))
             write_classes(args.out_dir, class_table(spec))  # what class c is, for every reader of the folder
         barrier()  # important! no rank writes before rank 0 has tidied the folder and checked the settings
         yield prior, passed
@@ -89,7 +90,7 @@ def check_settings(args, record):
     """The folder is one a run may use, and a run already in it has these settings (the sampler batch aside: it is
     settled after): its args.json (read only), or {} for a new folder. --dry-run refuses what the run would."""
     check_run_folder(args.out_dir)
-    return changed_settings(args.out_dir, record, {k: v for k, v in RESULT_ARGS.items() if k != "batch_size"})
+    return changed_settings(args.out_dir, record, {k: v for k, v in result_args(args).items() if k != "batch_size"})
 
 
 def preflight(args, spec, prior, device, configs):
@@ -105,14 +106,18 @@ def preflight(args, spec, prior, device, configs):
 
 def check_inputs(args, spec, device):
     """The user's files, read before anything is written: every seed-set image the run will take (at the size the
-    prior generates, once it is loaded), the reference, every image of the data tree."""
-    if args.method == "lgd" and args.seed_set not in ("dit", "igd"):
+    prior generates, once it is loaded), the reference, every image of the data tree, enough of them for MGD3's
+    modes."""
+    if args.method == "lgd" and args.seed_set not in ("dit", "igd", "mgd3"):
         seed_set_files(args.seed_set, spec, args.stage_ipc)
     if args.reference is not None:
         reference_model(spec, args.arch, None, device, path=args.reference)
     data_dir = resolve_data_dir(spec, args.data_dir, fetch=False)
     if data_dir is not None and os.path.isdir(data_dir):
         check_images(spec, data_dir)
+    if uses_mgd3(args.method, args.seed_set) and (spec.name in EMBEDDED or data_dir is not None):
+        mode_members(spec, data_dir, *mode_count(args))  # a class with fewer images than modes; a tree downloaded
+        # later is checked when the modes are computed
 
 
 def claim(out_dir):
