@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.models import ResNet18_Weights
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from ground.common import UserError, remove_path, temporary_path
@@ -371,6 +370,23 @@ def storage_size(view, pre_crop):
     return view.res if pre_crop else round(view.res / view.crop_ratio)
 
 
+_RESIZE = {}  # (size, res, device, dtype) -> the (res, size) resize matrix
+
+
+def _placed_resize(start, size, full, res, x):
+    """(res, full): torch's antialiased bilinear resize of `size` samples to `res`, acting on samples start ..
+    start + size of an axis of length `full` (zero elsewhere). The matrix is read off the identity, cached per size:
+    its columns are the resized unit vectors (at width 2: torch resizes a width-1 image otherwise)."""
+    key = (size, res, x.device, x.dtype)
+    if key not in _RESIZE:
+        eye = torch.eye(size, device=x.device, dtype=x.dtype)[None, :, :, None].expand(1, size, size, 2)
+        _RESIZE[key] = F.interpolate(eye, size=(res, 2), mode="bilinear", align_corners=False,
+                                     antialias=True)[0, :, :, 0].T
+    placed = torch.zeros(res, full, device=x.device, dtype=x.dtype)
+    placed[:, start:start + size] = _RESIZE[key]
+    return placed
+
+
 class Augment:
     """Batched training augmentation, run on the device the batch lives on (a GPU is not starved by
     per-image CPU work); every random choice comes from one CPU generator, so a seed gives the same
@@ -415,11 +431,15 @@ class Augment:
         return padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
 
     def random_resized_crop(self, x, scale, ratio=(3 / 4, 4 / 3)):
-        """torchvision's RandomResizedCrop.get_params per image (10 tries, then the centre crop), antialiased."""
+        """torchvision's RandomResizedCrop: per image a box by its get_params (10 tries, then the whole image; CPU
+        scalars, the same draws as torchvision), then every box resized to res at once: out_n = R_n x_n C_n^T, with
+        R_n (res, H) and C_n (res, W) the antialiased bilinear resize of the box's height and width placed at its
+        rows and columns (torch's resize is separable: torchvision's resize up to float rounding). Two batched matrix
+        products replace a resize kernel per image (on this CPU they were slower, docs/cost.md)."""
         n, _, h, w = x.shape
-        out = []
+        boxes = []
         log_ratio = torch.log(torch.tensor(ratio))
-        for i in range(n):
+        for _ in range(n):
             for _ in range(10):
                 area = h * w * self.uniform(1, *scale).item()
                 aspect = torch.exp(self.uniform(1, *log_ratio.tolist())).item()
@@ -431,8 +451,10 @@ class Augment:
             else:  # fallback: whole image at the nearest allowed aspect (as torchvision)
                 ch, cw = h, w
                 top = left = 0
-            out.append(TF.resized_crop(x[i], top, left, ch, cw, [self.view.res] * 2, antialias=True))
-        return torch.stack(out)
+            boxes.append((top, left, ch, cw))
+        rows = torch.stack([_placed_resize(top, ch, h, self.view.res, x) for top, _, ch, _ in boxes])  # (N, res, H)
+        cols = torch.stack([_placed_resize(left, cw, w, self.view.res, x) for _, left, _, cw in boxes])  # (N, res, W)
+        return torch.einsum("nrh,nchw,nsw->ncrs", rows, x, cols)
 
     def color_jitter(self, x, strength):
         """Minimax's ColorJitter: per image, brightness, contrast and saturation in a random order, each

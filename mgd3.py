@@ -7,7 +7,8 @@ pulled toward one mode of its class's real training latents while the noise is s
             class's training images through the prior's encoder (the VAE's posterior mean times its scaling factor;
             pixels in pixel space); image i of the class is tied to m_i
   the step  for respaced index i > t_stop (t_stop 25 of 50: the first 24 steps), with z0_hat the CFG-guided
-            predicted clean latent and sigma_t the standard deviation of the DDPM step's noise (DiT's learned one):
+            predicted clean latent (as the step uses it: clipped in pixel space) and sigma_t the standard deviation
+            of the DDPM step's noise (DiT's learned one):
               z_{t-1} = mu_theta(z_t) - lambda sigma_t (z0_hat - m_i) + sigma_t noise             lambda 0.1
             with DDIM (no noise), sigma_t is replaced by sqrt(1 - abar_t); below t_stop the plain CFG step
 
@@ -55,12 +56,16 @@ def mode_pull(prior, modes, mgd3):
     """The sampler's pull for images tied to `modes` (N, C, h, w): at respaced index i > t_stop, the term
     -lambda sigma_t (z0_hat - m) added to z_{t-1} after the plain CFG step; below t_stop nothing (None)."""
     channels, deterministic = prior.channels, prior.deterministic
+    config = prior.scheduler.config
+    clip = config.clip_sample_range if config.clip_sample else None
 
     def pull(i, t, z, out):
         if i <= mgd3.stop:
             return None
         alpha_bar_t = prior.scheduler.alphas_cumprod[t].to(z.device, torch.float32)
         z0_hat = predicted_clean(z.float(), out[:, :channels].float(), alpha_bar_t)  # (N, C, h, w)
+        if clip is not None:  # pixel space: z0_hat as the step uses it, clipped to the images' range (DiT's
+            z0_hat = z0_hat.clamp(-clip, clip)  # clip_denoised); unclipped, 1 / sqrt(abar_t) blows it up early on
         sigma = (1 - alpha_bar_t).sqrt() if deterministic else prior.step_std(out, t)
         return (-mgd3.scale * sigma * (z0_hat - modes.to(z.device))).to(z.dtype)
 

@@ -28,6 +28,7 @@ from conftest import (
     tree,
 )
 from data import get_spec
+from ground.common import UserError
 from model import make_student
 from tools import export, preflight, results
 
@@ -72,6 +73,28 @@ def test_the_robustness_table_runs_once_its_cells_are_made(tmp_path, monkeypatch
     out = []
     assert cli(results.main, [table], capsys, out)[0] == 0
     assert asked == [("", "mnist" if prefix else "digits", prefix)] and "| as sampled | +1 |" in out[0]
+
+
+def test_a_cell_whose_sampler_diverged_is_a_row_not_a_crash(tmp_path, monkeypatch):
+    """A sweep setting whose samples go non-finite (distill.py refuses to write them) is recorded in its cell and
+    shown as such; the sweep goes on, a rerun does not retry it, and any other failure still stops the table."""
+    import subprocess
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def refused(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "sampling\nerror: refusing to write x.png: the image is "
+                                                           "not finite (NaN/inf); check the guidance and CFG scales\n")
+    monkeypatch.setattr(results.subprocess, "run", refused)
+    cell = ("MGD3 lambda 3, t_stop 10", ["--method", "mgd3", "--mode-scale", "3"], 0)
+    assert results.fill(cell, 1) == "MGD3 lambda 3, t_stop 10 seed 0" and len(calls) == 1
+    assert results.fill(cell, 1) and len(calls) == 1  # recorded: not run again
+    assert results.summary(cell[0], cell[1], (0,))[1] == "diverged: non-finite samples"
+    monkeypatch.setattr(results.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(
+        command, 1, "", "error: out of disk\n"))
+    with pytest.raises(UserError, match="out of disk"):
+        results.fill(("DiT", ["--method", "dit"], 0), 1)
 
 
 @pytest.mark.parametrize("flags,fragment", [

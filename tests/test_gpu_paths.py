@@ -182,13 +182,14 @@ def test_each_rank_reads_only_its_slice_and_a_large_set_keeps_one_loader(stream,
 
 def test_the_gpu_check_runs_its_checks_on_tiny_shapes(tmp_path, capsys):
     """`python -m tools.gpu_check` is what a first GPU user runs; here on the CPU with tiny shapes: a guided run
-    killed with SIGKILL and resumed to the uninterrupted set, the bench; torchrun skipped without two GPUs."""
+    killed with SIGKILL and resumed to the uninterrupted set, the bench, an MGD3 run through the VAE encoder;
+    torchrun skipped without two GPUs."""
     from tools import gpu_check
     gpu_check.main(["--size", "tiny", "--device", "cpu", "--work", str(tmp_path / "work"), "--checks", "resume",
-                    "bench", "torchrun"])  # its preflight check is distill's preflight, tested on its own
+                    "bench", "mgd3", "torchrun"])  # its preflight check is distill's preflight, tested on its own
     lines = capsys.readouterr().out.splitlines()
     verdicts = {line.split()[1]: line.split()[0] for line in lines if line[:4] in ("PASS", "FAIL", "SKIP")}
-    assert verdicts == {"resume": "PASS", "bench": "PASS", "torchrun": "SKIP"}, lines
+    assert verdicts == {"resume": "PASS", "bench": "PASS", "mgd3": "PASS", "torchrun": "SKIP"}, lines
 
 
 def test_a_large_set_of_files_is_decoded_once_into_a_memmap_every_run_shares(tmp_path, monkeypatch):

@@ -49,6 +49,20 @@ def test_the_ddpm_pull_is_the_formula_with_the_step_own_sigma(latent_prior):
     assert torch.allclose(a - b, prior.step_std(out, t) * (noises[0] - noises[1]), rtol=1e-4, atol=1e-6)
 
 
+def test_in_pixel_space_the_pull_sees_the_clipped_prediction_the_step_uses(pixel_prior):
+    """A pixel-space scheduler clips z0_hat to [-1, 1] inside its step (DiT's clip_denoised); the pull uses that
+    z0_hat, not the unclipped one (1 / sqrt(abar_t) is 150 at the first step: an unclipped pull diverges)."""
+    prior = load_prior(pixel_prior)
+    z, out, modes, t = hand_made(prior, 0)
+    abar_t = prior.scheduler.alphas_cumprod[t]
+    z0_hat = predicted_clean(z, out, abar_t)
+    assert z0_hat.abs().max() > 10  # the clip matters at this step
+    abar_prev = prior.scheduler.alphas_cumprod[prior.scheduler.timesteps[1]]
+    sigma = ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()  # the fixed (posterior) std
+    term = mode_pull(prior, modes, MGD3(scale=0.3))(49, t, z, out)
+    assert torch.allclose(term, -0.3 * sigma * (z0_hat.clamp(-1, 1) - modes), rtol=1e-5, atol=1e-7)
+
+
 def test_the_ddim_pull_uses_sqrt_one_minus_abar(latent_prior):
     prior = load_prior(latent_prior, sampler="ddim")
     z, out, modes, t = hand_made(prior, 5)

@@ -112,6 +112,30 @@ def test_color_jitter_on_the_batch_is_minimax_per_image_loop():
     assert torch.allclose(batched, looped, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("res", [24, 56])  # the crops shrunk (antialiased), then enlarged
+def test_random_resized_crop_on_the_batch_is_torchvision_per_image(res):
+    """RandomResizedCrop's boxes are torchvision's get_params on the augmentation's generator (the stream a loop over
+    images draws), and the batched resize of every box equals torchvision's antialiased resized_crop of it."""
+    from torchvision.transforms.v2 import functional as TF
+    spec = recipe_view(get_spec("imagewoof", res=res), "minimax")
+    x = torch.rand(6, 3, 40, 36, generator=torch.Generator().manual_seed(0))
+    crops = Augment(spec, "minimax", torch.Generator().manual_seed(7)).random_resized_crop(x, (0.5, 1.0))
+    g, expected = torch.Generator().manual_seed(7), []
+    low, high = math.log(3 / 4), math.log(4 / 3)
+    for i in range(len(x)):
+        while True:  # (every draw of this scale and these sizes succeeds within torchvision's 10 tries)
+            area = 40 * 36 * (torch.rand(1, generator=g) * 0.5 + 0.5).item()
+            aspect = math.exp((torch.rand(1, generator=g) * (high - low) + low).item())
+            cw, ch = round((area * aspect) ** 0.5), round((area / aspect) ** 0.5)
+            if 0 < cw <= 36 and 0 < ch <= 40:
+                top = int(torch.randint(0, 40 - ch + 1, (1,), generator=g))
+                left = int(torch.randint(0, 36 - cw + 1, (1,), generator=g))
+                break
+        expected.append(TF.resized_crop(x[i], top, left, ch, cw, [res, res], antialias=True))
+    assert crops.shape == (6, 3, res, res)
+    assert torch.allclose(crops, torch.stack(expected), rtol=1e-5, atol=1e-6)
+
+
 def test_cutmix_mixes_labels_by_the_pasted_area():
     x = torch.cat([torch.zeros(1, 1, 20, 20), torch.ones(1, 1, 20, 20)])
     y = torch.tensor([0, 1])

@@ -11,7 +11,9 @@ line with what broke:
                    stage and resumed with the same command: PASS when the resume finishes and its set is the set of
                    an uninterrupted run (within one 8-bit level: CUDA recomputes in the last bits).
   3. bench         bench.py at XL in fp32, fp32 + TF32 and bf16: each runs (the speed-ups are in its output).
-  4. torchrun      with two GPUs or more, the run of 2 under `torchrun --nproc_per_node=2`.
+  4. mgd3          an MGD3 run: the train split through the VAE encoder into k-means modes, then the mode-pulled
+                   sampler: PASS when the set is written.
+  5. torchrun      with two GPUs or more, the run of 2 under `torchrun --nproc_per_node=2`.
 
 `--size tiny --device cpu` runs the same checks on tiny shapes (the test suite does, so the checks themselves are
 tested where no GPU is). Everything is written under --work (default out/gpu_check); the exit code is 1 if a
@@ -136,6 +138,14 @@ def check_bench(ctx):
     return True, f"ran {', '.join(said)} (see {ctx.work}/bench_*.log)"
 
 
+def check_mgd3(ctx):
+    argv = [os.path.join(REPO, "distill.py"), *distill_args(ctx.prior, ctx.data, ctx.device), "--method", "mgd3",
+            "--mode-stop", 4, "--no-preflight", "--out-dir", os.path.join(ctx.work, "mgd3")]
+    code, last = run(argv, ctx.work, os.path.join(ctx.work, "mgd3.log"))
+    made = os.path.exists(os.path.join(ctx.work, "mgd3", "set.json"))
+    return code == 0 and made, "modes computed, the set written" if code == 0 and made else f"exit {code}: {last}"
+
+
 def check_torchrun(ctx):
     if ctx.device == "cpu" or torch.cuda.device_count() < 2:
         return None, "skipped: fewer than two GPUs"
@@ -146,7 +156,8 @@ def check_torchrun(ctx):
     return code == 0, "2 ranks finished the run" if code == 0 else f"exit {code}: {last}"
 
 
-CHECKS = {"preflight": check_preflight, "resume": check_resume, "bench": check_bench, "torchrun": check_torchrun}
+CHECKS = {"preflight": check_preflight, "resume": check_resume, "bench": check_bench, "mgd3": check_mgd3,
+          "torchrun": check_torchrun}
 
 
 def main(argv=None):

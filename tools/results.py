@@ -11,6 +11,7 @@ reuses): the tables are regenerated from the current commit by running it, not t
   python -m tools.results mnist-sweep   # the latent tier's lambda and gamma (seed 0 only, the rule at MNIST_SWEEP)
   python -m tools.results mgd3-sweep    # MGD3's digits lambda and t_stop (seed 0 only, the rule at MGD3_SWEEP)
   python -m tools.results mgd3-mnist-sweep   # the same on mnist
+  python -m tools.results mgd3          # MGD3's rows of `main` (MGD3, LGD on an MGD3 seed); mgd3-mnist: of `mnist`
   python -m tools.results mnist         # the latent tier: DiT .. LGD .. random real, four evaluators, 3 x 3
   python -m tools.results robustness-mnist   # how much of LGD's S gain survives small changes, on mnist
 
@@ -159,9 +160,11 @@ TABLES = {"sweep": (SWEEP, (0,)), "igd-sweep": (IGD_SWEEP, (0,)), "ablation": (A
           "ablation-ipc5": (ABLATION_IPC5, SEEDS), "main": (MAIN, SEEDS), "transfer": (TRANSFER, SEEDS),
           "transfer-ipc5": (TRANSFER_IPC5, SEEDS),
           "mnist": (MNIST_TABLE, SEEDS), "mnist-sweep": (MNIST_SWEEP, (0,)), "mgd3-sweep": (MGD3_SWEEP, (0,)),
-          "mgd3-mnist-sweep": (MGD3_MNIST_SWEEP, (0,))}  # (cells, seeds)
+          "mgd3-mnist-sweep": (MGD3_MNIST_SWEEP, (0,)),
+          # MGD3's cells of `main` and `mnist` alone (a table of their own, which those two then reuse)
+          "mgd3": ({name: ABLATION[name] for name in ("MGD3", "LGD (mgd3 seed)")}, SEEDS),
+          "mgd3-mnist": ({name: MNIST_TABLE[name] for name in ("mnist: MGD3", "mnist: LGD (mgd3 seed)")}, SEEDS)}
 TRANSFER_TABLES = ("transfer", "transfer-ipc5")
-MNIST_TABLES = ("mnist", "mnist-sweep", "mgd3-mnist-sweep")
 JUDGE = "convnet"  # validity is judged by the ConvNet theta* in every row, whichever architecture guided
 
 
@@ -218,14 +221,26 @@ def commands(name, flags, seed):
          (validity_path(out, judge), py + evaluate + ["--validity", out] + (["--arch", judge] if judge else []))]
 
 
+def failed_path(out):
+    """A cell whose sampler diverged (distill.py refused non-finite images): a result of its setting, kept."""
+    return os.path.join(out, "failed.json")
+
+
 def fill(cell, threads):
     """Run a cell's missing commands in order; returns the cell's name."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    out = folder(cell[0], cell[2])
     for target, command in commands(*cell):
+        if os.path.exists(failed_path(out)):
+            break
         if not os.path.exists(target):
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             if done.returncode:
-                raise UserError(f"{' '.join(command)} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+                line = (done.stderr.strip().splitlines() or ['?'])[-1]
+                if "not finite" in line:  # the setting's samples diverged: its row says so, the others go on
+                    save_json(dict(error=line, command=command), failed_path(out))
+                    break
+                raise UserError(f"{' '.join(command)} failed: {line}")
     return f"{cell[0]} seed {cell[2]}"
 
 
@@ -244,6 +259,8 @@ def per_seed(values):
 
 def summary(name, flags, seeds):
     """One table row: accuracies pooled over seeds x students (n), redundancy and validity per seed."""
+    if any(os.path.exists(failed_path(folder(name, seed))) for seed in seeds):
+        return [name, "diverged: non-finite samples", "-", "-", "-"]
     accs, cross, red, valid = [], [], [], []
     for seed in seeds:
         out = folder(name, seed)
@@ -437,7 +454,7 @@ def main(argv=None):
     with ThreadPoolExecutor(args.jobs) as pool:
         for done in pool.map(lambda cell: fill(cell, 1), todo):
             print(f"done: {done}", flush=True)
-    if args.table in MNIST_TABLES and args.table == "mnist":
+    if args.table in ("mnist", "mgd3-mnist"):
         header = ["mnist, IPC 10", "acc % ConvNet", "acc % MLP", "acc % logistic regression", "acc % ResNetAP-10",
                   "redundancy % (5 increments)", "theta* recognises %"]
         print(table([mnist_summary(name, flags, seeds) for name, flags in cells.items()], header))
