@@ -184,13 +184,16 @@ def test_a_preflight_of_a_run_that_exists_reports_at_the_runs_batch(empirical, t
     assert json.loads((run / "args.json").read_text())["batch_size"] == 128
 
 
-def test_a_dit_preflight_trains_no_theta_star(empirical, tmp_path, capsys):
-    """A DiT set uses no theta*: its preflight does not train one (the label check says why it was not made)."""
+@pytest.mark.parametrize("method", ["dit", "mgd3"])
+def test_a_dit_or_mgd3_preflight_trains_no_theta_star(empirical, tmp_path, capsys, method):
+    """A DiT or MGD3 set uses no theta*: its preflight does not train one (the label check says why it was not made),
+    and MGD3's is priced as an unguided pass."""
     out = []
-    assert cli(distill.main, ["--method", "dit", *RUN, "--preflight", "--out-dir", tmp_path / "run"], capsys,
+    assert cli(distill.main, ["--method", method, *RUN, "--preflight", "--out-dir", tmp_path / "run"], capsys,
                out)[0] == 0
     result = json.loads((tmp_path / "run" / "preflight.json").read_text())
-    assert result["recognised"] is None and result["passed"] and "not checked: a DiT set trains no theta*" in out[0]
+    assert result["recognised"] is None and result["passed"]
+    assert f"not checked: a {method} set trains no theta*" in out[0]
     assert not (tmp_path / "out" / "cache").exists()
 
 

@@ -10,7 +10,8 @@ line with what broke:
   2. resume        a two-slot LGD run (its stage 1 guided through the decoder), killed with SIGKILL in its guided
                    stage and resumed with the same command: PASS when the resume finishes and its set is the set of
                    an uninterrupted run (within one 8-bit level: CUDA recomputes in the last bits).
-  3. bench         bench.py at XL in fp32, fp32 + TF32 and bf16: each runs (the speed-ups are in its output).
+  3. bench         bench.py at XL in fp32, fp32 + TF32 and bf16, and the students' images/s (--student): each
+                   runs (the speed-ups are in its output).
   4. mgd3          an MGD3 run: the train split through the VAE encoder into k-means modes, then the mode-pulled
                    sampler: PASS when the set is written.
   5. torchrun      with two GPUs or more, the run of 2 under `torchrun --nproc_per_node=2`.
@@ -135,6 +136,12 @@ def check_bench(ctx):
         if code != 0:
             return False, f"bench {' '.join(flags)}: exit {code}: {last}"
         said.append(" ".join(flags))
+    if ctx.device != "cpu":  # the students' images/s with the batched augmentation on the GPU (docs/cost.md)
+        argv = [os.path.join(REPO, "bench.py"), "--student", "--device", ctx.device]
+        code, last = run(argv, ctx.work, os.path.join(ctx.work, "bench_student.log"))
+        if code != 0:
+            return False, f"bench --student: exit {code}: {last}"
+        said.append("--student")
     return True, f"ran {', '.join(said)} (see {ctx.work}/bench_*.log)"
 
 

@@ -598,8 +598,8 @@ def table(result):
     px = result["pixels"]
     pushes = list(g["relative_push_per_step"].values())
     if result["recognised"] is None:
-        rows = [("prior + labels", "not checked: a DiT set trains no theta*", "give --reference FILE, or preflight "
-                 "an LGD run first (it caches theta*)", "-")]
+        rows = [("prior + labels", f"not checked: a {result['method']} set trains no theta*",
+                 "give --reference FILE, or preflight an LGD run first (it caches theta*)", "-")]
     else:
         rows = [("prior + labels", f"theta* recognises {result['recognised']}/{n}",
                  f"chance {round(result['chance'] * n)}/{n}, need {math.ceil(PASS_SHARE * n)}",
