@@ -348,13 +348,11 @@ def seed_increment(args, run, prior, plan, sampler, igd, trainer, data_dir):
 
 def modes(args, spec, prior, data_dir):
     """MGD3's modes, one per image of a class it makes (k = --ipc, or --stage-ipc as LGD's seed), computed once per
-    dataset, encoder and k (cached under out/cache). NOTE(deviation):
-    MGD3 flips its feature images at random; the embedded digits are not flipped (a flipped digit is another digit),
-    the full-scale images by a fixed coin per image."""
+    dataset, encoder and k (cached under out/cache). NOTE(deviation): MGD3 flips its feature images at random; the
+    embedded digits are not flipped (a flipped digit is another digit), the full-scale images by a fixed coin."""
     k, flag = mode_count(args)
     return real_modes(spec, prior, prior.encoder, data_dir, k, class_modes, flip=spec.name not in EMBEDDED,
                       flag=flag, num_workers=args.num_workers)
-
 
 
 if __name__ == "__main__":

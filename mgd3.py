@@ -34,7 +34,7 @@ KMEANS_SEED = 0     # MGD3's k-means random_state: the modes are the same for ev
 
 @dataclass
 class MGD3:
-    """MGD3's increment: its constants and the modes of every class."""
+    """MGD3's constants (the modes are computed per dataset: reference.real_modes)."""
     scale: float = SCALE
     stop: int = STOP
 
@@ -58,6 +58,7 @@ def mode_pull(prior, modes, mgd3):
     channels, deterministic = prior.channels, prior.deterministic
     config = prior.scheduler.config
     clip = config.clip_sample_range if config.clip_sample else None
+    modes = modes.to(prior.device)
 
     def pull(i, t, z, out):
         if i <= mgd3.stop:
@@ -67,7 +68,7 @@ def mode_pull(prior, modes, mgd3):
         if clip is not None:  # pixel space: z0_hat as the step uses it, clipped to the images' range (DiT's
             z0_hat = z0_hat.clamp(-clip, clip)  # clip_denoised); unclipped, 1 / sqrt(abar_t) blows it up early on
         sigma = (1 - alpha_bar_t).sqrt() if deterministic else prior.step_std(out, t)
-        return (-mgd3.scale * sigma * (z0_hat - modes.to(z.device))).to(z.dtype)
+        return (-mgd3.scale * sigma * (z0_hat - modes)).to(z.dtype)
 
     return pull
 

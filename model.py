@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torchvision
 from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 
-from ground.common import UserError
+from ground.common import UserError, file_stamps
 
 DEFAULT_PRIOR = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # IGD/MGD3 decode DiT latents with ft-mse (the hub repo ships ft-ema)
@@ -45,7 +45,7 @@ class Prior:
     the guidance gradient; the final images, candidate scores and everything written still use the VAE.
     """
 
-    def __init__(self, transformer, scheduler, vae=None, grad_vae=None):
+    def __init__(self, transformer, scheduler, vae=None, grad_vae=None, encoder=None):
         self.transformer, self.scheduler, self.vae, self.grad_vae = transformer.eval(), scheduler, vae, grad_vae
         config = transformer.config  # the DiT's architecture (not classifier-free guidance: that is cfg_*)
         self.channels, self.latent_size = config.in_channels, config.sample_size
@@ -62,7 +62,7 @@ class Prior:
             if module is not None:
                 module.eval().requires_grad_(False)  # important! guidance differentiates w.r.t. inputs only
         self.bf16 = False  # bf16 autocast of DiT, decoders and classifiers (`--precision bf16`, CUDA)
-        self.encoder = "pixels" if vae is None else None  # what identifies the encoder (load_prior: encoder_key)
+        self.encoder = "pixels" if vae is None else encoder  # what identifies the encoder (load_prior: encoder_key)
 
     def autocast(self):
         """The precision the prior runs in (and the classifiers inside the guided step): bf16 autocast or fp32."""
@@ -111,7 +111,7 @@ class Prior:
     def step(self, out, t, z, generators):
         """z_{t-1} from the DiT output at z_t: the scheduler's step, with each image's generator for its noise. DDPM
         takes eps and the learned variance; DDIM (deterministic) takes eps only."""
-        if isinstance(self.scheduler, DDIMScheduler):
+        if self.deterministic:
             out = out[:, :self.channels]  # (N, C, h, w)
         return self.scheduler.step(out, t, z, generator=generators).prev_sample
 
@@ -220,10 +220,8 @@ def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float3
                                                             grad_decoder, torch_dtype=dtype, low_cpu_mem_usage=False))
     scheduler = make_scheduler(sched_config, sampler, pixel_space=vae_model is None,
                                learned_variance=learns_variance(transformer.config))
-    loaded = Prior(transformer.to(device), scheduler, vae_model.to(device) if vae_model is not None else None,
-                   grad_vae.to(device) if grad_vae is not None else None)
-    loaded.encoder = encoder_key(vae)
-    return loaded
+    return Prior(transformer.to(device), scheduler, vae_model.to(device) if vae_model is not None else None,
+                 grad_vae.to(device) if grad_vae is not None else None, encoder_key(vae))
 
 
 def encoder_key(vae):
@@ -231,9 +229,8 @@ def encoder_key(vae):
     folder with the sizes and times of its files (a retrained cache is another encoder)."""
     if vae == "none" or not os.path.isdir(vae):
         return "pixels" if vae == "none" else vae
-    stats = sorted((os.path.relpath(os.path.join(root, name), vae), os.path.getsize(os.path.join(root, name)),
-                    os.path.getmtime(os.path.join(root, name))) for root, _, names in os.walk(vae) for name in names)
-    return repr((os.path.abspath(vae), stats))
+    return repr(file_stamps(sorted(os.path.join(root, name) for root, _, names in os.walk(os.path.abspath(vae))
+                                   for name in names)))
 
 
 class PriorFiles(UserError):

@@ -57,6 +57,7 @@ from data import (
 )
 from ground.common import (
     UserError,
+    file_stamps,
     is_main,
     temporary_path,
 )
@@ -164,7 +165,7 @@ def decoded_on_disk(images, shape, crop_ratio, num_workers):
     """A large set of image files decoded once into DECODED_DIR/<key>.u8 (uint8, (N, C, size, size)), shared by every
     epoch, test pass and run that reads the same files at the same size (the key: their paths, sizes and times).
     None when the disk has no room for it."""
-    stamp = repr([(p, os.path.getsize(p), os.path.getmtime(p)) for p in images.items] + [shape, crop_ratio])
+    stamp = repr(file_stamps(images.items) + [shape, crop_ratio])
     path = os.path.join(DECODED_DIR, hashlib.sha1(stamp.encode()).hexdigest()[:16] + ".u8")
     with cache_entry(path, f"{shape[0]} images decoded at {shape[-1]} px") as missing:
         if missing:

@@ -357,6 +357,12 @@ class Mismatch(UserError):
                          f"machine or thread count)")
 
 
+def file_stamps(paths):
+    """[(path, size, modification time)] of files: what a cache keyed on files changes with (cheaper than hashing
+    them; a file rewritten in place gets a new time)."""
+    return [(p, os.path.getsize(p), os.path.getmtime(p)) for p in paths]
+
+
 def file_sha256(path):
     """The sha256 of a file's bytes, as hex."""
     digest = hashlib.sha256()

@@ -150,13 +150,16 @@ MNIST_SWEEP = {"mnist: DiT": MNIST + ["--method", "dit"], **{
 # another setting beats it by more than 1 point. The grid: MGD3's lambda and larger ones (its pull is a share
 # sigma_t of the distance to the mode, and sigma_t is smaller on these short schedules), its t_stop and a later one.
 MGD3_GRID = [(scale, stop) for scale in (0.1, 0.3, 1.0, 3.0) for stop in (25, 10)]
-MGD3_SWEEP = {"DiT": ["--method", "dit"], **{
-    f"MGD3 lambda {scale:g}, t_stop {stop}": ["--method", "mgd3", "--mode-scale", str(scale), "--mode-stop", str(stop)]
-    for scale, stop in MGD3_GRID}}
-MGD3_MNIST_SWEEP = {"mnist: DiT": MNIST + ["--method", "dit"], **{
-    f"mnist: MGD3 lambda {scale:g}, t_stop {stop}": MNIST + ["--method", "mgd3", "--mode-scale", str(scale),
-                                                             "--mode-stop", str(stop)]
-    for scale, stop in MGD3_GRID}}
+
+
+def mgd3_sweep(prefix="", base=()):
+    """DiT, then MGD3 at every setting of MGD3_GRID, on a tier (prefix and base flags: "mnist: ", MNIST)."""
+    return {f"{prefix}DiT": [*base, "--method", "dit"], **{
+        f"{prefix}MGD3 lambda {scale:g}, t_stop {stop}": [*base, "--method", "mgd3", "--mode-scale", str(scale),
+                                                          "--mode-stop", str(stop)] for scale, stop in MGD3_GRID}}
+
+
+MGD3_SWEEP, MGD3_MNIST_SWEEP = mgd3_sweep(), mgd3_sweep("mnist: ", MNIST)
 TABLES = {"sweep": (SWEEP, (0,)), "igd-sweep": (IGD_SWEEP, (0,)), "ablation": (ABLATION, SEEDS),
           "ablation-ipc5": (ABLATION_IPC5, SEEDS), "main": (MAIN, SEEDS), "transfer": (TRANSFER, SEEDS),
           "transfer-ipc5": (TRANSFER_IPC5, SEEDS),
