@@ -247,7 +247,7 @@ def build_digits_prior(path, training=DIGITS_TRAINING):
     os.rename(partial, path)  # the finished parts become the prior: it appears whole or not at all
 
 
-def build_mnist_prior(path, training=MNIST_TRAINING):
+def build_mnist_prior(path, training=MNIST_TRAINING, dit=MNIST_DIT):
     print0(f"training the mnist prior once: a VAE ({training['vae_steps']} steps), a DiT on its latents "
            f"({training['dit_steps']} steps) and a tiny gradient decoder ({training['taesd_steps']} steps), about 8 "
            f"minutes on 2 CPU cores; cached in {path}")
@@ -262,7 +262,7 @@ def build_mnist_prior(path, training=MNIST_TRAINING):
     means, stds = encode_all(vae.eval().requires_grad_(False), images * 2 - 1)
     scale = vae.config.scaling_factor
     if not os.path.isdir(os.path.join(partial, "transformer")):
-        train_dit(partial, means * scale, train.labels, MNIST_DIT, MNIST_SCHEDULE, training["dit_steps"],
+        train_dit(partial, means * scale, train.labels, dit, MNIST_SCHEDULE, training["dit_steps"],
                   training["lr"], training["ema_decay"], latent_std=stds * scale, desc="mnist DiT")
     if not os.path.isdir(os.path.join(partial, "taesd")):
         train_taesd(partial, vae, means * scale, training["taesd_steps"], training["lr"])

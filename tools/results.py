@@ -167,7 +167,8 @@ TABLES = {"sweep": (SWEEP, (0,)), "igd-sweep": (IGD_SWEEP, (0,)), "ablation": (A
           "mgd3-mnist-sweep": (MGD3_MNIST_SWEEP, (0,)),
           # MGD3's cells of `main` and `mnist` alone (a table of their own, which those two then reuse)
           "mgd3": ({name: ABLATION[name] for name in ("MGD3", "LGD (mgd3 seed)")}, SEEDS),
-          "mgd3-mnist": ({name: MNIST_TABLE[name] for name in ("mnist: DiT", "mnist: MGD3")}, SEEDS)}
+          "mgd3-mnist": ({name: MNIST_TABLE[name] for name in ("mnist: DiT", "mnist: MGD3", "mnist: LGD (mgd3 seed)")},
+                         SEEDS)}
 TRANSFER_TABLES = ("transfer", "transfer-ipc5")
 JUDGE = "convnet"  # validity is judged by the ConvNet theta* in every row, whichever architecture guided
 

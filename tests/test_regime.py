@@ -1,0 +1,72 @@
+"""tools.regime: what it measures of a set (on hand-made images), the margin it judges the regime by, and a candidate
+prior that keeps the base prior's VAE and gradient decoder byte for byte and changes only the DiT."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import file_hashes
+from data import ImageSet
+from tools import regime
+
+
+class Constant(torch.nn.Module):
+    """A 'theta*' that predicts class 3 whatever it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(torch.full((len(x),), 3), 10).float() + 0 * self.w
+
+
+def test_statistics_are_the_distances_they_name():
+    from data import get_spec
+    from reference import reference_view
+    g = torch.Generator().manual_seed(0)
+    train_images = torch.rand(40, 1, 32, 32, generator=g)
+    train_labels = torch.arange(10).repeat(4)
+    train = ImageSet(list(train_images), train_labels.tolist())
+    images = torch.cat([train_images[:10], torch.rand(10, 1, 32, 32, generator=g)])  # 10 real (in train), 10 new
+    labels = torch.cat([train_labels[:10], train_labels[:10]])
+    s = regime.statistics(images, labels, train, Constant(), reference_view(get_spec("mnist")))
+    flat, real = images.flatten(1), train_images.flatten(1)
+    d = torch.cdist(flat, real)
+    d[d < 1e-6] = float("inf")  # the 10 images taken from train are not their own neighbours
+    assert s["nearest"] == pytest.approx(float(d.min(1).values.mean()), rel=1e-5)
+    assert float(d.min(1).values[:10].min()) > 0
+    means = torch.stack([real[train_labels == c].mean(0) for c in range(10)])
+    assert s["typicality"] == pytest.approx(float(torch.linalg.norm(flat - means[labels], dim=1).mean()), rel=1e-5)
+    # two images a class: the within-class distance is the distance of the pair
+    pair = torch.linalg.norm(flat[:10] - flat[10:], dim=1)
+    assert s["diversity"] == pytest.approx(float(pair.mean()), rel=1e-5)
+    assert s["recognised"] == pytest.approx(2 / 20)  # only the two images of class 3
+
+
+def test_the_margin_is_the_worst_evaluator_against_random_real():
+    real = {"mlp/minimax": [0.6, 0.7], "convnet/igd": [0.8], "logreg": [0.75]}
+    row = {"mlp/minimax": [0.7, 0.7], "convnet/igd": [0.79], "logreg": [0.8]}
+    m = regime.margins(row, real)
+    assert m == pytest.approx({"mlp/minimax": 5.0, "convnet/igd": -1.0, "logreg": 5.0})
+    assert min(m.values()) < 0  # one evaluator below real: not in the regime
+
+
+def test_a_candidate_keeps_the_base_vae_and_changes_only_the_dit(mnist_prior, tmp_path, monkeypatch):
+    from conftest import TINY_MNIST
+    monkeypatch.setattr(regime, "ROOT", str(tmp_path))
+    monkeypatch.setattr(regime, "MNIST_TRAINING", TINY_MNIST)
+    monkeypatch.setitem(regime.CANDIDATES, "tiny", dict(dit=dict(num_layers=2), dit_steps=3))
+    path = regime.candidate_prior("tiny", mnist_prior)
+    for part in ("vae", "taesd"):
+        assert file_hashes(os.path.join(path, part)) == file_hashes(os.path.join(mnist_prior, part))
+    with open(os.path.join(path, "transformer", "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(mnist_prior, "transformer", "config.json")) as f:
+        base = json.load(f)
+    assert config["num_layers"] == 2 and base["num_layers"] != 2
+    assert {k: v for k, v in config.items() if k not in ("num_layers", "_diffusers_version")} == \
+        {k: v for k, v in base.items() if k not in ("num_layers", "_diffusers_version")}
+    assert not os.path.exists(path + ".partial")  # it appears whole
+    assert regime.candidate_prior("tiny", mnist_prior) == path  # cached: not trained again
