@@ -220,9 +220,11 @@ def main(argv=None):
                                lambda s: (reconstructed(prior, torch.stack(real_set(train, s).items)),
                                           torch.tensor(real_set(train, s).labels)), ("recon", stamp), seeds, context))
     elif args.mode == "candidates":
+        names = [args.candidate] if args.candidate else list(CANDIDATES)
+        paths = [candidate_prior(name, base) for name in names]  # trained first: the measuring is the long part
         prior_rows("base", base, [(cfg, 50) for cfg in CFG_GRID])
-        for name in [args.candidate] if args.candidate else CANDIDATES:
-            prior_rows(name, candidate_prior(name, base), [(cfg, 50) for cfg in CFG_GRID])
+        for name, path in zip(names, paths):
+            prior_rows(name, path, [(cfg, 50) for cfg in CFG_GRID])
     else:
         path = base if args.prior == "base" else candidate_prior(args.prior, base)
         prior_rows(args.prior, path, [(args.cfg, 50)])
