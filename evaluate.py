@@ -102,6 +102,16 @@ def evaluate_set(train_set, test_set, view, arch="convnet", runs=3, recipe="mini
                 best_accs=bests, best_mean=float(np.mean(bests)), best_std=float(np.std(bests)))
 
 
+def logistic_regression(train_set, test_set):
+    """Test accuracy of scikit-learn's multinomial logistic regression (lbfgs, C = 1) fitted on a set's raw pixels
+    (digits 64, mnist 1024): a family that takes no part in any guidance, and deterministic (one number a set). The
+    embedded datasets only: on 224 px images it is neither cheap nor meaningful."""
+    from sklearn.linear_model import LogisticRegression  # the embedded datasets only, like digits itself
+    pixels = lambda images: np.stack([images.load(i).flatten().numpy() for i in range(len(images))])
+    model = LogisticRegression(max_iter=5000).fit(pixels(train_set), train_set.labels)
+    return float(model.score(pixels(test_set), test_set.labels))
+
+
 def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epochs=None, seed=0, device="cpu",
                     out=None, num_workers=0, teacher=None):
     """Evaluate the set of a run folder; write eval.json (the run's own arch) or eval_<arch>.json beside it."""

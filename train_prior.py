@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiTTransformer2DModel
 from tqdm import tqdm
 
-from data import EMBEDDED, classifier_input, get_spec, load_real
+from data import EMBEDDED, ImageSet, classifier_input, get_spec, load_real, sample_real_ipc
+from evaluate import logistic_regression
 from ground.common import (
     ArgumentParser,
     UserError,
@@ -341,6 +342,18 @@ def decoder_checks(prior, reference, view, device, n=200):
     return mse, variance, cosine
 
 
+def regime_check(images, per_class, spec):
+    """The premise of generative distillation, its cheapest figure: (accuracy of logistic regression on the pixels
+    of 10 random real training images per class (seed 0), the same on the first 10 of `per_class` unguided samples
+    per class). Deterministic and seconds; the evaluators that train (tools.regime) take minutes."""
+    k = min(10, per_class)
+    chosen = images.view(10, per_class, *images.shape[1:])[:, :k].reshape(-1, *images.shape[1:]).cpu()
+    samples = ImageSet(list(chosen), torch.arange(10).repeat_interleave(k).tolist())
+    test = load_real(spec, None, "test")
+    return (logistic_regression(sample_real_ipc(load_real(spec, None, "train"), k, 0), test),
+            logistic_regression(samples, test))
+
+
 def check_prior(dataset, path, device, cfg_scale=None, per_class=20, grid=None):
     """What a user needs to trust an embedded prior, printed: theta*'s recognition of its unguided samples at the
     preset's CFG (theta* trained and cached as a run would); for mnist also the VAE's reconstruction error on
@@ -351,6 +364,12 @@ def check_prior(dataset, path, device, cfg_scale=None, per_class=20, grid=None):
     reference, view = reference_model(spec, "convnet", None, device)
     share, images = recognised(prior, reference, view, cfg_scale, per_class, device)
     print0(f"{dataset} prior: theta* recognises {share:.1%} of {10 * per_class} unguided samples (CFG {cfg_scale})")
+    real, generated = regime_check(images, per_class, spec)
+    k = min(10, per_class)
+    print0(f"{dataset} prior: in the paper's regime (samples worth more than real images)? logistic regression "
+           f"trained on {k} unguided samples per class {generated:.1%}, on {k} random real ones {real:.1%}: "
+           f"{'yes' if generated >= real else 'no'} ({100 * (generated - real):+.1f} points)"
+           + ("; the whole measure: python -m tools.regime diagnose" if dataset == "mnist" else ""))
     if dataset == "mnist":
         mse, variance, cosine = decoder_checks(prior, reference, view, device)
         print0(f"{dataset} prior: VAE on 200 held-out images, pixel MSE {mse:.4f} (the images' variance "

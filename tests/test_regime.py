@@ -70,3 +70,15 @@ def test_a_candidate_keeps_the_base_vae_and_changes_only_the_dit(mnist_prior, tm
         {k: v for k, v in base.items() if k not in ("num_layers", "_diffusers_version")}
     assert not os.path.exists(path + ".partial")  # it appears whole
     assert regime.candidate_prior("tiny", mnist_prior) == path  # cached: not trained again
+
+
+def test_the_prior_check_compares_samples_with_random_real_by_logistic_regression():
+    from data import get_spec, load_real, sample_real_ipc
+    from train_prior import regime_check
+    spec = get_spec("mnist")
+    drawn = sample_real_ipc(load_real(spec, None, "train"), 10, 0)  # class-major, as the check's samples are
+    real, same = regime_check(torch.stack(drawn.items), 10, spec)
+    assert same == pytest.approx(real, abs=0.003)  # the same images: the same fit (to a test image or so)
+    assert 0.6 < real < 0.95
+    blank, blank_acc = regime_check(torch.zeros(10 * 12, 1, 32, 32), 12, spec)
+    assert blank == real and blank_acc == pytest.approx(0.1)  # one prediction for all: 100 of 1,000 test images

@@ -17,13 +17,14 @@ Each row is cached under out/regime/ with the prior's file stamp in its key (a r
 """
 import hashlib
 import os
+import re
 import shutil
 
 import numpy as np
 import torch
 
 from data import ImageSet, get_spec, load_real, sample_real_ipc
-from evaluate import evaluate_set
+from evaluate import evaluate_set, logistic_regression
 from ground.common import (
     ArgumentParser,
     derive_seed,
@@ -105,15 +106,12 @@ def statistics(images, labels, train, reference, view):
 
 def accuracies(images, labels, spec, test):
     """Final-epoch accuracy of RUNS students per evaluator, and logistic regression's (one, deterministic)."""
-    from sklearn.linear_model import LogisticRegression
     train_set = ImageSet(list(images), labels.tolist())
     out = {}
     for arch, recipe in EVALUATORS:
         result = evaluate_set(train_set, test, recipe_view(spec, recipe), arch=arch, runs=RUNS, recipe=recipe)
         out[f"{arch}/{recipe}"] = result["accs"]
-    pixels = lambda s: np.stack([s.load(i).flatten().numpy() for i in range(len(s))])
-    out["logreg"] = [float(LogisticRegression(max_iter=5000).fit(pixels(train_set), train_set.labels)
-                           .score(pixels(test), test.labels))]
+    out["logreg"] = [logistic_regression(train_set, test)]
     return out
 
 
@@ -129,7 +127,7 @@ def measure(name, make, key, seeds, context):
                           accs=accuracies(images, labels, spec, test))
             save_json(result, path)
             if seed == 0:  # one grid a row: the seed every mode measures
-                save_grid(images, os.path.join(ROOT, f"{name.replace(' ', '_').replace(',', '')}.png"),
+                save_grid(images, os.path.join(ROOT, re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".png"),
                           [str(c) for c in range(10)], [str(i) for i in range(IPC)], name, cell=None)
         result = load_json(path)
         for k in ("recognised", "nearest", "typicality", "diversity"):

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from curriculum import Plan, union
 from data import ImageSet, get_spec, load_real, sample_real_ipc
+from evaluate import logistic_regression
 from ground.common import (
     SALT_STAGE_INIT,
     SALT_STAGE_TRAIN,
@@ -284,14 +285,10 @@ def logreg(out, seed, dataset="digits"):
     set). Cached as eval_logreg.json in the cell."""
     path = eval_path(out, "logreg")
     if not os.path.exists(path):
-        from sklearn.linear_model import LogisticRegression  # the embedded datasets only, like digits itself
         spec = get_spec(dataset)
         train = ImageSet(*set_files(out, spec)[:2], channels=1) if os.path.isdir(distilled_dir(out)) else \
             sample_real_ipc(load_real(spec, None, "train"), int(load_json(eval_path(out))["ipc"]), seed)
-        test = load_real(spec, None, "test")
-        pixels = lambda images: np.stack([images.load(i).flatten().numpy() for i in range(len(images))])
-        model = LogisticRegression(max_iter=5000).fit(pixels(train), train.labels)
-        acc = float(model.score(pixels(test), test.labels))
+        acc = logistic_regression(train, load_real(spec, None, "test"))
         save_json(dict(arch="logreg", runs=1, accs=[acc], acc_mean=acc, acc_std=0.0, train_images=len(train)), path)
     return load_json(path)["accs"]
 
