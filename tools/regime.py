@@ -16,6 +16,7 @@ other training image (fidelity), to the class's mean real image (typicality) and
 Each row is cached under out/regime/ with the prior's file stamp in its key (a retrained prior is measured again).
 """
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -183,12 +184,15 @@ def main(argv=None):
     p = ArgumentParser(prog="python -m tools.regime", description="Is the mnist tier in the paper's regime?")
     p.add_argument("mode", choices=("diagnose", "candidates", "confirm"))
     p.add_argument("--prior", default=None, help="confirm: the candidate picked (a name in CANDIDATES or 'base')")
-    p.add_argument("--cfg", type=float, default=None, help="confirm: its CFG scale")
+    p.add_argument("--cfg", type=float, default=None, help="confirm: its CFG scale; candidates: this CFG only "
+                   "(default: all of CFG_GRID)")
     p.add_argument("--candidate", choices=list(CANDIDATES), default=None,
                    help="candidates: this one only (default: all, one after another)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="distillation seeds (default: 0 1 diagnose, 0 "
                    "candidates, 0 1 2 confirm); two processes on different seeds fill one table's cache in parallel")
     args = p.parse_args(argv)
+    require(args.cfg is None or (math.isfinite(args.cfg) and args.cfg >= 1),
+            f"--cfg must be a finite number >= 1, got {args.cfg}")
     require(args.mode != "confirm" or (args.prior in (*CANDIDATES, "base") and args.cfg),
             f"confirm needs --prior (base, {', '.join(CANDIDATES)}) and --cfg")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
@@ -220,9 +224,10 @@ def main(argv=None):
     elif args.mode == "candidates":
         names = [args.candidate] if args.candidate else list(CANDIDATES)
         paths = [candidate_prior(name, base) for name in names]  # trained first: the measuring is the long part
-        prior_rows("base", base, [(cfg, 50) for cfg in CFG_GRID])
+        settings = [(cfg, 50) for cfg in ([args.cfg] if args.cfg else CFG_GRID)]
+        prior_rows("base", base, settings)
         for name, path in zip(names, paths):
-            prior_rows(name, path, [(cfg, 50) for cfg in CFG_GRID])
+            prior_rows(name, path, settings)
     else:
         path = base if args.prior == "base" else candidate_prior(args.prior, base)
         prior_rows(args.prior, path, [(args.cfg, 50)])
