@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import file_hashes
+from conftest import cli, file_hashes, one_error_line
 from data import ImageSet
 from tools import regime
 
@@ -82,3 +82,13 @@ def test_the_prior_check_compares_samples_with_random_real_by_logistic_regressio
     assert 0.6 < real < 0.95
     blank, blank_acc = regime_check(torch.zeros(10 * 12, 1, 32, 32), 12, spec)
     assert blank == real and blank_acc == pytest.approx(0.1)  # one prediction for all: 100 of 1,000 test images
+
+
+@pytest.mark.parametrize("argv,said", [(["confirm"], "confirm needs --prior"),
+                                       (["confirm", "--prior", "nope", "--cfg", "2"], "confirm needs --prior"),
+                                       (["candidates", "--cfg", "0.5"], "--cfg must be a finite number >= 1")])
+def test_bad_input_is_one_error_line_before_anything_is_made(argv, said, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may appear here: no prior trained, no out/regime
+    code, lines = cli(regime.main, argv, capsys)
+    one_error_line(code, lines, said)
+    assert os.listdir(tmp_path) == []
