@@ -10,7 +10,7 @@ other training image (fidelity), to the class's mean real image (typicality) and
 
   python -m tools.regime diagnose     the current prior: real vs the VAE's reconstructions of the same images (the
                                       decoder alone) vs unguided samples at CFG 1 / 2 / 4, 50 and 250 steps
-  python -m tools.regime candidates   candidate priors (each trained once, cached, resumable) at their best CFG
+  python -m tools.regime candidates   candidate priors (each trained once, cached, resumable) at CFG 1 / 2 / 4
   python -m tools.regime confirm      the picked prior against random real on the held-out distillation seeds
 
 Each row is cached under out/regime/ with the prior's file stamp in its key (a retrained prior is measured again).
@@ -31,6 +31,7 @@ from ground.common import (
     derive_seed,
     file_stamps,
     load_json,
+    remove_path,
     require,
     run_cli,
     save_grid,
@@ -49,9 +50,10 @@ EVALUATORS = (("mlp", "minimax"), ("convnet", "igd"))
 RUNS = 3                # students per set and evaluator
 DIAGNOSE_SEEDS = (0, 1)  # two sets a row: n = 6 students per evaluator
 # Candidate priors: the current mnist prior's VAE (and gradient decoder) kept, the DiT changed. The DiT-XL/2 that
-# defines the regime is large and trained long on 1.28M images; ours is 0.5M parameters on 16 tokens for 2,500
+# defines the regime is large and trained long on 1.28M images; ours is 0.8M parameters on 16 tokens for 2,500
 # steps on 4,000. Each costs at most ~15 minutes of training on the 2 cores here.
-# (Per training step on 2 cores, against the base DiT: wider ~4x, patch 1 ~3.6x; the steps keep each within budget.)
+# (Per training step, measured at one thread, against the base DiT: wider ~4x, patch 1 ~3.6x; the steps keep each
+# within the budget.)
 CANDIDATES = {
     "longer": dict(dit_steps=10000),  # 4x the base's steps (~11 min)
     "wider": dict(dit=dict(num_attention_heads=6, attention_head_dim=32, num_layers=6), dit_steps=3000),
@@ -149,8 +151,10 @@ def candidate_prior(name, base):
     changes = CANDIDATES[name]
     partial = path + ".partial"
     for part in ("vae", "taesd"):  # train_prior skips the parts already in the partial folder
-        if not os.path.isdir(os.path.join(partial, part)):
-            shutil.copytree(os.path.join(base, part), os.path.join(partial, part))
+        if not os.path.isdir(os.path.join(partial, part)):  # copied whole or not at all: a kill mid-copy leaves none
+            remove_path(os.path.join(partial, part + ".copy"))
+            shutil.copytree(os.path.join(base, part), os.path.join(partial, part + ".copy"))
+            os.rename(os.path.join(partial, part + ".copy"), os.path.join(partial, part))
     training = dict(MNIST_TRAINING, dit_steps=changes["dit_steps"])
     build_mnist_prior(path, training, dit=dict(MNIST_DIT, **changes.get("dit", {})))
     return path
