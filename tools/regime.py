@@ -155,6 +155,9 @@ def candidate_prior(name, base):
             remove_path(os.path.join(partial, part + ".copy"))
             shutil.copytree(os.path.join(base, part), os.path.join(partial, part + ".copy"))
             os.rename(os.path.join(partial, part + ".copy"), os.path.join(partial, part))
+    print(f"candidate prior '{name}': the base VAE and gradient decoder reused (the lines below count them, they are "
+          f"not retrained), a DiT {changes.get('dit', '')} trained for {changes['dit_steps']} steps (measured at one "
+          f"thread beside another job: longer 28 min, wider 35 min); cached in {path}")
     training = dict(MNIST_TRAINING, dit_steps=changes["dit_steps"])
     build_mnist_prior(path, training, dit=dict(MNIST_DIT, **changes.get("dit", {})))
     return path
