@@ -47,6 +47,7 @@ ROOT = os.path.join("out", "regime")
 IPC = 10
 # the evaluators that did not guide: (arch, recipe); the guiding pair is (convnet, minimax)
 EVALUATORS = (("mlp", "minimax"), ("convnet", "igd"))
+COLUMNS = [f"{arch}/{recipe}" for arch, recipe in EVALUATORS] + ["logreg"]  # a row's accuracies, by evaluator
 RUNS = 3                # students per set and evaluator
 DIAGNOSE_SEEDS = (0, 1)  # two sets a row: n = 6 students per evaluator
 # Candidate priors: the current mnist prior's VAE (and gradient decoder) kept, the DiT changed. The DiT-XL/2 that
@@ -69,7 +70,9 @@ CFG_GRID = (1.0, 2.0, 4.0)
 # ----------------------------------------------------------------------------- the sets
 
 def real_set(train, seed):
-    return sample_real_ipc(train, IPC, seed)
+    """IPC random real training images per class, drawn with the seed: (images (N, 1, H, W), labels (N,))."""
+    drawn = sample_real_ipc(train, IPC, seed)
+    return torch.stack(drawn.items), torch.tensor(drawn.labels)
 
 
 @torch.no_grad()
@@ -171,12 +174,11 @@ def fmt(values, scale=100):
 
 
 def table(rows):
-    evaluators = [f"{a}/{r}" for a, r in EVALUATORS] + ["logreg"]
-    header = ["mnist, IPC 10", *[f"acc % {e}" for e in evaluators], "theta* recognises %", "nearest train L2",
+    header = ["mnist, IPC 10", *[f"acc % {e}" for e in COLUMNS], "theta* recognises %", "nearest train L2",
               "to class mean L2", "within class L2"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["name"], *[f"{fmt(row[e])} (n={len(row[e])})" for e in evaluators], fmt(row["recognised"]),
+        cells = [row["name"], *[f"{fmt(row[e])} (n={len(row[e])})" for e in COLUMNS], fmt(row["recognised"]),
                  *[fmt(row[k], 1) for k in ("nearest", "typicality", "diversity")]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -184,7 +186,7 @@ def table(rows):
 
 def margins(row, real):
     """Per evaluator not guiding, the row's mean accuracy minus random real's (points)."""
-    return {e: 100 * (np.mean(row[e]) - np.mean(real[e])) for e in [f"{a}/{r}" for a, r in EVALUATORS] + ["logreg"]}
+    return {e: 100 * (np.mean(row[e]) - np.mean(real[e])) for e in COLUMNS}
 
 
 def main(argv=None):
@@ -211,8 +213,7 @@ def main(argv=None):
     context = (spec, train, test, reference, view)
     seeds = DIAGNOSE_SEEDS if args.mode == "diagnose" else (0,) if args.mode == "candidates" else (0, 1, 2)
     seeds = tuple(args.seeds) if args.seeds else seeds
-    rows = [measure("random real", lambda s: (torch.stack(real_set(train, s).items),
-                                              torch.tensor(real_set(train, s).labels)), ("real",), seeds, context)]
+    rows = [measure("random real", lambda s: real_set(train, s), ("real",), seeds, context)]
 
     def prior_rows(name, path, settings):
         prior = load_prior(path)
@@ -225,9 +226,11 @@ def main(argv=None):
 
     if args.mode == "diagnose":
         prior, stamp = prior_rows("DiT", base, [(cfg, 50) for cfg in CFG_GRID] + [(2.0, 250)])
-        rows.insert(1, measure("VAE reconstructions of random real",
-                               lambda s: (reconstructed(prior, torch.stack(real_set(train, s).items)),
-                                          torch.tensor(real_set(train, s).labels)), ("recon", stamp), seeds, context))
+        def reconstructions(seed):
+            images, labels = real_set(train, seed)
+            return reconstructed(prior, images), labels
+
+        rows.insert(1, measure("VAE reconstructions of random real", reconstructions, ("recon", stamp), seeds, context))
     elif args.mode == "candidates":
         names = [args.candidate] if args.candidate else list(CANDIDATES)
         paths = [candidate_prior(name, base) for name in names]  # trained first: the measuring is the long part
