@@ -76,11 +76,12 @@ CHECK_CFG = {"digits": 2.0, "mnist": 2.0}  # the presets' CFG scale (distill.PRE
 # ----------------------------------------------------------------------------- the DiT (both priors)
 
 def train_dit(folder, latents, labels, config, schedule, steps, lr, ema_decay, batch_size=128, seed=0,
-              save_every=500, latent_std=None, desc="prior"):
+              save_every=500, latent_std=None, desc="prior", keep_raw=False):
     """Train a class-conditional DiT of `config` on `latents` (N, C, h, w) in its data scale (pixels in [-1, 1], or
     scaled VAE latents); save the EMA weights to `folder`/transformer. Resumable: its state is saved every
     save_every steps in `folder`/dit_state.pt. latent_std: per-latent posterior std; a fresh posterior sample is
-    drawn every step (the VAE's, as the SD/DiT pipeline trains on).
+    drawn every step (the VAE's, as the SD/DiT pipeline trains on). keep_raw: also save the raw (non-EMA) weights to
+    `folder`/transformer_raw, for comparing the two (tools.regime).
 
     With 2C outputs (learned variance) the loss is DiT's hybrid one: eps-MSE + the variational bound in bits per
     dimension for the variance head, the mean held fixed in it (Nichol & Dhariwal 2021, DiT `diffusion/`)."""
@@ -124,6 +125,8 @@ def train_dit(folder, latents, labels, config, schedule, steps, lr, ema_decay, b
                             step=step + 1, rng=torch.get_rng_state()), state_path)
     scheduler.save_pretrained(os.path.join(folder, "scheduler"))
     ema.save_pretrained(os.path.join(folder, "transformer"))
+    if keep_raw:
+        model.save_pretrained(os.path.join(folder, "transformer_raw"))
     remove_path(state_path)
 
 
@@ -248,7 +251,7 @@ def build_digits_prior(path, training=DIGITS_TRAINING):
     os.rename(partial, path)  # the finished parts become the prior: it appears whole or not at all
 
 
-def build_mnist_prior(path, training=MNIST_TRAINING, dit=MNIST_DIT):
+def build_mnist_prior(path, training=MNIST_TRAINING, dit=MNIST_DIT, keep_raw=False):
     print0(f"training the mnist prior once: a VAE ({training['vae_steps']} steps), a DiT on its latents "
            f"({training['dit_steps']} steps) and a tiny gradient decoder ({training['taesd_steps']} steps), about 8 "
            f"minutes on 2 CPU cores; cached in {path}")
@@ -264,7 +267,7 @@ def build_mnist_prior(path, training=MNIST_TRAINING, dit=MNIST_DIT):
     scale = vae.config.scaling_factor
     if not os.path.isdir(os.path.join(partial, "transformer")):
         train_dit(partial, means * scale, train.labels, dit, MNIST_SCHEDULE, training["dit_steps"],
-                  training["lr"], training["ema_decay"], latent_std=stds * scale, desc="mnist DiT")
+                  training["lr"], training["ema_decay"], latent_std=stds * scale, desc="mnist DiT", keep_raw=keep_raw)
     if not os.path.isdir(os.path.join(partial, "taesd")):
         train_taesd(partial, vae, means * scale, training["taesd_steps"], training["lr"])
     os.rename(partial, path)  # the finished parts become the prior: it appears whole or not at all

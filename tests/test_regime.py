@@ -92,3 +92,20 @@ def test_bad_input_is_one_error_line_before_anything_is_made(argv, said, capsys,
     code, lines = cli(regime.main, argv, capsys)
     one_error_line(code, lines, said)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_pixel_candidate_is_a_dit_on_the_pixels_with_its_raw_weights_kept(tmp_path, monkeypatch):
+    from model import load_prior
+    monkeypatch.setattr(regime, "ROOT", str(tmp_path))
+    monkeypatch.setattr(regime, "PIXEL_DIT", dict(regime.PIXEL_DIT, num_layers=1))
+    monkeypatch.setitem(regime.CANDIDATES, "tinypix", dict(pixel=True, dit_steps=3))
+    path = regime.candidate_prior("tinypix", "no base: a pixel prior needs none")
+    assert sorted(os.listdir(path)) == ["scheduler", "transformer", "transformer_raw"]  # no VAE, whole
+    prior = load_prior(path)
+    assert (prior.vae, prior.image_size, prior.image_channels) == (None, 32, 1)
+    raw = regime.raw_weights(path)
+    ema, trained = prior.transformer.state_dict(), raw.transformer.state_dict()
+    moved = [k for k in ema if not torch.equal(ema[k], trained[k])]
+    assert moved  # three steps of decay 0.995: the EMA lags the raw weights
+    images, labels = regime.generated(raw, 2.0, 2, 0)
+    assert images.shape == (100, 1, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1

@@ -23,6 +23,7 @@ import shutil
 
 import numpy as np
 import torch
+from diffusers import DiTTransformer2DModel
 
 from data import ImageSet, get_spec, load_real, sample_real_ipc
 from evaluate import evaluate_set, logistic_regression
@@ -38,9 +39,9 @@ from ground.common import (
     save_json,
 )
 from guidance import SamplerConfig, decode_images, sample
-from model import MNIST_DIT, load_prior
+from model import DIGITS_SCHEDULE, MNIST_DIT, load_prior
 from reference import recognises, reference_model
-from train_prior import MNIST_TRAINING, build_mnist_prior, embedded_prior
+from train_prior import MNIST_TRAINING, build_mnist_prior, embedded_prior, train_dit
 from train_student import recipe_view
 
 ROOT = os.path.join("out", "regime")
@@ -55,10 +56,15 @@ DIAGNOSE_SEEDS = (0, 1)  # two sets a row: n = 6 students per evaluator
 # steps on 4,000. Each costs at most ~15 minutes of training on the 2 cores here.
 # (Per training step, measured at one thread, against the base DiT: wider ~4x, patch 1 ~3.6x; the steps keep each
 # within the budget.)
+# "pixel": no VAE at all: the same DiT on the (padded 32 px) pixels, 64 patches of 1 x 4 x 4 (the latent size and the
+# decoder out of the picture; the DiT paper's pixel-space baseline, as the digits tier). Candidates trained since
+# 2026-12-07 keep their raw weights beside the EMA ones (transformer_raw/): the EMA row of the table.
+PIXEL_DIT = dict(MNIST_DIT, in_channels=1, out_channels=2, sample_size=32, patch_size=4)
 CANDIDATES = {
     "longer": dict(dit_steps=10000),  # 4x the base's steps (~11 min)
     "wider": dict(dit=dict(num_attention_heads=6, attention_head_dim=32, num_layers=6), dit_steps=3000),
     "patch1": dict(dit=dict(patch_size=1), dit_steps=3000),  # 64 tokens of 4 x 1 x 1 instead of 16 of 4 x 2 x 2
+    "pixel": dict(pixel=True, dit_steps=3000),  # 64 tokens, as patch1: the same cost a step
 }
 CFG_GRID = (1.0, 2.0, 4.0)
 # The rule, fixed before any candidate ran (seed 0 only; seeds 1 and 2 then confirm): a setting (prior x CFG) is in
@@ -146,24 +152,42 @@ def measure(name, make, key, seeds, context):
 # ----------------------------------------------------------------------------- candidate priors
 
 def candidate_prior(name, base):
-    """A candidate: the base prior's VAE and gradient decoder, a DiT trained as CANDIDATES[name] says (resumable:
-    train_prior resumes each part from its .partial folder)."""
+    """A candidate: the base prior's VAE and gradient decoder and a DiT trained as CANDIDATES[name] says, or (pixel)
+    a DiT on the pixels alone. Resumable: train_prior resumes each part from its .partial folder."""
     path = os.path.join(ROOT, "priors", name)
     if os.path.isdir(path):
         return path
     changes = CANDIDATES[name]
     partial = path + ".partial"
+    what = ("a pixel-space DiT" if changes.get("pixel") else "the base VAE and gradient decoder reused (the lines "
+            "below count them, they are not retrained), a DiT")
+    print(f"candidate prior '{name}': {what} {changes.get('dit', '')} trained for {changes['dit_steps']} steps "
+          f"(measured at one thread beside another job: longer 28 min, wider 35 min; patch1 and pixel about 30); "
+          f"cached in {path}")
+    if changes.get("pixel"):
+        os.makedirs(partial, exist_ok=True)
+        train = load_real(get_spec("mnist"), None, "train")
+        train_dit(partial, torch.stack(train.items) * 2 - 1, train.labels, PIXEL_DIT, DIGITS_SCHEDULE,
+                  changes["dit_steps"], MNIST_TRAINING["lr"], MNIST_TRAINING["ema_decay"], desc="mnist pixel DiT",
+                  keep_raw=True)
+        os.rename(partial, path)  # whole or not at all, as train_prior's priors
+        return path
     for part in ("vae", "taesd"):  # train_prior skips the parts already in the partial folder
         if not os.path.isdir(os.path.join(partial, part)):  # copied whole or not at all: a kill mid-copy leaves none
             remove_path(os.path.join(partial, part + ".copy"))
             shutil.copytree(os.path.join(base, part), os.path.join(partial, part + ".copy"))
             os.rename(os.path.join(partial, part + ".copy"), os.path.join(partial, part))
-    print(f"candidate prior '{name}': the base VAE and gradient decoder reused (the lines below count them, they are "
-          f"not retrained), a DiT {changes.get('dit', '')} trained for {changes['dit_steps']} steps (measured at one "
-          f"thread beside another job: longer 28 min, wider 35 min); cached in {path}")
     training = dict(MNIST_TRAINING, dit_steps=changes["dit_steps"])
-    build_mnist_prior(path, training, dit=dict(MNIST_DIT, **changes.get("dit", {})))
+    build_mnist_prior(path, training, dit=dict(MNIST_DIT, **changes.get("dit", {})), keep_raw=True)
     return path
+
+
+def raw_weights(path):
+    """The prior at `path` with its raw (non-EMA) DiT weights instead of the EMA ones."""
+    prior = load_prior(path)
+    prior.transformer.load_state_dict(DiTTransformer2DModel.from_pretrained(
+        os.path.join(path, "transformer_raw"), low_cpu_mem_usage=False).state_dict())
+    return prior
 
 
 # ----------------------------------------------------------------------------- the table
@@ -218,10 +242,15 @@ def main(argv=None):
     def prior_rows(name, path, settings):
         prior = load_prior(path)
         stamp = file_stamps([os.path.join(path, part, f) for part in ("vae", "transformer")
+                             if os.path.isdir(os.path.join(path, part))  # a pixel prior has no vae/
                              for f in sorted(os.listdir(os.path.join(path, part)))])
         for cfg, steps in settings:
             rows.append(measure(f"{name}: CFG {cfg:g}, {steps} steps",
                                 lambda s: generated(prior, cfg, steps, s), ("dit", stamp, cfg, steps), seeds, context))
+        if args.mode == "candidates" and os.path.isdir(os.path.join(path, "transformer_raw")):  # EMA against raw
+            raw = raw_weights(path)
+            rows.append(measure(f"{name}, raw weights (no EMA): CFG 2, 50 steps", lambda s: generated(raw, 2.0, 50, s),
+                                ("raw", stamp, 2.0, 50), seeds, context))
         return prior, stamp
 
     if args.mode == "diagnose":
