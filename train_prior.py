@@ -157,13 +157,13 @@ def variational_bound(scheduler, eps, variance_values, x0, xt, t):
 
 # ----------------------------------------------------------------------------- the mnist VAE and its tiny decoder
 
-def train_vae(folder, images, steps, lr, kl_weight=1e-4, batch_size=32, seed=0):
-    """The latent tier's AutoencoderKL (model.MNIST_VAE) on images (N, 1, 32, 32) in [0, 1]: pixel MSE in [-1, 1]
-    plus kl_weight x the KL to N(0, 1) per latent dimension, so the latents stay a smooth space a DiT can learn.
+def train_vae(folder, images, steps, lr, kl_weight=1e-4, batch_size=32, seed=0, config=MNIST_VAE):
+    """The latent tier's AutoencoderKL (`config`, model.MNIST_VAE) on images (N, 1, 32, 32) in [0, 1]: pixel MSE in
+    [-1, 1] plus kl_weight x the KL to N(0, 1) per latent dimension, so the latents stay a smooth space a DiT can learn.
     Its scaling_factor is set from the trained latents: 1 / std of the posterior means of the train split, so the
     DiT sees latents of unit variance (as 0.18215 does for the SD VAE). Saved to `folder`/vae."""
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**MNIST_VAE)
+    vae = AutoencoderKL(**config)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     x_all = images * 2 - 1
     vae.train()
@@ -251,7 +251,9 @@ def build_digits_prior(path, training=DIGITS_TRAINING):
     os.rename(partial, path)  # the finished parts become the prior: it appears whole or not at all
 
 
-def build_mnist_prior(path, training=MNIST_TRAINING, dit=MNIST_DIT, keep_raw=False):
+def build_mnist_prior(path, training=MNIST_TRAINING, dit=MNIST_DIT, keep_raw=False, vae_config=MNIST_VAE):
+    """The mnist prior at `path`: VAE, DiT on its latents, gradient decoder (none when training's taesd_steps is 0:
+    only guided runs need one). dit, vae_config: other architectures (tools.regime's candidates)."""
     print0(f"training the mnist prior once: a VAE ({training['vae_steps']} steps), a DiT on its latents "
            f"({training['dit_steps']} steps) and a tiny gradient decoder ({training['taesd_steps']} steps), about 8 "
            f"minutes on 2 CPU cores; cached in {path}")
@@ -262,13 +264,13 @@ def build_mnist_prior(path, training=MNIST_TRAINING, dit=MNIST_DIT, keep_raw=Fal
     if os.path.isdir(os.path.join(partial, "vae")):  # each part resumes from the last one finished
         vae = AutoencoderKL.from_pretrained(os.path.join(partial, "vae"))
     else:
-        vae = train_vae(partial, images, training["vae_steps"], training["lr"])
+        vae = train_vae(partial, images, training["vae_steps"], training["lr"], config=vae_config)
     means, stds = encode_all(vae.eval().requires_grad_(False), images * 2 - 1)
     scale = vae.config.scaling_factor
     if not os.path.isdir(os.path.join(partial, "transformer")):
         train_dit(partial, means * scale, train.labels, dit, MNIST_SCHEDULE, training["dit_steps"],
                   training["lr"], training["ema_decay"], latent_std=stds * scale, desc="mnist DiT", keep_raw=keep_raw)
-    if not os.path.isdir(os.path.join(partial, "taesd")):
+    if training["taesd_steps"] and not os.path.isdir(os.path.join(partial, "taesd")):
         train_taesd(partial, vae, means * scale, training["taesd_steps"], training["lr"])
     os.rename(partial, path)  # the finished parts become the prior: it appears whole or not at all
 

@@ -109,3 +109,19 @@ def test_a_pixel_candidate_is_a_dit_on_the_pixels_with_its_raw_weights_kept(tmp_
     assert moved  # three steps of decay 0.995: the EMA lags the raw weights
     images, labels = regime.generated(raw, 2.0, 2, 0)
     assert images.shape == (100, 1, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1
+
+
+def test_a_vae_candidate_trains_its_own_vae_and_no_gradient_decoder(tmp_path, monkeypatch):
+    from conftest import TINY_MNIST
+    from model import load_prior
+    monkeypatch.setattr(regime, "ROOT", str(tmp_path))
+    monkeypatch.setattr(regime, "MNIST_TRAINING", dict(TINY_MNIST, vae_steps=3))
+    latent16 = regime.CANDIDATES["latent16"]
+    monkeypatch.setitem(regime.CANDIDATES, "tinyvae", dict(latent16, dit=dict(latent16["dit"], num_layers=1),
+                                                          dit_steps=3))
+    path = regime.candidate_prior("tinyvae", "no base: it trains its own VAE")
+    assert sorted(os.listdir(path)) == ["scheduler", "transformer", "transformer_raw", "vae"]  # whole, no taesd/
+    prior = load_prior(path)
+    assert (prior.channels, prior.latent_size, prior.image_size, prior.image_channels) == (4, 16, 32, 1)
+    images, _ = regime.generated(prior, 2.0, 2, 0)
+    assert images.shape == (100, 1, 32, 32)

@@ -39,7 +39,7 @@ from ground.common import (
     save_json,
 )
 from guidance import SamplerConfig, decode_images, sample
-from model import DIGITS_SCHEDULE, MNIST_DIT, load_prior
+from model import DIGITS_SCHEDULE, MNIST_DIT, MNIST_VAE, load_prior
 from reference import recognises, reference_model
 from train_prior import MNIST_TRAINING, build_mnist_prior, embedded_prior, train_dit
 from train_student import recipe_view
@@ -65,6 +65,10 @@ CANDIDATES = {
     "wider": dict(dit=dict(num_attention_heads=6, attention_head_dim=32, num_layers=6), dit_steps=3000),
     "patch1": dict(dit=dict(patch_size=1), dit_steps=3000),  # 64 tokens of 4 x 1 x 1 instead of 16 of 4 x 2 x 2
     "pixel": dict(pixel=True, dit_steps=3000),  # 64 tokens, as patch1: the same cost a step
+    # a VAE of its own with one downsampling fewer: 4 x 16 x 16 latents (4x the base's), patch 2: 64 tokens again; no
+    # gradient decoder (the rows are unguided)
+    "latent16": dict(vae=dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                              up_block_types=("UpDecoderBlock2D",) * 2), dit=dict(sample_size=16), dit_steps=3000),
 }
 CFG_GRID = (1.0, 2.0, 4.0)
 # The rule, fixed before any candidate ran (seed 0 only; seeds 1 and 2 then confirm): a setting (prior x CFG) is in
@@ -153,14 +157,15 @@ def measure(name, make, key, seeds, context):
 
 def candidate_prior(name, base):
     """A candidate: the base prior's VAE and gradient decoder and a DiT trained as CANDIDATES[name] says, or (pixel)
-    a DiT on the pixels alone. Resumable: train_prior resumes each part from its .partial folder."""
+    a DiT on the pixels alone, or (vae) a VAE of its own and a DiT on its latents. Resumable: train_prior resumes
+    each part from its .partial folder."""
     path = os.path.join(ROOT, "priors", name)
     if os.path.isdir(path):
         return path
     changes = CANDIDATES[name]
     partial = path + ".partial"
-    what = ("a pixel-space DiT" if changes.get("pixel") else "the base VAE and gradient decoder reused (the lines "
-            "below count them, they are not retrained), a DiT")
+    what = ("a pixel-space DiT" if changes.get("pixel") else f"a VAE {changes['vae']} and a DiT" if "vae" in changes
+            else "the base VAE and gradient decoder reused (the lines below count them, they are not retrained), a DiT")
     print(f"candidate prior '{name}': {what} {changes.get('dit', '')} trained for {changes['dit_steps']} steps "
           f"(measured at one thread beside another job: longer 28 min, wider 35 min; patch1 and pixel about 30); "
           f"cached in {path}")
@@ -172,13 +177,18 @@ def candidate_prior(name, base):
                   keep_raw=True)
         os.rename(partial, path)  # whole or not at all, as train_prior's priors
         return path
+    training = dict(MNIST_TRAINING, dit_steps=changes["dit_steps"])
+    dit = dict(MNIST_DIT, **changes.get("dit", {}))
+    if "vae" in changes:
+        build_mnist_prior(path, dict(training, taesd_steps=0), dit, keep_raw=True,
+                          vae_config=dict(MNIST_VAE, **changes["vae"]))
+        return path
     for part in ("vae", "taesd"):  # train_prior skips the parts already in the partial folder
         if not os.path.isdir(os.path.join(partial, part)):  # copied whole or not at all: a kill mid-copy leaves none
             remove_path(os.path.join(partial, part + ".copy"))
             shutil.copytree(os.path.join(base, part), os.path.join(partial, part + ".copy"))
             os.rename(os.path.join(partial, part + ".copy"), os.path.join(partial, part))
-    training = dict(MNIST_TRAINING, dit_steps=changes["dit_steps"])
-    build_mnist_prior(path, training, dit=dict(MNIST_DIT, **changes.get("dit", {})), keep_raw=True)
+    build_mnist_prior(path, training, dit, keep_raw=True)
     return path
 
 
