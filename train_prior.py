@@ -254,9 +254,9 @@ def build_digits_prior(path, training=DIGITS_TRAINING):
 def build_mnist_prior(path, training=MNIST_TRAINING, dit=MNIST_DIT, keep_raw=False, vae_config=MNIST_VAE):
     """The mnist prior at `path`: VAE, DiT on its latents, gradient decoder (none when training's taesd_steps is 0:
     only guided runs need one). dit, vae_config: other architectures (tools.regime's candidates)."""
+    decoder = f" and a tiny gradient decoder ({training['taesd_steps']} steps)" if training["taesd_steps"] else ""
     print0(f"training the mnist prior once: a VAE ({training['vae_steps']} steps), a DiT on its latents "
-           f"({training['dit_steps']} steps) and a tiny gradient decoder ({training['taesd_steps']} steps), about 8 "
-           f"minutes on 2 CPU cores; cached in {path}")
+           f"({training['dit_steps']} steps){decoder}, about 8 minutes on 2 CPU cores; cached in {path}")
     partial = path + ".partial"
     os.makedirs(partial, exist_ok=True)
     train = load_real(get_spec("mnist"), None, "train")

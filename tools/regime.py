@@ -51,14 +51,14 @@ EVALUATORS = (("mlp", "minimax"), ("convnet", "igd"))
 COLUMNS = [f"{arch}/{recipe}" for arch, recipe in EVALUATORS] + ["logreg"]  # a row's accuracies, by evaluator
 RUNS = 3                # students per set and evaluator
 DIAGNOSE_SEEDS = (0, 1)  # two sets a row: n = 6 students per evaluator
-# Candidate priors: the current mnist prior's VAE (and gradient decoder) kept, the DiT changed. The DiT-XL/2 that
+# Candidate priors: most keep the current mnist prior's VAE (and gradient decoder) and change the DiT. The DiT-XL/2 that
 # defines the regime is large and trained long on 1.28M images; ours is 0.8M parameters on 16 tokens for 2,500
 # steps on 4,000. Each costs at most ~15 minutes of training on the 2 cores here.
 # (Per training step, measured at one thread, against the base DiT: wider ~4x, patch 1 ~3.6x; the steps keep each
 # within the budget.)
 # "pixel": no VAE at all: the same DiT on the (padded 32 px) pixels, 64 patches of 1 x 4 x 4 (the latent size and the
-# decoder out of the picture; the DiT paper's pixel-space baseline, as the digits tier). Candidates trained since
-# 2026-12-07 keep their raw weights beside the EMA ones (transformer_raw/): the EMA row of the table.
+# decoder out of the picture, as in the digits tier). Candidates trained since 2026-12-07 keep their raw weights
+# beside the EMA ones (transformer_raw/): the EMA row of the table.
 PIXEL_DIT = dict(MNIST_DIT, in_channels=1, out_channels=2, sample_size=32, patch_size=4)
 CANDIDATES = {
     "longer": dict(dit_steps=10000),  # 4x the base's steps (~11 min)
