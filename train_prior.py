@@ -243,11 +243,17 @@ def embedded_prior(dataset, cache_dir="out/cache", training=None, check=True):
 def build_digits_prior(path, training=DIGITS_TRAINING):
     print0(f"training the digits prior once ({training['steps']} steps, about 2 minutes on 2 CPU cores; cached in "
            f"{path})")
+    build_pixel_prior(path, "digits", DIGITS_PRIOR, training)
+
+
+def build_pixel_prior(path, dataset, dit, training, keep_raw=False):
+    """A DiT of config `dit` on `dataset`'s train pixels in [-1, 1] (no VAE: decode = identity), trained as
+    `training` (steps, lr, ema_decay) says, at `path`: the digits prior, and tools.regime's mnist pixel candidate."""
     partial = path + ".partial"
     os.makedirs(partial, exist_ok=True)
-    train = load_real(get_spec("digits"), None, "train")
-    train_dit(partial, torch.stack(train.items) * 2 - 1, train.labels, DIGITS_PRIOR, DIGITS_SCHEDULE,
-              desc="digits prior", **training)
+    train = load_real(get_spec(dataset), None, "train")
+    train_dit(partial, torch.stack(train.items) * 2 - 1, train.labels, dit, DIGITS_SCHEDULE, desc=f"{dataset} prior",
+              keep_raw=keep_raw, **training)
     os.rename(partial, path)  # the finished parts become the prior: it appears whole or not at all
 
 

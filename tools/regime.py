@@ -39,9 +39,9 @@ from ground.common import (
     save_json,
 )
 from guidance import SamplerConfig, decode_images, sample
-from model import DIGITS_SCHEDULE, MNIST_DIT, MNIST_VAE, load_prior
+from model import MNIST_DIT, MNIST_VAE, load_prior
 from reference import recognises, reference_model
-from train_prior import MNIST_TRAINING, build_mnist_prior, embedded_prior, train_dit
+from train_prior import MNIST_TRAINING, build_mnist_prior, build_pixel_prior, embedded_prior
 from train_student import recipe_view
 
 ROOT = os.path.join("out", "regime")
@@ -170,12 +170,8 @@ def candidate_prior(name, base):
           f"(measured at one thread beside another job: longer 28 min, wider 35, patch1 31, pixel 32, latent16 43); "
           f"cached in {path}")
     if changes.get("pixel"):
-        os.makedirs(partial, exist_ok=True)
-        train = load_real(get_spec("mnist"), None, "train")
-        train_dit(partial, torch.stack(train.items) * 2 - 1, train.labels, PIXEL_DIT, DIGITS_SCHEDULE,
-                  changes["dit_steps"], MNIST_TRAINING["lr"], MNIST_TRAINING["ema_decay"], desc="mnist pixel DiT",
-                  keep_raw=True)
-        os.rename(partial, path)  # whole or not at all, as train_prior's priors
+        build_pixel_prior(path, "mnist", PIXEL_DIT, dict(steps=changes["dit_steps"], lr=MNIST_TRAINING["lr"],
+                                                          ema_decay=MNIST_TRAINING["ema_decay"]), keep_raw=True)
         return path
     training = dict(MNIST_TRAINING, dit_steps=changes["dit_steps"])
     dit = dict(MNIST_DIT, **changes.get("dit", {}))
