@@ -228,6 +228,7 @@ def test_igd_and_the_papers_pipeline_end_to_end(tmp_path, latent_prior, fake_woo
     assert r.returncode == 1 and "snapshots 0..3" in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile's CPU backend needs a C compiler; none on this machine")
 def test_compiled_prior_samples_the_same_images(pixel_prior):
@@ -480,6 +481,7 @@ def torchrun(*args, cwd):
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(tmp_path, straight_run, latent_prior, fake_woof):
     """Generation is sharded by global image index: the same bytes whatever the number of ranks.
     With --no-student-ddp every rank trains the identical per-stage student, so the whole set is
@@ -498,6 +500,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, straight_run, latent_pri
     assert json.loads((tmp_path / "ddp" / "args.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_kill_minus_nine_then_resume(tmp_path, straight_run, latent_prior, fake_woof):
     """A process killed mid-stage: the rerun finishes, finished files are untouched, and the final set is
     byte-identical to an uninterrupted run (memories are rebuilt from disk, students reloaded)."""

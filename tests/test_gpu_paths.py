@@ -28,6 +28,7 @@ open(f"{sys.argv[1]}.through{rank}", "w").close()  # a file per rank: two ranks'
 """
 
 
+@pytest.mark.slow
 def test_a_rank_waits_out_long_one_rank_work_without_a_collective_timing_out(tmp_path):
     script = tmp_path / "slow.py"
     script.write_text(SLOW_RANK_0)
@@ -180,6 +181,7 @@ def test_each_rank_reads_only_its_slice_and_a_large_set_keeps_one_loader(stream,
     assert isinstance(real, ImageSet)
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_its_checks_on_tiny_shapes(tmp_path, capsys):
     """`python -m tools.gpu_check` is what a first GPU user runs; here on the CPU with tiny shapes: a guided run
     killed with SIGKILL and resumed to the uninterrupted set, the bench, an MGD3 run through the VAE encoder;

@@ -546,6 +546,7 @@ def test_bf16_autocast_path_returns_float32_close_to_fp32(latent_prior):
 
 # ----------------------------------------------------------------------------- the latent tier (a trained decoder)
 
+@pytest.mark.slow
 def test_a_guided_step_through_the_trained_decoder_raises_s(mnist_prior):
     """The latent tier: g goes back through the trained VAE decoder, x0_hat = decode(z0_hat / scaling_factor). From
     the same z_t and noise, the guided z_{t-1} decodes to a higher S than the plain one."""
@@ -563,6 +564,7 @@ def test_a_guided_step_through_the_trained_decoder_raises_s(mnist_prior):
     assert s_guided.mean() > s_plain.mean() and (s_guided > s_plain).float().mean() >= 0.75
 
 
+@pytest.mark.slow
 def test_the_trained_gradient_decoder_follows_the_vaes_gradient(mnist_prior):
     """--grad-decoder taesd on the latent tier: the tiny decoder distilled from the VAE's gives nearly the VAE's
     gradient of a classifier's CE (the real prior: cosine 0.91), far from what an untrained one gives."""

@@ -4,6 +4,7 @@ every time, a killed MGD3 run resumes to the same bytes, and bad settings are on
 import os
 import signal
 
+import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -133,6 +134,7 @@ MGD3_ARGV = ["--dataset", "digits", "--method", "mgd3", "--ipc", 3, "--steps", 6
              "--no-eval"]
 
 
+@pytest.mark.slow
 def test_a_killed_mgd3_run_resumes_to_the_same_bytes(tmp_path, pixel_prior):
     straight = tmp_path / "straight"
     r = run_cli("distill.py", *MGD3_ARGV, "--prior", pixel_prior, "--out-dir", straight, cwd=tmp_path)

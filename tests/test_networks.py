@@ -348,6 +348,7 @@ def test_minimaxs_key_layouts_are_read_and_a_misfit_names_what_it_expected(tmp_p
         reference_model(SPEC, "convnet", None, "cpu", path=str(tmp_path / "other.pt"))
 
 
+@pytest.mark.slow
 def test_the_mnist_prior_is_in_the_hub_layout_and_its_vae_round_trips(mnist_prior):
     """train_prior.py's latent tier, loaded by the very load_prior of DiT-XL/2: the DiT with the learned variance and
     the null label, the VAE whose scaling factor makes the train latents unit-variance, its tiny decoder."""

@@ -197,6 +197,7 @@ def test_a_dit_or_mgd3_preflight_trains_no_theta_star(empirical, tmp_path, capsy
     assert not (tmp_path / "out" / "cache").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale,passes", [(1.0, True), (2.0, False), (0.5, False)])
 def test_a_vae_with_the_wrong_scaling_factor_fails_the_preflight(mnist_prior, tmp_path, capsys, monkeypatch, scale,
                                                                  passes):

@@ -37,6 +37,7 @@ def python(code, *args):
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_first_runs_at_once_train_the_digits_prior_once(tmp_path):
     """Both processes ask for the prior at the same moment: one trains it, the other says it waits (naming the
     trainer's pid), then reuses it; both finish, nothing half-written or locked is left in the cache."""
@@ -61,6 +62,7 @@ def test_two_first_runs_at_once_train_the_digits_prior_once(tmp_path):
     assert load_prior(str(tmp_path / "cache" / "digits_prior")).image_size == 8
 
 
+@pytest.mark.slow
 def test_two_lgd_runs_at_once_train_theta_star_once(tmp_path, pixel_prior):
     """The CLI path: two LGD runs into two folders, started together, share theta*'s cache entry."""
     args = [*LGD, "--prior", pixel_prior, "--reference-epochs", 30]
