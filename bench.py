@@ -6,10 +6,9 @@ One run times, at one model size and batch, in one process:
                backward (SD VAE, TAESD) | classifiers forward + backward (student + theta*) | scheduler step,
                their sum against the measured guided step (the rest is our code's overhead), and the
                FLOPs of each (torch.utils.flop_counter: the floor a GPU cannot go under)
-  variants     unguided | guided (exact: g through classifiers, VAE decoder, DiT) | z0-only (eps held
-               fixed: no backward through the DiT) | taesd (g through TAESD) | taesd + z0-only | igd (IGD's
-               influence score, 4 checkpoints: a double backward) -- step time, ratio to unguided, images/s,
-               peak memory (CUDA max allocated; on CPU the process's peak RSS, which only grows)
+  variants     unguided | guided (g through classifiers, VAE decoder, DiT) | igd (IGD's influence score, 4
+               checkpoints: a double backward) -- step time, ratio to unguided, images/s, peak memory (CUDA max
+               allocated; on CPU the process's peak RSS, which only grows)
   --student    student training throughput (images/s) on digits and at 224 px, and augmentation alone
   --mgd3       MGD3's costs: the k-means of one class (ImageWoof's size: 1,300 latents of 4 x 32 x 32) for k = 10,
                50, 100, and a 50-step sampling pass with the mode pull against the same pass without it
@@ -17,15 +16,16 @@ One run times, at one model size and batch, in one process:
                --dataset mnist: the VAE in the loop) (distill.py --preflight) in a fresh
                folder, then the run it priced, timed: ETA / measured (target: within 1.5x either way)
 
-Sizes: `--size xl` = DiT-XL/2 256 px + SD VAE + TAESD (random weights: speed does not depend on them) with
-ConvNet-6 classifiers at 224 px (theta* at 256); `--size tiny` = the digits prior's architecture (8 px,
-pixel space: no decoder, so the taesd rows are absent).
+Sizes: `--size xl` = DiT-XL/2 256 px + SD VAE (random weights: speed does not depend on them) with ConvNet-6
+classifiers at 224 px (theta* at 256); `--size tiny` = the digits prior's architecture (8 px, pixel space: no
+decoder). `--tf32` and `--channels-last` (NHWC decoder and classifiers) measure what a run does not do by default
+on a GPU: TF32 it does (as DiT's sampler), channels-last it does not (torch's CUDA GroupNorm, the instance norm of
+the classifiers and the VAE's norm, has no channels-last kernel; unmeasured, so off).
 
 Run: `python bench.py --size tiny`, `python bench.py --size xl --batch-size 1 2 --json out/bench_xl.json`,
      `python bench.py --size xl --device cuda --batch-size 8 --precision bf16 --json out/bench_gpu.json`
 """
 import argparse
-import copy
 import os
 import resource
 import subprocess
@@ -34,7 +34,7 @@ import tempfile
 import time
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiTTransformer2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import Augment, ImageSet, get_spec, load_real, sample_real_ipc
@@ -51,7 +51,7 @@ from ground.common import (
 )
 from guidance import GuidanceConfig, Learnability, SamplerConfig, cfg_output, guided_output, sample
 from igd import Influence
-from mgd3 import MGD3, class_modes, mode_pull
+from mgd3 import MGD3, ModePull, class_modes
 from model import DIGITS_PRIOR, Prior, make_scheduler, make_student, predicted_clean
 from reference import reference_view
 from train_student import recipe_view, train_student
@@ -64,14 +64,14 @@ SD_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, sample
 
 
 def build(size, device):
-    """(prior, spec) with random weights at the requested size; XL carries TAESD as its gradient decoder."""
+    """(prior, spec) with random weights at the requested size."""
     scheduler_config = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").config
     if size == "tiny":
         prior = Prior(DiTTransformer2DModel(**DIGITS_PRIOR).to(device),
                       make_scheduler(scheduler_config, "ddpm", True, False))
         return prior, get_spec("digits")
     prior = Prior(DiTTransformer2DModel(**XL_DIT).to(device), make_scheduler(scheduler_config, "ddpm", False, True),
-                  AutoencoderKL(**SD_VAE).to(device), AutoencoderTiny().to(device))  # AutoencoderTiny() = TAESD's shape
+                  AutoencoderKL(**SD_VAE).to(device))
     return prior, get_spec("imagewoof")
 
 
@@ -89,9 +89,8 @@ def timed(fn, device, repeats):
 
 
 def step_parts(prior, z, t, labels, classes, sampler, score):
-    """The pieces of one guided step as (name, callable, part of the exact step?) (each callable repeats the
-    work it needs before it). The TAESD parts replace the VAE's in the cheap step; in pixel space the VAE
-    parts are the identity and not part of the exact step."""
+    """The pieces of one guided step as (name, callable, part of the step?) (each callable repeats the work it needs
+    before it); in pixel space the VAE parts are the identity and not part of the step."""
     c, alpha_bar = prior.channels, prior.scheduler.alphas_cumprod[t].to(z.device)
     state = {}
 
@@ -103,47 +102,40 @@ def step_parts(prior, z, t, labels, classes, sampler, score):
     def dit_backward():
         torch.autograd.grad(state["eps"], state["z"], torch.ones_like(state["eps"]), retain_graph=True)
 
-    def decoder(decode):
-        def forward():
-            state["z0"] = predicted_clean(z, state["eps"].detach(), alpha_bar).requires_grad_(True)
-            with torch.enable_grad():
-                state["x"] = decode(state["z0"])
+    def vae_forward():
+        state["z0"] = predicted_clean(z, state["eps"].detach(), alpha_bar).requires_grad_(True)
+        with torch.enable_grad():
+            state["x"] = prior.decode(state["z0"])
 
-        def backward():
-            torch.autograd.grad(state["x"], state["z0"], torch.ones_like(state["x"]), retain_graph=True)
-        return forward, backward
+    def vae_backward():
+        torch.autograd.grad(state["x"], state["z0"], torch.ones_like(state["x"]), retain_graph=True)
 
     def classifiers():
         x = state["x"].detach().float().requires_grad_(True)
         with torch.enable_grad():
-            torch.autograd.grad(score(x, classes).sum(), x)
+            torch.autograd.grad(score.parts(x, classes)["S"].sum(), x)
 
     def scheduler_step():
         out = torch.cat([state["eps"].detach(), torch.zeros_like(state["eps"])], dim=1) if prior.learned_variance \
             else state["eps"].detach()
         prior.scheduler.step(out, t, z)
-    vae_forward, vae_backward = decoder(prior.decode)
     latent = prior.vae is not None
-    parts = [("DiT CFG forward, with grad", dit_forward_with_grad, True), ("DiT input-backward", dit_backward, True),
-             ("VAE decoder forward", vae_forward, latent), ("VAE decoder backward", vae_backward, latent),
-             ("classifiers forward+backward", classifiers, True), ("scheduler step", scheduler_step, True)]
-    if prior.grad_vae is not None:
-        taesd_forward, taesd_backward = decoder(prior.decode_for_gradient)
-        parts += [("TAESD decoder forward", taesd_forward, False), ("TAESD decoder backward", taesd_backward, False)]
-    return parts
+    return [("DiT CFG forward, with grad", dit_forward_with_grad, True), ("DiT input-backward", dit_backward, True),
+            ("VAE decoder forward", vae_forward, latent), ("VAE decoder backward", vae_backward, latent),
+            ("classifiers forward+backward", classifiers, True), ("scheduler step", scheduler_step, True)]
 
 
 def bench_sampler(args, device, batch):
     torch.manual_seed(0)
     prior, spec = build(args.size, device)
     prior.bf16 = args.precision == "bf16" and device.type == "cuda"
-    if args.grad_checkpoint:
-        prior.enable_gradient_checkpointing()
-    if args.channels_last:
-        prior.channels_last()
     spec.image_size = prior.image_size
     view, ref_view = recipe_view(spec, "minimax"), reference_view(spec)
     student, reference = make_student("convnet", view).to(device), make_student("convnet", ref_view).to(device)
+    if args.channels_last:  # NHWC decoder and classifiers
+        for module in (prior.vae, student, reference):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
     score = Learnability(student, view, reference, ref_view, 0.5)
     influence_nets = [make_student("convnet", ref_view).to(device) for _ in range(4)]
     size = sum(p.numel() for p in influence_nets[0].parameters())
@@ -156,25 +148,19 @@ def bench_sampler(args, device, batch):
     labels = torch.tensor([spec.prior_labels[i % spec.num_classes] for i in range(batch)], device=device)
     classes = torch.arange(batch, device=device) % spec.num_classes
     sampler = SamplerConfig(cfg_scale=4.0)
-    exact, z0_only = GuidanceConfig(), GuidanceConfig(through_dit=False)
-    cheap, exact_prior = prior.grad_vae, copy.copy(prior)
-    exact_prior.grad_vae = None  # the same modules, the gradient through the VAE
 
-    def step(p, guide, s):  # one sampler step: the guided output, then the scheduler step
-        out = cfg_output(p, z, t, labels, sampler) if guide is None else guided_output(p, z, t, labels, classes,
-                                                                                        sampler, s, guide)[0]
-        p.scheduler.step(out, t, z)
-    variants = {"unguided": (exact_prior, None, score), "guided": (exact_prior, exact, score),
-                "guided-z0": (exact_prior, z0_only, score)}
-    if cheap is not None:
-        variants.update({"taesd": (prior, exact, score), "taesd + z0-only": (prior, z0_only, score)})
-    variants["igd"] = (exact_prior, GuidanceConfig(scale=5.0, candidates=1), influence)
+    def step(guide, s):  # one sampler step: the guided output, then the scheduler step
+        out = cfg_output(prior, z, t, labels, sampler) if guide is None else guided_output(
+            prior, z, t, labels, classes, sampler, s, guide)[0]
+        prior.scheduler.step(out, t, z)
+    variants = {"unguided": (None, score), "guided": (GuidanceConfig(), score),
+                "igd": (GuidanceConfig(scale=5.0, candidates=1), influence)}
     rows = []
-    for name, (p, guide, s) in variants.items():
+    for name, (guide, s) in variants.items():
         if device.type == "cuda":  # per-variant peak on GPU; on CPU the RSS peak only grows (see docstring)
             torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad():  # important! the sampler runs under no_grad; guidance re-enables it locally
-            seconds, flops = timed(lambda: step(p, guide, s), device, args.repeats)
+            seconds, flops = timed(lambda: step(guide, s), device, args.repeats)
         rows.append(dict(variant=name, step_s=seconds, gflops=flops / 1e9, images_per_s=batch / seconds,
                          peak_mb=peak_memory_mb(device)))
     for row in rows:
@@ -183,8 +169,7 @@ def bench_sampler(args, device, batch):
     with torch.no_grad():
         components.append(dict(part="DiT CFG forward (no grad)", **dict(zip(("s", "flops"), timed(
             lambda: cfg_output(prior, z, t, labels, sampler), device, args.repeats)))))
-        for name, fn, exact_part in step_parts(exact_prior if cheap is None else prior, z, t, labels, classes, sampler,
-                                               score):
+        for name, fn, exact_part in step_parts(prior, z, t, labels, classes, sampler, score):
             components.append(dict(part=name, **dict(zip(("s", "flops"), timed(fn, device, args.repeats)))))
             parts_sum += components[-1]["s"] if exact_part else 0.0
     guided = next(r for r in rows if r["variant"] == "guided")
@@ -228,9 +213,10 @@ def bench_mgd3(args, device):
     labels, sampler = torch.arange(batch) % spec.num_classes, SamplerConfig(steps=50)
     modes = torch.randn(batch, prior.channels, prior.latent_size, prior.latent_size)
     noise = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]
-    plain = seconds_per_call(lambda: sample(prior, labels, noise(), sampler), device, args.repeats or 2)
-    pulled = seconds_per_call(lambda: sample(prior, labels, noise(), sampler, pull=mode_pull(prior, modes, MGD3())),
-                              device, args.repeats or 2)
+    pull = ModePull(modes.to(prior.device), MGD3())
+    plain = seconds_per_call(lambda: sample(prior, labels, labels, noise(), sampler), device, args.repeats or 2)
+    pulled = seconds_per_call(lambda: sample(prior, labels, labels, noise(), sampler, pull=pull), device,
+                              args.repeats or 2)
     out[f"50-step pass of {batch} images ({args.size}), unguided, s"] = plain
     out["the same with MGD3's pull, s"] = pulled
     out["MGD3 / unguided"] = pulled / plain
@@ -263,12 +249,10 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, nargs="+", default=None, help="images per step (tiny 128, xl 1 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default: tiny 10, xl 2)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast (CUDA)")
-    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
-                   help="gradient checkpointing in DiT/VAE during the guided step")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                    help="TF32 matrix multiplies in fp32 (default: on with CUDA, as distill.py)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC decoders (default: on with CUDA, as distill.py)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="NHWC decoder and classifiers (a run does not use it)")
     p.add_argument("--student", action="store_true", help="time student training instead of sampling steps")
     p.add_argument("--eta", action="store_true", help="a preflight, then the run it priced: ETA / measured")
     p.add_argument("--mgd3", action="store_true", help="MGD3's k-means of a class and its pull's price")
@@ -285,7 +269,6 @@ def main(argv=None):
     if args.precision == "bf16" and device.type != "cuda":  # as distill.py: bf16 is CUDA autocast
         raise UserError(f"--precision bf16 is CUDA autocast; this bench is on {device.type} (use --precision fp32)")
     args.tf32 = device.type == "cuda" if args.tf32 is None else args.tf32
-    args.channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     if args.eta:

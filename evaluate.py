@@ -132,6 +132,7 @@ def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epo
     result = evaluate_set(train_set, test_set, view, arch, runs, recipe, epochs, seed, device, num_workers=num_workers,
                           teacher=teacher, ipc=min(counts))
     result = dict(dataset=spec.name, method=info.get("method", "unknown"), guiding_arch=info.get("arch"),
+                  reference_arch=info.get("reference_arch"),
                   **result, images_per_class=counts, distilled=os.path.abspath(run_dir),
                   subject=os.path.abspath(run_dir))
     write_eval(result, out)
@@ -236,8 +237,9 @@ def validity_report(run_dir, spec, data_dir, device, num_workers=0, arch=None):
     the "still a clean example of its class" side of learnability, per increment and overall. arch: judge with
     theta* of another architecture (validity_<arch>.json), e.g. one judge for runs that were guided differently."""
     info = run_info(run_dir)
-    own = arch is None or arch == info.get("arch", "convnet")
-    arch = arch or info.get("arch", "convnet")
+    theirs = info.get("reference_arch") or info.get("arch", "convnet")  # the theta* that guided the run
+    own = arch is None or arch == theirs
+    arch = arch or theirs
     reference, view = reference_model(spec, arch, data_dir, device, epochs=info.get("reference_epochs"),
                                       num_workers=num_workers, path=info.get("reference") if own else None)
     stage_ipc = info.get("stage_ipc") or 1

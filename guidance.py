@@ -33,35 +33,44 @@ kappa -> guide.candidates, c0 -> guide.c0, s -> sampler.cfg_scale, abar_t -> alp
 theta* -> reference, M_c -> memory[c]. labels are the prior's class ids (ImageNet 0-999 for the DiT), classes the
 dataset's (0 .. C-1): for ImageWoof, class 0 (n02096294) is prior label 193.
 
-The sampler steers whatever score of x0_hat it is given: IGD's influence (igd.py) rides on the same code.
-Every image owns a CPU torch.Generator for its initial noise and every ancestral step's noise, so an image does
-not depend on the batch it is in (up to float rounding).
+The constants. The defaults below are the paper's (config.PAPER); what each dataset runs with is config.PRESETS,
+one table beside them (`python distill.py` on digits runs lambda 125, gamma 1, s 2), and every run prints the
+constants it resolved before it starts.
 
-Nothing here runs on its own: `python distill.py` drives it (curriculum.py holds the stage loop).
+The score. The sampler raises whatever score it is given: an object whose parts(images, classes) returns a dict of
+per-sample values, the score first. S is Learnability below; IGD's influence (igd.py) rides on the same code; a new
+score is one file in scores/ (`--score NAME`, make_score; docs/forking.md).
+
+Every image owns a CPU torch.Generator for its initial noise and every ancestral step's noise, so an image does
+not depend on the batch it is in (up to float rounding). Nothing here runs on its own: `python distill.py` drives
+it (curriculum.py holds the stage loop).
 """
+import importlib
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
+from config import PAPER
 from data import classifier_input
 from model import predicted_clean
 
 
 @dataclass
 class GuidanceConfig:
-    """The paper's constants (its implementation details); one home: presets and help derive from it."""
-    scale: float = 15.0        # lambda: learnability guidance scale [paper]
-    omega: float = 0.5         # omega: weight of the reference CE in S [paper]
-    c0: float = 0.0015         # the constant inside rho_t [IGD's code; the paper's lambda was tuned with it]
-    deviation: float = 50.0    # gamma: deviation guidance scale [paper, from IGD]
-    candidates: int = 3        # kappa: guided candidates per image, the highest S kept [paper]
-    guide_from: int = 10       # the window on the respaced index i, counting down [paper: 10 <= i <= 45]
-    guide_until: int = 45
-    form: str = "z"            # "z": added to z_{t-1} after the step (IGD's code); "eps": the printed Eq.
-    through_dit: bool = True   # g through the DiT (as IGD) or from z0_hat with eps held fixed (cheaper)
-    memory_cap: int = 64       # |M_c|: final latents kept per class [IGD]
+    """The guidance constants; the defaults are the paper's (config.PAPER says where each comes from)."""
+    scale: float = PAPER["scale"]                # lambda: learnability guidance scale
+    omega: float = PAPER["omega"]                # omega: weight of the reference CE in S
+    c0: float = PAPER["c0"]                      # the constant inside rho_t
+    deviation: float = PAPER["deviation"]        # gamma: deviation guidance scale
+    candidates: int = PAPER["candidates"]        # kappa: guided candidates per image, the highest S kept
+    guide_from: int = PAPER["guide_from"]        # the window on the respaced index i, counting down
+    guide_until: int = PAPER["guide_until"]
+    form: str = PAPER["form"]                    # "z": added to z_{t-1} after the step (IGD's code); "eps": printed
+    memory_cap: int = PAPER["memory_cap"]        # |M_c|: final latents kept per class
+    score: str = PAPER["score"]                  # what guidance raises (make_score)
 
     def active(self, i):
         return self.guide_from <= i <= self.guide_until
@@ -74,9 +83,9 @@ class GuidanceConfig:
 @dataclass
 class SamplerConfig:
     """How the prior is sampled (the field's DiT defaults)."""
-    cfg_scale: float = 4.0          # s: classifier-free guidance
-    steps: int = 50                 # respaced DDPM steps
-    three_channels: bool = False    # DiT/IGD's quirk: CFG on 3 of the 4 latent channels
+    cfg_scale: float = PAPER["cfg_scale"]            # s: classifier-free guidance
+    steps: int = PAPER["steps"]                      # respaced DDPM steps
+    three_channels: bool = PAPER["three_channels"]   # DiT/IGD's quirk: CFG on 3 of the 4 latent channels
 
 
 # ----------------------------------------------------------------------------- the learnability score S
@@ -104,8 +113,28 @@ class Learnability:
                                        reduction="none")  # low: a valid example
         return dict(S=student_ce - self.omega * reference_ce, student_ce=student_ce, reference_ce=reference_ce)
 
-    def __call__(self, images, classes):
-        return self.parts(images, classes)["S"]
+
+def score_of(score, images, classes):
+    """The score itself, (N,): the first of its parts (S, IGD's I, or a score of scores/)."""
+    return next(iter(score.parts(images, classes).values()))
+
+
+SCORES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scores")  # one file a score: scores/<name>.py
+
+
+def score_names():
+    """What --score may name: learnability (S, the paper's) and every scores/<name>.py."""
+    found = sorted(f[:-3] for f in os.listdir(SCORES) if f.endswith(".py") and not f.startswith("_")) \
+        if os.path.isdir(SCORES) else []
+    return ["learnability", *found]
+
+
+def make_score(name, student, student_view, reference, reference_view, guide):
+    """The score guidance raises in a stage, by name: S of the student theta_k and the reference theta* (the paper's),
+    or the class Score of scores/<name>.py, built with the same arguments (it reads its constants from guide)."""
+    if name == "learnability":
+        return Learnability(student, student_view, reference, reference_view, guide.omega)
+    return importlib.import_module(f"scores.{name}").Score(student, student_view, reference, reference_view, guide)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -129,35 +158,26 @@ def cfg_output(prior, z, t, labels, sampler):
     return torch.cat([eps, cond[:, guided:]], dim=1)  # (N, C or 2C, h, w): CFG eps, then cond's learned variance
 
 
-def score_gradient(prior, z, t, labels, classes, sampler, score, through_dit, decode):
-    """g = grad_{z_t} score(decode(z0_hat), y) with the CFG output of the same pass: (output, g, eps)."""
-    c = prior.channels
+def score_gradient(prior, z, t, labels, classes, sampler, score):
+    """g = grad_{z_t} score(decode(z0_hat), y), through the classifiers, the decoder and the DiT, with the CFG output
+    of the same pass (one pass serves the step and the gradient): (output, g, eps)."""
     alpha_bar_t = prior.scheduler.alphas_cumprod[t].to(z.device, torch.float32)  # abar_t
     with torch.enable_grad():
         z_in = z.detach().requires_grad_(True)
-        if through_dit:  # one CFG pass serves both the step and the gradient
-            out = cfg_output(prior, z_in, t, labels, sampler)
-        else:  # eps held fixed: dz0_hat/dz_t = 1/sqrt(abar_t); no backward through the DiT
-            with torch.no_grad():
-                out = cfg_output(prior, z, t, labels, sampler)
-        eps = out[:, :c]  # (N, C, h, w): eps of DiT's (N, 2C, h, w) learned-variance output (all of it without one)
+        out = cfg_output(prior, z_in, t, labels, sampler)
+        eps = out[:, :prior.channels]  # (N, C, h, w): eps of DiT's (N, 2C, h, w) learned-variance output
         z0_hat = predicted_clean(z_in, eps, alpha_bar_t)  # (N, C, h, w)
         with prior.autocast():  # the classifiers in bf16 too when --precision bf16
-            s = score(decode(z0_hat.to(z.dtype)).float(), classes)
+            s = score_of(score, prior.decode(z0_hat.to(z.dtype)).float(), classes)
         grad = torch.autograd.grad(s.float().sum(), z_in)[0].float()  # samples independent: sum = per-sample grads
     return out.detach(), grad, eps.detach().float()
 
 
 def guided_output(prior, z, t, labels, classes, sampler, score, guide):
-    """The quantities of one guided step: the CFG output (one pass serves the step and the gradient) and
-    push = lambda * rho_t * g, g = grad_{z_t} score(decode(z0_hat), y). Returns (output, push, non-finite (N,)).
-
-    score(x0_hat in [-1, 1], classes) -> (N,) is what guidance raises (S here; IGD's influence in igd.py). The
-    gradient goes through prior.decode_for_gradient: the VAE, or a cheaper decoder when the run asks for one.
-    """
+    """The quantities of one guided step: the CFG output and push = lambda * rho_t * g, g = grad_{z_t}
+    score(decode(z0_hat), y). Returns (output, push, non-finite (N,)): a sample whose g is NaN or inf gets no push."""
     alpha_bar_t = prior.scheduler.alphas_cumprod[t].to(z.device, torch.float32)
-    out, grad, eps = score_gradient(prior, z, t, labels, classes, sampler, score, guide.through_dit,
-                                    prior.decode_for_gradient)
+    out, grad, eps = score_gradient(prior, z, t, labels, classes, sampler, score)
     eps_norm, grad_norm = eps.flatten(1).norm(dim=1), grad.flatten(1).norm(dim=1)  # (N,) each: one per sample
     rho_t = guide.c0 * (1 - alpha_bar_t).sqrt() * eps_norm / grad_norm.clamp_min(1e-12)  # per sample (N,)
     push = guide.scale * rho_t.view(-1, 1, 1, 1) * grad
@@ -188,16 +208,13 @@ def deviation_gradient(z, memories):
 # ----------------------------------------------------------------------------- the sampler
 
 @torch.no_grad()
-def sample(prior, labels, generators, sampler, score=None, classes=None, memories=None, guide=None, watch=None,
-           pull=None):
+def sample(prior, labels, classes, generators, sampler, score=None, guide=None, memories=None, pull=None):
     """Sample final latents z_0 (N, C, h, w) for prior labels (N,), one generator per image.
 
     Unguided unless `score` and `guide` are given (classes: the score's y; memories: M_c of each sample, or None
     for no deviation guidance). Inside the window the guided code runs even at lambda = gamma = 0, and then
-    changes nothing (tested bit for bit). watch(i, z_t, z_prev, push, away, fallback), if given, sees every guided
-    step: the pushes it added (push: on z_{t-1} in the z form, on eps in the eps form) and which samples fell back
-    to the plain step; the preflight watches with it. pull(i, t, z_t, output), if given, is a gradient-free term
-    added to z_{t-1} after each plain step (None: nothing); MGD3's mode guidance (mgd3.py) is one.
+    changes nothing (tested bit for bit). pull: MGD3's mode pull (mgd3.ModePull: modes and constants), a
+    gradient-free term added to z_{t-1} after each plain step; None: nothing.
     """
     scheduler = prior.scheduler
     scheduler.set_timesteps(sampler.steps)
@@ -210,21 +227,16 @@ def sample(prior, labels, generators, sampler, score=None, classes=None, memorie
         if score is None or not guide.active(i):
             out = cfg_output(prior, z, t, labels, sampler)
             z_prev = prior.step(out, t, z, generators)  # the plain CFG DDPM step
-            term = pull(i, t, z, out) if pull is not None else None
-            z = z_prev if term is None else z_prev + term
+            z = z_prev if pull is None or not pull.active(i) else z_prev + pull.term(prior, t, z, out)
             continue
-        out, push, fallback = guided_output(prior, z, t, labels, classes, sampler, score, guide)
+        out, push, _ = guided_output(prior, z, t, labels, classes, sampler, score, guide)
         if guide.form == "eps":  # the printed form: eps~ = eps - lambda rho_t g (raises S), then the variance
             out = torch.cat([out[:, :prior.channels] - push, out[:, prior.channels:]], dim=1)
         z_prev = prior.step(out, t, z, generators)
         if guide.form == "z":  # learnability guidance on z_{t-1} (IGD's place for it)
             z_prev = z_prev + push
-        away = None
         if memories is not None:  # deviation guidance: away from the nearest latent of M_c
-            away = guide.deviation * deviation_gradient(z, memories)
-            z_prev = z_prev - away
-        if watch is not None:
-            watch(i, z, z_prev, push, away, fallback)
+            z_prev = z_prev - guide.deviation * deviation_gradient(z, memories)
         z = z_prev
     return z
 
@@ -246,7 +258,7 @@ def best_of_candidates(prior, labels, classes, generators, sampler, score, guide
     made of).
     """
     kappa = guide.candidates
-    z0 = sample(prior, labels, generators, sampler, score, classes, memories, guide)
+    z0 = sample(prior, labels, classes, generators, sampler, score, guide, memories)
     images = decode_images(prior, z0)
     with torch.no_grad():
         parts = score.parts(images * 2 - 1, classes)

@@ -21,17 +21,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from curriculum import generate_increment
+from config import PAPER
 from data import classifier_input, load_real, resize_crop
 from guidance import GuidanceConfig
 from model import make_student
 from reference import reference_view, surrogate_trajectory
 
 ARCH = "convnet"     # IGD's surrogate is ConvNet-6 whatever the evaluation network (DD_IGD `sample.py`, define_model)
-GRAD_IPC = 200       # real images per class in a target gradient (DD_IGD: 4 batches of 50)
-THRESHOLD = 0.7      # the adaptive rule's cosine threshold (IGD Sec. 4.3)
-SCALE = 5.0          # lambda_I, IGD's guidance scale (its paper's k; IGD Table 7 for DiT, DD_IGD `sample_mp.sh`)
-WINDOW = (30, 45)    # IGD's window on the respaced index i of 50 steps
 
 
 def deviation_for(ipc):
@@ -45,9 +41,11 @@ def uses_igd(method, seed_set):
     return method == "igd" or (method == "lgd" and seed_set == "igd")
 
 
-def igd_guidance(deviation=50.0, scale=SCALE, guide_from=WINDOW[0], guide_until=WINDOW[1], **kwargs):
-    """IGD's constants on the sampler's knobs: the z form, one sample per image (no candidates), no reference term."""
-    return GuidanceConfig(scale=scale, omega=0.0, deviation=deviation, candidates=1, guide_from=guide_from,
+def igd_guidance(deviation=50.0, scale=PAPER["igd_scale"], guide_from=PAPER["igd_from"],
+                 guide_until=PAPER["igd_until"], **kwargs):
+    """IGD's constants on the sampler's knobs: the z form, one sample per image (no candidates); its score has no
+    reference term (omega is S's, unused)."""
+    return GuidanceConfig(scale=scale, deviation=deviation, candidates=1, guide_from=guide_from,
                           guide_until=guide_until, form="z", **kwargs)
 
 
@@ -69,10 +67,7 @@ class Influence:
         return self.cache[(j, c)]
 
     def parts(self, images, classes):
-        return dict(I=self(images, classes))
-
-    def __call__(self, images, classes):
-        """images (N, C, H, W) in [-1, 1] -> I (N,), differentiable in the images (create_graph)."""
+        """images (N, C, H, W) in [-1, 1] -> {"I": (N,)}, differentiable in the images (create_graph)."""
         with torch.enable_grad():  # the weight gradient is needed even when the caller only wants values
             inputs = classifier_input(images, self.view)
             scores = []
@@ -86,7 +81,7 @@ class Influence:
                     flat = torch.cat([g.flatten() for g in grad])
                     cosines.append(F.cosine_similarity(flat, self.target(j, int(y)).to(flat.device), dim=0))
                 scores.append(torch.stack(cosines).mean() - 1)
-            return torch.stack(scores)
+            return dict(I=torch.stack(scores))
 
 
 def weight_gradient(model, inputs, labels, batch=50):
@@ -101,7 +96,7 @@ def weight_gradient(model, inputs, labels, batch=50):
     return torch.cat([t.flatten() for t in total]).detach()
 
 
-def select_checkpoints(similarity, threshold=THRESHOLD):
+def select_checkpoints(similarity, threshold=PAPER["igd_threshold"]):
     """IGD's adaptive rule (DD_IGD `test_ckpts_grad_sim.py`): keep the random init (0); walking the trajectory,
     keep checkpoint j when the class-averaged cosine of its real gradient to the last kept one falls below
     `threshold`, and compare later checkpoints to it. similarity: (J, J) class-averaged cosines."""
@@ -117,9 +112,9 @@ class IGD:
     """IGD's increment for one dataset: its guidance constants and how its score is built."""
     guide: GuidanceConfig       # igd_guidance(...)
     data_dir: str
-    grad_ipc: int = GRAD_IPC
-    checkpoints: str = "auto"   # the adaptive rule, or a list of surrogate snapshots, e.g. "0,5,16,40"
-    threshold: float = THRESHOLD
+    grad_ipc: int = PAPER["grad_ipc"]
+    checkpoints: str = PAPER["igd_checkpoints"]   # the adaptive rule, or surrogate snapshots, e.g. "0,5,16,40"
+    threshold: float = PAPER["igd_threshold"]
     epochs: int = None          # the surrogate's epochs (None: IGD's 50; digits 30, mnist 20)
 
 
@@ -158,10 +153,3 @@ def influence_score(spec, igd, trainer):
     score = Influence(models, view, lambda j, c: weight_gradient(models[j], *inputs(c)))
     return score, dict(info, checkpoints=chosen, trajectory_length=len(trajectory), grad_ipc=igd.grad_ipc, arch=ARCH)
 
-
-def igd_increment(run, inc, prior, plan, sampler, igd, trainer):
-    """IGD's sampler: influence-guided, one sample per image, pushed away from this increment's earlier samples of
-    the class (M_c starts empty). The run keeps which checkpoints guided it (igd.json)."""
-    score, info = influence_score(run.spec, igd, trainer)
-    run.save_igd_checkpoints(info)
-    generate_increment(run, inc, prior, plan, sampler, score, igd.guide, memory={}, desc="IGD sampling")

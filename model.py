@@ -27,26 +27,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 
 from ground.common import UserError, file_stamps
 
 DEFAULT_PRIOR = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # IGD/MGD3 decode DiT latents with ft-mse (the hub repo ships ft-ema)
-DEFAULT_TAESD = "madebyollin/taesd"  # a ~1.2M-parameter decoder of the same latents, for the gradient only
 
 
 # ----------------------------------------------------------------------------- the prior
 
 class Prior:
-    """DiT + (VAE or identity) + scheduler, with the few derived constants the sampler needs.
+    """DiT + (VAE or identity) + scheduler, with the few derived constants the sampler needs."""
 
-    grad_vae: an optional cheaper differentiable decoder (TAESD, diffusers' AutoencoderTiny) used only for
-    the guidance gradient; the final images, candidate scores and everything written still use the VAE.
-    """
-
-    def __init__(self, transformer, scheduler, vae=None, grad_vae=None, encoder=None):
-        self.transformer, self.scheduler, self.vae, self.grad_vae = transformer.eval(), scheduler, vae, grad_vae
+    def __init__(self, transformer, scheduler, vae=None, encoder=None):
+        self.transformer, self.scheduler, self.vae = transformer.eval(), scheduler, vae
         config = transformer.config  # the DiT's architecture (not classifier-free guidance: that is cfg_*)
         self.channels, self.latent_size = config.in_channels, config.sample_size
         self.null_label = config.num_embeds_ada_norm  # the CFG "no class" embedding index (1000 for ImageNet)
@@ -58,10 +53,10 @@ class Prior:
             self.image_channels = vae.config.out_channels
         else:
             self.scaling_factor, self.image_size, self.image_channels = 1.0, config.sample_size, config.in_channels
-        for module in (transformer, vae, grad_vae):
+        for module in (transformer, vae):
             if module is not None:
                 module.eval().requires_grad_(False)  # important! guidance differentiates w.r.t. inputs only
-        self.bf16 = False  # bf16 autocast of DiT, decoders and classifiers (`--precision bf16`, CUDA)
+        self.bf16 = False  # bf16 autocast of DiT, decoder and classifiers (`--precision bf16`, CUDA)
         self.encoder = "pixels" if vae is None else encoder  # what identifies the encoder (load_prior: encoder_key)
 
     def autocast(self):
@@ -77,23 +72,13 @@ class Prior:
     def device(self):
         return self.transformer.device
 
-    def _decode_with(self, decoder, z):
-        """z -> decoder's image in ~[-1, 1], each decoder with the scaling factor of its own config."""
-        with self.autocast():
-            return _at_least_fp32(decoder.decode((z / decoder.config.scaling_factor).to(decoder.dtype)).sample)
-
     def decode(self, z):
-        """Latent z (N, 4, h, w) -> image in ~[-1, 1] (N, 3, H, W); identity in pixel space."""
-        return z if self.vae is None else self._decode_with(self.vae, z)
-
-    def decode_for_gradient(self, z):
-        """The decoder the guidance gradient goes through: the VAE, or the cheap grad_vae when set.
-
-        TAESD decodes with its own scaling factor (1.0: it takes the DiT's latents as they are, where the SD
-        VAE divides them by 0.18215), and diffusers' AutoencoderTiny returns [-1, 1] like AutoencoderKL
-        (tests/test_guidance.py checks both on a random one).
-        """
-        return self.decode(z) if self.grad_vae is None else self._decode_with(self.grad_vae, z)
+        """Latent z (N, 4, h, w) -> image in ~[-1, 1] (N, 3, H, W), x = VAE.decode(z / scaling_factor); identity in
+        pixel space."""
+        if self.vae is None:
+            return z
+        with self.autocast():
+            return _at_least_fp32(self.vae.decode((z / self.scaling_factor).to(self.vae.dtype)).sample)
 
     @property
     def deterministic(self):
@@ -121,29 +106,6 @@ class Prior:
         if self.vae is None:
             return x
         return self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean * self.scaling_factor
-
-    def enable_gradient_checkpointing(self):
-        """Trade compute for memory in the guided step (backward through DiT and VAE decoder)."""
-        self.transformer.enable_gradient_checkpointing()
-        if self.vae is not None:
-            self.vae.enable_gradient_checkpointing()
-
-    def compile(self, **options):
-        """torch.compile what the sampler calls, in place (configs stay reachable): the DiT, called as a module, and
-        the decoders' `decoder` modules, since the VAE and TAESD are called through `.decode()`, not `forward`.
-
-        LGD needs first-order gradients only (w.r.t. z_t), which compiled modules support. options: torch.compile's.
-        """
-        self.transformer.compile(**options)
-        for vae in (self.vae, self.grad_vae):
-            if vae is not None:
-                vae.decoder.compile(**options)
-
-    def channels_last(self):
-        """NHWC weights for the convolutional decoders (faster convolutions on recent GPUs, bf16 above all)."""
-        for module in (self.vae, self.grad_vae):
-            if module is not None:
-                module.to(memory_format=torch.channels_last)
 
 
 def predicted_clean(z_t, eps, alpha_bar_t):
@@ -179,16 +141,12 @@ def make_scheduler(config, sampler="ddpm", pixel_space=False, learned_variance=T
     return DDPMScheduler.from_config(config, variance_type=variance, **common)
 
 
-def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float32, sampler="ddpm", steps=None,
-               grad_decoder="vae"):
+def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float32, sampler="ddpm", steps=None):
     """Load DiT (+VAE) + scheduler from a hub id or local diffusers directory.
 
     vae: "auto" = sd-vae-ft-mse for the hub DiT, else the directory's own `vae/` (none = pixel space);
     "none" = pixel space; anything else = a hub id or directory of an AutoencoderKL.
     steps: the sampling steps the caller will ask for, checked against the schedule before the weights load.
-    grad_decoder: "vae" (exact), "taesd" (a local prior's own `taesd/`, else madebyollin/taesd) or a hub id /
-    directory of an AutoencoderTiny,
-    the decoder of the guidance gradient only.
     """
     local = os.path.isdir(prior)
     if not local and (prior.startswith((".", "/", "out")) or prior.count("/") != 1):
@@ -209,19 +167,10 @@ def load_prior(prior=DEFAULT_PRIOR, vae="auto", device="cpu", dtype=torch.float3
     if vae_model is not None and vae_model.config.latent_channels != latent:
         raise UserError(f"the DiT of prior {prior} makes {latent}-channel latents, the VAE {vae} decodes "
                         f"{vae_model.config.latent_channels}-channel ones: they are not one prior")
-    if grad_decoder != "vae" and vae_model is None:
-        raise UserError(f"--grad-decoder {grad_decoder} replaces a VAE decoder; prior {prior} is in pixel space "
-                        f"(drop --grad-decoder)")
-    if grad_decoder == "taesd":  # a local prior's own tiny decoder (the mnist tier's), else madebyollin/taesd
-        own = os.path.join(prior, "taesd")
-        grad_decoder = own if local and os.path.isdir(own) else DEFAULT_TAESD
-    grad_vae = None if grad_decoder == "vae" else _read("the gradient decoder (--grad-decoder)", grad_decoder,
-                                                        lambda: AutoencoderTiny.from_pretrained(
-                                                            grad_decoder, torch_dtype=dtype, low_cpu_mem_usage=False))
     scheduler = make_scheduler(sched_config, sampler, pixel_space=vae_model is None,
                                learned_variance=learns_variance(transformer.config))
     return Prior(transformer.to(device), scheduler, vae_model.to(device) if vae_model is not None else None,
-                 grad_vae.to(device) if grad_vae is not None else None, encoder_key(vae))
+                 encoder_key(vae))
 
 
 def encoder_key(vae):
@@ -260,16 +209,12 @@ DIGITS_PRIOR = dict(num_attention_heads=3, attention_head_dim=32, in_channels=1,
 DIGITS_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)  # DDPM's linear betas
 # mnist, the whole pipeline in miniature: a VAE from 1 x 32 x 32 images to 4 x 8 x 8 latents (4x down, as the SD VAE
 # goes 8x from 3 x 256 x 256 to 4 x 32 x 32), a DiT on the latents with the learned variance (8 = 2 x 4 outputs) and
-# a null label for CFG, like DiT-XL/2, and a tiny AutoencoderTiny decoder of the same latents (TAESD's shape, scaled
-# down: two upsamplings for 4x) for --grad-decoder taesd
+# a null label for CFG, like DiT-XL/2
 MNIST_VAE = dict(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(16, 32, 32),
                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                  layers_per_block=1, norm_num_groups=8, sample_size=32)
 MNIST_DIT = dict(num_attention_heads=3, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=4,
                  sample_size=8, patch_size=2, num_embeds_ada_norm=10)
-MNIST_TAESD = dict(in_channels=1, out_channels=1, latent_channels=4, encoder_block_out_channels=(16, 16, 16),
-                   decoder_block_out_channels=(16, 16, 16), num_encoder_blocks=(1, 2, 2), num_decoder_blocks=(2, 2, 1),
-                   scaling_factor=1.0)  # 1.0: like madebyollin/taesd it takes the DiT's latents as they are
 MNIST_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)  # latents: no clipping
 
 

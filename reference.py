@@ -8,7 +8,7 @@ real data: IGD's surrogate trajectory (igd.py picks its checkpoints) and RDED's 
                 (--reference, e.g. IGD's released surrogate, with its key names mapped to ours)
   trajectory    IGD `train_ckpts.py`: SGD, no schedule, 50 epochs, parameters at init and after every epoch
   recognises    theta*'s verdict on images: the share it classifies as their class (validity, the prior's check)
-  real_modes    MGD3's modes: each class's training images through the prior's encoder, clustered (mgd3.py)
+  real_modes    MGD3's modes (mgd3.py: each class's training images through the prior's encoder, k-means)
 
 Each is trained (the modes: computed) once per dataset, architecture (prior), view and data tree and cached under
 out/cache (ground.locks:
@@ -27,6 +27,7 @@ from tqdm import tqdm
 from data import classifier_input, load_real, resize_crop, with_view
 from ground.common import UserError, is_main, load_saved, print0, save_torch, wait_for_rank0
 from ground.locks import cache_entry
+from mgd3 import class_modes, encode_class
 from model import make_student
 from train_student import RECIPES, recipe_view, train_student
 
@@ -272,37 +273,35 @@ def mode_members(spec, data_dir, k, flag):
     return real, members
 
 
-def real_modes(spec, prior, prior_key, data_dir, k, cluster, flip, flag, cache_dir="out/cache", num_workers=0):
-    """MGD3's modes {class: (k, C, h, w)}: cluster(latents, k) of each class's real training images, encoded by the
-    prior (the VAE's posterior mean times its scaling factor; pixels in pixel space) at the size it generates (the
-    shorter side resized, centre-cropped: ADM's crop at 256 px). flip: each image flipped or not by a coin seeded
-    with its class (MGD3's feature loader flips at random; here the coin is fixed, so the modes are too).
+def real_modes(spec, prior, data_dir, n, flip, flag, cache_dir="out/cache", num_workers=0):
+    """MGD3's modes {class: (n, C, h, w)} (mgd3.class_modes of mgd3.encode_class of each class's real training images
+    at the size the prior generates: the shorter side resized, centre-cropped, ADM's crop at 256 px). flip: each image
+    flipped or not by a coin seeded with its class (fixed, so the modes are too).
 
     Built by rank 0 alone (the others wait) class by class, so a class's latents are all that is held at once
-    (ImageNet-1K's would be 21 GB); cached under out/cache, keyed by prior_key (what identifies the prior's encoder).
-    flag: the flag that set k, named if a class is too small.
+    (ImageNet-1K's would be 21 GB); cached under out/cache, keyed by what identifies the prior's encoder
+    (prior.encoder). flag: the flag that set n, named if a class is too small.
     """
-    path = modes_path(spec, prior_key, data_dir, k, flip, cache_dir)
+    path = modes_path(spec, prior.encoder, data_dir, n, flip, cache_dir)
     what = f"MGD3's modes of the real {spec.name} train split"
     if is_main():
         with cache_entry(path, what) as missing:
             if missing:
-                print0(f"encoding the real {spec.name} train split and clustering each class into {k} modes (cached "
+                print0(f"encoding the real {spec.name} train split and clustering each class into {n} modes (cached "
                        f"in {path})")
-                real, members = mode_members(spec, data_dir, k, flag)
+                real, members = mode_members(spec, data_dir, n, flag)
                 real.transform = functools.partial(resize_crop, size=prior.image_size)
                 modes = {}
                 for c in tqdm(range(spec.num_classes), desc="MGD3 modes", unit="class"):
                     loader = torch.utils.data.DataLoader(real.subset(members[c]), batch_size=64,
                                                          num_workers=num_workers)
                     coins = torch.rand(len(members[c]), generator=torch.Generator().manual_seed(c)) < 0.5
+                    coins = coins if flip else torch.zeros_like(coins)
                     latents, seen = [], 0
                     for x, _ in loader:
-                        if flip:
-                            x = torch.where(coins[seen:seen + len(x)].view(-1, 1, 1, 1), x.flip(-1), x)
+                        latents.append(encode_class(prior, x, coins[seen:seen + len(x)]))
                         seen += len(x)
-                        latents.append(prior.encode(x.to(prior.device) * 2 - 1).float().cpu())
-                    modes[c] = cluster(torch.cat(latents), k)
+                    modes[c] = class_modes(torch.cat(latents), n)
                 save_torch(modes, path)
     wait_for_rank0(path, what)
     return load_saved(path, "it is a cache: remove it and rerun to recompute it")

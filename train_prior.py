@@ -10,8 +10,6 @@ layout and loaded through the very same `from_pretrained` path.
                          KL); its scaling_factor = 1 / std of the train latents, as the SD VAE's 0.18215 was chosen
            transformer/  a DiT on those (scaled) latents with the learned variance (DiT's hybrid loss: eps-MSE plus
                          the variational bound for the variance, Nichol & Dhariwal 2021) and a null label for CFG
-           taesd/        a tiny AutoencoderTiny decoder distilled from the VAE's (its output on the latents and on
-                         noisy latents, where z0_hat lives early in sampling), for --grad-decoder taesd
            scheduler/    DDPM's linear betas, 1000 steps, as DiT-XL/2
 
 DiT training is standard DDPM (Ho et al. 2020, Eq. 14: eps-MSE on x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps)
@@ -21,17 +19,17 @@ guidance work), AdamW with a short warm-up and cosine decay, EMA weights. Every 
 
 Run: `python train_prior.py` (or `--dataset mnist`) trains or loads the prior, writes a labelled sample grid and
 prints what a user needs to trust it: theta*'s recognition of its unguided samples at the preset's CFG (mnist: and
-the VAE's reconstruction error on held-out images, the gradient decoder's cosine to the exact gradient).
+the VAE's reconstruction error on held-out images).
 """
 import math
 import os
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiTTransformer2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from tqdm import tqdm
 
-from data import EMBEDDED, ImageSet, classifier_input, get_spec, load_real, sample_real_ipc
+from data import EMBEDDED, ImageSet, get_spec, load_real, sample_real_ipc
 from evaluate import logistic_regression
 from ground.common import (
     ArgumentParser,
@@ -57,7 +55,6 @@ from model import (
     DIGITS_SCHEDULE,
     MNIST_DIT,
     MNIST_SCHEDULE,
-    MNIST_TAESD,
     MNIST_VAE,
     PriorFiles,
     load_prior,
@@ -69,19 +66,18 @@ from reference import recognises, reference_model
 # cores; its unguided samples are recognised by theta* as well as after the 4000 steps at lr 1e-3 of earlier
 # versions (6 minutes): 99.5% of 200 at CFG 2 (1500 steps: 99.0%, 1000 steps: 98.5%; measured once, seed 0)
 DIGITS_TRAINING = dict(steps=2000, lr=2e-3, ema_decay=0.995)
-MNIST_TRAINING = dict(vae_steps=1500, dit_steps=2500, taesd_steps=800, lr=2e-3, ema_decay=0.995)
+MNIST_TRAINING = dict(vae_steps=1500, dit_steps=2500, lr=2e-3, ema_decay=0.995)
 CHECK_CFG = {"digits": 2.0, "mnist": 2.0}  # the presets' CFG scale (distill.PRESETS), for the check of main()
 
 
 # ----------------------------------------------------------------------------- the DiT (both priors)
 
 def train_dit(folder, latents, labels, config, schedule, steps, lr, ema_decay, batch_size=128, seed=0,
-              save_every=500, latent_std=None, desc="prior", keep_raw=False):
+              save_every=500, latent_std=None, desc="prior"):
     """Train a class-conditional DiT of `config` on `latents` (N, C, h, w) in its data scale (pixels in [-1, 1], or
     scaled VAE latents); save the EMA weights to `folder`/transformer. Resumable: its state is saved every
     save_every steps in `folder`/dit_state.pt. latent_std: per-latent posterior std; a fresh posterior sample is
-    drawn every step (the VAE's, as the SD/DiT pipeline trains on). keep_raw: also save the raw (non-EMA) weights to
-    `folder`/transformer_raw, for comparing the two (tools.regime).
+    drawn every step (the VAE's, as the SD/DiT pipeline trains on).
 
     With 2C outputs (learned variance) the loss is DiT's hybrid one: eps-MSE + the variational bound in bits per
     dimension for the variance head, the mean held fixed in it (Nichol & Dhariwal 2021, DiT `diffusion/`)."""
@@ -125,8 +121,6 @@ def train_dit(folder, latents, labels, config, schedule, steps, lr, ema_decay, b
                             step=step + 1, rng=torch.get_rng_state()), state_path)
     scheduler.save_pretrained(os.path.join(folder, "scheduler"))
     ema.save_pretrained(os.path.join(folder, "transformer"))
-    if keep_raw:
-        model.save_pretrained(os.path.join(folder, "transformer_raw"))
     remove_path(state_path)
 
 
@@ -157,13 +151,13 @@ def variational_bound(scheduler, eps, variance_values, x0, xt, t):
 
 # ----------------------------------------------------------------------------- the mnist VAE and its tiny decoder
 
-def train_vae(folder, images, steps, lr, kl_weight=1e-4, batch_size=32, seed=0, config=MNIST_VAE):
-    """The latent tier's AutoencoderKL (`config`, model.MNIST_VAE) on images (N, 1, 32, 32) in [0, 1]: pixel MSE in
+def train_vae(folder, images, steps, lr, kl_weight=1e-4, batch_size=32, seed=0):
+    """The latent tier's AutoencoderKL (model.MNIST_VAE) on images (N, 1, 32, 32) in [0, 1]: pixel MSE in
     [-1, 1] plus kl_weight x the KL to N(0, 1) per latent dimension, so the latents stay a smooth space a DiT can learn.
     Its scaling_factor is set from the trained latents: 1 / std of the posterior means of the train split, so the
     DiT sees latents of unit variance (as 0.18215 does for the SD VAE). Saved to `folder`/vae."""
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**config)
+    vae = AutoencoderKL(**MNIST_VAE)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     x_all = images * 2 - 1
     vae.train()
@@ -189,28 +183,6 @@ def encode_all(vae, x, batch=500):
     """Posterior means and stds of images x in [-1, 1], unscaled (N, 4, 8, 8) each."""
     out = [vae.encode(x[i:i + batch]).latent_dist for i in range(0, len(x), batch)]
     return torch.cat([d.mean for d in out]), torch.cat([d.std for d in out])
-
-
-def train_taesd(folder, vae, latents, steps, lr, batch_size=64, seed=0):
-    """A tiny AutoencoderTiny decoder (model.MNIST_TAESD) distilled from the VAE's: it maps the DiT's (scaled) latents
-    to what the VAE decodes from them, on the train latents and on noisy ones (z + sigma * noise, sigma up to 1:
-    the z0_hat of early sampling steps, where guidance differentiates through it). Saved to `folder`/taesd."""
-    torch.manual_seed(seed)
-    taesd = AutoencoderTiny(**MNIST_TAESD)
-    opt = torch.optim.AdamW(taesd.decoder.parameters(), lr=lr, weight_decay=0.0)
-    scale = vae.config.scaling_factor
-    for step in tqdm(range(steps), desc="mnist gradient decoder", mininterval=2):
-        z = latents[torch.randint(0, len(latents), (batch_size,))]
-        z = z + torch.rand(batch_size, 1, 1, 1) * torch.randn_like(z)
-        with torch.no_grad():
-            target = vae.decode(z / scale).sample
-        loss = F.mse_loss(taesd.decode(z).sample, target)
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    taesd.save_pretrained(os.path.join(folder, "taesd"))
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -241,28 +213,21 @@ def embedded_prior(dataset, cache_dir="out/cache", training=None, check=True):
 
 
 def build_digits_prior(path, training=DIGITS_TRAINING):
+    """The digits prior at `path`: a DiT on the train pixels in [-1, 1] (no VAE: decode = identity)."""
     print0(f"training the digits prior once ({training['steps']} steps, about 2 minutes on 2 CPU cores; cached in "
            f"{path})")
-    build_pixel_prior(path, "digits", DIGITS_PRIOR, training)
-
-
-def build_pixel_prior(path, dataset, dit, training, keep_raw=False):
-    """A DiT of config `dit` on `dataset`'s train pixels in [-1, 1] (no VAE: decode = identity), trained as
-    `training` (steps, lr, ema_decay) says, at `path`: the digits prior, and tools.regime's mnist pixel candidate."""
     partial = path + ".partial"
     os.makedirs(partial, exist_ok=True)
-    train = load_real(get_spec(dataset), None, "train")
-    train_dit(partial, torch.stack(train.items) * 2 - 1, train.labels, dit, DIGITS_SCHEDULE, desc=f"{dataset} prior",
-              keep_raw=keep_raw, **training)
+    train = load_real(get_spec("digits"), None, "train")
+    train_dit(partial, torch.stack(train.items) * 2 - 1, train.labels, DIGITS_PRIOR, DIGITS_SCHEDULE,
+              desc="digits prior", **training)
     os.rename(partial, path)  # the finished parts become the prior: it appears whole or not at all
 
 
-def build_mnist_prior(path, training=MNIST_TRAINING, dit=MNIST_DIT, keep_raw=False, vae_config=MNIST_VAE):
-    """The mnist prior at `path`: VAE, DiT on its latents, gradient decoder (none when training's taesd_steps is 0:
-    only guided runs need one). dit, vae_config: other architectures (tools.regime's candidates)."""
-    decoder = f" and a tiny gradient decoder ({training['taesd_steps']} steps)" if training["taesd_steps"] else ""
+def build_mnist_prior(path, training=MNIST_TRAINING):
+    """The mnist prior at `path`: a VAE, then a DiT on its latents."""
     print0(f"training the mnist prior once: a VAE ({training['vae_steps']} steps), a DiT on its latents "
-           f"({training['dit_steps']} steps){decoder}, about 8 minutes on 2 CPU cores; cached in {path}")
+           f"({training['dit_steps']} steps), about 5 minutes on 2 CPU cores; cached in {path}")
     partial = path + ".partial"
     os.makedirs(partial, exist_ok=True)
     train = load_real(get_spec("mnist"), None, "train")
@@ -270,14 +235,12 @@ def build_mnist_prior(path, training=MNIST_TRAINING, dit=MNIST_DIT, keep_raw=Fal
     if os.path.isdir(os.path.join(partial, "vae")):  # each part resumes from the last one finished
         vae = AutoencoderKL.from_pretrained(os.path.join(partial, "vae"))
     else:
-        vae = train_vae(partial, images, training["vae_steps"], training["lr"], config=vae_config)
+        vae = train_vae(partial, images, training["vae_steps"], training["lr"])
     means, stds = encode_all(vae.eval().requires_grad_(False), images * 2 - 1)
     scale = vae.config.scaling_factor
     if not os.path.isdir(os.path.join(partial, "transformer")):
-        train_dit(partial, means * scale, train.labels, dit, MNIST_SCHEDULE, training["dit_steps"],
-                  training["lr"], training["ema_decay"], latent_std=stds * scale, desc="mnist DiT", keep_raw=keep_raw)
-    if training["taesd_steps"] and not os.path.isdir(os.path.join(partial, "taesd")):
-        train_taesd(partial, vae, means * scale, training["taesd_steps"], training["lr"])
+        train_dit(partial, means * scale, train.labels, MNIST_DIT, MNIST_SCHEDULE, training["dit_steps"],
+                  training["lr"], training["ema_decay"], latent_std=stds * scale, desc="mnist DiT")
     os.rename(partial, path)  # the finished parts become the prior: it appears whole or not at all
 
 
@@ -289,7 +252,7 @@ def load_run_prior(args, spec, device):
     # normalisation (rho_t) keep full precision
     try:
         prior = load_prior(prior_path_, vae=args.vae, device=device, dtype=torch.float32, sampler=args.sampler,
-                           steps=args.steps, grad_decoder=args.grad_decoder)
+                           steps=args.steps)
     except PriorFiles as e:
         if args.prior is None and os.path.abspath(e.path).startswith(os.path.abspath(prior_path_)):
             # the cache is ours, and its own files are the cause: say how to rebuild it
@@ -297,12 +260,6 @@ def load_run_prior(args, spec, device):
                             f"rerun to retrain it") from None
         raise
     prior.bf16 = args.precision == "bf16"
-    if args.grad_checkpoint:
-        prior.enable_gradient_checkpointing()
-    if args.channels_last:
-        prior.channels_last()
-    if args.compile:
-        prior.compile()
     # the prior must make the dataset's images: its channels, and for the embedded datasets their size
     if prior.image_channels != spec.channels:
         raise UserError(f"prior {prior_path_} makes {prior.image_channels}-channel images"
@@ -326,37 +283,22 @@ def recognised(prior, reference, view, cfg_scale, per_class, device):
     """(theta*'s recognition of the prior's unguided samples, the samples (10 x per_class, C, H, W))."""
     labels = torch.arange(10).repeat_interleave(per_class)
     generators = [torch.Generator().manual_seed(derive_seed(123, int(c), i)) for i, c in enumerate(labels)]
-    images = decode_images(prior, sample(prior, labels, generators, SamplerConfig(cfg_scale=cfg_scale)))
+    images = decode_images(prior, sample(prior, labels, labels, generators, SamplerConfig(cfg_scale=cfg_scale)))
     return float(recognises(reference, view, images, labels).float().mean()), images
 
 
-def decoder_checks(prior, reference, view, device, n=200):
-    """The mnist VAE on held-out images: mean squared error in [0, 1] pixels (and the images' own variance, its
-    scale); the gradient decoder: mean cosine of grad_z CE(theta*(decode(z)), y) through it and through the VAE, on
-    noisy test latents (z + sigma noise, sigma in [0, 1]: the z0_hat of guided steps)."""
-    test = load_real(get_spec("mnist"), None, "test")
-    x = torch.stack(test.items[:n]).to(device)
-    y = torch.tensor(test.labels[:n], device=device)
+def reconstruction_error(prior, device, n=200):
+    """The mnist VAE on held-out images: (mean squared error in [0, 1] pixels, the images' own variance: its scale)."""
+    x = torch.stack(load_real(get_spec("mnist"), None, "test").items[:n]).to(device)
     with torch.no_grad():
-        z = prior.encode(x * 2 - 1)
-        recon = decode_images(prior, z)
-    mse, variance = float(F.mse_loss(recon, x)), float(x.var())
-    z = (z + torch.rand(n, 1, 1, 1, generator=torch.Generator().manual_seed(0)).to(device)
-         * torch.randn(z.shape, generator=torch.Generator().manual_seed(1)).to(device))
-    grads = []
-    for decode in (prior.decode_for_gradient, prior.decode):
-        with torch.enable_grad():
-            z_in = z.clone().requires_grad_(True)
-            loss = F.cross_entropy(reference(classifier_input(decode(z_in), view)), y, reduction="sum")
-            grads.append(torch.autograd.grad(loss, z_in)[0].flatten(1))
-    cosine = float(F.cosine_similarity(*grads, dim=1).mean())
-    return mse, variance, cosine
+        recon = decode_images(prior, prior.encode(x * 2 - 1))
+    return float(F.mse_loss(recon, x)), float(x.var())
 
 
 def regime_check(images, per_class, spec):
     """The premise of generative distillation, its cheapest figure: (accuracy of logistic regression on the pixels
     of 10 random real training images per class (seed 0), the same on the first 10 of `per_class` unguided samples
-    per class). Deterministic and seconds; the evaluators that train (tools.regime) take minutes."""
+    per class). Deterministic and seconds; the evaluators that train take minutes (docs/regime.md)."""
     k = min(10, per_class)
     chosen = images.view(10, per_class, *images.shape[1:])[:, :k].reshape(-1, *images.shape[1:]).cpu()
     samples = ImageSet(list(chosen), torch.arange(10).repeat_interleave(k).tolist())
@@ -368,10 +310,10 @@ def regime_check(images, per_class, spec):
 def check_prior(dataset, path, device, cfg_scale=None, per_class=20, grid=None):
     """What a user needs to trust an embedded prior, printed: theta*'s recognition of its unguided samples at the
     preset's CFG (theta* trained and cached as a run would); for mnist also the VAE's reconstruction error on
-    held-out images and the gradient decoder's cosine to the exact gradient. grid: where to save the samples."""
+    held-out images. grid: where to save the samples."""
     cfg_scale = CHECK_CFG[dataset] if cfg_scale is None else cfg_scale
     spec = get_spec(dataset)
-    prior = load_prior(path, device=device, grad_decoder="taesd" if dataset == "mnist" else "vae")
+    prior = load_prior(path, device=device)
     reference, view = reference_model(spec, "convnet", None, device)
     share, images = recognised(prior, reference, view, cfg_scale, per_class, device)
     print0(f"{dataset} prior: theta* recognises {share:.1%} of {10 * per_class} unguided samples (CFG {cfg_scale})")
@@ -380,11 +322,11 @@ def check_prior(dataset, path, device, cfg_scale=None, per_class=20, grid=None):
     print0(f"{dataset} prior: in the paper's regime (samples worth more than real images)? logistic regression "
            f"trained on {k} unguided samples per class {generated:.1%}, on {k} random real ones {real:.1%}: "
            f"{'yes' if generated >= real else 'no'} ({100 * (generated - real):+.1f} points)"
-           + ("; the whole measure: python -m tools.regime diagnose" if dataset == "mnist" else ""))
+           + ("; the whole measure: docs/regime.md" if dataset == "mnist" else ""))
     if dataset == "mnist":
-        mse, variance, cosine = decoder_checks(prior, reference, view, device)
+        mse, variance = reconstruction_error(prior, device)
         print0(f"{dataset} prior: VAE on 200 held-out images, pixel MSE {mse:.4f} (the images' variance "
-               f"{variance:.4f}); gradient decoder vs the VAE's, cosine of theta*'s CE gradient {cosine:.3f}")
+               f"{variance:.4f})")
     if grid is not None:
         shown = min(10, per_class)
         rows = images.view(10, per_class, *images.shape[1:])[:, :shown].reshape(-1, *images.shape[1:])

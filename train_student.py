@@ -1,6 +1,6 @@
 """
 Train a student classifier on a (distilled or real) image set: the evaluation protocol of the field
-(the paper's experimental setup follows it), also used for the per-stage student theta_{i-1}
+(the paper's experimental setup follows it), also used for the per-stage student theta_k
 of the stage loop (curriculum.py) and for the reference model theta* of the learnability score
 (paper Eq. "learnability", theta* = IGD's surrogate).
 
@@ -57,6 +57,7 @@ from data import (
 )
 from ground.common import (
     UserError,
+    broadcast_state,
     file_stamps,
     is_main,
     temporary_path,
@@ -326,26 +327,24 @@ def train_student(model, train_set, view, recipe="minimax", epochs=100, seed=0, 
 
 @dataclass
 class Trainer:
-    """Where students train: the device, DataLoader workers (for sets that stream from disk), the torchrun ranks
-    that share one student (DDP; off: every rank trains its own copy alone, the same one) and NHWC weights."""
+    """Where students train: the device, DataLoader workers (for sets that stream from disk) and the torchrun ranks
+    that share one student (DDP)."""
     device: object = "cpu"
     num_workers: int = 0
     rank: int = 0
     world: int = 1
-    ddp: bool = True
-    channels_last: bool = False
 
     def train(self, model, train_set, view, recipe, epochs, seed, desc="student", teacher=None):
-        """train_student on this hardware; the trained model placed (place)."""
-        shared = self.ddp and self.world > 1
-        return self.place(train_student(model, train_set, view, recipe, epochs, seed, self.device, teacher,
-                                        self.num_workers, desc, self.rank if shared else 0,
-                                        self.world if shared else 1))
+        """train_student on this hardware; the trained model placed (place). Under torchrun every rank then holds rank
+        0's weights and batch-norm statistics (DDP averages gradients, not each rank's running statistics), so every
+        rank guides with the student rank 0 saves."""
+        model = train_student(model, train_set, view, recipe, epochs, seed, self.device, teacher, self.num_workers,
+                              desc, self.rank, self.world)
+        return self.place(broadcast_state(model))
 
     def place(self, model):
-        """A classifier ready for the guided step: on the device, in eval mode, NHWC with channels_last."""
-        model = model.to(self.device).eval()
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+        """A classifier ready for the guided step: on the device, in eval mode."""
+        return model.to(self.device).eval()
 
 
 @torch.no_grad()

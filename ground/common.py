@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -236,6 +237,15 @@ def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def broadcast_state(model):
+    """Under torchrun: rank 0's parameters and buffers (batch-norm running statistics too) on every rank, in place."""
+    if dist.is_initialized():
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+    return model
+
+
 def print0(*args, **kwargs):
     if is_main():
         print(*args, **kwargs, flush=True)
@@ -278,7 +288,6 @@ SALT_EVAL_TRAIN = 12       # evaluation run n: batches and augmentations
 SALT_REDUNDANCY_INIT = 13  # the redundancy model trained on increment n: init
 SALT_REDUNDANCY_TRAIN = 14
 SALT_PREFLIGHT = 16        # the preflight's student (n = 0: init, 1: batches) and its guided batch's noise (n = 2)
-SALT_VIEWS = 17            # the random views of --guidance-views in stage n
 
 
 def stream_seed(seed, salt, n=0):
@@ -545,6 +554,11 @@ def load_or_none(path, what):
     except Exception as e:
         print0(f"{what} {path} is damaged ({e.__class__.__name__}); regenerating it")
         return None
+
+
+def quoted(path):
+    """A path as a shell reads it back: a printed command works as printed, spaces and quotes in names included."""
+    return shlex.quote(str(path))
 
 
 def git_commit():

@@ -319,10 +319,11 @@ def check_run_folder(out_dir):
 # ----------------------------------------------------------------------------- settings
 
 def changed_settings(out_dir, args, must_match):
-    """The flags whose value differs from the run already in out_dir: [] for a new folder or a true resume."""
+    """The run already in out_dir (its args.json) after checking that `args` keeps every setting of must_match; {} for a
+    new folder."""
     path = args_path(out_dir)
     if not os.path.exists(path):
-        return []
+        return {}
     old = load_json(path, what="run settings")
     if not isinstance(old, dict):
         raise UserError(f"{path} is not an lgd args.json; move it away or use another --out-dir")
@@ -333,8 +334,8 @@ def changed_settings(out_dir, args, must_match):
                         f"({details}); use another --out-dir or the same settings to resume")
     lost = [flag for key, flag in must_match.items() if key not in old]
     if lost:  # damage, not defaults: a setting read as its default would continue another run
-        raise UserError(f"{path} is damaged: it does not say the run's {', '.join(lost[:4])}; restore it from a copy, "
-                        f"or start again with another --out-dir")
+        raise UserError(f"{path} does not say the run's {', '.join(lost[:4])}: damaged, or written by an older lgd "
+                        f"(finish it with that commit); restore it from a copy, or start again with another --out-dir")
     return old
 
 

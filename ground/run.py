@@ -1,9 +1,9 @@
 """
 The run as the method sees it: the one seam between the stage loop (curriculum.py) and the run folder.
 
-The stage loop says what it does in a sentence each (`run.stage_done(k)`, `run.increment(k)`, `run.blocks(...)`,
-`run.fill(...)`, `run.save_student(...)`, `run.finish_stage(k)`, `run.write_set(...)`); everything that keeps a
-many-hour run safe happens here, out of its way:
+The stage loop decides what is sampled and asks the run in a sentence each (`run.stage_done(k)`, `run.increment(k)`,
+`run.blocks(...)`, `run.pending(...)`, `run.store(...)`, `run.save_student(...)`, `run.finish_stage(k)`,
+`run.write_set(...)`); everything that keeps a many-hour run safe happens here, out of its way:
 
   resume        a finished stage is skipped (after checking it is still whole); an interrupted batch is computed
                 again exactly as the uninterrupted run cut it (a sample depends on its batch in the last float
@@ -16,6 +16,7 @@ many-hour run safe happens here, out of its way:
 
 Paths come from ground/folder.py, writes go through ground/common.py (atomic, verified on resume, disk full named).
 """
+import contextlib
 import glob
 import os
 
@@ -93,8 +94,8 @@ class Increment:
     """Where one increment's files go: images (PNG), final latents (the memory M_c; None: not kept) and the records
     of what guidance did (None: not kept), for the image indices of its slots."""
 
-    def __init__(self, spec, images_dir, latents_dir, records_dir, indices):
-        self.spec, self.indices = spec, indices
+    def __init__(self, spec, images_dir, latents_dir, records_dir, indices, name="sampling"):
+        self.spec, self.indices, self.name = spec, indices, name
         self.images_dir, self.latents_dir, self.records_dir = images_dir, latents_dir, records_dir
 
     def files(self):
@@ -147,9 +148,9 @@ class Run:
     def __init__(self, out_dir, spec, plan, batch, rank=0, world=1, tolerant=False):
         self.out_dir, self.spec, self.plan, self.rank, self.world = out_dir, spec, plan, rank, world
         self.tolerant = tolerant  # a nondeterministic device (CUDA): recomputed files compared within NEAR
-        self.batch = batch  # the sampler batch (candidates included); halved on out-of-memory, then kept
+        self.planned = self.batch = batch  # the sampler batch (candidates included); halved on out-of-memory
         self.stages_bar = self.bar = None
-        self.kappa = 1
+        self.kappa, self.failed = 1, False
 
     # ------------------------------------------------------------------------- increments
 
@@ -158,57 +159,69 @@ class Run:
         (k+1)*stage_ipc - 1."""
         first = k * self.plan.stage_ipc
         return Increment(self.spec, stage_images(self.out_dir, k), stage_latents(self.out_dir, k),
-                         stage_records(self.out_dir, k) if k else None, range(first, first + self.plan.stage_ipc))
+                         stage_records(self.out_dir, k) if k else None, range(first, first + self.plan.stage_ipc),
+                         f"stage {k}")
 
     def one_pass(self, latents):
-        """The set of a one-pass method (--method dit / igd), written straight into distilled/ (IGD keeps its final
-        latents too: its memory M_c reads them back)."""
+        """The set of a one-pass method (--method dit / igd / mgd3), written straight into distilled/ (IGD keeps its
+        final latents too: its memory M_c reads them back)."""
         return Increment(self.spec, distilled_dir(self.out_dir), run_latents(self.out_dir) if latents else None, None,
-                         range(self.plan.ipc))
+                         range(self.plan.ipc), "the set")
 
     # ------------------------------------------------------------------------- sampling
 
-    def blocks(self, inc, kappa, desc="sampling"):
+    def blocks(self, inc, kappa):
         """The blocks of classes that share a sampler batch (kappa candidates each), this rank's, with a progress bar
-        over `inc`; when they are done every rank waits for the others."""
-        self.kappa = kappa
+        over `inc`; when they are done every rank waits for the others. Each increment starts at the planned batch."""
+        self.kappa, self.batch = kappa, self.planned
         blocks = sampler_batches(self.spec.num_classes, self.batch, kappa, self.rank, self.world)
-        self.bar = tqdm(total=len(inc.indices) * sum(map(len, blocks)), desc=desc, unit="img", disable=not is_main(),
-                        mininterval=2)
+        self.bar = tqdm(total=len(inc.indices) * sum(map(len, blocks)), unit="img", disable=not is_main(),
+                        desc=inc.name + (f", {kappa} candidates an image" if kappa > 1 else ""), mininterval=2)
         yield from blocks
         self.bar.close()
         barrier()
 
-    def fill(self, inc, block, index, make):
-        """The images of `block` (classes) at slot `index`: make(classes) -> (latents, images in [0, 1], candidates or
-        None) for each sampler batch not on disk yet, cut as the uninterrupted run cut it (a sample depends on its
-        batch in the last float bits); a file already on disk must come out the same bytes. On out-of-memory the
-        batch is halved and the slot tried again (images are seeded one by one: the same set up to rounding)."""
-        while True:
-            per_chunk = max(1, self.batch // self.kappa)
-            try:
-                for j in range(0, len(block), per_chunk):
-                    chunk = block[j:j + per_chunk]
-                    if all(inc.complete(c, index) for c in chunk):
-                        continue
-                    latents, images, candidates = make(chunk)
-                    for n, c in enumerate(chunk):
-                        inc.write(c, index, latents[n], images[n],
-                                  image_record(n, candidates) if candidates is not None else None, self.tolerant)
-                break
-            except Mismatch as e:  # a file this run wrote earlier is not what it computes now
-                raise UserError(f"{e}; rerun where it was written, or delete "
-                                f"{increment_folder(inc.images_dir)} to sample it again") from None
-            except RuntimeError as e:  # torch.OutOfMemoryError, and CUDA / cuBLAS / cuDNN allocation failures
-                if not out_of_memory(e) or per_chunk == 1:
-                    raise
-            # out of memory: freed here, outside the except (its traceback held the failed step's tensors), then the
-            # slot is tried again at half the batch
-            free_memory()
-            self.batch = max(self.kappa, self.batch // 2)
-            print(f"out of memory: sampler batch halved to {self.batch} (same images, seeded one by one)")
+    def pending(self, inc, block, index):
+        """The sampler batches of `block` (classes) at slot `index` whose files are not all on disk yet: batch // kappa
+        classes each, cut as the uninterrupted run cut them (a sample depends on its batch in the last float bits). A
+        batch that ran out of memory (halved_on_out_of_memory) comes back, with the rest of the block, cut again at
+        the halved batch (images are seeded one by one: the same set up to float rounding)."""
+        todo = list(block)
+        while todo:
+            per_batch = max(1, self.batch // self.kappa)
+            classes, todo = todo[:per_batch], todo[per_batch:]
+            if all(inc.complete(c, index) for c in classes):
+                continue
+            self.failed = False
+            yield classes
+            if self.failed:  # freed here, outside the except: its traceback held the failed step's tensors
+                free_memory()
+                todo = classes + todo
         self.bar.update(len(block))
         self.bar.set_postfix(img_per_s=f"{self.bar.n / max(1e-9, self.bar.format_dict['elapsed']):.2f}")
+
+    @contextlib.contextmanager
+    def halved_on_out_of_memory(self, classes):
+        """Around the sampling of one batch: out of memory, the batch is halved (for the rest of the increment) and
+        pending gives `classes` back; out of memory at one class, or any other error, goes on."""
+        try:
+            yield
+        except RuntimeError as e:  # torch.OutOfMemoryError, and CUDA / cuBLAS / cuDNN allocation failures
+            if not out_of_memory(e) or len(classes) == 1:
+                raise
+            self.failed, self.batch = True, max(self.kappa, self.batch // 2)
+            print(f"out of memory: sampler batch halved to {self.batch} (same images, seeded one by one)")
+
+    def store(self, inc, index, classes, latents, images, candidates):
+        """The files of the images of `classes` at slot `index` (candidates: what candidate selection saw, or None). A
+        file already on disk must come out the same bytes."""
+        try:
+            for n, c in enumerate(classes):
+                inc.write(c, index, latents[n], images[n],
+                          image_record(n, candidates) if candidates is not None else None, self.tolerant)
+        except Mismatch as e:  # a file this run wrote earlier is not what it computes now
+            raise UserError(f"{e}; rerun where it was written, or delete {increment_folder(inc.images_dir)} to "
+                            f"sample it again") from None
 
     def copy_seed_set(self, inc, files, prior):
         """Stage 0 from a user's folder (ground.folder.seed_set_files: images of the generation size), and each

@@ -134,12 +134,12 @@ def make_empirical_prior(per_class=20):
 
 # the latent tier's stand-in: trained (not random) but tiny, so its VAE round trip, its decoder gradient and a guided
 # step through it are tested on learned weights in a few seconds; the real one trains in minutes (train_prior.py)
-TINY_MNIST = dict(vae_steps=150, dit_steps=40, taesd_steps=150, lr=2e-3, ema_decay=0.995)
+TINY_MNIST = dict(vae_steps=150, dit_steps=40, lr=2e-3, ema_decay=0.995)
 
 
 @pytest.fixture(scope="session")
 def mnist_prior(tmp_path_factory):
-    """A trained tiny mnist prior in the hub layout (transformer/, vae/, taesd/, scheduler/): train_prior.py's code."""
+    """A trained tiny mnist prior in the hub layout (transformer/, vae/, scheduler/): train_prior.py's code."""
     from train_prior import build_mnist_prior
     path = str(tmp_path_factory.mktemp("mnist") / "mnist_prior")
     build_mnist_prior(path, TINY_MNIST)

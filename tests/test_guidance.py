@@ -1,6 +1,6 @@
 """The method's equations (guidance.py): the learnability score S, the DDPM sampler against DiT's and diffusers',
-the guided step (rho_t, the push, its sign), deviation guidance, candidate selection, the watch hook, the cheap
-gradient decoder, and the guided step's numerics."""
+the guided step (rho_t, the push, its sign), deviation guidance, candidate selection, a score of scores/, and the
+guided step's numerics."""
 
 import numpy as np
 import pytest
@@ -22,7 +22,10 @@ from guidance import (
     decode_images,
     deviation_gradient,
     guided_output,
+    make_score,
     sample,
+    score_names,
+    score_of,
 )
 from model import load_prior, make_student
 from reference import reference_view
@@ -39,8 +42,13 @@ def classifiers(seed=0):
     return make_student("convnet", SPEC).eval(), make_student("convnet", SPEC).eval()
 
 
-def score_of(student, reference, omega=0.5, reference_view=SPEC):
+def learnability(student, reference, omega=0.5, reference_view=SPEC):
     return Learnability(student, SPEC, reference, reference_view, omega)
+
+
+def S(score, x, y):
+    """The score of images x (in [-1, 1]) of classes y: its first part."""
+    return score_of(score, x, y)
 
 
 def gens(n, seed=0):
@@ -51,7 +59,7 @@ def test_learnability_is_student_ce_minus_weighted_reference_ce():
     student, reference = classifiers()
     ref_view = reference_view(SPEC)  # each classifier gets its own view
     x, y = torch.rand(5, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 3, 4])
-    parts = score_of(student, reference, 0.5, ref_view).parts(x, y)
+    parts = learnability(student, reference, 0.5, ref_view).parts(x, y)
     ce_s = F.cross_entropy(student(classifier_input(x, SPEC)), y, reduction="none")
     ce_r = F.cross_entropy(reference(classifier_input(x, ref_view)), y, reduction="none")
     assert parts["S"].shape == (5,) and torch.allclose(parts["S"], ce_s - 0.5 * ce_r)
@@ -64,14 +72,14 @@ def score_of_z0(prior, score, z, t, labels, classes, sampler):
     eps = cfg_output(prior, z, t, labels, sampler)[:, :prior.channels]
     alpha_bar = prior.scheduler.alphas_cumprod[t]
     z0_hat = (z - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-    return score(prior.decode(z0_hat), classes), eps
+    return S(score, prior.decode(z0_hat), classes), eps
 
 
 def test_push_follows_the_equation_and_autograd(pixel_prior):
     """push = lambda rho_t g with rho_t = c0 sqrt(1 - abar) ||eps|| / ||g||, g checked by finite differences."""
     prior = load_prior(pixel_prior)
     prior.scheduler.set_timesteps(50)
-    score = score_of(*classifiers(1))
+    score = learnability(*classifiers(1))
     labels = torch.tensor([0, 3, 7])
     z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     t = prior.scheduler.timesteps[20]
@@ -108,14 +116,14 @@ def test_one_guided_step_raises_learnability(pixel_prior, form):
     """From the same z_t and noise, the guided step's z_{t-1} scores a higher S (at its own x0_hat) than the plain
     one."""
     prior = load_prior(pixel_prior)
-    score = score_of(*classifiers(2))
+    score = learnability(*classifiers(2))
     labels = torch.arange(8) % 10
     guide = GuidanceConfig(scale=30.0, deviation=0.0, candidates=1, guide_from=0, guide_until=0, form=form)
     sampler = SamplerConfig(cfg_scale=2.0, steps=1)  # one step: i = 0 is inside the window
-    plain = sample(prior, labels, gens(8), sampler)
-    guided = sample(prior, labels, gens(8), sampler, score, labels, None, guide)
+    plain = sample(prior, labels, labels, gens(8), sampler)
+    guided = sample(prior, labels, labels, gens(8), sampler, score, guide, None)
     with torch.no_grad():
-        s_plain, s_guided = score(plain, labels), score(guided, labels)
+        s_plain, s_guided = S(score, plain, labels), S(score, guided, labels)
     assert s_guided.mean() > s_plain.mean()
     assert (s_guided > s_plain).float().mean() >= 0.75  # sample by sample, not only on average
 
@@ -124,13 +132,13 @@ def test_one_guided_step_raises_learnability(pixel_prior, form):
 def test_guided_samples_score_higher_than_unguided_from_the_same_noise(form):
     """On a prior with real samples (the exact denoiser of 20 digits per class): guided > unguided S."""
     prior = make_empirical_prior()
-    score = score_of(*classifiers(3))
+    score = learnability(*classifiers(3))
     labels = torch.arange(20) % 10
     guide = GuidanceConfig(scale=60.0, deviation=0.0, candidates=1, guide_from=2, guide_until=17, form=form)
-    plain = decode_images(prior, sample(prior, labels, gens(20), SAMPLER))
-    guided = decode_images(prior, sample(prior, labels, gens(20), SAMPLER, score, labels, None, guide))
+    plain = decode_images(prior, sample(prior, labels, labels, gens(20), SAMPLER))
+    guided = decode_images(prior, sample(prior, labels, labels, gens(20), SAMPLER, score, guide, None))
     with torch.no_grad():
-        assert score(guided * 2 - 1, labels).mean() > score(plain * 2 - 1, labels).mean()
+        assert S(score, guided * 2 - 1, labels).mean() > S(score, plain * 2 - 1, labels).mean()
 
 
 def test_reference_accuracy_stays_within_a_margin(digits_reference):
@@ -142,13 +150,13 @@ def test_reference_accuracy_stays_within_a_margin(digits_reference):
     score = Learnability(student, SPEC, reference, view, 0.5)
     labels = torch.arange(40) % 10
     guide = GuidanceConfig(scale=60.0, deviation=0.0, candidates=1, guide_from=2, guide_until=17)
-    plain = decode_images(prior, sample(prior, labels, gens(40), SAMPLER))
-    guided = decode_images(prior, sample(prior, labels, gens(40), SAMPLER, score, labels, None, guide))
+    plain = decode_images(prior, sample(prior, labels, labels, gens(40), SAMPLER))
+    guided = decode_images(prior, sample(prior, labels, labels, gens(40), SAMPLER, score, guide, None))
     with torch.no_grad():
         acc = lambda x: (reference(classifier_input(x * 2 - 1, view)).argmax(1) == labels).float().mean()
         assert acc(plain) >= 0.9  # the stand-in prior makes clean digits
         assert acc(guided) >= acc(plain) - 0.10, (acc(plain), acc(guided))
-        assert score(guided * 2 - 1, labels).mean() > score(plain * 2 - 1, labels).mean()
+        assert S(score, guided * 2 - 1, labels).mean() > S(score, plain * 2 - 1, labels).mean()
 
 
 class Counting:
@@ -157,9 +165,9 @@ class Counting:
     def __init__(self, score):
         self.score, self.calls = score, 0
 
-    def __call__(self, x, y):
+    def parts(self, x, y):
         self.calls += 1
-        return self.score(x, y)
+        return self.score.parts(x, y)
 
 
 @pytest.mark.parametrize("form", ["z", "eps"])
@@ -167,12 +175,12 @@ def test_guided_code_at_zero_scales_is_bit_identical_to_unguided(pixel_prior, fo
     """lambda = gamma = 0, kappa = 1: the guided code runs (the score is evaluated at every window step) and
     changes nothing, bit for bit."""
     prior = load_prior(pixel_prior)
-    score = Counting(score_of(*classifiers()))
+    score = Counting(learnability(*classifiers()))
     guide = GuidanceConfig(scale=0.0, deviation=0.0, candidates=1, guide_from=0, guide_until=9, form=form)
     labels = torch.arange(4)
     sampler = SamplerConfig(cfg_scale=2.0, steps=10)
-    plain = sample(prior, labels, gens(4), sampler)
-    guided = sample(prior, labels, gens(4), sampler, score, labels, [torch.randn(3, 64)] * 4, guide, Watch())
+    plain = sample(prior, labels, labels, gens(4), sampler)
+    guided = sample(prior, labels, labels, gens(4), sampler, score, guide, [torch.randn(3, 64)] * 4)
     assert score.calls == 10
     assert torch.equal(plain, guided)
 
@@ -187,8 +195,8 @@ def guided_timesteps(prior, guide, steps=50):
         return forward(z, timestep=timestep, class_labels=class_labels)
     prior.transformer.forward = recording
     labels = torch.arange(2)
-    out = sample(prior, labels, gens(2), SamplerConfig(cfg_scale=2.0, steps=steps), score_of(*classifiers()), labels,
-                 None, guide)
+    out = sample(prior, labels, labels, gens(2), SamplerConfig(cfg_scale=2.0, steps=steps),
+                 learnability(*classifiers()), guide)
     prior.transformer.forward = forward
     return out, seen
 
@@ -200,7 +208,7 @@ def test_the_window_is_on_the_respaced_index_counting_down(pixel_prior):
     prior.scheduler.set_timesteps(50)
     schedule = prior.scheduler.timesteps.tolist()  # 999, 979, ..., 0
     guide = lambda a, b: GuidanceConfig(scale=50.0, deviation=0.0, candidates=1, guide_from=a, guide_until=b)
-    plain = sample(prior, torch.arange(2), gens(2), SamplerConfig(cfg_scale=2.0, steps=50))
+    plain = sample(prior, torch.arange(2), torch.arange(2), gens(2), SamplerConfig(cfg_scale=2.0, steps=50))
     high, t_high = guided_timesteps(prior, guide(40, 49))
     low, t_low = guided_timesteps(prior, guide(0, 9))
     outside, t_out = guided_timesteps(prior, guide(50, 60))
@@ -212,16 +220,16 @@ def test_the_window_is_on_the_respaced_index_counting_down(pixel_prior):
 def test_deviation_guidance_moves_samples_away_from_the_memory():
     """Same noise, with and without gamma: with it, each final sample is less similar to its nearest memory latent."""
     prior = make_empirical_prior()
-    score = score_of(*classifiers())
+    score = learnability(*classifiers())
     labels = torch.arange(10)
-    memory_latents = sample(prior, labels, gens(10, seed=7), SAMPLER)  # earlier samples of the same classes
+    memory_latents = sample(prior, labels, labels, gens(10, seed=7), SAMPLER)  # earlier samples of the same classes
     memories = [memory_latents[c].flatten()[None] for c in range(10)]
     off = GuidanceConfig(scale=0.0, deviation=0.0, candidates=1, guide_from=2, guide_until=17)
     on = GuidanceConfig(scale=0.0, deviation=20.0, candidates=1, guide_from=2, guide_until=17)
     nearest = lambda z: torch.stack([F.cosine_similarity(z[i].flatten(), memories[i][0], dim=0)
                                      for i in range(10)])
-    without = sample(prior, labels, gens(10), SAMPLER, score, labels, memories, off)
-    pushed = sample(prior, labels, gens(10), SAMPLER, score, labels, memories, on)
+    without = sample(prior, labels, labels, gens(10), SAMPLER, score, off, memories)
+    pushed = sample(prior, labels, labels, gens(10), SAMPLER, score, on, memories)
     assert nearest(pushed).mean() < nearest(without).mean()
     assert (nearest(pushed) <= nearest(without) + 1e-6).float().mean() >= 0.8
 
@@ -240,15 +248,15 @@ def test_deviation_gradient_is_that_of_the_cosine_to_the_nearest_memory():
 def test_candidate_selection_keeps_the_highest_learnability(pixel_prior):
     """kappa = 3: the kept latent is the candidate with the highest S on its final decoded image."""
     prior = load_prior(pixel_prior)
-    score = score_of(*classifiers(5))
+    score = learnability(*classifiers(5))
     guide = GuidanceConfig(scale=30.0, deviation=0.0, candidates=3, guide_from=2, guide_until=7)
     sampler = SamplerConfig(cfg_scale=2.0, steps=8)
     classes = torch.tensor([0, 0, 0, 5, 5, 5])
     latents, images, best, parts = best_of_candidates(prior, classes, classes, gens(6), sampler, score, guide)
     assert latents.shape == (2, 1, 8, 8) and parts["S"].shape == (2, 3)
-    every = sample(prior, classes, gens(6), sampler, score, classes, None, guide)
+    every = sample(prior, classes, classes, gens(6), sampler, score, guide, None)
     with torch.no_grad():
-        s = score(decode_images(prior, every) * 2 - 1, classes).view(2, 3)
+        s = S(score, decode_images(prior, every) * 2 - 1, classes).view(2, 3)
     assert torch.equal(best, s.argmax(dim=1))
     assert torch.equal(latents, every[best + torch.tensor([0, 3])])
     assert torch.allclose(parts["S"], s)
@@ -270,7 +278,7 @@ def test_ddpm_sampler_matches_manual_scheduler_loop(latent_prior):
     """Our sampler (guidance off) == stepping the diffusers DDPM scheduler by hand, learned variance and all."""
     prior = load_prior(latent_prior)
     labels = torch.tensor([3, 155, 999])
-    ours = sample(prior, labels, generators(3), SamplerConfig(cfg_scale=4.0, steps=5))
+    ours = sample(prior, labels, labels, generators(3), SamplerConfig(cfg_scale=4.0, steps=5))
 
     from diffusers.utils.torch_utils import randn_tensor
     scheduler, gens = prior.scheduler, generators(3)
@@ -317,7 +325,7 @@ def test_sampler_step_equals_dit_learned_range_p_sample(latent_prior):
 
     labels, gens, c = torch.tensor([3, 155, 999]), generators(3), prior.channels
     sampler = SamplerConfig(cfg_scale=4.0, steps=50)
-    ours = sample(prior, labels, gens, sampler)
+    ours = sample(prior, labels, labels, gens, sampler)
     gens = generators(3)
     z = torch.cat([torch.randn((1, c, 8, 8), generator=g) for g in gens]).double()
     for i in reversed(range(50)):
@@ -351,8 +359,8 @@ def test_ddim_sampler_matches_diffusers_dit_pipeline(latent_prior):
     from diffusers import DiTPipeline
     prior = load_prior(latent_prior, sampler="ddim")
     labels = [7, 500]
-    ours = decode_images(prior, sample(prior, torch.tensor(labels), generators(2), SamplerConfig(cfg_scale=3.0,
-                                                                                                 steps=6)))
+    ours = decode_images(prior, sample(prior, torch.tensor(labels), torch.tensor(labels), generators(2),
+                                       SamplerConfig(cfg_scale=3.0, steps=6)))
     pipe = DiTPipeline(transformer=prior.transformer, vae=prior.vae, scheduler=prior.scheduler)
     theirs = pipe(labels, guidance_scale=3.0, generator=generators(2), num_inference_steps=6, output_type="np").images
     assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() < 1e-4
@@ -373,28 +381,19 @@ def test_same_seed_same_images_and_batch_size_independent(latent_prior):
     prior = load_prior(latent_prior)
     labels = torch.tensor([1, 2, 3, 4])
     four = SamplerConfig(steps=4)
-    a = sample(prior, labels, generators(4), four)
-    b = sample(prior, labels, generators(4), four)
+    a = sample(prior, labels, labels, generators(4), four)
+    b = sample(prior, labels, labels, generators(4), four)
     assert torch.equal(a, b)
     # image 2 alone, with its own generator, is the same image as in the batch of 4
-    alone = sample(prior, labels[2:3], generators(4)[2:3], four)
+    alone = sample(prior, labels[2:3], labels[2:3], generators(4)[2:3], four)
     # equal up to float rounding, which depends on the batch and the CPU: compare relative to the magnitude
     # (these random-weight latents reach ~900, so an absolute tolerance would test one machine's rounding)
     assert (alone[0] - a[2]).norm() <= 1e-5 * a[2].norm()
-    other_seed = sample(prior, labels, generators(4, seed=1), four)
+    other_seed = sample(prior, labels, labels, generators(4, seed=1), four)
     assert (other_seed - a).abs().mean() > 0.1
 
 
 WOOF = get_spec("imagewoof", res=16)
-
-
-def tiny_taesd(path):
-    """A random AutoencoderTiny with TAESD's interface (4 latent channels, 8x upsampling: 8 -> 16 px needs 2 x 2)."""
-    from diffusers import AutoencoderTiny
-    torch.manual_seed(0)
-    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
-                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(path)
-    return str(path)
 
 
 def woof_score(seed=0):
@@ -402,23 +401,8 @@ def woof_score(seed=0):
     return Learnability(make_student("convnet", WOOF), WOOF, make_student("convnet", WOOF), WOOF, 0.5)
 
 
-def test_taesd_decodes_the_dits_latents_as_they_are_into_minus_one_one(tmp_path, latent_prior):
-    """TAESD's scaling factor is 1.0 (it takes the DiT's latents as they are; the SD VAE divides them by its
-    factor) and diffusers' wrapper maps the decoder's [0, 1] to [-1, 1] like AutoencoderKL: checked against the
-    decoder's own layers, not against either sentence."""
-    prior = load_prior(latent_prior, grad_decoder=tiny_taesd(tmp_path / "taesd"))
-    assert prior.grad_vae is not None and prior.grad_vae.config.scaling_factor == 1.0
-    z = torch.randn(2, 4, 8, 8) * 3
-    decoder = prior.grad_vae.decoder
-    with torch.no_grad():
-        expected = decoder.layers(torch.tanh(z / 3) * 3) * 2 - 1  # DecoderTiny: clamp, layers in [0, 1] -> [-1, 1]
-        assert torch.allclose(prior.decode_for_gradient(z), expected, atol=1e-6)
-        assert prior.decode_for_gradient(z).shape == prior.decode(z).shape == (2, 3, 16, 16)
-    assert not torch.allclose(prior.decode_for_gradient(z), prior.decode(z))  # the final images keep the VAE
-
-
-def test_the_exact_path_is_the_gradient_through_the_vae(latent_prior):
-    """--grad-decoder vae: g = grad_{z_t} S(VAE.decode(z0_hat / scaling)), re-derived here independently."""
+def test_the_gradient_goes_through_the_vae(latent_prior):
+    """g = grad_{z_t} S(VAE.decode(z0_hat / scaling)), through the DiT's CFG output, re-derived here independently."""
     prior = load_prior(latent_prior)
     prior.scheduler.set_timesteps(10)
     score, sampler = woof_score(), SamplerConfig(cfg_scale=4.0)
@@ -432,50 +416,9 @@ def test_the_exact_path_is_the_gradient_through_the_vae(latent_prior):
     eps = both[2:, :4] + 4.0 * (both[:2, :4] - both[2:, :4])
     abar = prior.scheduler.alphas_cumprod[t]
     x0 = prior.vae.decode((z_in - (1 - abar).sqrt() * eps) / abar.sqrt() / prior.vae.config.scaling_factor).sample
-    g = torch.autograd.grad(score(x0, classes).sum(), z_in)[0]
+    g = torch.autograd.grad(S(score, x0, classes).sum(), z_in)[0]
     rho = 0.0015 * (1 - abar).sqrt() * eps.detach().flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1)
     assert torch.allclose(push, rho.view(-1, 1, 1, 1) * g, rtol=1e-4, atol=1e-9)
-
-
-class Watch:
-    """A watch hook that keeps what the sampler shows it: (i, push, away, fallback) per guided step."""
-
-    def __init__(self):
-        self.steps = []
-
-    def __call__(self, i, z, z_prev, push, away, fallback):
-        self.steps.append((i, push.clone(), None if away is None else away.clone(), fallback.clone()))
-
-
-def test_the_watch_hook_sees_every_guided_step_and_the_pushes_it_added(pixel_prior):
-    """watch sees the guided steps only (the window, counting down), with the push of guidance.guided_output and
-    the deviation push gamma * grad cos; watching changes nothing."""
-    prior = load_prior(pixel_prior)
-    labels, watch = torch.arange(3), Watch()
-    guide = GuidanceConfig(scale=30.0, deviation=2.0, candidates=1, guide_from=2, guide_until=5)
-    sampler, score, memories = SamplerConfig(cfg_scale=2.0, steps=8), score_of(*classifiers()), [torch.randn(2, 64)] * 3
-    watched = sample(prior, labels, gens(3), sampler, score, labels, memories, guide, watch)
-    assert [i for i, *_ in watch.steps] == [5, 4, 3, 2]
-    assert torch.equal(watched, sample(prior, labels, gens(3), sampler, score, labels, memories, guide))
-    assert all(push.abs().sum() > 0 and away.abs().sum() > 0 and not fallback.any()
-               for _, push, away, fallback in watch.steps)
-
-
-def test_taesd_guides_and_the_preflight_measures_its_fidelity(tmp_path, latent_prior):
-    """On the tiny stand-ins: the cheap decoder changes the guided samples (the final images keep the VAE), and the
-    preflight's check gives the cosine of its gradient to the exact one through the VAE."""
-    from tools.preflight import decoder_cosine
-    prior = load_prior(latent_prior, grad_decoder=tiny_taesd(tmp_path / "taesd"))
-    labels, classes = torch.tensor([155, 159, 162]), torch.tensor([0, 1, 2])
-    guide = GuidanceConfig(scale=50.0, deviation=0.0, candidates=1, guide_from=0, guide_until=3)
-    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]
-    sampler, score = SamplerConfig(cfg_scale=4.0, steps=4), woof_score()
-    cheap = sample(prior, labels, gens(), sampler, score, classes, None, guide)
-    cosine = decoder_cosine(prior, WOOF, sampler, guide, 3, "cpu", score)
-    assert -1 <= cosine <= 1 and cosine < 1 - 1e-6  # a different decoder: not the exact gradient
-    prior.grad_vae = None
-    assert decoder_cosine(prior, WOOF, sampler, guide, 3, "cpu", score) is None  # the exact path needs no check
-    assert not torch.allclose(cheap, sample(prior, labels, gens(), sampler, score, classes, None, guide))
 
 
 def test_no_graph_outside_the_window_and_no_weight_gradients(pixel_prior):
@@ -495,8 +438,8 @@ def test_no_graph_outside_the_window_and_no_weight_gradients(pixel_prior):
     prior.transformer.forward = recording
     labels = torch.arange(3)
     guide = GuidanceConfig(scale=30.0, deviation=1.0, candidates=1, guide_from=2, guide_until=4)
-    sample(prior, labels, [torch.Generator().manual_seed(i) for i in range(3)], SamplerConfig(cfg_scale=2.0, steps=8),
-           score, labels, [torch.randn(2, 64)] * 3, guide)
+    sample(prior, labels, labels, [torch.Generator().manual_seed(i) for i in range(3)],
+           SamplerConfig(cfg_scale=2.0, steps=8), score, guide, [torch.randn(2, 64)] * 3)
     prior.transformer.forward = forward
     assert with_grad == [False] * 3 + [True] * 3 + [False] * 2  # steps i = 7..0: the window 2..4 only
     for model in (prior.transformer, student, reference):
@@ -511,8 +454,10 @@ def test_non_finite_guidance_gradient_falls_back_to_the_unguided_step(pixel_prio
     t = prior.scheduler.timesteps[3]
     z, labels = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
 
-    def score(x, y):  # sample 1 divides by zero: an infinite learnability and gradient
-        return x.flatten(1).sum(dim=1) / torch.tensor([1.0, 0.0, 1.0])
+    class Infinite:  # sample 1 divides by zero: an infinite learnability and gradient
+        def parts(self, x, y):
+            return dict(S=x.flatten(1).sum(dim=1) / torch.tensor([1.0, 0.0, 1.0]))
+    score = Infinite()
     out, push, bad = guided_output(prior, z, t, labels, labels, SamplerConfig(cfg_scale=2.0), score,
                                    GuidanceConfig(scale=15.0))
     assert bad.tolist() == [False, True, False]  # per sample: only the one with the infinite S
@@ -557,26 +502,30 @@ def test_a_guided_step_through_the_trained_decoder_raises_s(mnist_prior):
     labels = torch.arange(8) % 10
     guide = GuidanceConfig(scale=30.0, deviation=0.0, candidates=1, guide_from=0, guide_until=0)
     sampler = SamplerConfig(cfg_scale=2.0, steps=1)  # one step: i = 0 is inside the window
-    plain = sample(prior, labels, gens(8), sampler)
-    guided = sample(prior, labels, gens(8), sampler, score, labels, None, guide)
+    plain = sample(prior, labels, labels, gens(8), sampler)
+    guided = sample(prior, labels, labels, gens(8), sampler, score, guide, None)
     with torch.no_grad():
-        s_plain, s_guided = (score(prior.decode(z), labels) for z in (plain, guided))
+        s_plain, s_guided = (S(score, prior.decode(z), labels) for z in (plain, guided))
     assert s_guided.mean() > s_plain.mean() and (s_guided > s_plain).float().mean() >= 0.75
 
 
-@pytest.mark.slow
-def test_the_trained_gradient_decoder_follows_the_vaes_gradient(mnist_prior):
-    """--grad-decoder taesd on the latent tier: the tiny decoder distilled from the VAE's gives nearly the VAE's
-    gradient of a classifier's CE (the real prior: cosine 0.91), far from what an untrained one gives."""
-    from diffusers import AutoencoderTiny
-
-    from model import MNIST_TAESD
-    from train_prior import decoder_checks
-    prior = load_prior(mnist_prior, grad_decoder="taesd")
-    spec = get_spec("mnist")
-    torch.manual_seed(0)
-    classifier = make_student("convnet", spec).eval()
-    trained = decoder_checks(prior, classifier, spec, "cpu", n=64)[2]
-    prior.grad_vae = AutoencoderTiny(**MNIST_TAESD).eval().requires_grad_(False)
-    untrained = decoder_checks(prior, classifier, spec, "cpu", n=64)[2]
-    assert trained > 0.5 and trained > untrained + 0.3, (trained, untrained)
+def test_a_score_of_scores_is_found_by_its_name_and_guidance_raises_it(pixel_prior):
+    """scores/entropy.py (docs/forking.md's worked example): --score entropy names it, make_score builds it with the
+    stage's student and theta*, its first part is the student's predictive entropy minus omega theta*'s CE, and one
+    guided step raises it, as S is raised: the sampler did not change for it."""
+    assert score_names() == ["learnability", "entropy"]
+    student, reference = classifiers(2)
+    score = make_score("entropy", student, SPEC, reference, SPEC, GuidanceConfig(omega=0.25))
+    x, y = torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 3])
+    log_p = F.log_softmax(student(classifier_input(x, SPEC)), dim=1)
+    expected = -(log_p.exp() * log_p).sum(1) - 0.25 * F.cross_entropy(reference(classifier_input(x, SPEC)), y,
+                                                                       reduction="none")
+    assert list(score.parts(x, y))[0] == "S_H" and torch.allclose(S(score, x, y), expected, atol=1e-6)
+    prior = load_prior(pixel_prior)
+    labels = torch.arange(8) % 10
+    guide = GuidanceConfig(scale=30.0, deviation=0.0, candidates=1, guide_from=0, guide_until=0)
+    sampler = SamplerConfig(cfg_scale=2.0, steps=1)
+    plain = sample(prior, labels, labels, gens(8), sampler)
+    guided = sample(prior, labels, labels, gens(8), sampler, score, guide)
+    with torch.no_grad():
+        assert S(score, guided, labels).mean() > S(score, plain, labels).mean()

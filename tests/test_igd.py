@@ -33,7 +33,7 @@ def test_influence_against_the_closed_form_of_a_linear_classifier():
             grad = torch.outer(p - F.one_hot(y[n], 10).double(), u).flatten()
             cosines.append(torch.dot(grad, targets[(j, int(y[n]))]) / grad.norm() / targets[(j, int(y[n]))].norm())
         expected.append(sum(cosines) / 2 - 1)
-    assert torch.allclose(score(x, y), torch.stack(expected), rtol=1e-10)
+    assert torch.allclose(score.parts(x, y)["I"], torch.stack(expected), rtol=1e-10)
 
 
 def test_influence_gradient_against_finite_differences():
@@ -46,10 +46,10 @@ def test_influence_gradient_against_finite_differences():
     score = Influence(nets, IDENTITY, lambda j, c: targets[(j, c)])
     x = (torch.rand(2, 1, 8, 8, dtype=torch.float64) * 2 - 1).requires_grad_(True)
     y = torch.tensor([1, 7])
-    grad = torch.autograd.grad(score(x, y).sum(), x)[0]
+    grad = torch.autograd.grad(score.parts(x, y)["I"].sum(), x)[0]
     direction, h = torch.randn_like(x), 1e-6
     with torch.no_grad():
-        fd = (score(x + h * direction, y) - score(x - h * direction, y)) / (2 * h)
+        fd = (score.parts(x + h * direction, y)["I"] - score.parts(x - h * direction, y)["I"]) / (2 * h)
     assert torch.allclose(fd, (grad * direction).flatten(1).sum(dim=1), rtol=1e-5)
 
 

@@ -9,10 +9,10 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 import distill
-from conftest import cli, file_hashes, make_empirical_prior, one_error_line, run_cli, run_signalled
+from conftest import cli, file_hashes, in_process, make_empirical_prior, one_error_line, run_signalled
 from data import get_spec, load_digits_split
 from guidance import SamplerConfig, sample
-from mgd3 import MGD3, class_modes, mode_pull
+from mgd3 import MGD3, ModePull
 from model import load_prior, predicted_clean
 from reference import real_modes
 
@@ -33,7 +33,7 @@ def test_the_ddpm_pull_is_the_formula_with_the_step_own_sigma(latent_prior):
     prior = load_prior(latent_prior)
     step = 10  # respaced index i = 39: inside the pulled steps (i > 25)
     z, out, modes, t = hand_made(prior, step)
-    term = mode_pull(prior, modes, MGD3(scale=0.3, stop=25))(39, t, z, out)
+    term = ModePull(modes, MGD3(scale=0.3, stop=25)).term(prior, t, z, out)
     abar = prior.scheduler.alphas_cumprod
     abar_t, abar_prev = abar[t], abar[prior.scheduler.timesteps[step + 1]]
     beta = 1 - abar_t / abar_prev
@@ -60,24 +60,22 @@ def test_in_pixel_space_the_pull_sees_the_clipped_prediction_the_step_uses(pixel
     assert z0_hat.abs().max() > 10  # the clip matters at this step
     abar_prev = prior.scheduler.alphas_cumprod[prior.scheduler.timesteps[1]]
     sigma = ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()  # the fixed (posterior) std
-    term = mode_pull(prior, modes, MGD3(scale=0.3))(49, t, z, out)
+    term = ModePull(modes, MGD3(scale=0.3)).term(prior, t, z, out)
     assert torch.allclose(term, -0.3 * sigma * (z0_hat.clamp(-1, 1) - modes), rtol=1e-5, atol=1e-7)
 
 
 def test_the_ddim_pull_uses_sqrt_one_minus_abar(latent_prior):
     prior = load_prior(latent_prior, sampler="ddim")
     z, out, modes, t = hand_made(prior, 5)
-    term = mode_pull(prior, modes, MGD3(scale=0.2, stop=25))(44, t, z, out)
+    term = ModePull(modes, MGD3(scale=0.2, stop=25)).term(prior, t, z, out)
     abar_t = prior.scheduler.alphas_cumprod[t]
     z0_hat = predicted_clean(z, out[:, :4], abar_t)
     assert torch.allclose(term, -0.2 * (1 - abar_t).sqrt() * (z0_hat - modes), rtol=1e-5, atol=1e-7)
 
 
-def test_the_pull_acts_above_t_stop_only(latent_prior):
-    prior = load_prior(latent_prior)
-    z, out, modes, t = hand_made(prior, 24)
-    pull = mode_pull(prior, modes, MGD3(stop=25))
-    assert pull(25, t, z, out) is None and pull(26, t, z, out) is not None
+def test_the_pull_acts_above_t_stop_only():
+    pull = ModePull(torch.zeros(1), MGD3(stop=25))
+    assert not pull.active(25) and pull.active(26)
 
 
 def test_lambda_zero_is_the_unguided_sampler_bit_for_bit(latent_prior):
@@ -85,9 +83,9 @@ def test_lambda_zero_is_the_unguided_sampler_bit_for_bit(latent_prior):
     labels, sampler = torch.tensor([1, 207, 999]), SamplerConfig(cfg_scale=4.0, steps=8)
     noise = lambda: [torch.Generator().manual_seed(s) for s in (3, 4, 5)]
     modes = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    plain = sample(prior, labels, noise(), sampler)
-    zero = sample(prior, labels, noise(), sampler, pull=mode_pull(prior, modes, MGD3(scale=0.0, stop=2)))
-    pulled = sample(prior, labels, noise(), sampler, pull=mode_pull(prior, modes, MGD3(scale=0.1, stop=2)))
+    plain = sample(prior, labels, labels, noise(), sampler)
+    zero = sample(prior, labels, labels, noise(), sampler, pull=ModePull(modes, MGD3(scale=0.0, stop=2)))
+    pulled = sample(prior, labels, labels, noise(), sampler, pull=ModePull(modes, MGD3(scale=0.1, stop=2)))
     assert torch.equal(zero, plain) and not torch.allclose(pulled, plain)
 
 
@@ -98,14 +96,14 @@ def test_a_pulled_sample_ends_nearer_its_mode_than_its_unguided_twin():
     prior = make_empirical_prior(per_class=20)
     labels, sampler = torch.arange(10), SamplerConfig(cfg_scale=1.0, steps=50)
     noise = lambda: [torch.Generator().manual_seed(100 + c) for c in range(10)]
-    plain = sample(prior, labels, noise(), sampler)
+    plain = sample(prior, labels, labels, noise(), sampler)
     images = prior.transformer.images.view(-1, 1, 8, 8)
     members = [torch.nonzero(prior.transformer.labels == c).flatten() for c in range(10)]
     modes = torch.stack([images[m[((images[m] - plain[c]) ** 2).flatten(1).sum(1).argmax()]]
                          for c, m in enumerate(members)])
     far = (plain - modes).flatten(1).norm(dim=1)
     for scale, strictly in ((0.1, False), (1.0, True)):
-        pulled = sample(prior, labels, noise(), sampler, pull=mode_pull(prior, modes, MGD3(scale=scale)))
+        pulled = sample(prior, labels, labels, noise(), sampler, pull=ModePull(modes, MGD3(scale=scale)))
         near = (pulled - modes).flatten(1).norm(dim=1)
         assert (near <= far * (1 + 1e-5)).all() and near.mean() < far.mean(), (scale, near, far)
         assert not strictly or (near < 0.9 * far).all(), (scale, near, far)
@@ -115,10 +113,8 @@ def test_modes_are_kmeans_centroids_the_same_each_time_and_per_class(tmp_path, p
     """Digits in pixel space: k modes per class, each the mean of the class images nearest to it (a k-means fixed
     point), computed twice in two caches to the same bytes, and different for different classes."""
     prior, spec = load_prior(pixel_prior), get_spec("digits")
-    first = real_modes(spec, prior, prior.encoder, None, 3, class_modes, flip=False, flag="--ipc",
-                       cache_dir=str(tmp_path / "a"))
-    again = real_modes(spec, prior, prior.encoder, None, 3, class_modes, flip=False, flag="--ipc",
-                       cache_dir=str(tmp_path / "b"))
+    first = real_modes(spec, prior, None, 3, flip=False, flag="--ipc", cache_dir=str(tmp_path / "a"))
+    again = real_modes(spec, prior, None, 3, flip=False, flag="--ipc", cache_dir=str(tmp_path / "b"))
     assert sorted(first) == list(range(10)) and all(first[c].shape == (3, 1, 8, 8) for c in first)
     assert all(torch.equal(first[c], again[c]) for c in first)
     assert not torch.allclose(first[0], first[1], atol=1e-2)
@@ -130,33 +126,33 @@ def test_modes_are_kmeans_centroids_the_same_each_time_and_per_class(tmp_path, p
         assert torch.allclose(x[nearest == j].mean(dim=0), centroids[j], rtol=1e-4, atol=1e-5)
 
 
-MGD3_ARGV = ["--dataset", "digits", "--method", "mgd3", "--ipc", 3, "--steps", 6, "--mode-stop", 1, "--batch-size", 4,
-             "--no-eval"]
+MGD3_ARGV = ["--dataset", "digits", "--method", "mgd3", "--ipc", 3, "--steps", 6, "--set", "mode_stop=1",
+             "--batch-size", 4, "--no-eval"]
 
 
 @pytest.mark.slow
 def test_a_killed_mgd3_run_resumes_to_the_same_bytes(tmp_path, pixel_prior):
     straight = tmp_path / "straight"
-    r = run_cli("distill.py", *MGD3_ARGV, "--prior", pixel_prior, "--out-dir", straight, cwd=tmp_path)
+    r = in_process("distill.py", *MGD3_ARGV, "--prior", pixel_prior, "--out-dir", straight, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "killed"
     r = run_signalled("ground.run:Increment.write", "a[2] == 1 and a[1] == 5", "SIGKILL", *MGD3_ARGV, "--prior",
                       pixel_prior, "--out-dir", out, cwd=tmp_path)
     assert r.returncode == -signal.SIGKILL
     assert 0 < len(file_hashes(out / "distilled", ".png")) < 30
-    r = run_cli("distill.py", *MGD3_ARGV, "--prior", pixel_prior, "--out-dir", out, cwd=tmp_path)
+    r = in_process("distill.py", *MGD3_ARGV, "--prior", pixel_prior, "--out-dir", out, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert file_hashes(out / "distilled", ".png") == file_hashes(straight / "distilled", ".png")
     assert len(file_hashes(out / "distilled", ".png")) == 30
     # LGD's T_1 from MGD3 is, image for image, the first image of each class of the MGD3 set of the same seed
     seeded = tmp_path / "seeded"
-    r = run_cli("distill.py", *MGD3_ARGV[:2], "--seed-set", "mgd3", "--ipc", 2, "--stage-ipc", 1, "--steps", 6,
-                "--mode-stop", 1, "--batch-size", 4, "--student-epochs", 1, "--reference-epochs", 1,
+    r = in_process("distill.py", *MGD3_ARGV[:2], "--seed-set", "mgd3", "--ipc", 2, "--stage-ipc", 1, "--steps", 6,
+                "--set", "mode_stop=1", "--batch-size", 4, "--student-epochs", 1, "--reference-epochs", 1,
                 "--guide-from", 0, "--guide-until", 3, "--no-eval", "--prior", pixel_prior, "--out-dir", seeded,
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     one = tmp_path / "one"
-    r = run_cli("distill.py", *MGD3_ARGV[:4], "--ipc", 1, "--steps", 6, "--mode-stop", 1, "--batch-size", 4,
+    r = in_process("distill.py", *MGD3_ARGV[:4], "--ipc", 1, "--steps", 6, "--set", "mode_stop=1", "--batch-size", 4,
                 "--no-eval", "--prior", pixel_prior, "--out-dir", one, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert file_hashes(seeded / "stage_0" / "images", ".png") == file_hashes(one / "distilled", ".png")
@@ -167,9 +163,9 @@ def test_bad_mgd3_settings_are_one_line_before_anything_is_written(tmp_path, pix
     out = tmp_path / "run"
     base = ["--dataset", "digits", "--method", "mgd3", "--prior", pixel_prior, "--no-eval", "--out-dir", out]
     for extra, fragment in ((["--ipc", 500], "lower --ipc to at most"),
-                            (["--mode-scale", -0.1], "--mode-scale must be a finite number >= 0"),
-                            (["--mode-stop", 50], "--mode-stop 50 is outside the schedule"),
-                            (["--mode-stop", -1], "t_stop must be in 0 .. 48")):
+                            (["--set", "mode_scale=-0.1"], "--set mode_scale must be a finite number >= 0"),
+                            (["--set", "mode_stop=50"], "--set mode_stop=50 is outside the schedule"),
+                            (["--set", "mode_stop=-1"], "t_stop must be in 0 .. 48")):
         code, lines = cli(distill.main, base + extra, capsys)
         one_error_line(code, lines, fragment)
         assert not os.path.exists(out) and not os.path.exists(tmp_path / "out")  # no run folder, no cache entry

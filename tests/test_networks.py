@@ -351,16 +351,16 @@ def test_minimaxs_key_layouts_are_read_and_a_misfit_names_what_it_expected(tmp_p
 @pytest.mark.slow
 def test_the_mnist_prior_is_in_the_hub_layout_and_its_vae_round_trips(mnist_prior):
     """train_prior.py's latent tier, loaded by the very load_prior of DiT-XL/2: the DiT with the learned variance and
-    the null label, the VAE whose scaling factor makes the train latents unit-variance, its tiny decoder."""
+    the null label, the VAE whose scaling factor makes the train latents unit-variance."""
     import torch.nn.functional as F
     from diffusers import AutoencoderKL
 
     from data import load_mnist_split
     from guidance import decode_images
-    prior = load_prior(mnist_prior, grad_decoder="taesd")
-    assert sorted(os.listdir(mnist_prior)) == ["scheduler", "taesd", "transformer", "vae"]
+    prior = load_prior(mnist_prior)
+    assert sorted(os.listdir(mnist_prior)) == ["scheduler", "transformer", "vae"]
     assert (prior.channels, prior.latent_size, prior.image_size) == (4, 8, 32) and prior.learned_variance
-    assert prior.null_label == 10 and prior.grad_vae is not None
+    assert prior.null_label == 10
     vae = AutoencoderKL.from_pretrained(os.path.join(mnist_prior, "vae"))
     assert prior.scaling_factor == vae.config.scaling_factor != 1.0
     x = torch.stack(load_mnist_split("test").items[:200])
@@ -369,24 +369,6 @@ def test_the_mnist_prior_is_in_the_hub_layout_and_its_vae_round_trips(mnist_prio
     with torch.no_grad():
         assert torch.equal(prior.decode(z), vae.decode(z / vae.config.scaling_factor).sample)
     assert F.mse_loss(decode_images(prior, z), x) < 0.5 * x.var()  # the round trip keeps the digit
-
-
-def test_compile_reaches_the_modules_the_sampler_calls(latent_prior, tmp_path):
-    """--compile: the DiT and the decoder that prior.decode runs are the compiled ones (a recording backend sees
-    each traced); Module.compile on the VAE itself would never run, since the sampler calls vae.decode()."""
-    prior = load_prior(latent_prior)
-    traced = []
-
-    def recording(graph, example_inputs):  # a torch.compile backend that runs the traced graph as it is
-        traced.append(graph)
-        return graph.forward
-    prior.compile(backend=recording)
-    z = torch.randn(1, 4, 8, 8)
-    with torch.no_grad():
-        prior.decode(z)
-        assert len(traced) >= 1  # the decoder's graph
-        prior.dit(z, torch.tensor([500]), torch.tensor([3]))
-    assert len(traced) >= 2  # and the DiT's
 
 
 def test_offline_the_resnet18_weights_are_named_with_where_they_go(monkeypatch):
@@ -400,16 +382,3 @@ def test_offline_the_resnet18_weights_are_named_with_where_they_go(monkeypatch):
     with pytest.raises(UserError, match=r"download https://download.pytorch.org/models/resnet18-f37072fd.pth .* "
                                         r"copy it to .*checkpoints/resnet18-f37072fd.pth"):
         reference.pretrained_resnet18("cpu")
-
-
-def test_the_vae_decoder_checkpoints_in_eval_mode(latent_prior):
-    """--grad-checkpoint on the guided step (eval mode, gradients on) must checkpoint the VAE decoder; diffusers before
-    0.32 did so only in training mode (hence the pin in requirements.txt)."""
-    prior = load_prior(latent_prior)
-    prior.enable_gradient_checkpointing()
-    calls, decoder = [], prior.vae.decoder
-    original = decoder._gradient_checkpointing_func
-    decoder._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or original(*a, **k)
-    z = torch.randn(1, 4, 8, 8, requires_grad=True)
-    prior.decode(z).sum().backward()
-    assert not decoder.training and calls and z.grad is not None

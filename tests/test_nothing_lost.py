@@ -88,7 +88,7 @@ def test_every_next_line_a_run_prints_works_as_printed(pixel_prior, tmp_path, ca
     """distill.py ends by naming what to run next; each such line runs as printed, for a guided run, a run evaluated
     with another architecture, and a one-increment set (where a redundancy cut has nothing to compare)."""
     monkeypatch.chdir(tmp_path)
-    base = [*LGD[:-1], "--prior", pixel_prior, "--eval-runs", 1, "--eval-epochs", 1]
+    base = [*LGD[:-1], "--prior", pixel_prior]
     for extra in ([], ["--eval-arch", "mlp"], ["--method", "dit", "--ipc", 1]):
         out = []
         assert cli(distill.main, [*base, *extra, "--out-dir", tmp_path / f"run{len(extra)}"], capsys, out)[0] == 0
@@ -116,17 +116,14 @@ def refusals(tmp_path, pixel_prior, latent_prior):
     return {
         "prior without a config": (["--prior", small], "could not load the DiT", ok),
         "broken scheduler json": (["--prior", broken], "could not load the scheduler", ok),
-        "grad decoder on a pixel prior": (["--prior", pixel_prior, "--grad-decoder", "taesd"], "pixel space", ok),
-        "missing grad decoder": (["--prior", latent_prior, "--grad-decoder", tmp_path / "none"],
-                                 "could not load the gradient decoder", ok),
         "an RGB prior for grey digits": (["--prior", latent_prior], "3-channel images", ok),
         "data dir on digits": (["--prior", pixel_prior, "--data-dir", tmp_path], "--data-dir", ok),
         "a 32 px seed set into an 8 px run": (["--prior", pixel_prior, "--seed-set", big], "32x32", ok),
     }
 
 
-CASES = ["prior without a config", "broken scheduler json", "grad decoder on a pixel prior", "missing grad decoder",
-         "an RGB prior for grey digits", "data dir on digits", "a 32 px seed set into an 8 px run"]
+CASES = ["prior without a config", "broken scheduler json", "an RGB prior for grey digits", "data dir on digits",
+         "a 32 px seed set into an 8 px run"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -152,9 +149,8 @@ def test_cache_advice_only_where_the_cache_is_the_cause(pixel_prior, tmp_path, c
     import train_prior
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train_prior, "embedded_prior", lambda *a, **k: pixel_prior)  # the cached digits prior
-    code, lines = cli(distill.main, [*LGD, "--grad-decoder", tmp_path / "nonexistent", "--out-dir", tmp_path / "r"],
-                      capsys)
-    one_error_line(code, lines, "--grad-decoder", "pixel space")
+    code, lines = cli(distill.main, [*LGD, "--vae", tmp_path / "nonexistent", "--out-dir", tmp_path / "r"], capsys)
+    one_error_line(code, lines, "could not load the VAE", "nonexistent")
     assert "rm -r" not in lines[-1] and not (tmp_path / "r").exists()
 
 
@@ -226,7 +222,7 @@ def test_args_json_with_a_setting_missing_is_damage_not_a_default(finished_lgd, 
     settings = json.loads((run / "args.json").read_text())
     del settings["seed"]
     (run / "args.json").write_text(json.dumps(settings))
-    one_error_line(*cli(distill.main, argv, capsys), "args.json is damaged", "--seed")
+    one_error_line(*cli(distill.main, argv, capsys), "args.json does not say the run's --seed: damaged")
     assert "seed" not in json.loads((run / "args.json").read_text())  # not rewritten under a default
     assert len(tree(run)) == len(before)
 
@@ -241,7 +237,7 @@ def test_dry_run_refuses_what_the_run_refuses(finished_lgd, capsys):
     assert cli(distill.main, [*argv, "--dry-run"], capsys, out)[0] == 0 and "will be skipped" in out[0]
 
 
-@pytest.mark.parametrize("flags", [["--igd-checkpoints", "5,0"], ["--igd-checkpoints", "0,0,5"]])
+@pytest.mark.parametrize("flags", [["--set", "igd_checkpoints=5,0"], ["--set", "igd_checkpoints=0,0,5"]])
 def test_igd_checkpoint_lists_are_strictly_increasing(tmp_path, capsys, flags):
     one_error_line(*cli(distill.main, ["--method", "igd", *flags, "--out-dir", tmp_path / "r"], capsys),
                    "must be strictly increasing")

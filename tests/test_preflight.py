@@ -45,7 +45,7 @@ def test_the_exact_denoiser_prior_passes_and_the_json_has_every_key(empirical, t
     assert result["recognised"] >= 8 and result["chance"] == 0.1  # real digits: theta* knows them
     g = result["guidance"]
     assert g["gain"] == pytest.approx(g["s_guided"] - g["s_twin"]) and g["gain"] > 0 and g["nan_fallbacks"] == 0
-    assert set(g["relative_push_per_step"]) == {str(i) for i in range(10, 46)}  # the window, one entry per step
+    assert 0 < g["relative_push"] < 1  # one guided step mid-window: a share of ||z_t||
     assert len(result["eta_stages_s"]) == result["stages"] == 2 and result["eta_s"] >= sum(result["eta_stages_s"]) > 0
     assert (tmp_path / "run" / "preflight.png").stat().st_size > 1000
     assert "prior + labels" in out[0] and "next: the same command without --preflight" in out[0]
@@ -77,7 +77,7 @@ def test_a_flipped_guidance_sign_stops_with_the_direction_line(empirical, tmp_pa
     monkeypatch.setattr(guidance, "guided_output", flipped)
     one_error_line(*cli(distill.main, [*RUN, "--preflight", "--out-dir", tmp_path / "run"], capsys),
                    "error: preflight: guidance does not raise S on these weights",
-                   "check the guidance sign, its scale and the gradient decoder")
+                   "check the guidance sign and its scale")
     assert json.loads((tmp_path / "run" / "preflight.json").read_text())["guidance"]["gain"] < 0
 
 
@@ -108,11 +108,6 @@ def test_the_batch_that_fits_is_picked_and_the_run_starts_at_it(empirical, tmp_p
     assert done["sampler_batch"] == 12 and len(list((tmp_path / "run").glob("stage_*/done.json"))) == result["stages"]
 
 
-def test_the_preflight_count_of_classes_is_checked(tmp_path, capsys):
-    one_error_line(*cli(distill.main, ["--preflight-classes", 1, "--out-dir", tmp_path / "r"], capsys),
-                   "--preflight-classes must be at least 2")
-
-
 def test_the_batch_search_bisects_to_the_largest_fit():
     """pick_batch on a pretend device: grow by doubling, bisect, keep 90% (in multiples of kappa)."""
     from data import get_spec
@@ -133,9 +128,8 @@ def test_a_non_digits_run_starts_with_the_preflight(tmp_path, latent_prior, fake
     scale: random weights sample latents far wider than the real images' scaled latents. --no-preflight runs without
     it."""
     args = ["distill.py", "--dataset", "imagewoof", "--data-dir", fake_woof, "--prior", latent_prior, "--res", 16,
-            "--ipc", 2, "--stage-ipc", 1, "--steps", 6, "--guide-from", 0, "--guide-until", 5, "--igd-from", 1,
-            "--igd-until", 4, "--grad-ipc", 3, "--reference-epochs", 3, "--student-epochs", 2, "--eval",
-            "--eval-epochs", 2, "--eval-runs", 1]
+            "--ipc", 2, "--stage-ipc", 1, "--steps", 6, "--guide-from", 0, "--guide-until", 5, "--set", "igd_from=1",
+            "--set", "igd_until=4", "--set", "grad_ipc=3", "--reference-epochs", 3, "--student-epochs", 2, "--eval"]
     r = in_process(*args, "--out-dir", tmp_path / "run", cwd=tmp_path)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and last.startswith("error: preflight: the real images' latents"), last
@@ -143,7 +137,7 @@ def test_a_non_digits_run_starts_with_the_preflight(tmp_path, latent_prior, fake
     assert {"igd_step_s", "igd_real_gradient_s", "eval_batch_s", "test_pass_s"} <= set(result["measured"])
     assert "eval_s" in result["eta_other_s"] and len(result["eta_stages_s"]) == 2 and result["eta_stages_s"][0] > 0
     assert not (tmp_path / "run" / "args.json").exists() and not (tmp_path / "run" / "stage_0").exists()
-    r = in_process(*args, "--eval-epochs", 1, "--no-preflight", "--out-dir", tmp_path / "run", cwd=tmp_path)
+    r = in_process(*args, "--no-preflight", "--out-dir", tmp_path / "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr  # the same folder: a failed preflight leaves nothing to resume or refuse
 
 
@@ -219,20 +213,17 @@ def test_a_vae_with_the_wrong_scaling_factor_fails_the_preflight(mnist_prior, tm
                        "check the VAE and its scaling factor")
 
 
-@pytest.mark.parametrize("dataset,epochs,passes", [("digits", None, 100), ("mnist", None, 10), ("digits", 150, 150),
-                                                   ("mnist", 55, 11)])
-def test_the_eta_prices_the_test_passes_the_evaluation_makes(dataset, epochs, passes):
+@pytest.mark.parametrize("dataset,passes", [("digits", 100), ("mnist", 10)])
+def test_the_eta_prices_the_test_passes_the_evaluation_makes(dataset, passes):
     """The evaluation's price counts the best-seen column's test passes per student as train_student makes them
-    (mnist: 10, not Minimax's 100; every epoch when there are fewer epochs than 2 x the passes, as at 150; every 5th
-    and the last at 55): with every other cost zero, eval_s is runs x passes x one pass."""
+    (mnist: 10, not Minimax's 100): with every other cost zero, eval_s is runs x passes x one pass."""
     from types import SimpleNamespace
 
     from data import get_spec
     from guidance import GuidanceConfig
     from igd import igd_guidance
     m = {"unguided_step_s": {str(b): 0.0 for b in range(1, 2000)}, "eval_batch_s": 0.0, "test_pass_s": 1.5}
-    args = SimpleNamespace(steps=50, method="dit", ipc=10, eval=True, eval_runs=3, eval_epochs=epochs,
-                           recipe="minimax", student_epochs=None)
+    args = SimpleNamespace(steps=50, method="dit", ipc=10, eval=True, recipe="minimax", student_epochs=None)
     eta = preflight.estimate(args, get_spec(dataset), GuidanceConfig(), igd_guidance(), 10, 1, m)
     assert eta["eta_other_s"]["eval_s"] == pytest.approx(3 * passes * 1.5, rel=1e-9)
 
@@ -249,7 +240,7 @@ def test_the_batch_fits_igds_step_too(empirical, tmp_path, capsys, monkeypatch):
             raise RuntimeError("CUDA error: out of memory (simulated)")  # as a RuntimeError, as CUDA may raise it
         return original(prior, spec, sampler, guide, b, device, score)
     monkeypatch.setattr(preflight, "_step", small_device)
-    assert cli(distill.main, [*RUN, "--seed-set", "igd", "--grad-ipc", 5, "--preflight", "--out-dir",
+    assert cli(distill.main, [*RUN, "--seed-set", "igd", "--set", "grad_ipc=5", "--preflight", "--out-dir",
                               tmp_path / "run"], capsys)[0] == 0
     result = json.loads((tmp_path / "run" / "preflight.json").read_text())
     assert result["batch_search"]["igd"]["largest_that_fitted"] == 4 and result["sampler_batch"] <= 4

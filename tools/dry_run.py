@@ -7,6 +7,9 @@ import json
 import os
 from dataclasses import asdict
 
+import torch
+
+from config import PAPER
 from data import EMBEDDED, class_table
 from ground.folder import stage_summary
 from igd import ARCH as IGD_ARCH
@@ -31,13 +34,14 @@ def builds(args, spec, data_dir):
         if args.reference is not None:
             items.append(f"theta*: your --reference {args.reference}")
         else:
-            items.append(f"theta* {args.arch} ({epochs} epochs on the real train split; {cached(args.arch)})")
+            items.append(f"theta* {args.reference_arch} ({epochs} epochs on the real train split; "
+                         f"{cached(args.reference_arch)})")
         if RECIPES[args.recipe]["temperature"] is not None:
             items.append("the soft-label teacher (resnet18_bn)")
         stages = args.ipc // args.stage_ipc
         items.append(f"{stages - 1} stage students ({args.arch})")
     if uses_igd(args.method, args.seed_set):
-        shared = args.method == "lgd" and args.reference is None and IGD_ARCH == args.arch
+        shared = args.method == "lgd" and args.reference is None and IGD_ARCH == args.reference_arch
         items.append("IGD's checkpoint selection on theta*'s trajectory" if shared else
                      f"IGD's surrogate trajectory {IGD_ARCH} ({epochs} epochs; {cached(IGD_ARCH)}) and its checkpoint "
                      f"selection")
@@ -45,7 +49,7 @@ def builds(args, spec, data_dir):
         items.append(f"MGD3's modes: k-means of each class's real training latents into {mode_count(args)[0]} "
                      f"(once per encoder, cached)")
     if args.eval:
-        items.append(f"{args.eval_runs} evaluation students ({args.eval_arch})")
+        items.append(f"3 evaluation students ({args.eval_arch})")
     return items
 
 
@@ -57,7 +61,7 @@ def resolved_config(args, spec, guide, igd_guide, sampler):
     view = lambda v: dict(res=v.res, test=f"Resize({round(v.res / v.crop_ratio)}) + CenterCrop({v.res})",
                           mean=list(v.mean), std=list(v.std))
     return dict(
-        {k: v for k, v in vars(args).items() if k not in ("dry_run", "json")},
+        {k: v for k, v in vars(args).items() if k != "dry_run"},
         student_view=view(student), reference_view=view(reference),
         student_train_transform=(f"pad {max(1, spec.res // 8)} + random {spec.res}x{spec.res} crop"
                                  if spec.name in EMBEDDED else
@@ -69,16 +73,42 @@ def resolved_config(args, spec, guide, igd_guide, sampler):
         guided_steps=guide.guided_steps(args.steps), sampler=asdict(sampler), classes=class_table(spec))
 
 
-def print_plan(args, spec, data_dir, guide, igd_guide, sampler):
-    """--dry-run: what the run will do, in images and DiT forward passes."""
+def resolved_line(args):
+    """The method constants a run resolved (config.py, then the flags), in the paper's symbols: what a reader needs to
+    match the code to the run. Where the dataset's preset moved one from the paper's, the paper's follows it."""
+    def show(key, symbol):
+        value, paper = getattr(args, key), PAPER[key]
+        return f"{symbol} {value:g}" + (f" (paper {paper:g})" if paper is not None and value != paper else "")
+    sampler = (f"{args.steps} {args.sampler.upper()} steps, {show('cfg_scale', 's')}"
+               + (", CFG on 3 channels" if args.three_channels else ""))
+    parts = {"dit": [], "mgd3": [show("mode_scale", "lambda"), f"t_stop {args.mode_stop}"],
+             "igd": [show("igd_scale", "lambda_I"), show("igd_deviation", "gamma"),
+                     f"window {args.igd_from}..{args.igd_until}"]}
+    seed = parts.get(args.seed_set, ["a folder"])
+    if args.method != "lgd":
+        return f"{args.method} on {args.dataset}: {', '.join([sampler, *parts[args.method]])}"
+    return (f"lgd on {args.dataset}: score {args.score}, {show('scale', 'lambda')}, {show('omega', 'omega')}, "
+            f"{show('deviation', 'gamma')}, kappa {args.candidates}, window {args.guide_from}..{args.guide_until} "
+            f"({args.form} form), c0 {args.c0:g}, |M_c| {args.memory_cap}; {sampler}; students {args.arch} "
+            f"({args.recipe}), theta* {args.reference_arch}; T_1 {args.seed_set}"
+            + (f" ({', '.join(seed)})" if seed else ""))
+
+
+def print_plan(args, spec, data_dir, guide, igd_guide, sampler, earlier=None):
+    """--dry-run: what the run will do, in images and DiT forward passes. earlier: the args.json of a run already in
+    the folder (its batch and threads are the ones a resume uses)."""
     measured = load_preflight(args.out_dir)
-    if args.json:
+    for key in ("batch_size", "threads"):  # what the run settles: the user's, else the run's own
+        if getattr(args, key) is None:
+            setattr(args, key, (earlier or {}).get(key) or (torch.get_num_threads() if key == "threads" else None))
+    if args.dry_run == "json":
         config = resolved_config(args, spec, guide, igd_guide, sampler)
         print(json.dumps(dict(config, builds=builds(args, spec, data_dir), preflight=measured), indent=2))
         return
+    print(resolved_line(args))
     c, stages = spec.num_classes, (args.ipc // args.stage_ipc if args.method == "lgd" else 1)
     window, igd_window = guide.guided_steps(args.steps), igd_guide.guided_steps(args.steps)
-    through = ("DiT + " if args.through_dit else "") + ("" if args.dataset == "digits" else "VAE decoder + ")
+    through = "DiT + " + ("" if args.dataset == "digits" else "VAE decoder + ")
     done = dict(stage_summary(args.out_dir)) if os.path.isdir(args.out_dir) else {}
     print(f"{args.method} on {args.dataset}: {c} classes x {args.ipc} IPC = {c * args.ipc} images -> {args.out_dir}")
     table = class_table(spec)  # the field's class order: class c is what every peer's class c is

@@ -147,7 +147,7 @@ def check_bench(ctx):
 
 def check_mgd3(ctx):
     argv = [os.path.join(REPO, "distill.py"), *distill_args(ctx.prior, ctx.data, ctx.device), "--method", "mgd3",
-            "--mode-stop", 4, "--no-preflight", "--out-dir", os.path.join(ctx.work, "mgd3")]
+            "--set", "mode_stop=4", "--no-preflight", "--out-dir", os.path.join(ctx.work, "mgd3")]
     code, last = run(argv, ctx.work, os.path.join(ctx.work, "mgd3.log"))
     made = os.path.exists(os.path.join(ctx.work, "mgd3", "set.json"))
     return code == 0 and made, "modes computed, the set written" if code == 0 and made else f"exit {code}: {last}"

@@ -56,7 +56,7 @@ from ground.common import (
 from ground.folder import preflight_path
 from ground.records import image_record
 from ground.run import sampler_batches
-from guidance import Learnability, cfg_output, decode_images, guided_output, sample, score_gradient
+from guidance import cfg_output, decode_images, guided_output, make_score, sample, score_of
 from igd import ARCH as IGD_ARCH
 from igd import Influence, uses_igd, weight_gradient
 from model import make_student
@@ -90,17 +90,19 @@ STD_RATIO = 2.0         # and their pixel std within [1/2, 2] x the real data's 
 STUDENT_EPOCHS = 30     # "a few epochs" on one sample per class: enough to learn them, so S has a gradient to follow
 HEADROOM = 0.9          # the batch picked is 90% of the largest that fitted (memory varies from step to step)
 DAY = 24 * 3600
+EVAL_RUNS = 3           # the students of distill.py --eval
 REPEATS = 5             # timed calls per measurement, their median priced (a busy machine's hiccups do not count)
 EPOCHS_TIMED = 6        # epochs of a timed student: the first decodes the set, the median of the others is priced
 
 
 # ----------------------------------------------------------------------------- the checks
 
-def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler):
+def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler, settings, fixed=False):
     """All three checks -> (result dict, (unguided samples, guided samples or None)). result["failure"] is the
-    line a failed check ends the run with (None when all pass); report() writes and prints it."""
+    line a failed check ends the run with (None when all pass); report() writes and prints it. settings: the run's
+    (a run reuses a passed preflight of the same); fixed: the batch is the user's or the run's own, only checked."""
     start = time.time()
-    n = min(spec.num_classes, args.preflight_classes or 20)
+    n = min(spec.num_classes, 20)
     classes = torch.arange(n)
     labels = torch.tensor([spec.prior_labels[c] for c in range(n)])
     student_view = recipe_view(spec, args.recipe)
@@ -111,17 +113,19 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
 
     # 1. prior and labels: theta* as the run gets it (trained now and cached for the run, or loaded). A DiT or MGD3
     # set uses no theta*: it is not trained for this check (only read when it is there, or given)
-    ref_cached = args.reference is not None or surrogate_cached(spec, args.arch, data_dir, args.reference_epochs)
+    ref_cached = args.reference is not None or surrogate_cached(spec, args.reference_arch, data_dir,
+                                                                args.reference_epochs)
     reference = None
     t = time.time()
     if args.method in ("lgd", "igd") or ref_cached:
-        reference, ref_view = reference_model(spec, args.arch, data_dir, device, args.reference_epochs,
+        reference, ref_view = reference_model(spec, args.reference_arch, data_dir, device, args.reference_epochs,
                                               num_workers=args.num_workers, path=args.reference)  # the run's theta*
     measured["theta_star_s"] = time.time() - t
     noise = lambda index: [torch.Generator().manual_seed(derive_seed(args.seed, c, index, 0))
                            for c in range(n)]
     t = time.time()
-    z_plain = _in_chunks(lambda rows: sample(prior, labels[rows], _pick(noise(0), rows), sampler), n, args.batch_size)
+    z_plain = _in_chunks(lambda rows: sample(prior, labels[rows], classes[rows], _pick(noise(0), rows), sampler), n,
+                         args.batch_size)
     x_plain = decode_images(prior, z_plain)  # the run's own image 0 of each class (the same noise)
     measured["unguided_samples_s"] = time.time() - t
     recognised = None
@@ -144,11 +148,10 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
         train_student(student, ImageSet(list(uint8), classes.tolist()), student_view, args.recipe, STUDENT_EPOCHS,
                       seed=stream_seed(args.seed, SALT_PREFLIGHT, 1), device=device, desc="preflight student",
                       teacher=teacher)
-        score = Learnability(student, student_view, reference, ref_view, guide.omega)
+        score = make_score(guide.score, student, student_view, reference, ref_view, guide)  # the run's own score
 
     # 3a. the sampler batch that fits (before the guided batch below, which must fit too): the learnability step's,
     # and IGD's (a double backward per sample) where the run samples an IGD increment at the same batch
-    fixed = getattr(args, "batch_fixed", False)
     batch, largest, first_oom = pick_batch(prior, spec, sampler, guide if guided_run else None, args.batch_size,
                                            kappa, device, score, fixed=fixed)
     probe = igd_probe(spec, device) if uses_igd(args.method, args.seed_set) else None
@@ -166,23 +169,19 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
         guided_noise = lambda: [torch.Generator().manual_seed(derive_seed(args.seed, SALT_PREFLIGHT, 2, c))
                                 for c in range(n)]
         memories = [z_plain[c].flatten()[None].float().cpu() for c in range(n)] if guide.deviation else None
-        watch = Watch()
         x_guided = decode_images(prior, _in_chunks(lambda rows: sample(
-            prior, labels[rows], _pick(guided_noise(), rows), sampler, score, classes[rows].to(prior.device),
-            _pick(memories, rows) if memories else None, guide, watch), n, batch))
-        x_twin = decode_images(prior, _in_chunks(lambda rows: sample(prior, labels[rows], _pick(guided_noise(), rows),
-                                                                      sampler), n, batch))
+            prior, labels[rows], classes[rows].to(prior.device), _pick(guided_noise(), rows), sampler, score, guide,
+            _pick(memories, rows) if memories else None), n, batch))
+        x_twin = decode_images(prior, _in_chunks(lambda rows: sample(prior, labels[rows], classes[rows],
+                                                                      _pick(guided_noise(), rows), sampler), n, batch))
         with torch.no_grad():
-            s_guided = float(score(x_guided.to(device) * 2 - 1, classes.to(device)).mean())
-            s_twin = float(score(x_twin.to(device) * 2 - 1, classes.to(device)).mean())
+            s_guided = float(score_of(score, x_guided.to(device) * 2 - 1, classes.to(device)).mean())
+            s_twin = float(score_of(score, x_twin.to(device) * 2 - 1, classes.to(device)).mean())
         result["guidance"] = dict(s_guided=s_guided, s_twin=s_twin, gain=s_guided - s_twin,
-                                  nan_fallbacks=watch.fallbacks, relative_push_per_step={
-                                      str(i): float(np.mean(v)) for i, v in sorted(watch.push.items(), reverse=True)},
-                                  grad_decoder_cosine=decoder_cosine(prior, spec, sampler, guide, batch // kappa,
-                                                                     device, score))
+                                  **push_sizes(prior, spec, sampler, guide, min(n, batch // kappa), device, score))
         record_bytes = _record_bytes(kappa)
     else:
-        result["guidance"] = dict(s_guided=None, s_twin=None, gain=None, nan_fallbacks=0, relative_push_per_step={},
+        result["guidance"] = dict(s_guided=None, s_twin=None, gain=None, nan_fallbacks=0, relative_push=None,
                                   note=f"not checked: --method {args.method} has no learnability-guided stage")
 
     # 3b. what everything costs at that batch
@@ -195,7 +194,7 @@ def run_preflight(args, spec, prior, device, data_dir, guide, igd_guide, sampler
                   **estimate(args, spec, guide, igd_guide, batch, kappa, measured),
                   disk_bytes=disk_bytes(args, spec, x_plain, z_plain, record_bytes, reference),
                   measured=measured, theta_star_trained_by_preflight=not ref_cached, preflight_s=time.time() - start,
-                  device=str(device), settings=args.preflight_settings)
+                  device=str(device), settings=settings)
     result["failure"] = verdict(result, n)
     result["passed"] = result["failure"] is None
     return result, (x_plain, x_guided)
@@ -219,30 +218,15 @@ def _in_chunks(fn, n, batch):
     return torch.cat([fn(list(range(i, min(n, i + batch)))) for i in range(0, n, max(1, batch))])
 
 
-class Watch:
-    """What the guided steps of the preflight's batch did (the sampler's watch hook): per respaced step i the
-    relative size of each push (||push|| / ||z_{t-1}||), and how many samples fell back to the plain step."""
-
-    def __init__(self):
-        self.push, self.fallbacks = {}, 0
-
-    def __call__(self, i, z, z_prev, push, away, fallback):
-        size = push.flatten(1).float().norm(dim=1) / z_prev.flatten(1).float().norm(dim=1).clamp_min(1e-12)
-        self.push.setdefault(i, []).extend(size.tolist())
-        self.fallbacks += int(fallback.sum())
-
-
-def decoder_cosine(prior, spec, sampler, guide, b, device, score):
-    """With a cheap gradient decoder (--grad-decoder taesd): the cosine of its g to the exact g through the VAE, per
-    sample, at a step mid-window (None with the exact decoder). A shortcut that points elsewhere guides elsewhere."""
-    if prior.grad_vae is None:
-        return None
+def push_sizes(prior, spec, sampler, guide, b, device, score):
+    """One guided step mid-window on b samples: how many pushes are not finite (those samples would get the plain
+    step: a broken gradient, bf16 overflow) and the mean size of the push, ||push|| / ||z_t||."""
     prior.scheduler.set_timesteps(sampler.steps)
     t = prior.scheduler.timesteps[sampler.steps - 1 - (guide.guide_from + guide.guide_until) // 2]
     z, labels, classes = _probe(prior, spec, max(1, b), device)
-    cheap, exact = (score_gradient(prior, z, t, labels, classes, sampler, score, guide.through_dit, decode)[1]
-                    for decode in (prior.decode_for_gradient, prior.decode))
-    return float(torch.nn.functional.cosine_similarity(cheap.flatten(1), exact.flatten(1), dim=1).mean())
+    _, push, fallback = guided_output(prior, z, t, labels, classes, sampler, score, guide)
+    size = push.flatten(1).float().norm(dim=1) / z.flatten(1).float().norm(dim=1).clamp_min(1e-12)
+    return dict(nan_fallbacks=int(fallback.sum()), relative_push=float(size.mean()))
 
 
 def _record_bytes(kappa):
@@ -296,10 +280,10 @@ def verdict(result, n):
     g = result["guidance"]
     if g["gain"] is not None and not g["gain"] > 0:
         return (f"guidance does not raise S on these weights (guided {g['s_guided']:.3f} vs unguided twins "
-                f"{g['s_twin']:.3f} from the same noise): check the guidance sign, its scale and the gradient decoder")
+                f"{g['s_twin']:.3f} from the same noise): check the guidance sign and its scale")
     if g["nan_fallbacks"]:
-        return (f"{g['nan_fallbacks']} guided steps had a non-finite gradient (they fell back to the plain step): "
-                f"check --precision, the guidance scale and the gradient decoder")
+        return (f"{g['nan_fallbacks']} samples of a guided step had a non-finite gradient (they would fall back to the "
+                f"plain step): check --precision, the guidance scale")
     return None
 
 
@@ -324,14 +308,12 @@ def pick_batch(prior, spec, sampler, guide, start, step, device, score=None, fix
     if fixed:
         if not fits(b):
             raise UserError(f"preflight: the sampler batch {start} (--batch-size, or the run's own) does not fit in "
-                            f"GPU memory (give a smaller --batch-size in a new --out-dir, or try --grad-checkpoint, "
-                            f"--grad-decoder taesd or --precision bf16)")
+                            f"GPU memory (give a smaller --batch-size in a new --out-dir, or --precision bf16)")
         return start, b, None
     # 1. the start must fit: halve it until it does (a preset made for a bigger GPU)
     while not fits(b):
         if b <= step:
-            raise UserError(f"preflight: a sampler batch of {step} does not fit in GPU memory (try "
-                            f"--grad-checkpoint, --grad-decoder taesd or --precision bf16)")
+            raise UserError(f"preflight: a sampler batch of {step} does not fit in GPU memory (try --precision bf16)")
         b = max(step, b // 2 // step * step)
     # 2. double until a step runs out of memory (or the cap: a bigger batch would never be used)
     ok, bad = b, None
@@ -463,7 +445,7 @@ def training_times(args, spec, x_plain, device, data_dir, ref_cached, teacher):
         per_subset = seconds_per_call(lambda: accuracy(model, subset, view, device), device, REPEATS, median=True)
         out["test_pass_s"] = per_subset * len(test) / len(subset)  # one test pass, scaled from 512 images
     surrogate = IGD_ARCH if uses_igd(args.method, args.seed_set) else None
-    if surrogate is not None and not (ref_cached and surrogate == args.arch):
+    if surrogate is not None and not (ref_cached and surrogate == args.reference_arch):
         ref_view = reference_view(spec)
         real = ImageSet([uint8[i % n] for i in range(4 * 64)], [i % n for i in range(4 * 64)])
         out["surrogate_batch_s"], _ = _epoch_seconds(surrogate, ref_view, surrogate_recipe(spec), real,
@@ -515,10 +497,10 @@ def estimate(args, spec, guide, igd_guide, batch, kappa, m):
         extra["igd_checkpoint_selection_s"] = C * (epochs + 1) * m["igd_real_gradient_s"]
     if args.eval:
         # the best-seen column's test passes, as train_student spaces them (100, or mnist's 10, of the epochs)
-        epochs = args.eval_epochs or epochs_for_ipc(args.ipc, args.recipe, spec.name)
+        epochs = epochs_for_ipc(args.ipc, args.recipe, spec.name)
         passes = len(eval_epochs(epochs, eval_points(spec.name)))
         per_run = student_seconds(args.ipc, m["eval_batch_s"], epochs) + passes * m["test_pass_s"]
-        extra["eval_s"] = args.eval_runs * per_run
+        extra["eval_s"] = EVAL_RUNS * per_run
     return dict(eta_s=sum(stages) + sum(extra.values()), eta_stages_s=stages, eta_other_s=extra)
 
 
@@ -596,7 +578,6 @@ def table(result):
     """The table the preflight prints."""
     g, n = result["guidance"], result["classes_checked"]
     px = result["pixels"]
-    pushes = list(g["relative_push_per_step"].values())
     if result["recognised"] is None:
         rows = [("prior + labels", f"not checked: a {result['method']} set trains no theta*",
                  "give --reference FILE, or preflight an LGD run first (it caches theta*)", "-")]
@@ -618,10 +599,7 @@ def table(result):
                   f"gain {g['gain']:+.3f}, need > 0", "ok" if g["gain"] > 0 else "FAIL"),
                  ("non-finite fallbacks", str(g["nan_fallbacks"]), "need 0",
                   "ok" if not g["nan_fallbacks"] else "FAIL"),
-                 ("push per guided step", f"{np.mean(pushes):.4f} of ||z|| (mean)" if pushes else "-", "", "")]
-        if g.get("grad_decoder_cosine") is not None:
-            rows.append(("gradient decoder", f"cosine {g['grad_decoder_cosine']:.3f} to the exact g",
-                         "--grad-decoder approximates the VAE's gradient", ""))
+                 ("push per guided step", f"{g['relative_push']:.4f} of ||z_t|| (mean, mid-window)", "", "")]
     else:
         rows.append(("guidance direction", g["note"], "", "-"))
     search = result["batch_search"]

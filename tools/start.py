@@ -7,6 +7,8 @@ import contextlib
 import os
 import shlex
 
+import torch
+
 from data import EMBEDDED, check_images, class_table, resolve_data_dir
 from ground.common import UserError, all_gather, all_reduce_sum, barrier, is_main, print0, wait_for_rank0
 from ground.folder import (
@@ -34,22 +36,27 @@ def start_run(args, spec, device, argv, world, batch_given, load_prior, configs)
     one).
     """
     record = run_record(args, spec, world)
+    must = result_args(record)  # every setting of this command (what a rerun into the folder must keep)
     # every input is loaded and checked before the folder is claimed, so a refused start leaves the folder as it was:
     # the folder and the settings of a run already in it (read only), the prior (an embedded one is built into the
     # shared cache first; loading it checks it against the dataset), the seed set, the reference model, the data
     # (downloaded now if it must be, every image opened).
     earlier = check_settings(args, record)
+    # the CPU threads: the user's, else the run's own (another count trains other students on a CPU), else torch's
+    if args.threads is None:
+        args.threads = earlier.get("threads") or torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     # the sampler batch: the user's, else the run's own (a resume, or a preflight of a run that exists), else a
     # passing preflight's of these settings, else the preset's
-    args.preflight_settings = {key: record[key] for key in result_args(args) if key != "batch_size"}
-    passed = load_passing(args.out_dir, args.preflight_settings)
+    settings = {key: record[key] for key in must if key not in SETTLED}
+    passed = load_passing(args.out_dir, settings)
     if not batch_given and earlier:
         args.batch_size = earlier.get("batch_size", args.batch_size)
     elif not batch_given and passed is not None:
         args.batch_size = passed["sampler_batch"]
-    args.batch_fixed = batch_given or bool(earlier)  # the preflight checks this batch instead of searching one
-    record["batch_size"] = args.batch_size
-    changed_settings(args.out_dir, record, result_args(args))
+    fixed = batch_given or bool(earlier)  # the preflight checks this batch instead of searching one
+    record.update(batch_size=args.batch_size, threads=args.threads)
+    changed_settings(args.out_dir, record, must)
     check_classes(args.out_dir, class_table(spec), resume=True)
     prior = load_prior(args, spec, device)
     if is_main():  # ImageNette / ImageWoof without --data-dir: fetched (once, shared) before the folder is claimed
@@ -62,8 +69,8 @@ def start_run(args, spec, device, argv, world, batch_given, load_prior, configs)
     try:
         wanted = args.preflight if args.preflight is not None else args.dataset not in EMBEDDED
         if wanted and passed is None:  # before args.json: a failed one leaves no settings to resume or refuse
-            passed = preflight(args, spec, prior, device, configs)
-            if not args.batch_fixed:
+            passed = preflight(args, spec, prior, device, configs, settings, fixed)
+            if not fixed:
                 args.batch_size = record["batch_size"] = passed["sampler_batch"]
         elif passed is not None:  # its checks stand for this run
             print0(f"preflight: passed earlier ({preflight_path(args.out_dir)}), reused: {eta_line(passed)}")
@@ -71,7 +78,7 @@ def start_run(args, spec, device, argv, world, batch_given, load_prior, configs)
             print0(f"sampler batch {args.batch_size} ({'--batch-size' if batch_given else 'the run in ' + args.out_dir}"
                    f"), not the preflight's {passed['sampler_batch']}")
         if is_main():
-            record_args(args.out_dir, record, result_args(args))
+            record_args(args.out_dir, record, must)
             write_classes(args.out_dir, class_table(spec))  # what class c is, for every reader of the folder
         barrier()  # important! no rank writes before rank 0 has tidied the folder and checked the settings
         yield prior, passed
@@ -83,19 +90,24 @@ def run_record(args, spec, world):
     """The settings args.json records for this command (what a rerun into the folder must match)."""
     return dict(vars(args), data_dir=resolve_data_dir(spec, args.data_dir, fetch=False),
                 out_dir=os.path.abspath(args.out_dir), world_size=world,
-                student_world=world if (args.method == "lgd" and args.student_ddp) else 1)
+                student_world=world if args.method == "lgd" else 1)
+
+
+SETTLED = ("batch_size", "threads")  # settled by start_run (the user's, else the run's own), then checked
 
 
 def check_settings(args, record):
-    """The folder is one a run may use, and a run already in it has these settings (the sampler batch aside: it is
-    settled after): its args.json (read only), or {} for a new folder. --dry-run refuses what the run would."""
+    """The folder is one a run may use, and a run already in it has these settings (the sampler batch and the threads
+    aside: they are settled after): its args.json (read only), or {} for a new folder. --dry-run refuses what the run
+    would."""
     check_run_folder(args.out_dir)
-    return changed_settings(args.out_dir, record, {k: v for k, v in result_args(args).items() if k != "batch_size"})
+    return changed_settings(args.out_dir, record, {k: v for k, v in result_args(record).items() if k not in SETTLED})
 
 
-def preflight(args, spec, prior, device, configs):
+def preflight(args, spec, prior, device, configs, settings, fixed):
     """The preflight (tools/preflight.py) on every rank; the batch every rank fits, one report, one verdict for all."""
-    result, images = run_preflight(args, spec, prior, device, resolve_data_dir(spec, args.data_dir), *configs)
+    result, images = run_preflight(args, spec, prior, device, resolve_data_dir(spec, args.data_dir), *configs,
+                                   settings, fixed)
     result["sampler_batch"] = min(all_gather(result["sampler_batch"]))
     failures = [f for f in all_gather(result["failure"]) if f is not None]
     report(result, images, spec, args.out_dir)
@@ -111,7 +123,7 @@ def check_inputs(args, spec, device):
     if args.method == "lgd" and args.seed_set not in ("dit", "igd", "mgd3"):
         seed_set_files(args.seed_set, spec, args.stage_ipc)
     if args.reference is not None:
-        reference_model(spec, args.arch, None, device, path=args.reference)
+        reference_model(spec, args.reference_arch, None, device, path=args.reference)
     data_dir = resolve_data_dir(spec, args.data_dir, fetch=False)
     if data_dir is not None and os.path.isdir(data_dir):
         check_images(spec, data_dir)
