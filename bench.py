@@ -10,8 +10,6 @@ One run times, at one model size and batch, in one process:
                checkpoints: a double backward) -- step time, ratio to unguided, images/s, peak memory (CUDA max
                allocated; on CPU the process's peak RSS, which only grows)
   --student    student training throughput (images/s) on digits and at 224 px, and augmentation alone
-  --mgd3       MGD3's costs: the k-means of one class (ImageWoof's size: 1,300 latents of 4 x 32 x 32) for k = 10,
-               50, 100, and a 50-step sampling pass with the mode pull against the same pass without it
   --eta        how close the preflight's price comes: a preflight of an embedded run (digits, or mnist with
                --dataset mnist: the VAE in the loop) (distill.py --preflight) in a fresh
                folder, then the run it priced, timed: ETA / measured (target: within 1.5x either way)
@@ -49,9 +47,8 @@ from ground.common import (
     save_json,
     seconds_per_call,
 )
-from guidance import GuidanceConfig, Learnability, SamplerConfig, cfg_output, guided_output, sample
+from guidance import GuidanceConfig, Learnability, SamplerConfig, cfg_output, guided_output
 from igd import Influence
-from mgd3 import MGD3, ModePull, class_modes
 from model import DIGITS_PRIOR, Prior, make_scheduler, make_student, predicted_clean
 from reference import reference_view
 from train_student import recipe_view, train_student
@@ -199,30 +196,6 @@ def bench_students(device):
     return out
 
 
-def bench_mgd3(args, device):
-    """MGD3's k-means of a class at ImageWoof's size (random latents: the k-means' worst case, no structure), and
-    the mode pull's price: the same 50-step pass (the same noise) with and without it."""
-    out = {}
-    latents = torch.randn(1300, 4, 32, 32, generator=torch.Generator().manual_seed(0))
-    for k in (10, 50, 100):
-        start = time.perf_counter()
-        class_modes(latents, k)
-        out[f"k-means of 1,300 latents of 4x32x32, k = {k}, s"] = time.perf_counter() - start
-    prior, spec = build(args.size, device)
-    batch = (args.batch_size or [128 if args.size == "tiny" else 2])[0]
-    labels, sampler = torch.arange(batch) % spec.num_classes, SamplerConfig(steps=50)
-    modes = torch.randn(batch, prior.channels, prior.latent_size, prior.latent_size)
-    noise = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]
-    pull = ModePull(modes.to(prior.device), MGD3())
-    plain = seconds_per_call(lambda: sample(prior, labels, labels, noise(), sampler), device, args.repeats or 2)
-    pulled = seconds_per_call(lambda: sample(prior, labels, labels, noise(), sampler, pull=pull), device,
-                              args.repeats or 2)
-    out[f"50-step pass of {batch} images ({args.size}), unguided, s"] = plain
-    out["the same with MGD3's pull, s"] = pulled
-    out["MGD3 / unguided"] = pulled / plain
-    return out
-
-
 def bench_eta(device, extra=()):
     """ETA of a digits preflight against the wall time of the run it priced (both as a user runs them)."""
     os.makedirs("out", exist_ok=True)
@@ -255,7 +228,6 @@ def main(argv=None):
                    help="NHWC decoder and classifiers (a run does not use it)")
     p.add_argument("--student", action="store_true", help="time student training instead of sampling steps")
     p.add_argument("--eta", action="store_true", help="a preflight, then the run it priced: ETA / measured")
-    p.add_argument("--mgd3", action="store_true", help="MGD3's k-means of a class and its pull's price")
     p.add_argument("--dataset", default="digits", choices=["digits", "mnist"], help="--eta: the embedded run priced")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", default=None, help="also write everything as JSON here")
@@ -278,10 +250,6 @@ def main(argv=None):
         print(f"preflight {e['preflight_wall_s']:.1f} s; ETA {e['eta_s']:.1f} s (stages "
               f"{' + '.join(f'{s:.1f}' for s in e['eta_stages_s'])}, other {e['eta_other_s']}); run measured "
               f"{e['run_wall_s']:.1f} s -> ETA / measured = {e['eta_over_measured']:.2f} (target 0.67 .. 1.5)")
-    elif args.mgd3:
-        result = dict(device=str(device), threads=torch.get_num_threads(), mgd3=bench_mgd3(args, device))
-        for name, value in result["mgd3"].items():
-            print(f"{name:<55} {value:10.3f}")
     elif args.student:
         result = dict(device=str(device), threads=torch.get_num_threads(), student=bench_students(device))
         for name, value in result["student"].items():

@@ -72,3 +72,26 @@ SETTABLE = {"c0": float, "memory_cap": int, "three_channels": bool, "igd_scale":
 def preset(dataset):
     """Every constant of a dataset's run: PAPER and RUN, then its preset."""
     return {**PAPER, **RUN, **PRESETS[dataset]}
+
+
+def defaults(key):
+    """--help's default of a setting: the paper's, then each dataset's preset that differs ("paper 15; digits 125")."""
+    paper, text = {**RUN, **PAPER}.get(key), lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+    others = [f"{name} {text(preset(name)[key])}" for name in PRESETS if preset(name)[key] != paper]
+    return "; ".join(([f"paper {text(paper)}"] if key in PAPER else []) + others)
+
+
+def parse_constants(pairs):
+    """--set NAME=VALUE ... -> {name: value}, each a constant SETTABLE names, of its type; ValueError with the line to
+    print otherwise."""
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in SETTABLE or not value:
+            raise ValueError(f"--set {pair}: give NAME=VALUE with NAME one of {', '.join(SETTABLE)}")
+        kind = SETTABLE[name]
+        try:
+            out[name] = {"true": True, "false": False}[value.lower()] if kind is bool else kind(value)
+        except (ValueError, KeyError):
+            raise ValueError(f"--set {pair}: {name} takes a {kind.__name__}") from None
+    return out

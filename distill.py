@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from config import PAPER, PRESETS, RUN, SETTABLE, preset
+from config import PRESETS, SETTABLE, defaults, parse_constants, preset
 from curriculum import Plan, Seed, Students, run_stages, seed_increment
 from data import EMBEDDED, get_spec, resolve_data_dir
 from evaluate import evaluate_folder
@@ -61,14 +61,6 @@ from tools.preflight import DAY, duration, eta_line
 from tools.start import check_inputs, check_settings, run_record, start_run
 from train_prior import load_run_prior
 from train_student import RECIPES, Trainer, recipe_view
-
-
-def defaults(key):
-    """--help's default of a setting: the paper's, then each dataset's preset that differs ("paper 15; digits 125")."""
-    paper = {**RUN, **PAPER}.get(key)
-    text = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
-    others = [f"{name} {text(preset(name)[key])}" for name in PRESETS if preset(name)[key] != paper]
-    return "; ".join(([f"paper {text(paper)}"] if key in PAPER else []) + others)
 
 
 def get_parser():
@@ -150,24 +142,12 @@ def get_parser():
     return p
 
 
-def parse_constants(pairs):
-    """--set NAME=VALUE ... -> {name: value}, each a constant config.SETTABLE names, of its type."""
-    out = {}
-    for pair in pairs:
-        name, _, value = pair.partition("=")
-        if name not in SETTABLE or not value:
-            raise UserError(f"--set {pair}: give NAME=VALUE with NAME one of {', '.join(SETTABLE)}")
-        kind = SETTABLE[name]
-        try:
-            out[name] = {"true": True, "false": False}[value.lower()] if kind is bool else kind(value)
-        except (ValueError, KeyError):
-            raise UserError(f"--set {pair}: {name} takes a {kind.__name__}") from None
-    return out
-
-
 def resolve_args(args):
     """Fill unset settings from config.py (the dataset's preset on the paper's); check every one before any write."""
-    constants = parse_constants(args.constants)
+    try:
+        constants = parse_constants(args.constants)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     for key, value in {**preset(args.dataset), **constants}.items():
         if getattr(args, key, None) is None or key in constants:
             setattr(args, key, value)

@@ -36,9 +36,6 @@ from ground.common import (
     load_json,
     load_or_none,
     load_saved,
-    near_json,
-    near_pngs,
-    near_tensors,
     out_of_memory,
     print0,
     save_grid,
@@ -121,17 +118,20 @@ class Increment:
         png = image_path(self.images_dir, self.spec, c, index)
         return load_saved(path, f"delete it and {png}, then rerun the same command to sample that image again")
 
-    def write(self, c, index, latent, image, record, tolerant=False):
+    def write(self, c, index, latent, image, record, keep=False):
         """An image's files, the latent first and the PNG last (a PNG on disk means the image is complete). A file
-        already on disk (a resumed batch) must be the same bytes: it is checked, not written. tolerant (a CUDA run):
-        a file recomputed within ground.common.NEAR of the one on disk is accepted, and the disk's kept."""
-        if self.latents_dir is not None:
-            save_torch(latent.detach().cpu().clone(), latent_path(self.latents_dir, self.spec, c, index),
-                       verify=near_tensors if tolerant else True)
-        if self.records_dir is not None and record is not None:
-            save_json(record, record_path(self.records_dir, self.spec, c, index),
-                      verify=near_json if tolerant else True)
-        save_png(image, image_path(self.images_dir, self.spec, c, index), verify=near_pngs if tolerant else True)
+        already on disk (a resumed batch) must be the same bytes: it is checked, not written. keep (a CUDA run, whose
+        recomputation differs in the last bits and may tip a near tie between two candidates): a file on disk is
+        kept unchecked, the missing ones written; what later slots read (M_c) is the disk's, so it stays consistent,
+        and the finished stage's sha256 vouches for every file from then on."""
+        files = [(save_torch, latent.detach().cpu().clone(), latent_path(self.latents_dir, self.spec, c, index))
+                 if self.latents_dir is not None else None,
+                 (save_json, record, record_path(self.records_dir, self.spec, c, index))
+                 if self.records_dir is not None and record is not None else None,
+                 (save_png, image, image_path(self.images_dir, self.spec, c, index))]
+        for save, value, path in filter(None, files):
+            if not (keep and os.path.exists(path)):
+                save(value, path, verify=True)
 
     def record_files(self):
         """The records on disk, in image order (index, then class)."""
@@ -147,7 +147,7 @@ class Run:
 
     def __init__(self, out_dir, spec, plan, batch, rank=0, world=1, tolerant=False):
         self.out_dir, self.spec, self.plan, self.rank, self.world = out_dir, spec, plan, rank, world
-        self.tolerant = tolerant  # a nondeterministic device (CUDA): recomputed files compared within NEAR
+        self.tolerant = tolerant  # a nondeterministic device (CUDA): a resumed batch keeps the files on disk
         self.planned = self.batch = batch  # the sampler batch (candidates included); halved on out-of-memory
         self.stages_bar = self.bar = None
         self.kappa, self.failed = 1, False
@@ -218,7 +218,7 @@ class Run:
         try:
             for n, c in enumerate(classes):
                 inc.write(c, index, latents[n], images[n],
-                          image_record(n, candidates) if candidates is not None else None, self.tolerant)
+                          image_record(n, candidates) if candidates is not None else None, keep=self.tolerant)
         except Mismatch as e:  # a file this run wrote earlier is not what it computes now
             raise UserError(f"{e}; rerun where it was written, or delete {increment_folder(inc.images_dir)} to "
                             f"sample it again") from None

@@ -273,3 +273,10 @@ def test_the_readme_quick_start_runs_top_to_bottom_in_a_fresh_folder(tmp_path, m
         assert code == 0, (command, lines[-3:])
     assert os.path.exists(tmp_path / "out" / "digits_lgd_ipc10_seed0" / "eval.json")
     assert os.path.exists(tmp_path / "out" / "digits_lgd_ipc10_seed0" / "preflight.json")
+
+
+def test_the_forking_guides_worked_example_is_the_score_file_itself():
+    """docs/forking.md shows scores/entropy.py in full: the example a forker copies is the file the tests run."""
+    text = open(os.path.join(REPO, "docs", "forking.md")).read()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert block == open(os.path.join(REPO, "scores", "entropy.py")).read()

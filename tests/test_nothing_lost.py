@@ -88,6 +88,7 @@ def test_every_next_line_a_run_prints_works_as_printed(pixel_prior, tmp_path, ca
     """distill.py ends by naming what to run next; each such line runs as printed, for a guided run, a run evaluated
     with another architecture, and a one-increment set (where a redundancy cut has nothing to compare)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluate, "epochs_for_ipc", lambda *a, **k: 1)  # the evaluation's 3 students: one epoch
     base = [*LGD[:-1], "--prior", pixel_prior]
     for extra in ([], ["--eval-arch", "mlp"], ["--method", "dit", "--ipc", 1]):
         out = []

@@ -69,7 +69,7 @@ def start_run(args, spec, device, argv, world, batch_given, load_prior, configs)
     try:
         wanted = args.preflight if args.preflight is not None else args.dataset not in EMBEDDED
         if wanted and passed is None:  # before args.json: a failed one leaves no settings to resume or refuse
-            passed = preflight(args, spec, prior, device, configs, settings, fixed)
+            passed = preflight(args, spec, prior, device, configs, settings, fixed, world)
             if not fixed:
                 args.batch_size = record["batch_size"] = passed["sampler_batch"]
         elif passed is not None:  # its checks stand for this run
@@ -104,10 +104,10 @@ def check_settings(args, record):
     return changed_settings(args.out_dir, record, {k: v for k, v in result_args(record).items() if k not in SETTLED})
 
 
-def preflight(args, spec, prior, device, configs, settings, fixed):
+def preflight(args, spec, prior, device, configs, settings, fixed, world):
     """The preflight (tools/preflight.py) on every rank; the batch every rank fits, one report, one verdict for all."""
     result, images = run_preflight(args, spec, prior, device, resolve_data_dir(spec, args.data_dir), *configs,
-                                   settings, fixed)
+                                   settings, fixed, world)
     result["sampler_batch"] = min(all_gather(result["sampler_batch"]))
     failures = [f for f in all_gather(result["failure"]) if f is not None]
     report(result, images, spec, args.out_dir)
