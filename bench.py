@@ -39,7 +39,6 @@ from data import Augment, ImageSet, get_spec, load_real, sample_real_ipc
 from ground.common import (
     ArgumentParser,
     UserError,
-    check_output_file,
     get_device,
     load_json,
     require,
@@ -47,6 +46,7 @@ from ground.common import (
     save_json,
     seconds_per_call,
 )
+from ground.folder import check_output
 from guidance import GuidanceConfig, Learnability, SamplerConfig, cfg_output, guided_output
 from igd import Influence
 from model import DIGITS_PRIOR, Prior, make_scheduler, make_student, predicted_clean
@@ -236,7 +236,7 @@ def main(argv=None):
             f"{args.batch_size}")
     require(args.repeats is None or args.repeats >= 1, f"--repeats must be at least 1, got {args.repeats}")
     if args.json:
-        check_output_file(args.json, "--json")
+        check_output(args.json, "--json", "bench.py")
     device = get_device(args.device)
     if args.precision == "bf16" and device.type != "cuda":  # as distill.py: bf16 is CUDA autocast
         raise UserError(f"--precision bf16 is CUDA autocast; this bench is on {device.type} (use --precision fp32)")
@@ -273,7 +273,7 @@ def main(argv=None):
             print(f"exact guided step {run['rows'][1]['step_s']:.4f} s = {run['guided_over_parts']:.2f} x the sum of "
                   f"its parts ({run['exact_parts_sum_s']:.4f} s)")
     if args.json:
-        save_json(result, args.json)
+        save_json(result, args.json, stamp="bench.py")
     return result
 
 

@@ -144,6 +144,7 @@ def get_parser():
 
 def resolve_args(args):
     """Fill unset settings from config.py (the dataset's preset on the paper's); check every one before any write."""
+    stage_given = args.stage_ipc is not None
     try:
         constants = parse_constants(args.constants)
     except ValueError as e:
@@ -154,8 +155,9 @@ def resolve_args(args):
     del args.constants  # each constant is a setting of its own now (args.json records it by name)
     if args.igd_deviation is None:  # IGD's gamma for the size of the set it samples
         args.igd_deviation = deviation_for(args.ipc if args.method == "igd" else args.stage_ipc)
-    if args.method != "lgd":  # no stages; stage_ipc only says how evaluate.py --redundancy cuts the set
-        args.stage_ipc = min(args.stage_ipc, args.ipc) if args.ipc > 0 else args.stage_ipc
+    if args.method != "lgd" and not stage_given and args.ipc > 0:  # no stages: stage_ipc only says how evaluate.py
+        # --redundancy cuts the set; the preset's, or the largest increment below it that divides the set
+        args.stage_ipc = max(d for d in range(1, min(args.stage_ipc, args.ipc) + 1) if args.ipc % d == 0)
     args.reference_arch = args.reference_arch or args.arch
     check_args(args, guidance_config(args), igd_config(args), uses_igd(args.method, args.seed_set),
                uses_mgd3(args.method, args.seed_set))

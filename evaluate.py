@@ -45,13 +45,13 @@ from ground.common import (
     ArgumentParser,
     UserError,
     atomic_write,
-    check_output_file,
     check_writable,
     default_workers,
     get_device,
     git_commit,
     load_json,
     print0,
+    quoted,
     require,
     run_cli,
     save_json,
@@ -60,6 +60,7 @@ from ground.common import (
 from ground.folder import (
     check_classes,
     check_not_busy,
+    check_output,
     cross_eval_paths,
     default_real_dir,
     distilled_folder,
@@ -69,6 +70,7 @@ from ground.folder import (
     redundancy_path,
     run_info,
     set_files,
+    set_sha256,
     validity_path,
 )
 from model import ARCHS, make_student
@@ -134,7 +136,7 @@ def evaluate_folder(run_dir, spec, data_dir, arch, runs=3, recipe="minimax", epo
     result = dict(dataset=spec.name, method=info.get("method", "unknown"), guiding_arch=info.get("arch"),
                   reference_arch=info.get("reference_arch"),
                   **result, images_per_class=counts, distilled=os.path.abspath(run_dir),
-                  subject=os.path.abspath(run_dir))
+                  subject=os.path.abspath(run_dir), set_sha256=set_sha256(run_dir))
     write_eval(result, out)
     return result
 
@@ -208,8 +210,9 @@ def save_heatmap(matrix, path, title):
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def redundancy_report(increments, view, out_dir, label, subject=None, **kwargs):
-    """Compute the matrix, print it, then write redundancy.json and redundancy.png in out_dir."""
+def redundancy_report(increments, view, out_dir, label, subject=None, content=None, **kwargs):
+    """Compute the matrix, print it, then write redundancy.json and redundancy.png in out_dir. content: the
+    set_sha256 of the set cut (None for random real images)."""
     if len(increments) < 2:
         raise UserError(f"redundancy needs at least 2 increments to compare, {label} has {len(increments)} "
                         f"(pass a smaller --stage-ipc)")
@@ -218,7 +221,8 @@ def redundancy_report(increments, view, out_dir, label, subject=None, **kwargs):
     cut = f"{len(increments)} increments of {stage_ipc} images per class, in generation (index) order"
     print0(f"redundancy of {label}: {cut}")
     matrix, off = redundancy_matrix(increments, view, **kwargs)
-    result = dict(label=label, subject=subject, increments=len(increments), stage_ipc=stage_ipc, cut=cut,
+    result = dict(label=label, subject=subject, set_sha256=content, increments=len(increments), stage_ipc=stage_ipc,
+                  cut=cut,
                   arch=kwargs.get("arch", "convnet"), matrix=matrix, off_diagonal_mean=off,
                   diagonal_mean=float(np.mean(np.diag(matrix))))
     print0("\n".join(" ".join(f"{100 * v:5.1f}" for v in row) for row in matrix))
@@ -246,7 +250,7 @@ def validity_report(run_dir, spec, data_dir, device, num_workers=0, arch=None):
     increments = increments_of(run_dir, spec, stage_ipc)
     per_increment = [accuracy(reference, inc, view, device) for inc in increments]
     result = dict(validity=float(np.mean(per_increment)), per_increment=per_increment, stage_ipc=stage_ipc,
-                  reference_arch=arch)
+                  reference_arch=arch, subject=os.path.abspath(run_dir), set_sha256=set_sha256(run_dir))
     print0(f"theta* ({arch}) recognises {100 * result['validity']:.1f}% of {run_dir} (per increment: "
            f"{' '.join(f'{100 * v:.0f}' for v in per_increment)})")
     save_json(dict(result, git_commit=git_commit()), validity_path(run_dir, None if own else arch))
@@ -255,23 +259,38 @@ def validity_report(run_dir, spec, data_dir, device, num_workers=0, arch=None):
 
 # ----------------------------------------------------------------------------- comparison report
 
+COMPARE = "evaluate.py --compare"  # the stamp of its tables: a later --compare may replace them, nothing else
+REMAKE = {"eval": "--distilled", "redundancy": "--redundancy", "validity": "--validity"}
+
+
+def current(path, run_dir):
+    """A result JSON of a set folder, refused when it describes another set than the folder holds now (a result names
+    its set by content, set_sha256: a set rerun or repaired since makes it stale). Random real images name no set."""
+    result = load_json(path, what="result")
+    if result.get("method") != "real" and is_run_folder(run_dir) and result.get("set_sha256") != set_sha256(run_dir):
+        kind, _, arch = os.path.basename(path)[:-len(".json")].partition("_")  # eval_mlp: eval, mlp
+        raise UserError(f"{path} describes another set than {run_dir} holds now (made before the set changed, or by "
+                        f"an older lgd): make it again with python evaluate.py {REMAKE[kind]} {quoted(run_dir)}"
+                        + (f" --arch {arch}" if arch else ""))
+    return result
+
+
 def compare(run_dirs, markdown_path):
     """One table over run folders holding eval.json (and eval_<arch>.json, redundancy.json, if computed)."""
     rows, other_archs = [], sorted({arch for d in run_dirs for arch in cross_eval_paths(d)})
     for run_dir in run_dirs:
         if not os.path.exists(eval_path(run_dir)):
             raise UserError(f"{run_dir} has no eval.json (run evaluate.py on it first)")
-        ev = load_json(eval_path(run_dir))
-        red = load_json(redundancy_path(run_dir)) if os.path.exists(redundancy_path(run_dir)) else None
+        read = lambda path: current(path, run_dir) if os.path.exists(path) else None
+        ev, red = read(eval_path(run_dir)), read(redundancy_path(run_dir))
         row = [ev.get("dataset", "?"), ev.get("method", "?"), str(ev["ipc"]), ev["arch"],
                f"{100 * ev['acc_mean']:.1f} +- {100 * ev['acc_std']:.1f} (n={ev['runs']})",
                f"{100 * ev['best_mean']:.1f} +- {100 * ev['best_std']:.1f}"]
         for arch in other_archs:  # the same set, students the sampling never saw
-            path = eval_path(run_dir, arch)
-            cross = load_json(path) if os.path.exists(path) else None
+            cross = read(eval_path(run_dir, arch))
             row.append("-" if cross is None else
                        f"{100 * cross['acc_mean']:.1f} +- {100 * cross['acc_std']:.1f} (n={cross['runs']})")
-        valid = load_json(validity_path(run_dir))["validity"] if os.path.exists(validity_path(run_dir)) else None
+        valid = (read(validity_path(run_dir)) or {}).get("validity")
         cut = "-" if red is None else f"{100 * red['off_diagonal_mean']:.1f} ({red['increments']}x{red['stage_ipc']})"
         row += [cut, "-" if valid is None else f"{100 * valid:.1f}", run_dir]
         rows.append(row)
@@ -281,7 +300,7 @@ def compare(run_dirs, markdown_path):
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in [header] + rows)
     print(text)
-    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+    md = f"<!-- written_by: {COMPARE} -->\n| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
     existed = os.path.exists(markdown_path)
     atomic_write(markdown_path, lambda tmp: open(tmp, "w").write(md))
@@ -324,7 +343,7 @@ def main(argv=None):
         raise UserError(f"one mode per command: {' and '.join(modes)} were given; run them one at a time "
                         f"(`--redundancy real --real-ipc K` is the one combination)")
     if args.compare:  # reads finished JSONs only: no dataset, no training
-        check_output_file(args.markdown, "--markdown")
+        check_output(args.markdown, "--markdown", COMPARE)
         compare(args.compare, args.markdown)
         return
     require(args.runs >= 1, f"--runs must be at least 1, got {args.runs}")
@@ -388,7 +407,8 @@ def main(argv=None):
         if not stage_ipc:
             raise UserError("--redundancy needs --stage-ipc (the run has no args.json)")
         increments = increments_of(run_dir, spec, stage_ipc)
-        redundancy_report(increments, view, out, f"{info.get('method', run_dir)}", args.subject, **kwargs)
+        redundancy_report(increments, view, out, f"{info.get('method', run_dir)}", args.subject,
+                          set_sha256(run_dir), **kwargs)
     else:
         evaluate_folder(run_dir, spec, data_dir, arch, args.runs, recipe, args.epochs, args.seed, device,
                         out=eval_path(out, None if arch == info.get("arch", "convnet") else arch),

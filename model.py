@@ -20,8 +20,10 @@ Students / classifiers (the field's evaluation networks), chosen with `--arch`:
 
 This file defines and loads networks only; it runs nothing (train_prior.py trains the digits prior).
 """
+import contextlib
 import math
 import os
+import socket
 
 import torch
 import torch.nn as nn
@@ -190,13 +192,42 @@ class PriorFiles(UserError):
         self.path = path
 
 
+OFFLINE = ("offline? give --prior DIR (DiT-XL/2 in the hub layout), --vae DIR and --data-dir DIR: docs/gpu.md says "
+           "how to fetch them on a machine with internet")
+
+
 def _read(what, path, load):
-    """load() of one part of a prior; missing or damaged files, or an offline hub, as one line naming the part."""
+    """load() of one part of a prior; missing or damaged files, or an offline hub, as one line naming the part. A hub id
+    not in the local cache is fetched only when the hub answers at once (offline, the hub's client retries for half
+    a minute before it says so)."""
     try:
+        if not os.path.isdir(path) and not _hub_reachable():
+            with _hub_offline():  # the local cache only
+                return load()
         return load()
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise PriorFiles(f"could not load {what} {path}: {e.__class__.__name__}: "
-                         f"{(str(e).splitlines() or [''])[0]} (offline? pass a local directory)", path) from None
+                         f"{(str(e).splitlines() or [''])[0]} ({OFFLINE})", path) from None
+
+
+def _hub_reachable(timeout=3.0):
+    """Whether huggingface.co answers a TCP connection within `timeout` seconds."""
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """huggingface_hub in offline mode (HF_HUB_OFFLINE) for the block: cached files only, no retries."""
+    import huggingface_hub.constants as hub
+    saved, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved
 
 
 # ----------------------------------------------------------------------------- the digits prior's shape

@@ -35,12 +35,12 @@ from ground.common import (
     ArgumentParser,
     UserError,
     all_reduce_sum,
-    check_output_file,
     derive_seed,
     get_device,
     image_format,
     is_main,
     print0,
+    quoted,
     remove_path,
     require,
     run_cli,
@@ -48,6 +48,7 @@ from ground.common import (
     save_torch,
     wait_for_rank0,
 )
+from ground.folder import check_output
 from ground.locks import cache_entry
 from guidance import SamplerConfig, decode_images, sample
 from model import (
@@ -67,6 +68,7 @@ from reference import recognises, reference_model
 # versions (6 minutes): 99.5% of 200 at CFG 2 (1500 steps: 99.0%, 1000 steps: 98.5%; measured once, seed 0)
 DIGITS_TRAINING = dict(steps=2000, lr=2e-3, ema_decay=0.995)
 MNIST_TRAINING = dict(vae_steps=1500, dit_steps=2500, lr=2e-3, ema_decay=0.995)
+PRIOR_CHECK = "train_prior.py"  # the stamp of its sample grids: a later check may replace them, nothing else
 CHECK_CFG = {"digits": 2.0, "mnist": 2.0}  # the presets' CFG scale (distill.PRESETS), for the check of main()
 
 
@@ -256,8 +258,8 @@ def load_run_prior(args, spec, device):
     except PriorFiles as e:
         if args.prior is None and os.path.abspath(e.path).startswith(os.path.abspath(prior_path_)):
             # the cache is ours, and its own files are the cause: say how to rebuild it
-            raise UserError(f"{e}; the cached {args.dataset} prior is broken: remove it (rm -r {prior_path_}) and "
-                            f"rerun to retrain it") from None
+            raise UserError(f"{e}; the cached {args.dataset} prior is broken: remove it (rm -r {quoted(prior_path_)}) "
+                            f"and rerun to retrain it") from None
         raise
     prior.bf16 = args.precision == "bf16"
     # the prior must make the dataset's images: its channels, and for the embedded datasets their size
@@ -331,7 +333,7 @@ def check_prior(dataset, path, device, cfg_scale=None, per_class=20, grid=None):
         shown = min(10, per_class)
         rows = images.view(10, per_class, *images.shape[1:])[:, :shown].reshape(-1, *images.shape[1:])
         save_grid(rows, grid, [str(c) for c in range(10)], [str(i) for i in range(shown)],
-                  f"{dataset} prior, unguided, CFG {cfg_scale}")
+                  f"{dataset} prior, unguided, CFG {cfg_scale}", stamp=PRIOR_CHECK)
         print0(f"grid: {grid}")
     return share
 
@@ -352,7 +354,7 @@ def main(argv=None):
     require(args.per_class >= 1, f"--per-class must be at least 1, got {args.per_class}")
     require(math.isfinite(args.cfg_scale) and args.cfg_scale >= 1,
             f"--cfg-scale must be a finite number >= 1, got {args.cfg_scale}")
-    check_output_file(args.out, "--out")
+    check_output(args.out, "--out", PRIOR_CHECK)
     image_format(args.out)  # the grid is written in the format its name asks for
     path = embedded_prior(args.dataset, check=False)
     check_prior(args.dataset, path, get_device(), args.cfg_scale, args.per_class, grid=args.out)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
 
@@ -422,9 +422,32 @@ def copy_file(source, path):
     atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
-def save_json(obj, path, verify=False):
-    """Strict JSON (a NaN or inf is an error here, not a bare `NaN` no JSON reader accepts), atomically."""
-    text = json.dumps(obj, indent=2, allow_nan=False)
+STAMP = "written_by"  # what made an output file a user named (ground.folder.check_output reads it back)
+
+
+def stamp_of(path):
+    """Which lgd command wrote a file a flag names (its stamp: a JSON key, a Markdown comment, an image's text
+    field), or None for a file lgd did not write that way."""
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                obj = json.load(f)
+            return obj.get(STAMP) if isinstance(obj, dict) else None
+        if path.endswith(".md"):
+            with open(path) as f:
+                first = f.readline()
+            return first[len("<!-- written_by: "):-len(" -->\n")] if first.startswith("<!-- written_by: ") else None
+        with Image.open(path) as im:
+            value = im.info.get(STAMP, im.info.get("comment"))
+        return value.decode() if isinstance(value, bytes) else value
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def save_json(obj, path, verify=False, stamp=None):
+    """Strict JSON (a NaN or inf is an error here, not a bare `NaN` no JSON reader accepts), atomically. stamp: the
+    command that wrote it, recorded in it (an output a user named: see stamp_of)."""
+    text = json.dumps(obj if stamp is None else dict(obj, **{STAMP: stamp}), indent=2, allow_nan=False)
 
     def write(tmp):
         with open(tmp, "w") as f:
@@ -464,11 +487,12 @@ def save_png(image, path, verify=False):
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"), verify)
 
 
-def save_grid(images, path, row_names, col_names, title="", cell=None):
+def save_grid(images, path, row_names, col_names, title="", cell=None, stamp=None):
     """A labelled sample grid people can look at instead of reading numbers.
 
     images: (rows * cols, C, H, W) in [0, 1], row-major; row_names / col_names label them (e.g. class
     names and image indices marked "guided"). Small images (8 px digits) are enlarged (nearest) to `cell`.
+    stamp: the command that wrote it, in the image's text (a PNG text chunk, a JPEG comment; see stamp_of).
     """
     rows, cols = len(row_names), len(col_names)
     h, w = images.shape[-2:]
@@ -490,7 +514,13 @@ def save_grid(images, path, row_names, col_names, title="", cell=None):
             x = big[r * cols + j].clamp(0, 1)
             array = (x.expand(3, -1, -1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             canvas.paste(Image.fromarray(array, "RGB"), (left + j * (cw + 2), top + r * (ch + 2)))
-    atomic_write(path, lambda tmp: canvas.save(tmp, format=image_format(path)))
+    fmt, extra = image_format(path), {}
+    if stamp is not None and fmt == "PNG":
+        extra["pnginfo"] = PngImagePlugin.PngInfo()
+        extra["pnginfo"].add_text(STAMP, stamp)
+    elif stamp is not None:
+        extra["comment"] = stamp.encode()
+    atomic_write(path, lambda tmp: canvas.save(tmp, format=fmt, **extra))
 
 
 def image_format(path):

@@ -25,13 +25,27 @@ Four rules keep it safe:
     that makes them again (the run is deterministic: deleting them and rerunning restores the same bytes).
 """
 import glob
+import hashlib
 import os
+import shlex
 import time
 from collections import Counter
 
 from PIL import Image, UnidentifiedImageError
 
-from ground.common import TEMPORARY, UserError, file_sha256, git_commit, is_main, load_json, print0, save_json
+from ground.common import (
+    TEMPORARY,
+    UserError,
+    check_output_file,
+    file_sha256,
+    git_commit,
+    is_main,
+    load_json,
+    print0,
+    quoted,
+    save_json,
+    stamp_of,
+)
 from ground.images import list_image_folder, load_image, numeric_order
 from ground.locks import LOCK, Lock, holder_line, live_holder, lock_owner, remove_stale_temporaries
 
@@ -100,9 +114,9 @@ def increment_folder(images_dir):
     built on it), or the set of a one-pass method (with its latents)."""
     parent, name = os.path.split(os.path.normpath(images_dir))
     if name == "images" and os.path.basename(parent).startswith("stage_"):
-        return f"{parent} and the later stages"
+        return f"{quoted(parent)} and the later stages"
     latents = run_latents(parent)
-    return f"{images_dir} and {latents}" if os.path.isdir(latents) else images_dir
+    return f"{quoted(images_dir)} and {quoted(latents)}" if os.path.isdir(latents) else quoted(images_dir)
 
 
 def args_path(out_dir):
@@ -162,6 +176,32 @@ def is_run_folder(folder):
     return os.path.exists(args_path(folder))
 
 
+def run_folder_of(path):
+    """The run folder a path lies in (the nearest folder above it with an args.json), or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        if is_run_folder(folder):
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
+def check_output(path, flag, kind):
+    """The one rule for a file a flag names (--markdown, --json, --out): lgd writes a new file, or a file of the kind
+    it wrote there before (stamped `kind`), never a file inside a run folder (they are that run's) nor over a file
+    another command made. Checked before the work that fills it, with its writability (check_output_file)."""
+    run = run_folder_of(path)
+    if run is not None:
+        raise UserError(f"{flag} {path} is inside the run folder {run}, whose files are that run's: give a path "
+                        f"outside it")
+    if os.path.isfile(path) and stamp_of(path) != kind:
+        raise UserError(f"{flag} {path} exists and was not written by {kind}: lgd writes over nothing it did not "
+                        f"make; give a new file name")
+    check_output_file(path, flag)
+
+
 def distilled_folder(run_dir):
     """A run folder holds its set in distilled/ (refused while the run has not written it); a bare ImageFolder
     is the set itself."""
@@ -172,9 +212,19 @@ def distilled_folder(run_dir):
 
 
 def finish_hint(run_dir):
-    """The command that finishes a run folder's set (recorded in its args.json)."""
+    """The command that finishes a run folder's set: the one args.json recorded, on this folder (a copied or moved run
+    is finished where it is now, not where it was made), quoted to run as printed."""
     command = run_info(run_dir).get("command")
-    return f"finish it with: {command}" if command else "rerun the distill.py command that made it to finish it"
+    if not command:
+        return "rerun the distill.py command that made it to finish it"
+    words, kept = shlex.split(command), []
+    while words:  # every --out-dir the command gave, replaced by this folder
+        word = words.pop(0)
+        if word == "--out-dir":
+            words.pop(0)
+        elif not word.startswith("--out-dir="):
+            kept.append(word)
+    return f"finish it with: {shlex.join([*kept, '--out-dir', run_dir])}"
 
 
 def image_header(path):
@@ -216,6 +266,9 @@ def set_files(run_dir, spec, quiet=False):
             raise UserError(f"{run_dir} holds {len(planned) - len(missing)} of the {len(planned)} images of its set "
                             f"(no {os.path.relpath(missing[0], folder)}, ...): the run has not finished; "
                             f"{finish_hint(run_dir)}")
+        if not os.path.exists(set_manifest_path(run_dir)):  # the manifest decides: without it, not finished
+            raise UserError(f"{run_dir} has no set.json: its set was never finished (or its record was deleted), so "
+                            f"nothing vouches for its images; {finish_hint(run_dir)}")
         check_set(run_dir, f"delete them and rerun the run's command to make them again, byte for byte "
                            f"({finish_hint(run_dir)})")
         extra = sorted(p for p in headers if p not in planned)
@@ -399,6 +452,16 @@ def damaged(folder, recorded):
             if not os.path.isfile(os.path.join(folder, name)) or file_sha256(os.path.join(folder, name)) != digest]
 
 
+def set_sha256(run_dir):
+    """What a result describes, by content: the sha256 of a run's set.json (the sha256 of every image of its set), or
+    of a bare set's files, name by name. A result whose set_sha256 is not the folder's any more is stale."""
+    if os.path.exists(set_manifest_path(run_dir)):
+        return file_sha256(set_manifest_path(run_dir))
+    folder = distilled_folder(run_dir)
+    names = sorted(os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder) for f in fs)
+    return hashlib.sha256(repr([(n, file_sha256(os.path.join(folder, n))) for n in names]).encode()).hexdigest()
+
+
 def check_set(run_dir, remedy):
     """A finished set's images against the sha256 its set.json recorded (nothing to check before it is written); the
     damaged ones are refused in one line with `remedy`."""
@@ -414,7 +477,7 @@ def check_set(run_dir, remedy):
 
 def damage_line(what, folder, bad, remedy):
     """One line naming the damaged files of `what` and the way out."""
-    names = ", ".join(os.path.join(folder, name) for name in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    names = ", ".join(quoted(os.path.join(folder, name)) for name in bad[:3]) + (", ..." if len(bad) > 3 else "")
     return f"{what}: {len(bad)} files are missing or not what the run made ({names}); {remedy}"
 
 

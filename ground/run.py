@@ -18,6 +18,7 @@ Paths come from ground/folder.py, writes go through ground/common.py (atomic, ve
 """
 import contextlib
 import glob
+import json
 import os
 
 import torch
@@ -38,6 +39,8 @@ from ground.common import (
     load_saved,
     out_of_memory,
     print0,
+    quoted,
+    remove_path,
     save_grid,
     save_json,
     save_png,
@@ -87,13 +90,24 @@ def sampler_batches(num_classes, batch, kappa, rank=0, world=1):
     return blocks[rank::world]
 
 
+def journals(folder):
+    """The journals of an increment not finished yet in `folder`, one per rank."""
+    return sorted(glob.glob(os.path.join(glob.escape(folder), "journal-*.jsonl")))
+
+
 class Increment:
     """Where one increment's files go: images (PNG), final latents (the memory M_c; None: not kept) and the records
-    of what guidance did (None: not kept), for the image indices of its slots."""
+    of what guidance did (None: not kept), for the image indices of its slots; and its journal, the manifest of an
+    increment not finished yet: a line per image this run completed (journal-<rank>.jsonl in `journal_dir`), with the
+    sha256 of each of its files and of the student whose score guided it (`student`: its student.pt, or None)."""
 
-    def __init__(self, spec, images_dir, latents_dir, records_dir, indices, name="sampling"):
+    def __init__(self, spec, images_dir, latents_dir, records_dir, indices, name="sampling", journal_dir=None,
+                 student=None, rank=0, sealed=None):
         self.spec, self.indices, self.name = spec, indices, name
         self.images_dir, self.latents_dir, self.records_dir = images_dir, latents_dir, records_dir
+        self.journal_dir, self.student, self.rank = journal_dir or os.path.dirname(images_dir), student, rank
+        self.sealed = sealed  # the manifest of the finished increment (a one-pass set's set.json), once there is one
+        self._journal, self._maker = None, None
 
     def files(self):
         """(paths, labels) of its images, class by class, in index order."""
@@ -101,14 +115,61 @@ class Increment:
                  for i in self.indices]
         return [p for p, _ in pairs], [c for _, c in pairs]
 
+    def image_files(self, c, index):
+        """The files of image (c, index), the PNG last: its latent, its record (where they are kept), its PNG."""
+        return [p for p in (latent_path(self.latents_dir, self.spec, c, index) if self.latents_dir else None,
+                            record_path(self.records_dir, self.spec, c, index) if self.records_dir else None,
+                            image_path(self.images_dir, self.spec, c, index)) if p is not None]
+
+    def maker(self):
+        """The sha256 of the student whose score guides this increment (read once it is trained), or None."""
+        if self._maker is None and self.student is not None:
+            self._maker = file_sha256(self.student)
+        return self._maker
+
+    def journal(self):
+        """{(c, index): entry} of every rank's journal (a line cut short by a kill is no entry); of the finished
+        increment's manifest once there is one (a finished set rerun is checked, not sampled again)."""
+        if self._journal is None and self.sealed is not None and os.path.exists(self.sealed):
+            recorded = load_json(self.sealed, what="the set's record", remedy="delete it and rerun the same command")
+            self._journal = {}
+            for name, digest in recorded.get("files", {}).items():  # <class>/<index>.png, relative to the images
+                folder, file = os.path.split(name)
+                key = (self.spec.class_names().index(folder), int(file.split(".")[0]))
+                self._journal[key] = dict(student=None, files={
+                    os.path.relpath(os.path.join(self.images_dir, name), self.journal_dir): digest})
+        if self._journal is None:
+            self._journal = {}
+            for path in journals(self.journal_dir):
+                with open(path) as f:
+                    for line in f:
+                        try:
+                            entry = json.loads(line)
+                        except ValueError:
+                            continue
+                        self._journal[(entry["c"], entry["index"])] = entry
+        return self._journal
+
     def complete(self, c, index):
-        """Every file of image (c, index) is on disk: its PNG, its latent and its record (where they are kept)."""
-        paths = [image_path(self.images_dir, self.spec, c, index)]
-        if self.latents_dir is not None:
-            paths.append(latent_path(self.latents_dir, self.spec, c, index))
-        if self.records_dir is not None:
-            paths.append(record_path(self.records_dir, self.spec, c, index))
-        return all(os.path.exists(p) for p in paths)
+        """Image (c, index) is done: its files on disk as the journal says this run wrote them, guided by the student
+        that guides the increment now. A file the journal vouches for that holds other bytes now is damage, named
+        with the way out; an image another student made (its student.pt trained again, to other bytes: another
+        thread count, say) is deleted, to be made again rather than mixed in. Without an entry the image is made
+        again, and files already on disk must come out the same bytes."""
+        entry, paths = self.journal().get((c, index)), self.image_files(c, index)
+        if entry is None or not all(os.path.exists(p) for p in paths):
+            return False
+        if entry.get("student") != self.maker():
+            print0(f"{paths[-1]} was made by another student than {self.student}'s: made again")
+            for p in paths:
+                remove_path(p)
+            return False
+        bad = [name for name, digest in entry["files"].items()
+               if file_sha256(os.path.join(self.journal_dir, name)) != digest]
+        if bad:
+            raise UserError(damage_line(self.name, self.journal_dir, bad, "delete them and rerun the same command: "
+                                        "they are made again, byte for byte"))
+        return True
 
     def latent(self, c, index):
         """A kept image's final latent (a finished stage's were checked by their sha256 before it is read). Unreadable
@@ -116,7 +177,7 @@ class Increment:
         seeded noise, in the same batch: the same bytes)."""
         path = latent_path(self.latents_dir, self.spec, c, index)
         png = image_path(self.images_dir, self.spec, c, index)
-        return load_saved(path, f"delete it and {png}, then rerun the same command to sample that image again")
+        return load_saved(path, f"delete it and {quoted(png)}, then rerun the same command to sample that image again")
 
     def write(self, c, index, latent, image, record, keep=False):
         """An image's files, the latent first and the PNG last (a PNG on disk means the image is complete). A file
@@ -132,6 +193,11 @@ class Increment:
         for save, value, path in filter(None, files):
             if not (keep and os.path.exists(path)):
                 save(value, path, verify=True)
+        entry = dict(c=c, index=index, student=self.maker(), files={
+            os.path.relpath(p, self.journal_dir): file_sha256(p) for p in self.image_files(c, index)})
+        with open(os.path.join(self.journal_dir, f"journal-{self.rank}.jsonl"), "a") as f:  # after the PNG, whole
+            f.write(json.dumps(entry) + "\n")
+        self.journal()[(c, index)] = entry
 
     def record_files(self):
         """The records on disk, in image order (index, then class)."""
@@ -160,13 +226,15 @@ class Run:
         first = k * self.plan.stage_ipc
         return Increment(self.spec, stage_images(self.out_dir, k), stage_latents(self.out_dir, k),
                          stage_records(self.out_dir, k) if k else None, range(first, first + self.plan.stage_ipc),
-                         f"stage {k}")
+                         f"stage {k}", stage_dir(self.out_dir, k), student_path(self.out_dir, k) if k else None,
+                         self.rank)
 
     def one_pass(self, latents):
         """The set of a one-pass method (--method dit / igd / mgd3), written straight into distilled/ (IGD keeps its
         final latents too: its memory M_c reads them back)."""
         return Increment(self.spec, distilled_dir(self.out_dir), run_latents(self.out_dir) if latents else None, None,
-                         range(self.plan.ipc), "the set")
+                         range(self.plan.ipc), "the set", self.out_dir, rank=self.rank,
+                         sealed=set_manifest_path(self.out_dir))
 
     # ------------------------------------------------------------------------- sampling
 
@@ -190,8 +258,8 @@ class Run:
         while todo:
             per_batch = max(1, self.batch // self.kappa)
             classes, todo = todo[:per_batch], todo[per_batch:]
-            if all(inc.complete(c, index) for c in classes):
-                continue
+            if all([inc.complete(c, index) for c in classes]):  # every class asked: an image of another student
+                continue  # is deleted whatever its neighbours are
             self.failed = False
             yield classes
             if self.failed:  # freed here, outside the except: its traceback held the failed step's tensors
@@ -249,7 +317,8 @@ class Run:
         if not os.path.exists(done):
             return False
         folder = stage_dir(self.out_dir, k)
-        remedy = f"delete them and {done}, then rerun the same command: the stage makes them again, byte for byte"
+        remedy = (f"delete them and {quoted(done)}, then rerun the same command: the stage makes them again, byte for "
+                  f"byte")
         recorded = load_json(done, what=f"stage {k}'s record", remedy="delete it and rerun the same command")
         bad = damaged(folder, recorded.get("files", {}))
         if bad:
@@ -290,15 +359,17 @@ class Run:
                 expected = self.spec.num_classes * self.plan.stage_ipc
                 if summary["images_logged"] != expected:  # fill leaves no guided image without its record
                     raise UserError(f"stage {k}: {summary['images_logged']} of {expected} images have a record in "
-                                    f"{inc.records_dir}; delete {stage_dir(self.out_dir, k)} and the later stages to "
-                                    f"sample them again")
+                                    f"{inc.records_dir}; delete {quoted(stage_dir(self.out_dir, k))} and the later "
+                                    f"stages to sample them again")
                 save_json(summary, stage_log_path(self.out_dir, k))
                 print0(log_line(k, summary))
             folder = stage_dir(self.out_dir, k)
             made = [p for p in glob.glob(os.path.join(glob.escape(folder), "**", "*"), recursive=True)
-                    if os.path.isfile(p) and not TEMPORARY.match(os.path.basename(p))]
+                    if os.path.isfile(p) and not TEMPORARY.match(os.path.basename(p)) and p not in journals(folder)]
             save_json(dict(stage=k, indices=[inc.indices[0], inc.indices[-1] + 1], sampler_batch=self.batch,
                            files=manifest(folder, made)), done_path(self.out_dir, k))
+            for path in journals(folder):  # done.json is the stage's manifest now
+                remove_path(path)
         self.stages_bar.update(1)
         barrier()
 
@@ -337,6 +408,8 @@ class Run:
                        for i in range(self.plan.ipc)]
             check_set(self.out_dir, "delete them and rerun the same command: they are made again, byte for byte")
             save_json(dict(files=manifest(folder, planned)), set_manifest_path(self.out_dir))
+            for path in journals(self.out_dir):  # a one-pass set's: set.json is its manifest now
+                remove_path(path)
         update_args(self.out_dir, sampler_batch_used=self.batch)
         self.grid(distilled_dir(self.out_dir), range(self.plan.ipc), grid_path(self.out_dir),
                   f"{method}: {self.plan.ipc} images per class (* = guided); rows = classes", guided)

@@ -321,9 +321,9 @@ def test_a_damaged_record_names_its_way_out_and_a_deleted_one_is_recomputed(unin
     cut(run, STAGE_1_UNFINISHED[:3] + ["distilled", "grid.png"])  # killed before stage 1's done.json
     record = run / "stage_1" / "records" / "2" / "00002.json"
     record.write_text(record.read_text()[:40])  # truncated
-    one_error_line(*cli(distill.main, lgd_argv(pixel_prior, run), capsys), f"image record {record} is not valid JSON",
-                   "delete it and rerun the same command")
-    os.remove(record)  # the remedy: its image is sampled again in the same batch, the record rewritten
+    one_error_line(*cli(distill.main, lgd_argv(pixel_prior, run), capsys), f"{record} is not what this run computes",
+                   "to sample it again")
+    os.remove(record)  # its image is sampled again in the same batch, the record rewritten
     assert cli(distill.main, lgd_argv(pixel_prior, run), capsys)[0] == 0
     log = json.loads((run / "stage_1" / "log.json").read_text())
     assert log["images_logged"] == 20 and (run / "stage_1" / "log.json").read_bytes() == \

@@ -112,7 +112,7 @@ def test_redundancy_report_and_compare(tmp_path):
         os.makedirs(tmp_path / name, exist_ok=True)
         (tmp_path / name / "eval.json").write_text(json.dumps(ev))
     md = compare([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "cmp.md"))
-    lines = md.strip().splitlines()
+    lines = md.strip().splitlines()[1:]  # under the stamp line
     assert len(lines) == 4 and "90.0 +- 0.0 (n=3)" in lines[2] and "80.0" in lines[3]
     assert f"{100 * saved['off_diagonal_mean']:.1f}" in lines[2] and lines[3].split("|")[7].strip() == "-"
 

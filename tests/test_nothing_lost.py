@@ -65,7 +65,7 @@ def test_compare_shows_each_runs_dataset(tmp_path, capsys):
     out = []
     assert cli(evaluate.main, ["--compare", tmp_path / "a", tmp_path / "b", "--markdown", tmp_path / "c.md"], capsys,
                out)[0] == 0
-    lines = (tmp_path / "c.md").read_text().splitlines()
+    lines = (tmp_path / "c.md").read_text().splitlines()[1:]  # under the stamp line
     assert lines[0].startswith("| dataset |") and lines[2].startswith("| digits |") and lines[3].startswith("| mnist |")
 
 
@@ -277,3 +277,166 @@ def test_jobs_are_capped_at_the_cores_with_one_line(monkeypatch, capsys):
         results.main(["main", "--jobs", "1000000"])
     assert seen == [os.cpu_count()]
     assert f"--jobs 1000000 is more than the {os.cpu_count()} cores" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- a command writes only what it owns
+
+def test_no_output_flag_writes_into_a_run_folder_or_over_another_commands_file(finished_lgd, tmp_path, capsys):
+    """The one rule (ground.folder.check_output) behind every flag that names an output file: a new file, or one of
+    the same kind lgd wrote there before; never a file inside a run folder, never a file of another command."""
+    import bench
+    import train_prior
+    from tools import export
+    argv, run, before = finished_lgd
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    for main, flags, said in [
+            (evaluate.main, ["--compare", run, "--markdown", run / "args.json"], "inside the run folder"),
+            (evaluate.main, ["--compare", run, "--markdown", run / "eval.json"], "inside the run folder"),
+            (evaluate.main, ["--compare", run, "--markdown", run / "stage_1" / "done.json"], "inside the run folder"),
+            (evaluate.main, ["--compare", run, "--markdown", notes], "was not written by evaluate.py --compare"),
+            (train_prior.main, ["--out", run / "grid.png"], "inside the run folder"),
+            (bench.main, ["--json", run / "bench.json"], "inside the run folder"),
+            (export.main, [run, "--layout", "rded", "--out", run / "export"], "inside the run folder")]:
+        one_error_line(*cli(main, flags, capsys), said)
+    assert file_hashes(run) == before and notes.read_text() == "my notes\n"
+    # its own kind it may replace: a second --compare rewrites the table the first one wrote
+    assert cli(evaluate.main, ["--distilled", run, "--runs", 1, "--epochs", 1], capsys)[0] == 0
+    table = tmp_path / "table.md"
+    for _ in range(2):
+        assert cli(evaluate.main, ["--compare", run, "--markdown", table], capsys)[0] == 0
+    assert table.read_text().startswith("<!-- written_by: evaluate.py --compare -->")
+
+
+# ----------------------------------------------------------------------------- the manifest is the authority
+
+def test_a_run_without_its_set_json_is_not_finished_and_its_printed_command_finishes_it(finished_lgd, capsys):
+    """set.json deleted (and an image of the set replaced): no evaluation reads the set; the command the refusal
+    prints runs as printed, copies the stages' images back (their done.json vouches for them) and seals the set."""
+    import shlex
+    argv, run, before = finished_lgd
+    os.remove(run / "set.json")
+    save_png(torch.rand(1, 8, 8), str(run / "distilled" / "4" / "00000.png"))
+    code, lines = cli(evaluate.main, ["--distilled", run, "--runs", 1, "--epochs", 1], capsys)
+    one_error_line(code, lines, "has no set.json", "finish it with: python distill.py")
+    command = shlex.split(lines[-1].split("finish it with: ")[1])
+    assert command[:2] == ["python", "distill.py"] and cli(distill.main, command[2:], capsys)[0] == 0
+    assert unchanged(before, file_hashes(run))
+
+
+def test_a_dit_set_without_its_set_json_is_checked_against_what_the_run_computes(dit_run, pixel_prior, tmp_path,
+                                                                                  capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = shutil.copytree(dit_run, tmp_path / "run")
+    before = file_hashes(run)
+    os.remove(run / "set.json")
+    save_png(torch.rand(1, 8, 8), str(run / "distilled" / "7" / "00002.png"))
+    one_error_line(*cli(distill.main, dit_argv(pixel_prior, run), capsys), "7/00002.png is not what this run computes")
+    os.remove(run / "distilled" / "7" / "00002.png")
+    assert cli(distill.main, dit_argv(pixel_prior, run), capsys)[0] == 0
+    assert unchanged(before, file_hashes(run))
+
+
+def test_a_result_names_its_set_and_goes_stale_when_the_set_changes(dit_run, tmp_path, capsys):
+    """eval.json records the sha256 of the set.json it describes: a set changed since (here a consistent swap of an
+    image and its recorded sha256, which the manifest cannot see) makes it stale for --compare, which says how to
+    make it again; made again, it is current."""
+    from ground.common import file_sha256
+    run = shutil.copytree(dit_run, tmp_path / "run")
+    assert cli(evaluate.main, ["--distilled", run, "--runs", 1, "--epochs", 1], capsys)[0] == 0
+    assert json.loads((run / "eval.json").read_text())["set_sha256"] == file_sha256(run / "set.json")
+    save_png(torch.rand(1, 8, 8), str(run / "distilled" / "1" / "00000.png"))
+    record = json.loads((run / "set.json").read_text())
+    record["files"]["1/00000.png"] = file_sha256(run / "distilled" / "1" / "00000.png")
+    (run / "set.json").write_text(json.dumps(record))
+    one_error_line(*cli(evaluate.main, ["--compare", run, "--markdown", tmp_path / "c.md"], capsys),
+                   "describes another set than", f"python evaluate.py --distilled {run}")
+    assert cli(evaluate.main, ["--distilled", run, "--runs", 1, "--epochs", 1], capsys)[0] == 0
+    assert cli(evaluate.main, ["--compare", run, "--markdown", tmp_path / "c.md"], capsys)[0] == 0
+
+
+def test_images_of_another_student_are_made_again_not_mixed(pixel_prior, tmp_path, capsys, monkeypatch):
+    """Stage 1 sampled, then killed before its done.json; its student.pt deleted (the remedy for a damaged student)
+    and trained again to other bytes (another thread count would do that; here a nudged weight): the images its
+    predecessor guided are deleted and made again by the new one, whose sha256 the stage's journal then names."""
+    import train_student
+    from ground.common import file_sha256
+    from ground.run import Run
+    monkeypatch.chdir(tmp_path)
+    argv = [*LGD, "--prior", pixel_prior, "--out-dir", tmp_path / "run"]
+    original = Run.finish_stage
+
+    def killed(self, k):
+        if k == 1:
+            raise KeyboardInterrupt
+        return original(self, k)
+    monkeypatch.setattr(Run, "finish_stage", killed)
+    assert cli(distill.main, argv, capsys)[0] == 130
+    monkeypatch.setattr(Run, "finish_stage", original)
+    first = (tmp_path / "run" / "stage_1" / "images" / "3" / "00001.png").read_bytes()
+    os.remove(tmp_path / "run" / "stage_1" / "student.pt")
+    trained = train_student.Trainer.train
+
+    def another(self, *args, **kwargs):
+        model = trained(self, *args, **kwargs)
+        with torch.no_grad():
+            next(model.parameters()).add_(0.5)
+        return model
+    monkeypatch.setattr(train_student.Trainer, "train", another)
+    out = []
+    assert cli(distill.main, argv, capsys, out)[0] == 0
+    assert out[0].count("was made by another student") == 10  # every image of the stage's one slot
+    assert (tmp_path / "run" / "stage_1" / "images" / "3" / "00001.png").read_bytes() != first
+    assert json.loads((tmp_path / "run" / "stage_1" / "done.json").read_text())["files"]["student.pt"] == \
+        file_sha256(tmp_path / "run" / "stage_1" / "student.pt")
+
+
+# ----------------------------------------------------------------------------- the thread count is a setting
+
+def test_the_thread_count_is_recorded_and_a_resume_keeps_it(finished_lgd, capsys):
+    argv, run, before = finished_lgd
+    settings = json.loads((run / "args.json").read_text())
+    assert settings["threads"] == torch.get_num_threads()
+    out = []
+    assert cli(distill.main, [*argv, "--dry-run", "json"], capsys, out)[0] == 0
+    assert json.loads(out[0])["threads"] == settings["threads"]
+    other = settings["threads"] + 1
+    one_error_line(*cli(distill.main, [*argv, "--threads", other], capsys), "different --threads",
+                   f"--threads {settings['threads']!r} -> {other!r}")
+    torch.set_num_threads(other)  # the machine's default changed: a resume takes the run's own
+    try:
+        assert cli(distill.main, argv, capsys)[0] == 0 and torch.get_num_threads() == settings["threads"]
+    finally:
+        torch.set_num_threads(settings["threads"])
+
+
+# ----------------------------------------------------------------------------- printed commands work as printed
+
+def test_every_printed_command_works_for_a_folder_with_a_space_and_a_quote(pixel_prior, tmp_path, capsys,
+                                                                           monkeypatch):
+    """A run in `with space/k1 'copy'`: its next: lines run as printed (through a shell's word splitting), and in a
+    copy of the folder the finish command a refusal prints acts on the copy, not on the run it was copied from."""
+    import shlex
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluate, "epochs_for_ipc", lambda *a, **k: 1)
+    run = tmp_path / "with space" / "k1 'copy'"
+    out = []
+    assert cli(distill.main, [*LGD[:-1], "--prior", pixel_prior, "--out-dir", run], capsys, out)[0] == 0
+    nexts = [line.split("next: ", 1)[1].split("   (")[0] for line in out[0].splitlines() if "next: " in line]
+    assert len(nexts) == 2
+    for line in nexts:
+        script, *args = shlex.split(line)[1:]
+        assert cli({"evaluate.py": evaluate.main}[script], args, capsys)[0] == 0, line
+    copy = shutil.copytree(run, tmp_path / "a 'second' copy")
+    os.remove(copy / "set.json")
+    before = file_hashes(run)
+    code, lines = cli(evaluate.main, ["--distilled", copy, "--runs", 1], capsys)
+    command = shlex.split(lines[-1].split("finish it with: ")[1])
+    assert command[-2:] == ["--out-dir", str(copy)] and cli(distill.main, command[2:], capsys)[0] == 0
+    assert (copy / "set.json").exists() and file_hashes(run) == before
+
+
+def test_a_one_pass_set_cut_into_unequal_increments_is_refused_at_the_start(tmp_path, capsys):
+    one_error_line(*cli(distill.main, ["--method", "dit", "--ipc", 4, "--stage-ipc", 3, "--out-dir", tmp_path / "r"],
+                        capsys), "--ipc 4 is not a multiple of --stage-ipc 3")
+    assert not (tmp_path / "r").exists()

@@ -39,8 +39,9 @@ def check_args(args, guide, igd_guide, uses_igd, uses_mgd3):
     increment)."""
     require(args.ipc > 0, f"--ipc must be positive, got {args.ipc}")
     require(args.stage_ipc > 0, f"--stage-ipc must be positive, got {args.stage_ipc}")
-    require(args.method in ("dit", "mgd3") or args.ipc % args.stage_ipc == 0,
-           f"--ipc {args.ipc} is not a multiple of --stage-ipc {args.stage_ipc}")
+    require(args.ipc % args.stage_ipc == 0, f"--ipc {args.ipc} is not a multiple of --stage-ipc {args.stage_ipc} (the "
+            f"increments of a set" + (", which evaluate.py --redundancy cuts," if args.method != "lgd" else "") +
+            " are all of one size)")
     require(args.steps > 0, f"--steps must be positive, got {args.steps}")
     require(args.prior is not None or args.steps <= DIGITS_SCHEDULE["num_train_timesteps"],
            f"--steps {args.steps} is outside 1..{DIGITS_SCHEDULE['num_train_timesteps']} (the prior's schedule)")

@@ -42,7 +42,7 @@ from ground.common import (
     save_png,
     save_torch,
 )
-from ground.folder import check_classes, check_not_busy, distilled_folder, run_info, set_files
+from ground.folder import check_classes, check_not_busy, distilled_folder, run_folder_of, run_info, set_files
 from ground.images import load_image, numeric_order
 
 LAYOUTS = ("rded", "ddranking")
@@ -69,6 +69,9 @@ def export_set(run_dir, spec, layout, out, size=None):
     folder = distilled_folder(run_dir)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"--out {out} exists and is not an empty folder (an export never writes over anything)")
+    if run_folder_of(os.path.join(out, "x")) is not None:
+        raise UserError(f"--out {out} is inside the run folder {run_folder_of(os.path.join(out, 'x'))}, whose files "
+                        f"are that run's: export elsewhere")
     if os.path.abspath(out).startswith(os.path.abspath(folder) + os.sep):
         raise UserError(f"--out {out} is inside the set {folder}; export it elsewhere")
     paths, labels, _ = set_files(run_dir, spec)  # the run's whole set, and only it
