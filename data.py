@@ -22,6 +22,7 @@ Classifier inputs (used identically by training, testing and guidance):
 Training augmentation (Augment, cutmix) runs batched on the training device from uint8 images that
 were decoded and resized once (the recipes' deterministic first step), so a GPU is not starved.
 """
+import hashlib
 import os
 from dataclasses import dataclass, field, replace
 
@@ -32,7 +33,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.models import ResNet18_Weights
 from tqdm import tqdm
 
-from ground.common import UserError, remove_path, temporary_path
+from ground.common import UserError, remove_path, save_json, temporary_path
 from ground.images import IMAGE_EXTENSIONS, list_image_folder, load_image
 from ground.locks import cache_entry
 
@@ -269,9 +270,17 @@ def load_real(spec, data_dir, split):
     return ImageSet(paths, labels, channels=spec.channels)
 
 
-def check_images(spec, data_dir):
+def check_images(spec, data_dir, cache_dir="out/cache"):
     """Every image of an ImageFolder tree's train and val splits opens (its header is read): a corrupt file is named,
-    with its remedy, before a run claims its folder rather than hours later when a split is first decoded."""
+    with its remedy, before a run claims its folder rather than hours later when a split is first decoded. Once per
+    tree: a marker in cache_dir, keyed by the class folders' names, times and file counts (adding, removing or
+    renaming a file changes them; a file rewritten in place is named when it is decoded), says it was done (ImageNet's
+    1.33M headers take minutes; every start, resume and rank would pay them)."""
+    folders = [os.path.join(data_dir, split, w) for split in ("train", "val") for w in spec.class_names()]
+    stamp = repr([(f, os.stat(f).st_mtime_ns, len(os.listdir(f))) for f in folders])
+    marker = os.path.join(cache_dir, f"images_checked_{hashlib.sha1(stamp.encode()).hexdigest()[:16]}.json")
+    if os.path.exists(marker):
+        return
     for split in ("train", "test"):
         paths = load_real(spec, data_dir, split).items
         for path in tqdm(paths, desc=f"opening the {split} images", unit="img", mininterval=2, leave=False,
@@ -282,6 +291,7 @@ def check_images(spec, data_dir):
             except (OSError, UnidentifiedImageError, ValueError) as e:
                 raise UserError(f"cannot read image {path}: {e.__class__.__name__}; remove or replace it (a class "
                                 f"keeps its other images)") from None
+    save_json(dict(tree=os.path.abspath(data_dir), folders=len(folders)), marker)
 
 
 def sample_real_ipc(real, ipc, seed):

@@ -189,6 +189,8 @@ def sampler_config(args):
 
 
 def main(argv=None):
+    # one OOM halving less: CUDA memory grown in segments, not fragmented blocks (before the first CUDA call)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = get_parser().parse_args(argv)
     batch_given = args.batch_size is not None  # a --batch-size the user typed is never replaced by the preflight's
@@ -198,7 +200,7 @@ def main(argv=None):
     if args.dry_run:
         # what the run would refuse, the plan refuses too: the settings of a run already in the folder, the inputs
         earlier = check_settings(args, run_record(args, spec, int(os.environ.get("WORLD_SIZE", 1))))
-        check_inputs(args, spec, torch.device("cpu"))
+        check_inputs(args, spec, torch.device("cpu"), data=False)
         return print_plan(args, spec, data_dir, guidance_config(args), igd_config(args), sampler_config(args),
                           earlier)
     device = get_device(args.device)

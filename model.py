@@ -201,7 +201,7 @@ def _read(what, path, load):
     not in the local cache is fetched only when the hub answers at once (offline, the hub's client retries for half
     a minute before it says so)."""
     try:
-        if not os.path.isdir(path) and not _hub_reachable():
+        if not os.path.isdir(path) and not hub_reachable():
             with _hub_offline():  # the local cache only
                 return load()
         return load()
@@ -210,7 +210,7 @@ def _read(what, path, load):
                          f"{(str(e).splitlines() or [''])[0]} ({OFFLINE})", path) from None
 
 
-def _hub_reachable(timeout=3.0):
+def hub_reachable(timeout=3.0):
     """Whether huggingface.co answers a TCP connection within `timeout` seconds."""
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()

@@ -17,6 +17,7 @@ one builder at a time; a second run waits and reuses it).
 import functools
 import hashlib
 import os
+import pickle
 import re
 import urllib.error
 
@@ -208,14 +209,18 @@ def surrogate_cached(spec, arch, data_dir, epochs=None, cache_dir="out/cache"):
 
 def pretrained_resnet18(device):
     """torchvision's ImageNet-1K ResNet-18 (hub weights): RDED's teacher, and theta* on ImageNet-1K. Offline, the
-    refusal names the file and where torchvision looks for it."""
+    refusal names the file and where torchvision looks for it; a damaged copy there (a truncated download), that it
+    is the cause."""
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     try:
         return torchvision.models.resnet18(weights=weights).to(device).eval()
-    except (OSError, urllib.error.URLError) as e:  # no internet (URLError is an OSError), a truncated download
-        target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    except (OSError, urllib.error.URLError) as e:  # no internet (URLError is an OSError)
         raise UserError(f"could not get torchvision's ResNet-18 weights ({e.__class__.__name__}): download "
                         f"{weights.url} on a machine with internet and copy it to {target}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # the cached file is there, and not whole
+        raise UserError(f"torchvision's ResNet-18 weights {target} are damaged ({e.__class__.__name__}; a truncated "
+                        f"download?): delete the file and rerun, or copy a good one from {weights.url}") from None
 
 
 def reference_model(spec, arch, data_dir, device, epochs=None, cache_dir="out/cache", num_workers=0, path=None):

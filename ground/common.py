@@ -139,16 +139,29 @@ def get_device(name="auto"):
                 from None
         return device
     if torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local >= count:  # torchrun --nproc_per_node=8 copied onto a machine with fewer GPUs
+            raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', local + 1)} processes on this "
+                            f"machine, which has {count} GPU(s): use torchrun --nproc_per_node={count}")
+        return torch.device(f"cuda:{local}")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
 
-def default_workers(device):
+def default_workers(device, shm="/dev/shm"):
     """DataLoader workers decoding images: 8 (at most the cores) with CUDA, whose students train faster than one
-    process decodes JPEGs; none on a CPU, whose cores the training itself needs."""
-    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    process decodes JPEGs; none on a CPU, whose cores the training itself needs; none where /dev/shm, through which
+    workers pass their batches, is smaller than 1 GiB (Docker's default is 64 MB: 8 workers would die of a bus error
+    minutes into a training), said once."""
+    if device.type != "cuda":
+        return 0
+    size = shutil.disk_usage(shm).total if os.path.isdir(shm) else 0
+    if size < 2**30:
+        print0(f"note: DataLoader workers off: {shm} holds {size / 2**20:.0f} MB (8 workers need ~1 GiB); start the "
+               f"container with --shm-size=8g to use them, or pass --num-workers")
+        return 0
+    return min(8, os.cpu_count() or 1)
 
 
 def rank_device(name, cuda):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,15 +172,53 @@ def test_each_rank_reads_only_its_slice_and_a_large_set_keeps_one_loader(stream,
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_its_checks_on_tiny_shapes(tmp_path, capsys):
-    """`python -m tools.gpu_check` is what a first GPU user runs; here on the CPU with tiny shapes: a guided run
-    killed with SIGKILL and resumed to the uninterrupted set, the bench, an MGD3 run through the VAE encoder;
-    torchrun skipped without two GPUs."""
+    """`python -m tools.gpu_check` is what a first GPU user runs; here on the CPU with tiny shapes: the preflight of
+    the paper's pipeline, a run from IGD's seed killed with SIGKILL in its guided stage, resumed and evaluated, the
+    bench, an MGD3 run through the VAE encoder; torchrun skipped without two GPUs; the line to paste last. A second
+    start reuses its folder (and the prior in it), and it never clears a folder it did not make."""
     from tools import gpu_check
-    gpu_check.main(["--size", "tiny", "--device", "cpu", "--work", str(tmp_path / "work"), "--checks", "resume",
-                    "bench", "mgd3", "torchrun"])  # its preflight check is distill's preflight, tested on its own
+    work = tmp_path / "work"
+    checks = ["preflight", "run", "bench", "mgd3", "torchrun"]
+    gpu_check.main(["--size", "tiny", "--device", "cpu", "--work", str(work), "--checks", *checks])
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("gpu_check (tiny shapes on cpu) will check: preflight, run, bench, mgd3, torchrun")
     verdicts = {line.split()[1]: line.split()[0] for line in lines if line[:4] in ("PASS", "FAIL", "SKIP")}
-    assert verdicts == {"resume": "PASS", "bench": "PASS", "mgd3": "PASS", "torchrun": "SKIP"}, lines
+    assert verdicts == {"preflight": "PASS", "run": "PASS", "bench": "PASS", "mgd3": "PASS", "torchrun": "SKIP"}, lines
+    assert lines[-1].startswith("gpu_check: cpu, torch ") and "run PASS" in lines[-1] and "fp32 guided x" in lines[-1]
+    prior = os.stat(work / "prior-tiny" / "transformer" / "config.json").st_mtime_ns
+    gpu_check.main(["--size", "tiny", "--device", "cpu", "--work", str(work), "--checks", "torchrun"])
+    assert os.stat(work / "prior-tiny" / "transformer" / "config.json").st_mtime_ns == prior
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("")
+    with pytest.raises(UserError, match="not a folder this check made"):
+        gpu_check.main(["--size", "tiny", "--device", "cpu", "--work", str(tmp_path / "mine")])
+    assert (tmp_path / "mine" / "notes.txt").exists()
+
+
+def test_the_gpu_check_refuses_at_once_where_there_is_no_cuda(tmp_path, capsys):
+    from tools import gpu_check
+    if torch.cuda.is_available():
+        pytest.skip("a machine with CUDA runs the check")
+    with pytest.raises(UserError, match="CUDA is not available on this machine: .* --size tiny --device cpu"):
+        gpu_check.main(["--work", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_environment_check_says_what_will_fail_and_how_to_fix_it(tmp_path, monkeypatch):
+    """tools/env.py on this machine (no CUDA, no network): one line each; a small /dev/shm under CUDA is a warning
+    with its remedy; no hub and no cached weights is a FAIL naming --prior and --vae."""
+    from tools import env
+    lines = dict((line.split(":")[0], (status, line)) for status, line in env.environment(str(tmp_path)))
+    assert set(lines) == {"gpu", "/dev/shm", "disk", "hub"}
+    monkeypatch.setattr(env, "hub_reachable", lambda: False)
+    monkeypatch.setattr(env.os.path, "isdir", lambda path: False)  # no hub cache either
+    assert env.hub_line()[0] == "FAIL" and "--prior DIR / --vae DIR" in env.hub_line()[1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    usage = type("Usage", (), dict(total=64 * 2**20))
+    monkeypatch.setattr(env.os.path, "isdir", lambda path: True)
+    monkeypatch.setattr(env.shutil, "disk_usage", lambda path: usage)
+    status, line = env.shm_line()
+    assert status == "warn" and "64 MB" in line and "--shm-size=8g" in line
 
 
 def test_a_large_set_of_files_is_decoded_once_into_a_memmap_every_run_shares(tmp_path, monkeypatch):
@@ -203,3 +242,80 @@ def test_a_large_set_of_files_is_decoded_once_into_a_memmap_every_run_shares(tmp
     load = again.load
     again.load = lambda i: loads.append(i) or load(i)
     assert torch.equal(ts.prepared(again, 16), in_memory) and loads == []  # decoded once, read back
+
+
+def test_torchrun_with_more_processes_than_gpus_is_one_line(monkeypatch):
+    """The README's `--nproc_per_node=8` copied onto a 2-GPU machine: rank 3 refuses in one line, naming the count."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(UserError, match=r"torchrun started 8 processes on this machine, which has 2 GPU\(s\): use "
+                                        r"torchrun --nproc_per_node=2"):
+        common.get_device("auto")
+
+
+def test_a_small_dev_shm_turns_the_dataloader_workers_off_with_its_remedy(tmp_path, monkeypatch, capsys):
+    """Docker's 64 MB /dev/shm would kill 8 workers with a bus error minutes into theta*'s training: no workers, said
+    once with the flag that fixes it; with room, 8 (at most the cores); on a CPU none."""
+    usage = type("Usage", (), {})
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: setattr(usage, "total", 64 * 2**20) or usage)
+    cuda = torch.device("cuda", 0)
+    assert common.default_workers(cuda, shm=str(tmp_path)) == 0
+    assert "--shm-size=8g" in capsys.readouterr().out
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: setattr(usage, "total", 8 * 2**30) or usage)
+    assert common.default_workers(cuda, shm=str(tmp_path)) == min(8, os.cpu_count())
+    assert common.default_workers(torch.device("cpu")) == 0
+
+
+def test_the_data_tree_is_opened_once_and_a_dry_run_reads_none_of_it(tmp_path, monkeypatch, capsys):
+    """Every image header of a tree is read once (ImageNet's 1.33M take minutes): a marker keyed by its class folders
+    spares the next start, resume and rank; a file added makes it read again; a dry run reads no data at all."""
+    import data
+    from conftest import make_fake_imagewoof
+    monkeypatch.chdir(tmp_path)
+    tree = make_fake_imagewoof(str(tmp_path / "woof"))
+    spec = data.get_spec("imagewoof")
+    opened, original = [], data.Image.open
+    monkeypatch.setattr(data.Image, "open", lambda path, *a, **k: opened.append(path) or original(path, *a, **k))
+    data.check_images(spec, tree)
+    assert len(opened) == 60  # 10 classes x (4 train + 2 val)
+    data.check_images(spec, tree)
+    assert len(opened) == 60  # the marker: not opened again
+    data.Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(f"{tree}/train/{spec.wnids[0]}/new.JPEG")
+    data.check_images(spec, tree)
+    assert len(opened) == 121  # a class folder changed: opened again
+    opened.clear()
+    assert cli(distill.main, ["--dataset", "imagewoof", "--method", "mgd3", "--data-dir", tree, "--dry-run"],
+               capsys)[0] == 0
+    assert opened == []
+
+
+DDP_STUDENT = """
+import sys, torch
+from ground.common import setup_distributed
+from train_student import Trainer
+from data import ImageSet, get_spec, with_view
+from model import make_student
+rank, world = setup_distributed(torch.device("cpu"))
+view = with_view(get_spec("digits"), res=16)
+images = ImageSet([torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(40)],
+                  [i % 10 for i in range(40)])
+model = Trainer("cpu", 0, rank, world).train(make_student("resnet18_bn", view, seed=0), images, view, "minimax", 2, 0)
+torch.save(model.state_dict(), f"{sys.argv[1]}.rank{rank}")
+"""
+
+
+@pytest.mark.slow
+def test_after_a_ddp_training_every_rank_holds_rank_0s_batch_norm_statistics(tmp_path):
+    """DDP averages gradients, not BatchNorm's running statistics: each rank saw its own slice of every batch, so
+    each would guide with its own statistics, and only rank 0's are saved. The trainer broadcasts rank 0's."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_STUDENT)
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+                        str(script), str(tmp_path / "student")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (torch.load(tmp_path / f"student.rank{rank}") for rank in (0, 1))
+    assert any("running_mean" in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)

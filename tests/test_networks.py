@@ -382,3 +382,26 @@ def test_offline_the_resnet18_weights_are_named_with_where_they_go(monkeypatch):
     with pytest.raises(UserError, match=r"download https://download.pytorch.org/models/resnet18-f37072fd.pth .* "
                                         r"copy it to .*checkpoints/resnet18-f37072fd.pth"):
         reference.pretrained_resnet18("cpu")
+
+
+def test_offline_a_hub_prior_is_one_line_at_once_naming_the_flags_that_replace_it(monkeypatch):
+    """No network: the hub's client would retry for half a minute; the hub is asked only when it answers, and the
+    refusal names --prior, --vae and --data-dir (the local copies docs/gpu.md says how to make)."""
+    import model
+    from model import PriorFiles
+    monkeypatch.setattr(model, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(PriorFiles) as refused:
+        load_prior("facebook/DiT-XL-2-256")
+    assert all(flag in str(refused.value) for flag in ("--prior DIR", "--vae DIR", "--data-dir DIR", "docs/gpu.md"))
+
+
+def test_a_truncated_cached_resnet18_is_named_as_damaged(tmp_path, monkeypatch):
+    """A torchvision download cut short leaves a file torch cannot read: one line naming it and the way out."""
+    import reference
+    monkeypatch.setattr(reference.torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(b"PK\x03\x04 cut short")
+    monkeypatch.setattr(reference.torchvision.models.ResNet18_Weights.IMAGENET1K_V1, "get_state_dict",
+                        lambda *a, **k: torch.load(tmp_path / "checkpoints" / "resnet18-f37072fd.pth"))
+    with pytest.raises(UserError, match=r"resnet18-f37072fd.pth are damaged .* delete the file and rerun"):
+        reference.pretrained_resnet18("cpu")

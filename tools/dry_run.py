@@ -10,7 +10,7 @@ from dataclasses import asdict
 import torch
 
 from config import PAPER
-from data import EMBEDDED, class_table
+from data import DOWNLOADS, EMBEDDED, class_table
 from ground.folder import stage_summary
 from igd import ARCH as IGD_ARCH
 from igd import uses_igd
@@ -107,10 +107,14 @@ def print_plan(args, spec, data_dir, guide, igd_guide, sampler, earlier=None):
         return
     print(resolved_line(args))
     c, stages = spec.num_classes, (args.ipc // args.stage_ipc if args.method == "lgd" else 1)
+    print(f"{args.method} on {args.dataset}: {c} classes x {args.ipc} IPC = {c * args.ipc} images -> {args.out_dir} "
+          f"({args.threads} CPU threads)")
+    if data_dir is not None:  # a dry run reads no data: a tree not there yet is the download the run will make
+        print(f"  data: {data_dir}" if os.path.isdir(data_dir) else f"  data: not downloaded yet: "
+              f"{DOWNLOADS[spec.name][0]} (about {DOWNLOADS[spec.name][1]}) to {data_dir}, or give --data-dir DIR")
     window, igd_window = guide.guided_steps(args.steps), igd_guide.guided_steps(args.steps)
     through = "DiT + " + ("" if args.dataset == "digits" else "VAE decoder + ")
     done = dict(stage_summary(args.out_dir)) if os.path.isdir(args.out_dir) else {}
-    print(f"{args.method} on {args.dataset}: {c} classes x {args.ipc} IPC = {c * args.ipc} images -> {args.out_dir}")
     table = class_table(spec)  # the field's class order: class c is what every peer's class c is
     print("  classes (index: folder, prior label, name): " + "; ".join(
         f"{r['index']}: {r['wnid']}, {r['prior_label']}, {r['name']}" for r in table[:10])

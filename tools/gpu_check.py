@@ -1,42 +1,46 @@
 """
-The first command to run on a GPU, before anything else there: `python -m tools.gpu_check` (one GPU, about 10
-minutes). On random DiT-XL/2 + SD-VAE weights saved in the hub layout (loaded through --prior exactly as
-facebook/DiT-XL-2-256 is) and a fake ImageWoof tree with the real layout, it runs, each ending in one PASS or FAIL
-line with what broke:
+The first command on a GPU machine: `python -m tools.gpu_check` (one GPU; written to answer within 5 minutes on one
+H100, `--full` adds an hour's worth). No download: random DiT-XL/2 + SD-VAE weights saved in the hub layout (loaded
+through --prior exactly as facebook/DiT-XL-2-256 is) and a fake ImageWoof tree with the real layout, under --work.
+It prints what it will check, one PASS / FAIL / SKIP line per check, and last one line to paste into an issue.
 
-  1. preflight     the full preflight of an ImageWoof run (labels, guidance direction, the batch that fits, every
-                   step's price). Random weights fail its quality checks, as they should: PASS means it measured
-                   everything and wrote preflight.json without crashing or running out of memory.
-  2. resume        a two-slot LGD run (its stage 1 guided through the decoder), killed with SIGKILL in its guided
-                   stage and resumed with the same command: PASS when the resume finishes and its set is the set of
-                   an uninterrupted run (within one 8-bit level: CUDA recomputes in the last bits).
-  3. bench         bench.py at XL in fp32, fp32 + TF32 and bf16, and the students' images/s (--student): each
-                   runs (the speed-ups are in its output).
-  4. mgd3          an MGD3 run: the train split through the VAE encoder into k-means modes, then the mode-pulled
-                   sampler: PASS when the set is written.
-  5. torchrun      with two GPUs or more, the run of 2 under `torchrun --nproc_per_node=2`.
+  env        tools/env.py: nvidia-smi's view, free GPU memory, /dev/shm, disk, the hub and its cache
+  preflight  the preflight of an ImageWoof LGD run on the paper's pipeline (T_1 from IGD): labels, guidance
+             direction, the batch that fits (IGD's double backward sized too), every step's price. Random weights
+             fail its quality checks, as they should: PASS = it measured everything and wrote preflight.json
+  run        a two-slot LGD run from IGD's seed in bf16, killed with SIGKILL in its guided stage, resumed (PASS: the
+             resume finishes and every reader accepts its set.json), then evaluated (evaluate.py, one student)
+  bench      a guided and an unguided XL step in fp32, TF32, bf16 and bf16 + channels-last (a run uses TF32, not
+             channels-last: measured here), and the students' images/s
+  torchrun   with two GPUs or more: the run under `torchrun --nproc_per_node=2`, its students BatchNorm ResNet-18s
+             trained with DDP
+  --full     also: an MGD3 run (the fake train split through the VAE encoder into k-means modes), and the run at
+             the full 50 steps and the preset's sampler batch
 
 `--size tiny --device cpu` runs the same checks on tiny shapes (the test suite does, so the checks themselves are
-tested where no GPU is). Everything is written under --work (default out/gpu_check); the exit code is 1 if a
-check failed.
+tested where no GPU is). The exit code is 1 if a check failed; the logs stay under --work.
 """
+import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from PIL import Image
 
-from bench import SD_VAE, XL_DIT
+import bench
 from data import IMAGEWOOF
-from ground.common import ArgumentParser, run_cli
+from ground.common import ArgumentParser, UserError, remove_path, run_cli, save_json
+from ground.folder import run_folder_of
+from tools.env import environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARK = "gpu_check.json"  # a folder this tool made (it clears only such a folder)
 TINY_DIT = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
                 sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
@@ -44,12 +48,14 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_chan
 
 
 def random_prior(folder, size):
-    """Random weights of the real shapes (or tiny ones), saved as the hub's DiT-XL-2-256 folder is laid out."""
-    torch.manual_seed(0)
-    DiTTransformer2DModel(**(XL_DIT if size == "xl" else TINY_DIT)).save_pretrained(f"{folder}/transformer")
-    AutoencoderKL(**(SD_VAE if size == "xl" else TINY_VAE)).save_pretrained(f"{folder}/vae")
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range",
-                  clip_sample=False).save_pretrained(f"{folder}/scheduler")
+    """Random weights of the real shapes (or tiny ones), saved as the hub's DiT-XL-2-256 folder is laid out; kept
+    between checks of one size (writing XL's 2.7 GB is most of a minute)."""
+    if not os.path.isdir(os.path.join(folder, "scheduler")):
+        torch.manual_seed(0)
+        DiTTransformer2DModel(**(bench.XL_DIT if size == "xl" else TINY_DIT)).save_pretrained(f"{folder}/transformer")
+        AutoencoderKL(**(bench.SD_VAE if size == "xl" else TINY_VAE)).save_pretrained(f"{folder}/vae")
+        DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range",
+                      clip_sample=False).save_pretrained(f"{folder}/scheduler")
     return folder
 
 
@@ -65,131 +71,165 @@ def fake_imagewoof(root, side=64, train=8, val=4):
     return root
 
 
-def distill_args(prior, data, device):
-    """A small ImageWoof LGD run: 2 images per class in 2 stages, a short schedule whose window holds guided steps."""
-    return ["--dataset", "imagewoof", "--data-dir", data, "--prior", prior, "--device", device, "--seed-set", "dit",
-            "--ipc", 2, "--stage-ipc", 1, "--steps", 10, "--guide-from", 2, "--guide-until", 8, "--res", 32,
-            "--student-epochs", 2, "--reference-epochs", 2, "--no-eval"]
+def distill_args(ctx, steps=10):
+    """A small ImageWoof LGD run on the paper's pipeline: 2 images per class in 2 stages, T_1 from IGD, a short
+    schedule whose windows (LGD's and IGD's) hold guided steps, bf16 on a GPU."""
+    return [os.path.join(REPO, "distill.py"), "--dataset", "imagewoof", "--data-dir", ctx.data, "--prior", ctx.prior,
+            "--device", ctx.device, "--seed-set", "igd", "--ipc", 2, "--stage-ipc", 1, "--steps", steps,
+            "--guide-from", 2, "--guide-until", steps - 2, "--set", "igd_from=2", "--set", f"igd_until={steps - 2}",
+            "--res", 32, "--student-epochs", 2, "--reference-epochs", 2, "--no-eval",
+            "--precision", "bf16" if ctx.device == "cuda" else "fp32"]
 
 
-def run(argv, work, log, launcher=(sys.executable,), kill_when=None):
-    """A command of the repository from `work`; kill_when(): SIGKILL it once true. Returns (exit code, last line)."""
-    env = dict(os.environ, PYTHONPATH=REPO)
+def run(argv, ctx, name, launcher=(sys.executable,), kill_when=None):
+    """A command of the repository from the work folder, its output in <name>.log; kill_when(): SIGKILL it once true.
+    Returns (exit code or "killed", the log's lines)."""
+    log = os.path.join(ctx.work, f"{name}.log")
     with open(log, "w") as out:
-        proc = subprocess.Popen([*launcher, *map(str, argv)], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*launcher, *map(str, argv)], cwd=ctx.work, env=dict(os.environ, PYTHONPATH=REPO),
+                                stdout=out, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             if kill_when is not None and kill_when():
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
-                return "killed", ""
+                return "killed", []
             time.sleep(0.2)  # polling a child's progress: a tool's loop, not a test's
-    lines = [line for line in open(log).read().splitlines() if line.strip()]
-    return proc.returncode, (lines[-1] if lines else "")
+    return proc.returncode, [line for line in open(log).read().splitlines() if line.strip()]
 
 
-def same_set(a, b, levels=1):
-    """Two runs' distilled sets: the same files, each image within `levels` 8-bit levels."""
-    names = lambda d: sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
-    if names(a) != names(b) or not names(a):
-        return False
-    load = lambda d, n: np.asarray(Image.open(os.path.join(d, n))).astype(np.int16)
-    return all(np.abs(load(a, n) - load(b, n)).max() <= levels for n in names(a))
+def failure(code, lines):
+    """The line a failed command ended on: its `error:` line, wherever a late warning put it."""
+    errors = [line for line in lines if line.startswith("error:")]
+    return f"exit {code}: {(errors or lines or [''])[-1]}"
+
+
+def check_env(ctx):
+    lines = environment(ctx.work)
+    for status, line in lines:
+        print(f"     {status:<4} {line}", flush=True)
+    failed = [line for status, line in lines if status == "FAIL"]
+    return not failed, "; ".join(failed) or f"{len(lines)} lines, none FAIL ({', '.join(s for s, _ in lines)})"
 
 
 def check_preflight(ctx):
     folder = os.path.join(ctx.work, "preflight")
-    argv = [os.path.join(REPO, "distill.py"), *distill_args(ctx.prior, ctx.data, ctx.device), "--preflight",
-            "--out-dir", folder]
-    code, last = run(argv, ctx.work, os.path.join(ctx.work, "preflight.log"))
-    written = os.path.exists(os.path.join(folder, "preflight.json"))
-    ok = written and (code == 0 or last.startswith("error: preflight:"))  # a verdict on random weights is fine
-    return ok, f"preflight.json written; {last or 'passed'}" if ok else f"exit {code}: {last}"
+    code, lines = run([*distill_args(ctx), "--preflight", "--out-dir", folder], ctx, "preflight")
+    path = os.path.join(folder, "preflight.json")
+    verdict = [line for line in lines if line.startswith("error: preflight:")]  # a verdict on random weights is fine
+    if not os.path.exists(path) or (code != 0 and not verdict):
+        return False, failure(code, lines)
+    result = json.load(open(path))
+    step = result["measured"]["guided_step_s"]
+    ctx.figures["preflight batch"] = result["sampler_batch"]
+    ctx.figures["guided step s"] = round(step[max(step, key=int)], 4)
+    return True, f"preflight.json written, sampler batch {result['sampler_batch']}; {(verdict or ['passed'])[-1]}"
 
 
-def check_resume(ctx):
-    straight, killed = os.path.join(ctx.work, "straight"), os.path.join(ctx.work, "killed")
-    argv = [os.path.join(REPO, "distill.py"), *distill_args(ctx.prior, ctx.data, ctx.device), "--no-preflight"]
-    code, last = run([*argv, "--out-dir", straight], ctx.work, os.path.join(ctx.work, "straight.log"))
-    if code != 0:
-        return False, f"the uninterrupted run: exit {code}: {last}"
-    first = os.path.join(killed, "stage_1", "images", list(IMAGEWOOF)[0], "00001.png")
-    code, _ = run([*argv, "--out-dir", killed], ctx.work, os.path.join(ctx.work, "killed.log"),
-                  kill_when=lambda: os.path.exists(first))
+def check_run(ctx, steps=10, batch=()):
+    folder = os.path.join(ctx.work, "run")
+    argv = [*distill_args(ctx, steps), *batch, "--no-preflight", "--out-dir", folder]
+    first = os.path.join(folder, "stage_1", "images", list(IMAGEWOOF)[0], "00001.png")
+    code, _ = run(argv, ctx, "killed", kill_when=lambda: os.path.exists(first))
     if code != "killed":
         return False, f"the run finished before its guided stage could be killed (exit {code})"
-    code, last = run([*argv, "--out-dir", killed], ctx.work, os.path.join(ctx.work, "resumed.log"))
+    code, lines = run(argv, ctx, "resumed")
     if code != 0:
-        return False, f"the resume: exit {code}: {last}"
-    ok = same_set(os.path.join(straight, "distilled"), os.path.join(killed, "distilled"))
-    return ok, "resumed to the uninterrupted set" if ok else "the resumed set differs from the uninterrupted one"
+        return False, f"the resume: {failure(code, lines)}"
+    code, lines = run([os.path.join(REPO, "evaluate.py"), "--distilled", folder, "--runs", 1, "--epochs", 2,
+                       "--device", ctx.device], ctx, "evaluate")
+    if code != 0:
+        return False, f"the evaluation: {failure(code, lines)}"
+    ctx.figures["run acc"] = json.load(open(os.path.join(folder, "eval.json")))["acc_mean"]
+    return True, "killed in its guided stage, resumed, its set.json read and evaluated"
 
 
 def check_bench(ctx):
-    variants = [["--precision", "fp32", "--no-tf32"], ["--precision", "fp32", "--tf32"], ["--precision", "bf16"]]
-    if ctx.device == "cpu":
-        variants = variants[:1]  # TF32 and bf16 are CUDA's
-    said = []
-    for flags in variants:
-        argv = [os.path.join(REPO, "bench.py"), "--size", ctx.size, "--device", ctx.device, "--batch-size", 1,
-                "--repeats", 1, *flags]
-        code, last = run(argv, ctx.work, os.path.join(ctx.work, f"bench_{'_'.join(flags[1:])}.log"))
-        if code != 0:
-            return False, f"bench {' '.join(flags)}: exit {code}: {last}"
-        said.append(" ".join(flags))
-    if ctx.device != "cpu":  # the students' images/s with the batched augmentation on the GPU (docs/cost.md)
-        argv = [os.path.join(REPO, "bench.py"), "--student", "--device", ctx.device]
-        code, last = run(argv, ctx.work, os.path.join(ctx.work, "bench_student.log"))
-        if code != 0:
-            return False, f"bench --student: exit {code}: {last}"
-        said.append("--student")
-    return True, f"ran {', '.join(said)} (see {ctx.work}/bench_*.log)"
+    variants = {"fp32": ("fp32", False, False), "tf32": ("fp32", True, False), "bf16": ("bf16", True, False),
+                "bf16+nhwc": ("bf16", True, True)} if ctx.device == "cuda" else {"fp32": ("fp32", False, False)}
+    device = torch.device(ctx.device)
+    for name, (precision, tf32, nhwc) in variants.items():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        args = SimpleNamespace(size=ctx.size, precision=precision, repeats=2, channels_last=nhwc)
+        rows = {r["variant"]: r for r in bench.bench_sampler(args, device, 2 if ctx.size == "xl" else 8)["rows"]}
+        ctx.figures[f"{name} unguided s"] = round(rows["unguided"]["step_s"], 4)
+        ctx.figures[f"{name} guided x"] = round(rows["guided"]["ratio"], 2)
+    students = bench.bench_students(device)
+    ctx.figures["student img/s"] = round(next(v for k, v in students.items() if k.startswith("224 px")), 1)
+    return True, ", ".join(f"{k} {v}" for k, v in ctx.figures.items() if " unguided" in k or " guided" in k)
 
 
 def check_mgd3(ctx):
-    argv = [os.path.join(REPO, "distill.py"), *distill_args(ctx.prior, ctx.data, ctx.device), "--method", "mgd3",
-            "--set", "mode_stop=4", "--no-preflight", "--out-dir", os.path.join(ctx.work, "mgd3")]
-    code, last = run(argv, ctx.work, os.path.join(ctx.work, "mgd3.log"))
-    made = os.path.exists(os.path.join(ctx.work, "mgd3", "set.json"))
-    return code == 0 and made, "modes computed, the set written" if code == 0 and made else f"exit {code}: {last}"
+    folder = os.path.join(ctx.work, "mgd3")
+    code, lines = run([*distill_args(ctx), "--method", "mgd3", "--set", "mode_stop=4", "--no-preflight", "--out-dir",
+                       folder], ctx, "mgd3")
+    made = os.path.exists(os.path.join(folder, "set.json"))
+    return code == 0 and made, "modes computed, the set written" if code == 0 and made else failure(code, lines)
+
+
+def check_full_run(ctx):
+    remove_path(os.path.join(ctx.work, "run"))
+    return check_run(ctx, steps=50, batch=["--batch-size", 24])
 
 
 def check_torchrun(ctx):
     if ctx.device == "cpu" or torch.cuda.device_count() < 2:
         return None, "skipped: fewer than two GPUs"
-    argv = [os.path.join(REPO, "distill.py"), *distill_args(ctx.prior, ctx.data, "cuda"), "--no-preflight", "--out-dir",
-            os.path.join(ctx.work, "torchrun")]
-    code, last = run(argv, ctx.work, os.path.join(ctx.work, "torchrun.log"),
-                     launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"))
-    return code == 0, "2 ranks finished the run" if code == 0 else f"exit {code}: {last}"
+    folder = os.path.join(ctx.work, "torchrun")
+    code, lines = run([*distill_args(ctx)[1:], "--arch", "resnet18_bn", "--reference-arch", "convnet",
+                       "--no-preflight", "--out-dir", folder], ctx, "torchrun",
+                      launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                os.path.join(REPO, "distill.py")))
+    return code == 0, "2 ranks finished the run, DDP BatchNorm students" if code == 0 else failure(code, lines)
 
 
-CHECKS = {"preflight": check_preflight, "resume": check_resume, "bench": check_bench, "mgd3": check_mgd3,
+CHECKS = {"env": check_env, "preflight": check_preflight, "run": check_run, "bench": check_bench,
           "torchrun": check_torchrun}
+FULL = {"mgd3": check_mgd3, "full-run": check_full_run}
+
+
+def work_folder(path, size):
+    """--work: a new or empty folder, or one this tool made (its marker), cleared but for the random prior of this
+    size; never another folder (a run's, say)."""
+    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, MARK)):
+        raise UserError(f"--work {path} is not a folder this check made (no {MARK}): give a new one")
+    if run_folder_of(os.path.join(path, "x")) is not None:
+        raise UserError(f"--work {path} is inside a run folder: give a new one")
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name != f"prior-{size}":
+            remove_path(os.path.join(path, name))
+    save_json(dict(size=size), os.path.join(path, MARK))
+    return path
 
 
 def main(argv=None):
     p = ArgumentParser(prog="python -m tools.gpu_check", description="The first checks to run on a GPU machine.")
     p.add_argument("--size", default="xl", choices=["xl", "tiny"], help="DiT-XL/2 + SD VAE shapes, or tiny ones")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where the checks run")
-    p.add_argument("--work", default="out/gpu_check", help="a folder for the weights, the data and the runs (made "
-                   "afresh)")
-    p.add_argument("--checks", nargs="+", default=list(CHECKS), choices=list(CHECKS), help="which checks to run")
+    p.add_argument("--work", default="out/gpu_check", help="its folder: the weights, the data, the runs, the logs")
+    p.add_argument("--checks", nargs="+", default=None, choices=[*CHECKS, *FULL], help="which checks to run")
+    p.add_argument("--full", action="store_true", help="also the MGD3 run and the run at 50 steps (an hour's worth)")
     ctx = p.parse_args(argv)
-    ctx.work = os.path.abspath(ctx.work)
-    shutil.rmtree(ctx.work, ignore_errors=True)
-    os.makedirs(ctx.work)
-    started = time.time()
-    ctx.prior = random_prior(os.path.join(ctx.work, "prior"), ctx.size)
+    if ctx.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA is not available on this machine: this checks a GPU; `python -m tools.gpu_check --size "
+                        "tiny --device cpu` runs its checks on tiny shapes on the CPU")
+    ctx.work = work_folder(os.path.abspath(ctx.work), ctx.size)
+    names = ctx.checks or [*CHECKS, *(FULL if ctx.full else ())]
+    print(f"gpu_check ({ctx.size} shapes on {ctx.device}) will check: {', '.join(names)}; logs in {ctx.work}",
+          flush=True)
+    started, ctx.figures, verdicts = time.time(), {}, {}
+    ctx.prior = random_prior(os.path.join(ctx.work, f"prior-{ctx.size}"), ctx.size)
     ctx.data = fake_imagewoof(os.path.join(ctx.work, "imagewoof"))
-    failed = 0
-    for name in ctx.checks:
+    for name in names:
         t = time.time()
-        ok, said = CHECKS[name](ctx)
-        verdict = "SKIP" if ok is None else "PASS" if ok else "FAIL"
-        failed += ok is False
-        print(f"{verdict:<4} {name:<10} {time.time() - t:6.0f} s  {said}", flush=True)
-    print(f"{len(ctx.checks) - failed} of {len(ctx.checks)} checks did not fail, in {time.time() - started:.0f} s; "
-          f"logs in {ctx.work}")
+        ok, said = {**CHECKS, **FULL}[name](ctx)
+        verdicts[name] = "SKIP" if ok is None else "PASS" if ok else "FAIL"
+        print(f"{verdicts[name]:<4} {name:<10} {time.time() - t:6.0f} s  {said}", flush=True)
+    device = torch.cuda.get_device_name(0) if ctx.device == "cuda" else "cpu"
+    failed = sum(v == "FAIL" for v in verdicts.values())
+    print(f"gpu_check: {device}, torch {torch.__version__}, CUDA {torch.version.cuda}, {time.time() - started:.0f} s | "
+          + " ".join(f"{k} {v}" for k, v in verdicts.items()) + " | "
+          + ", ".join(f"{k} {v}" for k, v in ctx.figures.items()), flush=True)
     if failed:
         sys.exit(1)
 

@@ -24,6 +24,7 @@ from ground.folder import (
 from mgd3 import uses_mgd3
 from reference import mode_members, reference_model
 from tools.checks import mode_count, result_args
+from tools.env import print_environment
 from tools.preflight import eta_line, load_passing, report, run_preflight
 
 
@@ -105,7 +106,10 @@ def check_settings(args, record):
 
 
 def preflight(args, spec, prior, device, configs, settings, fixed, world):
-    """The preflight (tools/preflight.py) on every rank; the batch every rank fits, one report, one verdict for all."""
+    """The preflight (tools/preflight.py) on every rank, after the machine's lines (tools/env.py); the batch every
+    rank fits, one report, one verdict for all."""
+    if is_main():
+        print_environment(args.out_dir)
     result, images = run_preflight(args, spec, prior, device, resolve_data_dir(spec, args.data_dir), *configs,
                                    settings, fixed, world)
     result["sampler_batch"] = min(all_gather(result["sampler_batch"]))
@@ -116,18 +120,20 @@ def preflight(args, spec, prior, device, configs, settings, fixed, world):
     return result
 
 
-def check_inputs(args, spec, device):
+def check_inputs(args, spec, device, data=True):
     """The user's files, read before anything is written: every seed-set image the run will take (at the size the
     prior generates, once it is loaded), the reference, every image of the data tree, enough of them for MGD3's
-    modes."""
+    modes. data: False for --dry-run, which reads no data (a tree not there yet is the download its plan names)."""
     if args.method == "lgd" and args.seed_set not in ("dit", "igd", "mgd3"):
         seed_set_files(args.seed_set, spec, args.stage_ipc)
     if args.reference is not None:
         reference_model(spec, args.reference_arch, None, device, path=args.reference)
     data_dir = resolve_data_dir(spec, args.data_dir, fetch=False)
-    if data_dir is not None and os.path.isdir(data_dir):
+    if not data or not (spec.name in EMBEDDED or os.path.isdir(data_dir)):
+        return
+    if data_dir is not None:
         check_images(spec, data_dir)
-    if uses_mgd3(args.method, args.seed_set) and (spec.name in EMBEDDED or data_dir is not None):
+    if uses_mgd3(args.method, args.seed_set):
         mode_members(spec, data_dir, *mode_count(args))  # a class with fewer images than modes; a tree downloaded
         # later is checked when the modes are computed
 
