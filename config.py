@@ -45,6 +45,8 @@ PAPER = dict(
 #           values change how far a step moves a sample; MGD3's sigma_t is smaller on these pixels
 #   mnist   no lambda kept both the ConvNet and the MLP at DiT's level, so the largest worse margin won (the paper's
 #           lambda 15); MGD3's lambda 0.3 ruined the samples and >= 1 diverged
+#   imageidc, imagenet100  cut from ILSVRC-2012 (Minimax / IDC's class100.txt), the Minimax / IDC hard-label protocol
+#           MGD3 reports them under (its IPC 10 .. 50); the 100 classes train two thirds of the epochs (train_student)
 #   imagenet  ResNet-18 students on soft labels (RDED protocol), theta* torchvision's pretrained ResNet-18; [choice]
 #           T_1 unguided, because IGD's seed needs its own ConvNet-6 surrogate trained 50 epochs on all of ImageNet-1K
 PRESETS = {
@@ -56,6 +58,8 @@ PRESETS = {
                   scale=15.0, deviation=1.0, grad_ipc=100, mode_stop=10),
     "imagenette": dict(ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", batch_size=24, seed_set="igd"),
     "imagewoof": dict(ipc=100, stage_ipc=10, arch="convnet", recipe="minimax", batch_size=24, seed_set="igd"),
+    "imageidc": dict(ipc=50, stage_ipc=10, arch="convnet", recipe="minimax", batch_size=24, seed_set="igd"),
+    "imagenet100": dict(ipc=50, stage_ipc=10, arch="convnet", recipe="minimax", batch_size=24, seed_set="igd"),
     "imagenet": dict(ipc=50, stage_ipc=10, arch="resnet18_bn", recipe="rded", batch_size=24, igd_deviation=120.0),
 }
 

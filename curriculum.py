@@ -130,7 +130,8 @@ def stage_student(run, k, paths, labels, plan, students):
     if state is not None:
         model.load_state_dict(state)
         return students.trainer.place(model)
-    epochs = students.epochs or epochs_for_ipc(k * plan.stage_ipc, students.recipe, run.spec.name)
+    epochs = students.epochs or epochs_for_ipc(k * plan.stage_ipc, students.recipe, run.spec.name,
+                                               num_classes=run.spec.num_classes)
     model = students.trainer.train(model, ImageSet(paths, labels, channels=run.spec.channels), students.view,
                                    students.recipe, epochs, seed=stream_seed(plan.seed, SALT_STAGE_TRAIN, k),
                                    desc=f"stage {k} student", teacher=students.teacher)

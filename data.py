@@ -24,6 +24,7 @@ were decoded and resized once (the recipes' deterministic first step), so a GPU 
 """
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -52,6 +53,35 @@ IMAGENETTE = {"n01440764": 0, "n02102040": 217, "n02979186": 482, "n03000684": 4
               "n03394916": 566, "n03417042": 569, "n03425413": 571, "n03445777": 574, "n03888257": 701}
 IMAGEWOOF = {"n02096294": 193, "n02093754": 182, "n02111889": 258, "n02088364": 162, "n02086240": 155,
              "n02089973": 167, "n02087394": 159, "n02115641": 273, "n02099601": 207, "n02105641": 229}
+# ImageNet-100 and ImageIDC: the class list of MinimaxDiffusion and IDC, `misc/class100.txt` (Minimax `data.py`,
+# find_subclasses) / `./class100.txt` (IDC `data.py`), the first `nclass` lines in file order: 100 for ImageNet-100, 10
+# for ImageIDC ("ImageNet-10" in IDC's tables; MGD3 reports both). That file is not in their public trees; it is CMC's
+# ImageNet-100 (HobbitLong/CMC `imagenet100.txt`, the list below in its order), whose first ten lines are the ten
+# wnids Minimax-derived code ships as ImageIDC (zzzlt422/CoDA `misc/class_IDC.txt`, there sorted). Class c is line c
+# of the file, as every peer numbers it; the values are the ImageNet-1K indices (positions among the sorted wnids:
+# tests/test_data.py checks them against the names torchvision ships for those indices, and a full ILSVRC-2012 tree
+# is checked against them at run time).
+IMAGENET100 = {"n02869837": 452, "n01749939": 64, "n02488291": 374, "n02107142": 236, "n13037406": 993,
+               "n02091831": 176, "n04517823": 882, "n04589890": 904, "n03062245": 503, "n01773797": 74,
+               "n01735189": 57, "n07831146": 959, "n07753275": 953, "n03085013": 508, "n04485082": 872,
+               "n02105505": 228, "n01983481": 122, "n02788148": 421, "n03530642": 599, "n04435653": 858,
+               "n02086910": 157, "n02859443": 449, "n13040303": 994, "n03594734": 608, "n02085620": 151,
+               "n02099849": 209, "n01558993": 15, "n04493381": 876, "n02109047": 246, "n04111531": 766,
+               "n02877765": 455, "n04429376": 857, "n02009229": 131, "n01978455": 119, "n02106550": 234,
+               "n01820546": 90, "n01692333": 45, "n07714571": 936, "n02974003": 479, "n02114855": 272,
+               "n03785016": 665, "n03764736": 653, "n03775546": 659, "n02087046": 158, "n07836838": 960,
+               "n04099969": 765, "n04592741": 908, "n03891251": 703, "n02701002": 407, "n03379051": 560,
+               "n02259212": 317, "n07715103": 938, "n03947888": 724, "n04026417": 748, "n02326432": 331,
+               "n03637318": 619, "n01980166": 120, "n02113799": 267, "n02086240": 155, "n03903868": 708,
+               "n02483362": 368, "n04127249": 772, "n02089973": 167, "n03017168": 494, "n02093428": 180,
+               "n02804414": 431, "n02396427": 342, "n04418357": 854, "n02172182": 305, "n01729322": 54,
+               "n02113978": 268, "n03787032": 667, "n02089867": 166, "n02119022": 277, "n03777754": 662,
+               "n04238763": 798, "n02231487": 313, "n03032252": 498, "n02138441": 299, "n02104029": 222,
+               "n03837869": 682, "n03494278": 593, "n04136333": 775, "n03794056": 674, "n03492542": 592,
+               "n02018207": 137, "n04067472": 758, "n03930630": 717, "n03584829": 606, "n02123045": 281,
+               "n04229816": 796, "n02100583": 211, "n03642806": 620, "n04336792": 830, "n03259280": 544,
+               "n02116738": 275, "n02108089": 242, "n03424325": 570, "n01855672": 99, "n02090622": 169}
+IMAGEIDC = dict(list(IMAGENET100.items())[:10])
 DOWNLOADS = {  # public archives for users with internet (url, approximate size, md5 or None); `--data-dir` skips them
     "imagenette": ("https://s3.amazonaws.com/fast-ai-imageclas/imagenette2.tgz", "1.5 GB",
                    "fe2fc210e6bb7c5664d602c3cd71e612"),  # the md5 torchvision.datasets.Imagenette checks
@@ -76,25 +106,53 @@ class DatasetSpec:
         return self.wnids or [str(c) for c in range(self.num_classes)]
 
 
-def get_spec(name, res=None, num_classes=None):
-    """The spec of a dataset by name; `res` overrides the classifier resolution (tests use tiny ones)."""
+SUBSETS = {"imagenette": IMAGENETTE, "imagewoof": IMAGEWOOF, "imageidc": IMAGEIDC, "imagenet100": IMAGENET100}
+DATASETS = (*EMBEDDED, *SUBSETS, "imagenet")
+
+
+def get_spec(name, res=None, num_classes=None, classes=None):
+    """The spec of a dataset by name; `res` overrides the classifier resolution (tests use tiny ones). classes: the
+    wnids of an ImageNet subset, in the order that defines its labels (`--dataset imagenet --classes FILE`); their
+    prior labels (ImageNet-1K indices) are read off the data tree (_check_tree)."""
     if name == "digits":
         spec = DatasetSpec("digits", 10, 1, 8, 8, 1.0, (0.3054,), (0.3755,), prior_labels=list(range(10)))
     elif name == "mnist":  # mean and std of the padded 32 px train split
         spec = DatasetSpec("mnist", 10, 1, 32, 32, 1.0, MNIST_MEAN, MNIST_STD, prior_labels=list(range(10)))
-    elif name in ("imagenette", "imagewoof"):
-        table = IMAGENETTE if name == "imagenette" else IMAGEWOOF
-        spec = DatasetSpec(name, 10, 3, 256, 224, 0.875, IMAGENET_MEAN, IMAGENET_STD,
+    elif name in SUBSETS:
+        table = SUBSETS[name]
+        spec = DatasetSpec(name, len(table), 3, 256, 224, 0.875, IMAGENET_MEAN, IMAGENET_STD,
                            wnids=list(table), prior_labels=list(table.values()))  # the field's class order
     elif name == "imagenet":
-        # wnids are read from --data-dir (sorted = the standard ImageNet-1K class index)
-        spec = DatasetSpec("imagenet", num_classes or 1000, 3, 256, 224, 0.875, IMAGENET_MEAN, IMAGENET_STD,
-                           prior_labels=list(range(num_classes or 1000)))
+        # wnids are read from --data-dir (sorted = the standard ImageNet-1K class index), or a --classes list
+        n = len(classes) if classes else num_classes or 1000
+        spec = DatasetSpec("imagenet", n, 3, 256, 224, 0.875, IMAGENET_MEAN, IMAGENET_STD, wnids=list(classes or []),
+                           prior_labels=list(range(n)))
     else:
-        raise UserError(f"unknown dataset '{name}' (choose from digits, mnist, imagenette, imagewoof, imagenet)")
+        raise UserError(f"unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
     if res is not None:
         spec.res = res
     return spec
+
+
+def read_classes(path):
+    """`--classes FILE`: one wnid a line (blank lines and `#` comments aside), in the order that defines the labels.
+    A malformed or repeated wnid is refused in one line naming it; nothing else is read."""
+    try:
+        with open(path) as f:
+            lines = [line.split("#")[0].strip() for line in f]
+    except OSError as e:
+        raise UserError(f"--classes {path}: cannot read it ({e.strerror})") from None
+    wnids = [(n + 1, w) for n, w in enumerate(lines) if w]
+    seen = {}
+    for n, w in wnids:
+        if not re.fullmatch(r"n\d{8}", w):
+            raise UserError(f"--classes {path}, line {n}: '{w}' is not a wnid (n followed by 8 digits, n01440764)")
+        if w in seen:
+            raise UserError(f"--classes {path}: {w} is on lines {seen[w]} and {n}; a class is listed once")
+        seen[w] = n
+    if len(wnids) < 2:
+        raise UserError(f"--classes {path} lists {len(wnids)} class(es); a subset needs at least 2")
+    return [w for _, w in wnids]
 
 
 def class_table(spec):
@@ -191,14 +249,24 @@ def _check_tree(root, spec):
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(root, split)):
             raise UserError(f"data directory {root} has no '{split}' folder (expected {layout})")
+    every = sorted(d for d in os.listdir(os.path.join(root, "train")) if d.startswith("n"))  # ILSVRC's, sorted
     if spec.name == "imagenet":
-        spec.wnids = sorted(d for d in os.listdir(os.path.join(root, "train")) if d.startswith("n"))
-        if len(spec.wnids) != 1000:
+        if len(every) != 1000:
             # the DiT's label ids are the positions of the 1000 sorted ILSVRC-2012 wnids: a partial tree
             # would silently give every class the wrong label
             raise UserError(f"imagenet needs the 1000 ILSVRC-2012 class folders in {root}/train, found "
-                            f"{len(spec.wnids)} (expected {layout})")
-        spec.num_classes, spec.prior_labels = len(spec.wnids), list(range(len(spec.wnids)))
+                            f"{len(every)} (expected {layout}; a subset of it: --classes FILE)")
+        unknown = [w for w in spec.wnids if w not in set(every)]
+        if unknown:
+            raise UserError(f"--classes: {unknown[0]} is not a class folder of {root}/train (not an ILSVRC-2012 "
+                            f"wnid, or a typo); give wnids like n01440764, one a line")
+        spec.wnids = spec.wnids or every
+        spec.num_classes, spec.prior_labels = len(spec.wnids), [every.index(w) for w in spec.wnids]
+    elif len(every) == 1000 and set(spec.wnids) <= set(every) and spec.prior_labels != [every.index(w) for w in
+                                                                                           spec.wnids]:
+        # a subset cut from a full tree: its table's ImageNet-1K indices must be the tree's positions
+        raise UserError(f"{root}/train holds 1000 class folders, but not ILSVRC-2012's ({spec.name}'s classes sit "
+                        f"elsewhere among them): give the ILSVRC-2012 tree, or one with {spec.name}'s folders only")
     for split in ("train", "val"):  # val too: --eval must not find a missing class after hours of sampling
         missing = [w for w in spec.wnids if not os.path.isdir(os.path.join(root, split, w))]
         if missing:
@@ -247,9 +315,9 @@ def resolve_data_dir(spec, data_dir, download_root="out/data", fetch=True):
     if spec.name in EMBEDDED:
         return None
     if data_dir is None:
-        if spec.name == "imagenet":
-            raise UserError("imagenet needs --data-dir pointing at ILSVRC-2012 as train/<wnid>/*.JPEG, "
-                            "val/<wnid>/*.JPEG")
+        if spec.name not in DOWNLOADS:  # no public archive: cut from ILSVRC-2012, as the field does
+            raise UserError(f"{spec.name} needs --data-dir pointing at ILSVRC-2012 as train/<wnid>/*.JPEG, "
+                            f"val/<wnid>/*.JPEG (it has no public archive; lgd cuts its classes out of the tree)")
         if not fetch:
             return download_target(spec, download_root)
         data_dir = download(spec, download_root)

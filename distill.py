@@ -35,7 +35,7 @@ import torch
 
 from config import PRESETS, SETTABLE, defaults, parse_constants, preset
 from curriculum import Plan, Seed, Students, run_stages, seed_increment
-from data import EMBEDDED, get_spec, resolve_data_dir
+from data import EMBEDDED, get_spec, read_classes, resolve_data_dir
 from evaluate import evaluate_folder
 from ground.common import (
     ArgumentParser,
@@ -45,6 +45,7 @@ from ground.common import (
     is_main,
     print0,
     quoted,
+    require,
     run_cli,
     setup_distributed,
 )
@@ -76,6 +77,8 @@ def get_parser():
     run.add_argument("--seed", type=int, default=0, help="run seed (the noise of image i of class c derives from it)")
     run.add_argument("--out-dir", default=None, help="output folder (default out/<dataset>_<method>_ipc<N>_seed<S>)")
     run.add_argument("--data-dir", default=None, help="ImageFolder root with train/<wnid>/ and val/<wnid>/")
+    run.add_argument("--classes", default=None, help="--dataset imagenet: a subset, one wnid a line in the order that "
+                     "defines its labels (the DiT's label of each: its ImageNet-1K index)")
     run.add_argument("--prior", default=None, help=f"hub id or local diffusers dir (default {DEFAULT_PRIOR}; "
                      f"digits, mnist: trained here, cached)")
     run.add_argument("--eval", action=argparse.BooleanOptionalAction, default=None,
@@ -159,6 +162,10 @@ def resolve_args(args):
         # --redundancy cuts the set; the preset's, or the largest increment below it that divides the set
         args.stage_ipc = max(d for d in range(1, min(args.stage_ipc, args.ipc) + 1) if args.ipc % d == 0)
     args.reference_arch = args.reference_arch or args.arch
+    if args.classes is not None:  # the list itself is the setting (a resume with an edited file is another run)
+        require(args.dataset == "imagenet", f"--classes picks a subset of ImageNet-1K: use it with --dataset "
+                f"imagenet (--dataset {args.dataset} has its own classes)")
+        args.classes = read_classes(args.classes)
     check_args(args, guidance_config(args), igd_config(args), uses_igd(args.method, args.seed_set),
                uses_mgd3(args.method, args.seed_set))
     if args.prior is None and args.dataset not in EMBEDDED:
@@ -195,7 +202,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     batch_given = args.batch_size is not None  # a --batch-size the user typed is never replaced by the preflight's
     args = resolve_args(args)
-    spec = get_spec(args.dataset, res=args.res)
+    spec = get_spec(args.dataset, res=args.res, classes=args.classes)
     data_dir = resolve_data_dir(spec, args.data_dir, fetch=False)  # a given tree is checked now, a download later
     if args.dry_run:
         # what the run would refuse, the plan refuses too: the settings of a run already in the folder, the inputs

@@ -36,7 +36,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import EMBEDDED, ImageSet, class_table, get_spec, load_real, resolve_data_dir, sample_real_ipc
+from data import DATASETS, EMBEDDED, ImageSet, class_table, get_spec, load_real, resolve_data_dir, sample_real_ipc
 from ground.common import (
     SALT_EVAL_INIT,
     SALT_EVAL_TRAIN,
@@ -86,7 +86,7 @@ def evaluate_set(train_set, test_set, view, arch="convnet", runs=3, recipe="mini
     view: the recipe's view of the dataset (train_student.recipe_view).
     """
     ipc = len(train_set) // view.num_classes if ipc is None else ipc
-    epochs = epochs_for_ipc(ipc, recipe, view.name) if epochs is None else epochs
+    epochs = epochs_for_ipc(ipc, recipe, view.name, num_classes=view.num_classes) if epochs is None else epochs
     accs, bests = [], []
     for run in range(runs):  # airbench-style: mean +- std over seeded students, not one lucky run
         seen = []
@@ -181,8 +181,8 @@ def redundancy_matrix(increments, view, arch="convnet", recipe="minimax", epochs
         else:
             ipc = len(increments[a]) // view.num_classes
             student = make_student(arch, view, seed=stream_seed(seed, SALT_REDUNDANCY_INIT, a))
-            model = train_student(student, increments[a], view, recipe,
-                                  epochs_for_ipc(ipc, recipe, view.name) if epochs is None else epochs,
+            trained = epochs or epochs_for_ipc(ipc, recipe, view.name, num_classes=view.num_classes)
+            model = train_student(student, increments[a], view, recipe, trained,
                                   seed=stream_seed(seed, SALT_REDUNDANCY_TRAIN, a), device=device,
                                   desc=f"redundancy: train on T_{a + 1}", teacher=teacher)
         for b in range(k):  # T_b's images with their labels, seen through the test view
@@ -312,8 +312,7 @@ def compare(run_dirs, markdown_path):
 
 def main(argv=None):
     p = ArgumentParser(prog="evaluate.py", description="Evaluate distilled sets: accuracy, redundancy, comparison.")
-    p.add_argument("--dataset", default=None,
-                   help="digits | imagenette | imagewoof | imagenet (default: from args.json)")
+    p.add_argument("--dataset", default=None, choices=DATASETS, help="default: from args.json")
     p.add_argument("--data-dir", default=None, help="ImageFolder root with train/ and val/ (default: from args.json)")
     p.add_argument("--distilled", default=None, help="a distill.py run folder or a bare <class>/*.png folder")
     p.add_argument("--real-ipc", type=int, default=None, help="baseline: K random real images per class")
@@ -369,7 +368,8 @@ def main(argv=None):
         raise UserError(f"{run_dir} is a {info['dataset']} run (its args.json), not {args.dataset}: drop --dataset "
                         f"(a run folder knows its own)")
     # a run folder remembers its dataset, resolution, recipe, arch and (resolved) data dir: flags override them
-    spec = get_spec(args.dataset or info.get("dataset", "digits"), res=args.res or info.get("res"))
+    spec = get_spec(args.dataset or info.get("dataset", "digits"), res=args.res or info.get("res"),
+                    classes=info.get("classes"))
     data_dir = resolve_data_dir(spec, args.data_dir or info.get("data_dir"))
     if run_dir is not None:  # class c of the run must be class c here (an older ImageWoof run numbered them sorted)
         check_classes(run_dir, class_table(spec))

@@ -64,11 +64,12 @@ def make_tiny_pixel_prior(path, num_classes=10):
     return path
 
 
-def make_fake_imagewoof(root, train_per_class=4, val_per_class=2, size=20, corrupt=False):
-    """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG with class-dependent colours (so classes are learnable)."""
+def make_fake_imagewoof(root, train_per_class=4, val_per_class=2, size=20, corrupt=False, wnids=None):
+    """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG with class-dependent colours (so classes are learnable); wnids: the
+    class folders (default ImageWoof's)."""
     rng = np.random.default_rng(0)
     for split, n in (("train", train_per_class), ("val", val_per_class)):
-        for c, wnid in enumerate(sorted(IMAGEWOOF)):
+        for c, wnid in enumerate(sorted(wnids or IMAGEWOOF)):
             os.makedirs(f"{root}/{split}/{wnid}", exist_ok=True)
             for i in range(n):
                 base = np.array([25 * c, 255 - 25 * c, 128], dtype=np.float64)

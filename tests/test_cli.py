@@ -263,7 +263,7 @@ def test_the_readme_quick_start_runs_top_to_bottom_in_a_fresh_folder(tmp_path, m
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train_prior, "embedded_prior", lambda *a, **k: "the embedded prior (a stand-in here)")
     monkeypatch.setattr(train_prior, "load_prior", lambda *a, **k: make_empirical_prior())
-    short = lambda ipc, recipe="minimax", dataset=None: 3
+    short = lambda ipc, recipe="minimax", dataset=None, **k: 3
     for module in (curriculum, evaluate, preflight, ts):
         monkeypatch.setattr(module, "epochs_for_ipc", short)
     monkeypatch.setitem(reference.EMBEDDED_SURROGATE_EPOCHS, "digits", 3)  # theta*, IGD surrogate: 3 epochs

@@ -17,6 +17,8 @@ from conftest import (
     one_error_line,
 )
 from data import (
+    IMAGEIDC,
+    IMAGENET100,
     class_table,
     get_spec,
     load_real,
@@ -131,3 +133,115 @@ def test_the_mnist_split_is_stratified_disjoint_and_fixed_by_its_seed(monkeypatc
     assert torch.equal(torch.stack(again.items), x_train) and again.labels == train.labels  # fixed
     monkeypatch.setattr(data, "MNIST_SPLIT_SEED", 1)
     assert not torch.equal(torch.stack(data.load_mnist_split("train").items), x_train)  # drawn with its seed
+
+
+# ----------------------------------------------------------------------------- the field's other subsets (#41)
+
+ILSVRC = [f"n{i:08d}" for i in range(1000)]  # a stand-in ILSVRC-2012 tree: 1000 wnids whose sorted position is i
+
+
+@pytest.fixture(scope="module")
+def fake_ilsvrc(tmp_path_factory):
+    """1000 class folders in train/ and val/; images only in the few the tests pick (the others are never read)."""
+    root = str(tmp_path_factory.mktemp("ilsvrc"))
+    make_fake_imagewoof(root, wnids=["n00000500", "n00000007", "n00000999"])
+    for split in ("train", "val"):
+        for w in ILSVRC:
+            os.makedirs(f"{root}/{split}/{w}", exist_ok=True)
+    return root
+
+
+def test_imagenet100_is_cmcs_list_in_its_order_and_imageidc_its_first_ten():
+    """The table's values are ImageNet-1K indices: positions among the sorted wnids (so sorted wnids give sorted
+    indices) with the names torchvision ships for them; class c is line c of the list (Minimax / IDC order)."""
+    assert len(IMAGENET100) == 100 and len(set(IMAGENET100.values())) == 100
+    assert sorted(IMAGENET100.values()) == [IMAGENET100[w] for w in sorted(IMAGENET100)]
+    spec = get_spec("imagenet100")
+    assert spec.num_classes == 100 and spec.wnids[:3] == ["n02869837", "n01749939", "n02488291"]
+    names = {r["wnid"]: r["name"] for r in class_table(spec)}
+    assert (names["n02869837"], names["n01749939"], names["n02123045"], names["n02086240"]) == \
+        ("bonnet", "green mamba", "tabby", "Shih-Tzu")
+    assert sorted(IMAGEIDC) == ["n01749939", "n01773797", "n02091831", "n02107142", "n02488291", "n02869837",
+                                "n03062245", "n04517823", "n04589890", "n13037406"]  # CoDA's misc/class_IDC.txt
+    idc = get_spec("imageidc")
+    assert idc.wnids == spec.wnids[:10] and idc.prior_labels == spec.prior_labels[:10]
+
+
+def test_100_classes_train_two_thirds_of_the_epochs():
+    """Minimax / IDC ipc_epoch: 2/3 of the 10-class length for 100 classes, rounded down to a hundred."""
+    from train_student import epochs_for_ipc
+    assert [epochs_for_ipc(ipc, "minimax", "imagenet100", 100) for ipc in (1, 10, 50, 100)] == [2000, 1300, 1000, 600]
+    assert [epochs_for_ipc(ipc, "minimax", "imageidc", 10) for ipc in (1, 10, 50)] == [3000, 2000, 1500]
+
+
+def test_imageidc_samples_its_classes_in_the_lists_order_with_their_imagenet_labels(tmp_path, latent_prior, capsys,
+                                                                                   monkeypatch):
+    import curriculum
+    import guidance
+    seen = []
+    monkeypatch.setattr(curriculum, "sample", lambda prior, labels, *a, **k: seen.extend(labels.tolist()) or
+                        guidance.sample(prior, labels, *a, **k))
+    tree = make_fake_imagewoof(str(tmp_path / "idc"), wnids=list(IMAGEIDC))
+    code, _ = cli(distill.main, ["--dataset", "imageidc", *DIT, "--ipc", 1, "--res", 16, "--data-dir", tree,
+                                 "--prior", latent_prior, "--out-dir", tmp_path / "run"], capsys)
+    assert code == 0
+    table = json.loads((tmp_path / "run" / "classes.json").read_text())
+    assert [r["wnid"] for r in table] == list(IMAGEIDC) and [r["prior_label"] for r in table] == list(IMAGEIDC.values())
+    assert sorted(seen) == sorted(IMAGEIDC.values())  # each class sampled once, with its ImageNet-1K label
+
+
+def test_a_class_list_picks_an_imagenet_subset_labelled_by_tree_position(tmp_path, latent_prior, capsys, monkeypatch,
+                                                                         fake_ilsvrc):
+    """--classes FILE: class c is line c of the file; the DiT's label, the wnid's position in the sorted tree."""
+    import curriculum
+    import guidance
+    seen = []
+    monkeypatch.setattr(curriculum, "sample", lambda prior, labels, *a, **k: seen.extend(labels.tolist()) or
+                        guidance.sample(prior, labels, *a, **k))
+    (tmp_path / "three.txt").write_text("# my subset\nn00000500\nn00000007   # a comment\n\nn00000999\n")
+    code, _ = cli(distill.main, ["--dataset", "imagenet", "--classes", tmp_path / "three.txt", *DIT, "--ipc", 1,
+                                 "--res", 16, "--data-dir", fake_ilsvrc, "--prior", latent_prior,
+                                 "--out-dir", tmp_path / "run"], capsys)
+    assert code == 0
+    table = json.loads((tmp_path / "run" / "classes.json").read_text())
+    assert [(r["index"], r["wnid"], r["prior_label"]) for r in table] == \
+        [(0, "n00000500", 500), (1, "n00000007", 7), (2, "n00000999", 999)]
+    assert sorted(seen) == [7, 500, 999]
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["classes"] == ["n00000500", "n00000007",
+                                                                                   "n00000999"]
+    assert sorted(os.listdir(tmp_path / "run" / "distilled")) == ["n00000007", "n00000500", "n00000999"]
+
+
+@pytest.mark.parametrize("lines, fragment", [
+    ("n00000500\nn00012345\n", "n00012345 is not a class folder"),
+    ("n00000500\nn00000007\nn00000500\n", "n00000500 is on lines 1 and 3"),
+    ("n00000500\ndog\n", "line 2: 'dog' is not a wnid"),
+    ("n00000500\n", "lists 1 class(es)"),
+])
+def test_a_bad_class_list_is_refused_in_one_line_before_anything_is_written(tmp_path, latent_prior, capsys, lines,
+                                                                             fragment, fake_ilsvrc):
+    (tmp_path / "bad.txt").write_text(lines)
+    one_error_line(*cli(distill.main, ["--dataset", "imagenet", "--classes", tmp_path / "bad.txt", *DIT,
+                                       "--data-dir", fake_ilsvrc, "--prior", latent_prior,
+                                       "--out-dir", tmp_path / "run"], capsys), fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_class_lists_and_trees_that_cannot_work_are_refused(tmp_path, latent_prior, capsys):
+    (tmp_path / "two.txt").write_text("n00000500\nn00000007\n")
+    run = ["--prior", latent_prior, *DIT, "--out-dir", tmp_path / "run"]
+    one_error_line(*cli(distill.main, ["--dataset", "imagewoof", "--classes", tmp_path / "two.txt", *run], capsys),
+                   "use it with --dataset imagenet")
+    for dataset in ("imageidc", "imagenet100", "imagenet"):  # no public archive: ILSVRC-2012 is the source
+        one_error_line(*cli(distill.main, ["--dataset", dataset, *run], capsys),
+                       f"{dataset} needs --data-dir pointing at ILSVRC-2012")
+    idc = make_fake_imagewoof(str(tmp_path / "idc"), wnids=list(IMAGEIDC)[1:])  # a class short
+    one_error_line(*cli(distill.main, ["--dataset", "imageidc", "--data-dir", idc, *run], capsys),
+                   "lacks 1 class folders", list(IMAGEIDC)[0])
+    wrong = tmp_path / "wrong"  # 1000 folders holding ImageIDC's, but not at ILSVRC-2012's positions
+    for split in ("train", "val"):
+        for w in ILSVRC[:990] + list(IMAGEIDC):
+            (wrong / split / w).mkdir(parents=True)
+    one_error_line(*cli(distill.main, ["--dataset", "imageidc", "--data-dir", wrong, *run], capsys),
+                   "not ILSVRC-2012's")
+    assert not (tmp_path / "run").exists()

@@ -29,7 +29,17 @@ import os
 
 import torch
 
-from data import IMAGENET_MEAN, IMAGENET_STD, class_table, get_spec, normalise, resize_crop, resolve_data_dir, with_view
+from data import (
+    DATASETS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    class_table,
+    get_spec,
+    normalise,
+    resize_crop,
+    resolve_data_dir,
+    with_view,
+)
 from ground.common import (
     ArgumentParser,
     UserError,
@@ -86,7 +96,9 @@ def export_set(run_dir, spec, layout, out, size=None):
             else:  # at the size DD-Ranking reads, so its ImageFolder needs no resize of its own
                 save_png(resize_crop(load_image(path, spec.channels), size), target)
     info = dict(layout=layout, source=os.path.abspath(folder), images=len(paths), git_commit=git_commit(),
-                class_folders="00000.. = class index (the field's order)", classes=class_table(spec))
+                class_folders="00000.. = class index (" + ("the order of the run's --classes list" if
+                                                          spec.name == "imagenet" and spec.num_classes != 1000 else
+                                                          "the field's order") + ")", classes=class_table(spec))
     if layout == "ddranking":
         info.update(folder_images=dict(im_size=size, transform=f"Resize({size}) + CenterCrop({size}), 8-bit PNG"))
         nbytes = len(paths) * spec.channels * size * size * 4
@@ -113,8 +125,7 @@ def main(argv=None):
     p.add_argument("--layout", required=True, choices=LAYOUTS, help="RDED (00000/ ... by class index) or DD-Ranking "
                    "(the same folders + images.pt / labels.pt for its tensor API)")
     p.add_argument("--out", required=True, help="a new folder: the set is copied, never moved")
-    p.add_argument("--dataset", default=None, help="digits | mnist | imagenette | imagewoof | imagenet (default: the "
-                   "run's args.json)")
+    p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the run's args.json")
     p.add_argument("--data-dir", default=None, help="ImageFolder root (ImageNet-1K's wnids come from it)")
     p.add_argument("--size", type=int, default=None, help="--layout ddranking: side of images.pt (default: "
                    "DD-Ranking's im_size, 128 ImageNette/ImageWoof, 224 ImageNet-1K)")
@@ -127,7 +138,7 @@ def main(argv=None):
     if args.dataset and info.get("dataset") and args.dataset != info["dataset"]:
         raise UserError(f"{args.source} is a {info['dataset']} run (its args.json), not {args.dataset}: drop "
                         f"--dataset (a run folder knows its own)")
-    spec = get_spec(args.dataset or info.get("dataset", "digits"), res=info.get("res"))
+    spec = get_spec(args.dataset or info.get("dataset", "digits"), res=info.get("res"), classes=info.get("classes"))
     # an export reads the set only: a data tree is checked if given, never fetched
     resolve_data_dir(spec, args.data_dir or info.get("data_dir"), fetch=False)
     check_classes(args.source, class_table(spec))

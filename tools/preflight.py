@@ -422,7 +422,7 @@ def estimate(args, spec, guide, igd_guide, batch, kappa, m, world=1):
                            for b in batch_sizes(spec, batch, kappa, world))
 
     def student_seconds(ipc, per_image, epochs=None):  # epochs x images x seconds per image
-        return (epochs or epochs_for_ipc(ipc, args.recipe, spec.name)) * C * ipc * per_image
+        return (epochs or epochs_for_ipc(ipc, args.recipe, spec.name, num_classes=C)) * C * ipc * per_image
 
     if args.method in ("dit", "mgd3"):  # MGD3's pull is arithmetic on the step's own output: a DiT step's price
         stages = [unguided_stage(args.ipc)]
@@ -440,7 +440,7 @@ def estimate(args, spec, guide, igd_guide, batch, kappa, m, world=1):
         extra["surrogate_s"] = epochs * m["real_train_images"] * m["surrogate_image_s"]
         extra["igd_checkpoint_selection_s"] = C * (epochs + 1) * m["igd_real_gradient_s"]
     if args.eval:  # the best-seen column's test passes, as train_student spaces them
-        epochs = epochs_for_ipc(args.ipc, args.recipe, spec.name)
+        epochs = epochs_for_ipc(args.ipc, args.recipe, spec.name, num_classes=C)
         passes = len(eval_epochs(epochs, eval_points(spec.name)))
         extra["eval_s"] = EVAL_RUNS * (student_seconds(args.ipc, m["eval_image_s"], epochs) + passes * m["test_pass_s"])
     return dict(eta_s=sum(stages) + sum(extra.values()), eta_stages_s=stages, eta_other_s=extra)
