@@ -1,27 +1,19 @@
 """
-What a guided sampling step costs, and where the time goes (the learnability-guided sampler of guidance.py).
+What a guided sampling step costs and where the time goes (guidance.py's sampler), in one process at one size:
 
-One run times, at one model size and batch, in one process:
-  components   CFG forward (no grad) | CFG forward with grad + DiT input-backward | decoder forward and
-               backward (SD VAE, TAESD) | classifiers forward + backward (student + theta*) | scheduler step,
-               their sum against the measured guided step (the rest is our code's overhead), and the
-               FLOPs of each (torch.utils.flop_counter: the floor a GPU cannot go under)
-  variants     unguided | guided (g through classifiers, VAE decoder, DiT) | igd (IGD's influence score, 4
-               checkpoints: a double backward) -- step time, ratio to unguided, images/s, peak memory (CUDA max
-               allocated; on CPU the process's peak RSS, which only grows)
-  --student    student training throughput (images/s) on digits and at 224 px, and augmentation alone
-  --eta        how close the preflight's price comes: a preflight of an embedded run (digits, or mnist with
-               --dataset mnist: the VAE in the loop) (distill.py --preflight) in a fresh
-               folder, then the run it priced, timed: ETA / measured (target: within 1.5x either way)
+  variants     unguided | guided (g through the classifiers, the VAE decoder and the DiT) | igd (IGD's influence, 4
+               checkpoints: a double backward): seconds a step, ratio to unguided, images/s, peak memory (CUDA max
+               allocated; on a CPU the process's peak RSS, which only grows)
+  components   each part of the guided step timed alone with its FLOPs (torch.utils.flop_counter), their sum
+               against the measured step (the rest is this code's overhead)
+  --student    student training throughput;  --eta  a preflight of an embedded run, then the run it priced:
+               ETA / measured (target: within 1.5x either way)
 
-Sizes: `--size xl` = DiT-XL/2 256 px + SD VAE (random weights: speed does not depend on them) with ConvNet-6
-classifiers at 224 px (theta* at 256); `--size tiny` = the digits prior's architecture (8 px, pixel space: no
-decoder). `--tf32` and `--channels-last` (NHWC decoder and classifiers) measure what a run does not do by default
-on a GPU: TF32 it does (as DiT's sampler), channels-last it does not (torch's CUDA GroupNorm, the instance norm of
-the classifiers and the VAE's norm, has no channels-last kernel; unmeasured, so off).
+`--size xl`: DiT-XL/2 256 + the SD VAE (random weights: speed does not depend on them) with ConvNet-6 classifiers at
+224 px; `--size tiny`: the digits prior. `--channels-last` measures what a run does not do (docs/cost.md).
 
-Run: `python bench.py --size tiny`, `python bench.py --size xl --batch-size 1 2 --json out/bench_xl.json`,
-     `python bench.py --size xl --device cuda --batch-size 8 --precision bf16 --json out/bench_gpu.json`
+Run: python bench.py --size tiny
+     python bench.py --size xl --device cuda --batch-size 8 --precision bf16 --json out/bench_gpu.json
 """
 import argparse
 import os

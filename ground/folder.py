@@ -13,6 +13,7 @@ loop reaches it through ground/run.py, evaluate.py and the other tools through t
   DIR/distilled/<class>/<index>.png          the set; DIR/grid.png its picture (DIR/latents/: --method igd's)
   DIR/set.json                               written last: the sha256 of every file of the set
   DIR/eval.json, redundancy.json/.png, ...   written by evaluate.py; DIR/preflight.json/.png by the preflight
+  out/<dataset>_<method>_ipc<N>_seed<S>      the default DIR (out/<dataset>_real_ipc<N>_seed<S>: random real)
 
 Four rules keep it safe:
   - a lock: a run holds `DIR/.lgd-lock` (ground/locks.py: an flock the kernel drops when the process dies, even
@@ -52,61 +53,45 @@ from ground.locks import LOCK, Lock, holder_line, live_holder, lock_owner, remov
 ARGS = "args.json"      # the settings of the run; its presence marks an lgd run folder
 
 
-# ----------------------------------------------------------------------------- layout
+# ----------------------------------------------------------------------------- layout (the table above)
 
-def stage_dir(out_dir, k):
-    return os.path.join(out_dir, f"stage_{k}")
-
-
-def done_path(out_dir, k):
-    """Written last by stage k: its presence means the stage is complete."""
-    return os.path.join(stage_dir(out_dir, k), "done.json")
-
-
-def image_path(folder, spec, c, index):
-    return os.path.join(folder, spec.class_names()[c], f"{index:05d}.png")
-
-
-def latent_path(folder, spec, c, index):
-    return os.path.join(folder, spec.class_names()[c], f"{index:05d}.pt")
-
-
-def record_path(folder, spec, c, index):
-    return os.path.join(folder, spec.class_names()[c], f"{index:05d}.json")
-
-
-def stage_images(out_dir, k):
-    return os.path.join(stage_dir(out_dir, k), "images")
-
-
-def stage_latents(out_dir, k):
-    return os.path.join(stage_dir(out_dir, k), "latents")
+def stage_dir(out_dir, k): return os.path.join(out_dir, f"stage_{k}")
+def done_path(out_dir, k): return os.path.join(stage_dir(out_dir, k), "done.json")  # written last: stage k complete
+def image_path(folder, spec, c, index): return os.path.join(folder, spec.class_names()[c], f"{index:05d}.png")
+def latent_path(folder, spec, c, index): return os.path.join(folder, spec.class_names()[c], f"{index:05d}.pt")
+def record_path(folder, spec, c, index): return os.path.join(folder, spec.class_names()[c], f"{index:05d}.json")
+def stage_images(out_dir, k): return os.path.join(stage_dir(out_dir, k), "images")
+def stage_latents(out_dir, k): return os.path.join(stage_dir(out_dir, k), "latents")
+def stage_records(out_dir, k): return os.path.join(stage_dir(out_dir, k), "records")
+def student_path(out_dir, k): return os.path.join(stage_dir(out_dir, k), "student.pt")  # its file list beside it
+def stage_log_path(out_dir, k): return os.path.join(stage_dir(out_dir, k), "log.json")
+def set_manifest_path(out_dir): return os.path.join(out_dir, "set.json")
+def distilled_dir(out_dir): return os.path.join(out_dir, "distilled")
+def run_latents(out_dir): return os.path.join(out_dir, "latents")  # a one-pass set's final latents (its M_c)
+def args_path(out_dir): return os.path.join(out_dir, ARGS)
+def classes_path(out_dir): return os.path.join(out_dir, "classes.json")
+def redundancy_path(out_dir): return os.path.join(out_dir, "redundancy.json")
+def heatmap_path(out_dir): return os.path.join(out_dir, "redundancy.png")
+def grid_path(out_dir): return os.path.join(out_dir, "grid.png")
+def igd_path(out_dir): return os.path.join(out_dir, "igd.json")
+def preflight_path(out_dir, suffix="json"): return os.path.join(out_dir, f"preflight.{suffix}")
+def default_run_dir(dataset, method, ipc, seed): return os.path.join("out", f"{dataset}_{method}_ipc{ipc}_seed{seed}")
+def default_real_dir(dataset, ipc, seed): return os.path.join("out", f"{dataset}_real_ipc{ipc}_seed{seed}")
 
 
-def stage_records(out_dir, k):
-    return os.path.join(stage_dir(out_dir, k), "records")
+def eval_path(out_dir, arch=None):
+    """eval.json for the run's own (guiding) architecture; eval_<arch>.json for another (cross-architecture); the
+    same for validity (judged by theta* of that architecture)."""
+    return os.path.join(out_dir, "eval.json" if arch is None else f"eval_{arch}.json")
 
 
-def student_path(out_dir, k, arch=None):
-    """theta_k (student.pt; with --student-archs the further ones student_<arch>.pt), its file list beside it."""
-    return os.path.join(stage_dir(out_dir, k), "student.pt" if arch is None else f"student_{arch}.pt")
+def validity_path(out_dir, arch=None): return os.path.join(out_dir, "validity.json" if arch is None else
+                                                           f"validity_{arch}.json")
 
 
-def set_manifest_path(out_dir):
-    return os.path.join(out_dir, "set.json")
-
-
-def stage_log_path(out_dir, k):
-    return os.path.join(stage_dir(out_dir, k), "log.json")
-
-
-def distilled_dir(out_dir):
-    return os.path.join(out_dir, "distilled")
-
-
-def run_latents(out_dir):
-    """The final latents of a one-pass method's set (--method igd): its memory M_c reads them back."""
-    return os.path.join(out_dir, "latents")
+def cross_eval_paths(out_dir):
+    """{arch: path} of a run folder's cross-architecture evaluations."""
+    return {os.path.basename(p)[len("eval_"):-len(".json")]: p for p in glob.glob(os.path.join(out_dir, "eval_*.json"))}
 
 
 def increment_folder(images_dir):
@@ -117,59 +102,6 @@ def increment_folder(images_dir):
         return f"{quoted(parent)} and the later stages"
     latents = run_latents(parent)
     return f"{quoted(images_dir)} and {quoted(latents)}" if os.path.isdir(latents) else quoted(images_dir)
-
-
-def args_path(out_dir):
-    return os.path.join(out_dir, ARGS)
-
-
-def classes_path(out_dir):
-    return os.path.join(out_dir, "classes.json")
-
-
-def default_run_dir(dataset, method, ipc, seed):
-    return os.path.join("out", f"{dataset}_{method}_ipc{ipc}_seed{seed}")
-
-
-def default_real_dir(dataset, ipc, seed):
-    """Where the random-real baseline of `evaluate.py --real-ipc` goes: one folder per draw (the seed draws the
-    images and seeds the students)."""
-    return os.path.join("out", f"{dataset}_real_ipc{ipc}_seed{seed}")
-
-
-def eval_path(out_dir, arch=None):
-    """eval.json for the run's own (guiding) architecture; eval_<arch>.json for another (cross-architecture)."""
-    return os.path.join(out_dir, "eval.json" if arch is None else f"eval_{arch}.json")
-
-
-def cross_eval_paths(out_dir):
-    """{arch: path} of a run folder's cross-architecture evaluations."""
-    return {os.path.basename(p)[len("eval_"):-len(".json")]: p for p in glob.glob(os.path.join(out_dir, "eval_*.json"))}
-
-
-def redundancy_path(out_dir):
-    return os.path.join(out_dir, "redundancy.json")
-
-
-def heatmap_path(out_dir):
-    return os.path.join(out_dir, "redundancy.png")
-
-
-def validity_path(out_dir, arch=None):
-    """validity.json judged by the run's own theta*; validity_<arch>.json by theta* of another architecture."""
-    return os.path.join(out_dir, "validity.json" if arch is None else f"validity_{arch}.json")
-
-
-def grid_path(out_dir):
-    return os.path.join(out_dir, "grid.png")
-
-
-def igd_path(out_dir):
-    return os.path.join(out_dir, "igd.json")
-
-
-def preflight_path(out_dir, suffix="json"):
-    return os.path.join(out_dir, f"preflight.{suffix}")
 
 
 def is_run_folder(folder):

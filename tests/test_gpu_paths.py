@@ -210,6 +210,7 @@ def test_the_environment_check_says_what_will_fail_and_how_to_fix_it(tmp_path, m
     from tools import env
     lines = dict((line.split(":")[0], (status, line)) for status, line in env.environment(str(tmp_path)))
     assert set(lines) == {"gpu", "/dev/shm", "disk", "hub"}
+    assert {line.split(":")[0] for _, line in env.environment(str(tmp_path), hub=False)} == {"gpu", "/dev/shm", "disk"}
     monkeypatch.setattr(env, "hub_reachable", lambda: False)
     monkeypatch.setattr(env.os.path, "isdir", lambda path: False)  # no hub cache either
     assert env.hub_line()[0] == "FAIL" and "--prior DIR / --vae DIR" in env.hub_line()[1]

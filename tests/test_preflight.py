@@ -50,6 +50,7 @@ def test_the_exact_denoiser_prior_passes_and_the_json_has_every_key(empirical, t
     assert len(result["eta_stages_s"]) == result["stages"] == 2 and result["eta_s"] >= sum(result["eta_stages_s"]) > 0
     assert (tmp_path / "run" / "preflight.png").stat().st_size > 1000
     assert "prior + labels" in out[0] and "next: the same command without --preflight" in out[0]
+    assert "disk: " in out[0] and "hub: " not in out[0]  # the machine's lines, but not the hub's: the prior is loaded
     # --dry-run now prints the measured ETA
     assert cli(distill.main, [*RUN, "--dry-run", "--out-dir", tmp_path / "run"], capsys, out)[0] == 0
     assert "ETA " in out[-1] and "measured by the preflight" in out[-1]

@@ -79,13 +79,14 @@ def hub_line():
                                                  f"internet and give --prior DIR / --vae DIR (docs/gpu.md)"))
 
 
-def environment(out_dir="out"):
-    """[(status, line)] of the machine: what will fail and how to fix it."""
-    return [*gpu_lines(), shm_line(), disk_line(out_dir), hub_line()]
+def environment(out_dir="out", hub=True):
+    """[(status, line)] of the machine: what will fail and how to fix it. hub=False: the weights are loaded already
+    (the preflight runs after the prior is), so where they came from needs no line."""
+    return [*gpu_lines(), shm_line(), disk_line(out_dir), *([hub_line()] if hub else [])]
 
 
-def print_environment(out_dir="out"):
-    lines = environment(out_dir)
+def print_environment(out_dir="out", hub=True):
+    lines = environment(out_dir, hub)
     for status, line in lines:
         print(f"{status:<4} {line}", flush=True)
     return lines

@@ -106,10 +106,10 @@ def check_settings(args, record):
 
 
 def preflight(args, spec, prior, device, configs, settings, fixed, world):
-    """The preflight (tools/preflight.py) on every rank, after the machine's lines (tools/env.py); the batch every
-    rank fits, one report, one verdict for all."""
+    """The preflight (tools/preflight.py) on every rank, after the machine's lines (tools/env.py; not the hub's: the
+    prior is loaded); the batch every rank fits, one report, one verdict for all."""
     if is_main():
-        print_environment(args.out_dir)
+        print_environment(args.out_dir, hub=False)
     result, images = run_preflight(args, spec, prior, device, resolve_data_dir(spec, args.data_dir), *configs,
                                    settings, fixed, world)
     result["sampler_batch"] = min(all_gather(result["sampler_batch"]))
