@@ -250,20 +250,21 @@ def _check_tree(root, spec):
         if not os.path.isdir(os.path.join(root, split)):
             raise UserError(f"data directory {root} has no '{split}' folder (expected {layout})")
     every = sorted(d for d in os.listdir(os.path.join(root, "train")) if d.startswith("n"))  # ILSVRC's, sorted
+    position = {w: i for i, w in enumerate(every)}  # on ILSVRC-2012's 1000 folders: the ImageNet-1K index
     if spec.name == "imagenet":
         if len(every) != 1000:
             # the DiT's label ids are the positions of the 1000 sorted ILSVRC-2012 wnids: a partial tree
             # would silently give every class the wrong label
             raise UserError(f"imagenet needs the 1000 ILSVRC-2012 class folders in {root}/train, found "
                             f"{len(every)} (expected {layout}; a subset of it: --classes FILE)")
-        unknown = [w for w in spec.wnids if w not in set(every)]
+        unknown = [w for w in spec.wnids if w not in position]
         if unknown:
             raise UserError(f"--classes: {unknown[0]} is not a class folder of {root}/train (not an ILSVRC-2012 "
                             f"wnid, or a typo); give wnids like n01440764, one a line")
         spec.wnids = spec.wnids or every
-        spec.num_classes, spec.prior_labels = len(spec.wnids), [every.index(w) for w in spec.wnids]
-    elif len(every) == 1000 and set(spec.wnids) <= set(every) and spec.prior_labels != [every.index(w) for w in
-                                                                                           spec.wnids]:
+        spec.num_classes, spec.prior_labels = len(spec.wnids), [position[w] for w in spec.wnids]
+    elif len(every) == 1000 and all(w in position for w in spec.wnids) and \
+            spec.prior_labels != [position[w] for w in spec.wnids]:
         # a subset cut from a full tree: its table's ImageNet-1K indices must be the tree's positions
         raise UserError(f"{root}/train holds 1000 class folders, but not ILSVRC-2012's ({spec.name}'s classes sit "
                         f"elsewhere among them): give the ILSVRC-2012 tree, or one with {spec.name}'s folders only")

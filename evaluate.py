@@ -181,7 +181,8 @@ def redundancy_matrix(increments, view, arch="convnet", recipe="minimax", epochs
         else:
             ipc = len(increments[a]) // view.num_classes
             student = make_student(arch, view, seed=stream_seed(seed, SALT_REDUNDANCY_INIT, a))
-            trained = epochs or epochs_for_ipc(ipc, recipe, view.name, num_classes=view.num_classes)
+            trained = epochs_for_ipc(ipc, recipe, view.name, num_classes=view.num_classes) if epochs is None else \
+                epochs
             model = train_student(student, increments[a], view, recipe, trained,
                                   seed=stream_seed(seed, SALT_REDUNDANCY_TRAIN, a), device=device,
                                   desc=f"redundancy: train on T_{a + 1}", teacher=teacher)

@@ -65,11 +65,16 @@ def recognises(model, view, images, classes):
 
 # ----------------------------------------------------------------------------- models trained on the real data
 
+def subset_key(spec):
+    """What keeps a `--classes` subset of ImageNet out of another subset's cache entries: its wnids, in order."""
+    return (tuple(spec.wnids),) if spec.name == "imagenet" else ()
+
+
 def _cache_path(kind, view, arch, data_dir, epochs, cache_dir):
     """One cache file per (dataset, arch, view, epochs, data tree): different trees never share an entry."""
     key = f"{view.name}_{arch}_res{view.res}_e{epochs}"
     details = repr((view.mean, view.std, view.crop_ratio, os.path.abspath(data_dir) if data_dir else None) +
-                   ((tuple(view.wnids),) if view.name == "imagenet" else ()))  # a --classes subset is its own
+                   subset_key(view))
     return os.path.join(cache_dir, f"{kind}_{key}_{hashlib.sha1(details.encode()).hexdigest()[:8]}.pt")
 
 
@@ -261,8 +266,7 @@ def soft_label_teacher(spec, recipe, data_dir, device, cache_dir="out/cache", nu
 
 def modes_path(spec, prior_key, data_dir, k, flip, cache_dir="out/cache"):
     """One cache file per (dataset, prior, data tree, k, flip): another prior or tree never shares an entry."""
-    details = repr((prior_key, os.path.abspath(data_dir) if data_dir else None, flip) +
-                   ((tuple(spec.wnids),) if spec.name == "imagenet" else ()))
+    details = repr((prior_key, os.path.abspath(data_dir) if data_dir else None, flip) + subset_key(spec))
     return os.path.join(cache_dir, f"modes_{spec.name}_k{k}_{hashlib.sha1(details.encode()).hexdigest()[:8]}.pt")
 
 

@@ -149,6 +149,21 @@ def get_device(name="auto"):
     return torch.device("cpu")
 
 
+SHM_NEEDED = 2**30  # bytes of /dev/shm below which DataLoader workers are turned off (8 of them need ~1 GiB)
+
+
+def shm_bytes(shm="/dev/shm"):
+    return shutil.disk_usage(shm).total if os.path.isdir(shm) else 0
+
+
+def existing_folder(path):
+    """The nearest folder at or above `path` that exists (where a path not made yet would be written)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return probe
+
+
 def default_workers(device, shm="/dev/shm"):
     """DataLoader workers decoding images: 8 (at most the cores) with CUDA, whose students train faster than one
     process decodes JPEGs; none on a CPU, whose cores the training itself needs; none where /dev/shm, through which
@@ -156,8 +171,8 @@ def default_workers(device, shm="/dev/shm"):
     minutes into a training), said once."""
     if device.type != "cuda":
         return 0
-    size = shutil.disk_usage(shm).total if os.path.isdir(shm) else 0
-    if size < 2**30:
+    size = shm_bytes(shm)
+    if size < SHM_NEEDED:
         print0(f"note: DataLoader workers off: {shm} holds {size / 2**20:.0f} MB (8 workers need ~1 GiB); start the "
                f"container with --shm-size=8g to use them, or pass --num-workers")
         return 0
@@ -419,9 +434,7 @@ def check_output_file(path, flag):
     writable. One line naming the path otherwise."""
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder; give a file path")
-    parent, probe = os.path.dirname(os.path.abspath(path)), os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
+    parent, probe = os.path.dirname(os.path.abspath(path)), existing_folder(path)
     if probe != os.path.abspath(path) and not os.path.isdir(probe):
         raise UserError(f"{flag} {path}: {probe} is a file, not a folder")
     try:

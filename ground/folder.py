@@ -38,6 +38,7 @@ from ground.common import (
     TEMPORARY,
     UserError,
     check_output_file,
+    existing_folder,
     file_sha256,
     git_commit,
     is_main,
@@ -289,9 +290,7 @@ def check_run_folder(out_dir):
                             f"--out-dir")
     # writable: a file made and removed in the folder (or in the nearest folder above it that exists), before any
     # prior is built or loaded
-    probe = os.path.abspath(out_dir)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
+    probe = existing_folder(out_dir)
     check = os.path.join(probe, f".write-check.lgd-tmp-{os.getpid()}")
     try:
         os.close(os.open(check, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))

@@ -14,10 +14,9 @@ import subprocess
 
 import torch
 
-from ground.common import ArgumentParser, run_cli
+from ground.common import SHM_NEEDED, ArgumentParser, existing_folder, run_cli, shm_bytes
 from model import DEFAULT_PRIOR, DEFAULT_VAE, hub_reachable
 
-SHM_NEEDED = 2**30      # bytes of /dev/shm below which DataLoader workers are turned off (ground.common.workers_for)
 DISK_NEEDED = 10 * 2**30  # a full-scale run folder with its stages, plus the hub's 3 GB of weights
 
 
@@ -49,7 +48,7 @@ def gpu_lines():
 
 
 def shm_line(path="/dev/shm"):
-    size = shutil.disk_usage(path).total if os.path.isdir(path) else 0
+    size = shm_bytes(path)
     if size >= SHM_NEEDED or not torch.cuda.is_available():  # CPU runs use no workers
         return "ok", f"/dev/shm: {size / 2**30:.1f} GiB"
     return "warn", (f"/dev/shm: {size / 2**20:.0f} MB, too little for DataLoader workers (8 of them pass ~200 MB of "
@@ -58,9 +57,7 @@ def shm_line(path="/dev/shm"):
 
 
 def disk_line(out_dir="out"):
-    where = os.path.abspath(out_dir)
-    while not os.path.exists(where):
-        where = os.path.dirname(where)
+    where = existing_folder(out_dir)
     free = shutil.disk_usage(where).free
     status = "ok" if free >= DISK_NEEDED else "warn"
     return status, f"disk: {free / 2**30:.0f} GiB free at {where}" + (
