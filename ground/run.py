@@ -132,10 +132,10 @@ class Increment:
         increment's manifest once there is one (a finished set rerun is checked, not sampled again)."""
         if self._journal is None and self.sealed is not None and os.path.exists(self.sealed):
             recorded = load_json(self.sealed, what="the set's record", remedy="delete it and rerun the same command")
-            self._journal = {}
+            self._journal, class_of = {}, {name: c for c, name in enumerate(self.spec.class_names())}
             for name, digest in recorded.get("files", {}).items():  # <class>/<index>.png, relative to the images
                 folder, file = os.path.split(name)
-                key = (self.spec.class_names().index(folder), int(file.split(".")[0]))
+                key = (class_of[folder], int(file.split(".")[0]))
                 self._journal[key] = dict(student=None, files={
                     os.path.relpath(os.path.join(self.images_dir, name), self.journal_dir): digest})
         if self._journal is None:
